@@ -1,0 +1,145 @@
+"""`SRPOConfig`: GRPOConfig plus the routing, self-teacher and distillation knobs of SPEC §2-§8."""
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from .routing import ROUTING_MODES
+
+# Loss types whose normaliser is the step's valid-token count, the one SPEC §6 shares between the two branches.
+TOKEN_NORMALISED_LOSS_TYPES = ("dapo", "cispo", "vespo")
+
+
+@dataclass
+class SRPOConfig(GRPOConfig):
+    r"""
+    Configuration class for the [`SRPOTrainer`], Sample-Routed Policy Optimization
+    ([arXiv 2604.02288](https://huggingface.co/papers/2604.02288)).
+
+    Only the SRPO parameters are listed; every [`~trl.GRPOConfig`] parameter works as in GRPO. Defaults that differ
+    from `GRPOConfig`'s follow the paper (Table 3): `learning_rate=5e-6`, `scale_rewards="none"`,
+    `epsilon_high=0.28`, and token-level truncated vLLM importance sampling capped at 2
+    (`vllm_importance_sampling_mode="token_truncate"`, `vllm_importance_sampling_clip_max=2.0`).
+
+    Parameters:
+        > Parameters that control routing
+
+        routing (`str`, *optional*, defaults to `"srpo"`):
+            How rollouts are trained. `"srpo"`: correct rollouts, and failed ones with no correct sibling, get GRPO's
+            advantage; failed rollouts with a correct sibling are self-distilled. `"grpo"`: everything on GRPO, no
+            teacher is built (equals [`~trl.GRPOTrainer`]). `"sdpo"`: every rollout with a correct sibling is
+            self-distilled, the rest contribute no loss (the SDPO baseline). `"advantage_mix"`: every rollout on the
+            GRPO surrogate with the token-level advantage `λ A_i + (1-λ)(log q_t(y_t) - log π_old(y_t))`.
+        success_reward_threshold (`float`, *optional*, defaults to `1.0`):
+            A rollout is correct iff its (weighted) reward is at least this value.
+
+        > Parameters that control the self-teacher
+
+        teacher_update_rate (`float`, *optional*, defaults to `0.05`):
+            EMA rate `η` of the self-teacher, `θ_T <- (1-η) θ_T + η θ`, applied after every optimizer step and
+            accumulated in float32.
+        max_teacher_prompt_length (`int`, *optional*, defaults to `10240`):
+            Teacher prompts longer than this (in tokens) are shortened by cutting the middle of the demonstration;
+            the question and the closing instruction are never cut.
+
+        > Parameters that control self-distillation
+
+        distillation_topk (`int`, *optional*, defaults to `100`):
+            Size of the student's top-k support the divergence is computed on (plus one tail bucket).
+        distillation_alpha (`float`, *optional*, defaults to `0.5`):
+            Interpolation `α` of the generalised Jensen-Shannon divergence; `0.0` is `KL(teacher || student)`,
+            `1.0` is `KL(student || teacher)`.
+        distillation_is_clip (`float`, *optional*, defaults to `2.0`):
+            Cap of the importance-sampling ratio `π_θ(y_t) / π_old(y_t)` that multiplies the distillation term.
+        dynamic_weighting (`bool`, *optional*, defaults to `True`):
+            Entropy-aware weighting of distillation tokens, `w_t ∝ exp(-H_t / τ)` over the teacher's entropy,
+            normalised to mean 1 over the step's distillation tokens. `False` is the paper's "w/o dynamic
+            weighting" ablation (`w_t = 1`).
+        weighting_temperature (`float`, *optional*, defaults to `1.0`):
+            Temperature `τ` of the entropy-aware weights.
+        advantage_mix_lambda (`float`, *optional*, defaults to `0.9`):
+            `λ` of `routing="advantage_mix"`, the weight of GRPO's sequence advantage against the teacher's
+            token-level log-ratio, after the combined-advantage baseline of the SDPO paper
+            ([arXiv 2601.20802](https://huggingface.co/papers/2601.20802)).
+    """
+
+    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS
+
+    routing: str = field(
+        default="srpo",
+        metadata={"help": "How rollouts are trained.", "choices": list(ROUTING_MODES)},
+    )
+    success_reward_threshold: float = field(
+        default=1.0, metadata={"help": "A rollout is correct iff its reward is at least this value."}
+    )
+    teacher_update_rate: float = field(
+        default=0.05, metadata={"help": "EMA rate of the self-teacher after each optimizer step (fp32)."}
+    )
+    max_teacher_prompt_length: int = field(
+        default=10240, metadata={"help": "Teacher prompts longer than this (tokens) get their demonstration cut."}
+    )
+    distillation_topk: int = field(default=100, metadata={"help": "Student top-k support of the divergence."})
+    distillation_alpha: float = field(
+        default=0.5, metadata={"help": "Generalised JSD interpolation (0: KL(q||p), 1: KL(p||q))."}
+    )
+    distillation_is_clip: float = field(
+        default=2.0, metadata={"help": "Cap of the importance ratio on the distillation term."}
+    )
+    dynamic_weighting: bool = field(
+        default=True, metadata={"help": "Weight distillation tokens by the teacher's confidence exp(-H/τ)."}
+    )
+    weighting_temperature: float = field(default=1.0, metadata={"help": "Temperature τ of the entropy weights."})
+    advantage_mix_lambda: float = field(
+        default=0.9, metadata={"help": "λ of routing='advantage_mix' (weight of GRPO's advantage)."}
+    )
+
+    # GRPOConfig fields whose defaults SRPO's paper sets differently (SPEC §10)
+    learning_rate: float = field(default=5e-6, metadata={"help": "The initial learning rate for AdamW."})
+    scale_rewards: str = field(default="none", metadata={"help": "Reward scaling: 'none' (SRPO), 'group' or 'batch'."})
+    epsilon_high: float | None = field(default=0.28, metadata={"help": "Upper clipping epsilon (DAPO's 0.28)."})
+    vllm_importance_sampling_mode: str = field(
+        default="token_truncate", metadata={"help": "vLLM rollout importance sampling: token-level, truncated."}
+    )
+    vllm_importance_sampling_clip_max: float | None = field(
+        default=2.0, metadata={"help": "Cap of the vLLM rollout importance-sampling ratio."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check("routing", self.routing in ROUTING_MODES, f"one of {ROUTING_MODES}")
+        self._check("teacher_update_rate", 0.0 < self.teacher_update_rate <= 1.0, "in (0, 1], e.g. 0.05")
+        self._check(
+            "distillation_topk",
+            isinstance(self.distillation_topk, int) and self.distillation_topk >= 1,
+            "an integer >= 1, e.g. 100",
+        )
+        self._check("distillation_alpha", 0.0 <= self.distillation_alpha <= 1.0, "in [0, 1], e.g. 0.5")
+        self._check("distillation_is_clip", self.distillation_is_clip > 0.0, "> 0, e.g. 2.0")
+        self._check("weighting_temperature", self.weighting_temperature > 0.0, "> 0, e.g. 1.0")
+        self._check("advantage_mix_lambda", 0.0 <= self.advantage_mix_lambda <= 1.0, "in [0, 1]")
+        self._check("max_teacher_prompt_length", self.max_teacher_prompt_length >= 1, "a positive token count")
+        self._check("success_reward_threshold", math.isfinite(self.success_reward_threshold), "a finite number")
+        self._check(
+            "loss_type",
+            self.loss_type in TOKEN_NORMALISED_LOSS_TYPES,
+            f"one of {TOKEN_NORMALISED_LOSS_TYPES}: SRPO divides both branches by the step's token count",
+        )
+        self._check(
+            "num_generations",
+            self.num_generations is not None and self.num_generations >= 2,
+            ">= 2: routing compares each rollout with its siblings",
+        )
+        if self.routing != "grpo" and self.steps_per_generation != self.gradient_accumulation_steps:
+            warnings.warn(
+                f"steps_per_generation={self.steps_per_generation} != gradient_accumulation_steps="
+                f"{self.gradient_accumulation_steps}: SRPO's entropy weights are normalised over each generation "
+                "batch, which then spans more or less than one optimizer step.",
+                stacklevel=3,
+            )
+
+    @staticmethod
+    def _check(name: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise ValueError(f"SRPOConfig.{name} must be {expected}.")

@@ -1,0 +1,85 @@
+"""The SRPO math on tensors (SPEC §5-§6): divergences, weights and the two branches' per-token terms.
+
+Shapes: `n` tokens, `k` support size. Everything is a pure function of its inputs; the trainer only gathers the
+tensors and calls these. The GRPO branch is GRPOTrainer's own clipped surrogate and is not re-implemented here.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def add_tail_bucket(support_logps: torch.Tensor) -> torch.Tensor:
+    """Append `log(1 - Σ_k p)` to true log-probs on a top-k support: a proper distribution over `k + 1` outcomes."""
+    # Clamp keeps log(0) out when the support holds (numerically) all the mass.
+    captured = torch.logsumexp(support_logps, dim=-1, keepdim=True).clamp(max=-1e-7)
+    return torch.cat([support_logps, torch.log(-torch.expm1(captured))], dim=-1)
+
+
+def generalized_jsd(student_logps: torch.Tensor, teacher_logps: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Generalised Jensen-Shannon divergence over the last dimension (SPEC §5).
+
+    `M = (1-α) p + α q`, `D = (1-α) KL(p || M) + α KL(q || M)`. As in the SDPO reference, the end points are
+    the plain KLs rather than the (vanishing) limits: `α = 0` gives `KL(q || p)`, `α = 1` gives `KL(p || q)`.
+    """
+    if alpha == 0.0:
+        return F.kl_div(student_logps, teacher_logps, reduction="none", log_target=True).sum(-1)
+    if alpha == 1.0:
+        return F.kl_div(teacher_logps, student_logps, reduction="none", log_target=True).sum(-1)
+    mixture = torch.logaddexp(student_logps + math.log1p(-alpha), teacher_logps + math.log(alpha))
+    kl_student = F.kl_div(mixture, student_logps, reduction="none", log_target=True).sum(-1)
+    kl_teacher = F.kl_div(mixture, teacher_logps, reduction="none", log_target=True).sum(-1)
+    return (1.0 - alpha) * kl_student + alpha * kl_teacher
+
+
+def topk_distillation_divergence(
+    student_support_logps: torch.Tensor, teacher_support_logps: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """Per-token divergence on the student's top-k support plus one tail bucket per distribution, `(n, k) -> (n,)`."""
+    return generalized_jsd(add_tail_bucket(student_support_logps), add_tail_bucket(teacher_support_logps), alpha)
+
+
+def clipped_importance_ratio(logps: torch.Tensor, old_logps: torch.Tensor, clip: float) -> torch.Tensor:
+    """`min(π_θ(y_t) / π_old(y_t), clip)`, detached: it reweights the distillation term, it is not optimised."""
+    return torch.exp((logps - old_logps).detach().clamp(-20.0, 20.0)).clamp(max=clip)
+
+
+def teacher_entropy_weights(
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+    all_reduce: Callable[[torch.Tensor, str], torch.Tensor] = lambda tensor, op: tensor,
+) -> torch.Tensor:
+    """Entropy-aware token weights `w_t = |S| exp(-H_t/τ) / Σ_{s∈S} exp(-H_s/τ)` (SPEC §5), zero off `mask`.
+
+    `S` is every masked token on every process: `all_reduce(tensor, op)` with `op` in {"max", "sum"} combines
+    the local statistics (identity on one process). Shifting by the global minimum entropy keeps `exp` from
+    underflowing at small `τ` without changing the normalised weights.
+    """
+    mask = mask.bool()
+    scaled = torch.where(mask, -entropy.float() / temperature, -torch.inf)
+    peak = all_reduce(scaled.max().reshape(1), "max")
+    unnormalised = torch.where(mask, torch.exp(scaled - peak), 0.0)
+    totals = all_reduce(torch.stack([unnormalised.sum(), mask.sum().to(unnormalised.dtype)]), "sum")
+    return unnormalised * (totals[1] / totals[0].clamp(min=torch.finfo(totals.dtype).tiny))
+
+
+def mixed_token_advantages(
+    advantages: torch.Tensor,
+    teacher_token_logps: torch.Tensor,
+    old_token_logps: torch.Tensor,
+    has_teacher: torch.Tensor,
+    mix_lambda: float,
+) -> torch.Tensor:
+    """`λ A_i + (1-λ) (log q_t(y_t) - log π_old(y_t))` per token, the second term zero without a teacher (§8)."""
+    dense = (teacher_token_logps - old_token_logps) * has_teacher.unsqueeze(1)
+    return mix_lambda * advantages.unsqueeze(1) + (1.0 - mix_lambda) * dense
+
+
+def sdpo_branch_loss_sum(
+    divergence: torch.Tensor, token_weights: torch.Tensor, importance_ratio: torch.Tensor
+) -> torch.Tensor:
+    """`Σ_t w_t · IS_t · D_t` over the SDPO tokens: SPEC §6's second sum, before the shared normaliser `N`."""
+    return (token_weights * importance_ratio * divergence).sum()

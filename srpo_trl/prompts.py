@@ -1,0 +1,73 @@
+"""The self-teacher's prompt (SPEC §3): the student's question plus a correct sibling's answer."""
+
+import copy
+import re
+from collections.abc import Callable
+
+THINK_BLOCK = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
+SOLUTION_TEMPLATE = "{question}\nCorrect solution:\n\n{demonstration}\n\nCorrectly solve the original question."
+ELISION = "\n...\n"
+
+
+def demonstration_from_completion(completion: str) -> str:
+    """A sibling's decoded completion without its `<think>...</think>` blocks: the teacher sees the answer, not
+    the reasoning trace (an unterminated block, cut by the length limit, is dropped to the end too)."""
+    text = THINK_BLOCK.sub("", completion)
+    return text.split("<think>", 1)[0].strip()
+
+
+def build_teacher_prompt(prompt: str | list[dict], demonstration: str) -> str | list[dict]:
+    """Replace the last user turn's text `U` (or a plain-text prompt) by the SPEC §3 template; system turns stay."""
+
+    def rewrite(question: str) -> str:
+        return SOLUTION_TEMPLATE.format(question=question, demonstration=demonstration)
+
+    if isinstance(prompt, str):
+        return rewrite(prompt)
+    user_turns = [i for i, message in enumerate(prompt) if message.get("role") == "user"]
+    if not user_turns:
+        raise ValueError("A conversational prompt needs a user turn for the teacher prompt; found none.")
+    last = user_turns[-1]
+    if not isinstance(prompt[last]["content"], str):
+        raise ValueError(
+            "SRPO's teacher prompt needs the last user turn's content as a string; multimodal content "
+            f"({type(prompt[last]['content']).__name__}) is not supported."
+        )
+    messages = copy.deepcopy(prompt)
+    messages[last]["content"] = rewrite(messages[last]["content"])
+    return messages
+
+
+def elide_middle(text: str, keep: int) -> str:
+    """Keep `keep` characters of `text`: its start (the approach) and its end (where the final answer sits)."""
+    if keep >= len(text):
+        return text
+    head = keep // 2
+    return text[:head] + ELISION + text[len(text) - (keep - head) :]
+
+
+def fit_teacher_prompt(
+    prompt: str | list[dict],
+    demonstration: str,
+    tokenize: Callable[[str | list[dict]], list[int]],
+    max_length: int,
+) -> tuple[list[int], bool]:
+    """Token ids of the teacher prompt, at most `max_length` long if cutting the demonstration can achieve it.
+
+    Only the demonstration is shortened (binary search on how many of its characters to keep, cut in the middle);
+    the question, the system turns and the closing instruction are never cut, so a question that alone exceeds
+    `max_length` keeps its full length. Returns the ids and whether the demonstration was cut.
+    """
+    ids = tokenize(build_teacher_prompt(prompt, demonstration))
+    if len(ids) <= max_length:
+        return ids, False
+    low, high = 0, len(demonstration) - 1  # invariant: keeping `low` characters fits (or low == 0)
+    best = tokenize(build_teacher_prompt(prompt, ""))
+    while low < high:
+        keep = (low + high + 1) // 2
+        candidate = tokenize(build_teacher_prompt(prompt, elide_middle(demonstration, keep)))
+        if len(candidate) <= max_length:
+            low, best = keep, candidate
+        else:
+            high = keep - 1
+    return best, True

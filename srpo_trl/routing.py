@@ -1,0 +1,80 @@
+"""Sample routing (SPEC §2): which rollouts get GRPO's advantage and which get self-distillation.
+
+Everything here works on the *global* generation batch (all processes), in the order GRPOTrainer gathers rewards:
+the `num_generations` rollouts of one prompt are contiguous, so groups are rows of a `(num_groups, G)` view.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+ROUTING_MODES = ("srpo", "grpo", "sdpo", "advantage_mix")
+
+
+@dataclass
+class Routes:
+    """Per-rollout routing decisions, all of shape `(N,)` over the global batch.
+
+    Attributes:
+        correct: `r_i >= success_reward_threshold`.
+        teacher_available: some *other* rollout of the group is correct.
+        sdpo: rows trained by self-distillation (the SDPO branch).
+        grpo: rows trained by GRPO's surrogate; rows in neither branch (`routing="sdpo"`'s rest) add no loss.
+        needs_teacher: rows the self-teacher scores (SDPO rows, or every teacher-available row for `advantage_mix`).
+        sibling: global index of the rollout whose completion is the demonstration, `-1` where there is none.
+    """
+
+    correct: torch.Tensor
+    teacher_available: torch.Tensor
+    sdpo: torch.Tensor
+    grpo: torch.Tensor
+    needs_teacher: torch.Tensor
+    sibling: torch.Tensor
+
+    @property
+    def fallback(self) -> torch.Tensor:
+        """Failed rollouts of an all-failed group: they keep GRPO's (zero-mean) advantage."""
+        return ~self.correct & ~self.teacher_available
+
+
+def first_correct_sibling(correct: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """Global index of the first correct rollout in each rollout's group other than itself, or `-1`.
+
+    The reference code's rule (deterministic, group order). A correct rollout's own index is skipped, so it is
+    taught by the next correct sibling; a lone correct rollout has none.
+    """
+    groups = correct.view(-1, num_generations)
+    num_groups = groups.size(0)
+    position = torch.arange(num_generations, device=correct.device).expand(num_groups, -1)
+    # Rank correct rollouts by position; wrong ones go past the end so they sort last.
+    order = torch.where(groups, position, num_generations).sort(dim=1).values
+    first, second = order[:, :1], order[:, 1:2] if num_generations > 1 else order[:, :1]
+    sibling = torch.where(position == first, second, first)  # never the rollout itself
+    sibling = torch.where(sibling < num_generations, sibling, -1)
+    offset = (torch.arange(num_groups, device=correct.device) * num_generations).unsqueeze(1)
+    return torch.where(sibling >= 0, sibling + offset, -1).view(-1)
+
+
+def route_rollouts(
+    rewards: torch.Tensor, num_generations: int, success_reward_threshold: float, routing: str = "srpo"
+) -> Routes:
+    """Route every rollout of the global batch (SPEC §2 and the modes of §8).
+
+    Args:
+        rewards: `(N,)` weighted rewards as GRPOTrainer computes them; NaN (unscorable) counts as failed.
+        num_generations: group size `G`; `N` must be a multiple of it.
+        success_reward_threshold: a rollout is correct iff its reward is at least this.
+        routing: one of `ROUTING_MODES`.
+    """
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"`routing` must be one of {ROUTING_MODES}, got {routing!r}.")
+    if rewards.numel() % num_generations:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of num_generations={num_generations}.")
+    correct = rewards >= success_reward_threshold  # NaN compares False
+    sibling = first_correct_sibling(correct, num_generations)
+    teacher_available = sibling >= 0
+    none = torch.zeros_like(correct)
+    sdpo = {"srpo": ~correct & teacher_available, "sdpo": teacher_available}.get(routing, none)
+    grpo = none if routing == "sdpo" else ~sdpo
+    needs_teacher = teacher_available if routing == "advantage_mix" else sdpo
+    return Routes(correct, teacher_available, sdpo, grpo, needs_teacher, torch.where(needs_teacher, sibling, -1))

@@ -1,0 +1,377 @@
+"""`SRPOTrainer`: GRPOTrainer with per-rollout routing to self-distillation from an EMA self-teacher.
+
+The glue, at GRPOTrainer's extension points:
+- `_calculate_rewards` keeps what routing needs (prompts, completion ids, rewards of the whole batch);
+- `_generate_and_score_completions` routes the batch, runs the teacher on the routed rows only, and attaches
+  per-row tensors (support ids, teacher log-probs, token weights) that GRPOTrainer then shuffles and splits
+  into micro-batches with everything else;
+- `_compute_loss` runs GRPOTrainer's own loss with the routed rows' advantages zeroed, and adds the distillation
+  sum computed from the same forward pass's hidden states, over the same token-count normaliser;
+- `_save_checkpoint` / `_load_optimizer_and_scheduler` carry the teacher's fp32 state.
+The math lives in `routing.py`, `prompts.py`, `losses.py` and `vocab.py`.
+"""
+
+import os
+import textwrap
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import gather_object
+from safetensors.torch import load_file, save_file
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import pad
+
+from .config import SRPOConfig
+from .losses import (
+    clipped_importance_ratio,
+    mixed_token_advantages,
+    sdpo_branch_loss_sum,
+    teacher_entropy_weights,
+    topk_distillation_divergence,
+)
+from .prompts import demonstration_from_completion, fit_teacher_prompt
+from .routing import Routes, route_rollouts
+from .teacher import SelfTeacher, TeacherEMACallback, backbone_and_head, causal_lm
+from .vocab import student_support_logps, student_topk_support, teacher_statistics
+
+TEACHER_STATE_FILE = "srpo_teacher.safetensors"
+
+
+@dataclass
+class _ScoredRollouts:
+    """What `_calculate_rewards` saw: this process's prompts and completions, and every process's rewards."""
+
+    prompts: list
+    completion_ids: list[list[int]]
+    rewards_per_func: torch.Tensor
+
+
+class SRPOTrainer(GRPOTrainer):
+    """Sample-Routed Policy Optimization ([arXiv 2604.02288](https://huggingface.co/papers/2604.02288)).
+
+    Takes exactly [`~trl.GRPOTrainer`]'s arguments, with an [`SRPOConfig`] as `args`. Correct rollouts (and failed
+    ones whose whole group failed) are trained by GRPO; failed rollouts with a correct sibling are distilled
+    towards an EMA self-teacher that sees that sibling's answer. See `SRPOConfig.routing` for the baselines.
+    """
+
+    _tag_names = ["trl", "srpo"]
+    _name = "SRPO"
+    _paper = {
+        "title": "Unifying Group-Relative and Self-Distillation Policy Optimization via Sample Routing",
+        "id": "2604.02288",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{li2026srpo,
+                title        = {{Unifying Group-Relative and Self-Distillation Policy Optimization via Sample Routing}},
+                author       = {Gengsheng Li and Tianyu Yang and Junfeng Fang and Mingyang Song and Mao Zheng and Haiyun Guo and Dan Zhang and Jinqiao Wang and Tat-Seng Chua},
+                year         = 2026,
+                eprint       = {arXiv:2604.02288},
+            }"""),
+    }
+
+    def __init__(self, model, reward_funcs=None, args: SRPOConfig | None = None, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = SRPOConfig(f"{str(name).split('/')[-1]}-SRPO")
+        elif not isinstance(args, SRPOConfig):
+            raise TypeError(
+                f"SRPOTrainer needs an SRPOConfig, got {type(args).__name__}; build one with "
+                "SRPOConfig(**your_config.to_dict()) or pass routing='grpo' for plain GRPO."
+            )
+        super().__init__(model, reward_funcs, args=args, **kwargs)
+        self.teacher = None
+        if args.routing == "grpo":
+            return
+        vocab_size = causal_lm(self.model).config.get_text_config().vocab_size
+        if args.distillation_topk > vocab_size:
+            raise ValueError(
+                f"SRPOConfig.distillation_topk={args.distillation_topk} exceeds the model's vocabulary "
+                f"({vocab_size}); set distillation_topk <= {vocab_size}."
+            )
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise NotImplementedError("SRPO's self-teacher does not support DeepSpeed ZeRO-3 yet; use ZeRO-2.")
+        self.teacher = SelfTeacher(self.model, args.teacher_update_rate)
+        if not self.teacher.peft:
+            self.teacher.model.to(self.accelerator.device)
+        self.add_callback(TeacherEMACallback(self))
+
+    # ---- generation time: route, then score the routed rows with the teacher ----
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._scored = _ScoredRollouts(prompts, completion_ids_list, rewards_per_func)
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        if self.teacher is None:
+            return batch
+        mode = "train" if self.model.training else "eval"
+        scored, self._scored = self._scored, None
+        rewards = (scored.rewards_per_func * self.reward_weights.to(scored.rewards_per_func.device)).nansum(dim=1)
+        rewards[torch.isnan(scored.rewards_per_func).all(dim=1)] = torch.nan  # unscorable: never correct
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        routes = route_rollouts(rewards, num_generations, self.args.success_reward_threshold, self.args.routing)
+        start = self.accelerator.process_index * len(scored.prompts)
+        local = slice(start, start + len(scored.prompts))
+        batch.update(self._score_with_teacher(batch, scored, routes, local, mode))
+        return batch
+
+    def _score_with_teacher(self, batch, scored: _ScoredRollouts, routes: Routes, local: slice, mode: str) -> dict:
+        """Teacher statistics for this process's routed rows, as full-batch per-row tensors (zeros elsewhere)."""
+        device = self.accelerator.device
+        mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
+        mask = mask.bool()
+        rows = routes.needs_teacher[local].nonzero().squeeze(1).tolist()
+        num_rows, length, k = mask.size(0), mask.size(1), self.args.distillation_topk
+        support = torch.zeros(num_rows, length, k, dtype=torch.long, device=device)
+        teacher_support_logps = torch.zeros(num_rows, length, k, device=device)
+        teacher_token_logps = torch.zeros(num_rows, length, device=device)
+        old_token_logps = torch.zeros_like(teacher_token_logps)
+        entropy = torch.zeros_like(teacher_token_logps)
+
+        started = time.perf_counter()
+        truncated = torch.zeros(num_rows, dtype=torch.bool, device=device)
+        if routes.needs_teacher.any():  # same on every process: `routes` is global
+            every_completion = gather_object(scored.completion_ids)
+            teacher_prompts = []
+            for row in rows:
+                sibling = every_completion[routes.sibling[local][row]]
+                demonstration = demonstration_from_completion(
+                    self.processing_class.decode(sibling, skip_special_tokens=True)
+                )
+                ids, truncated[row] = fit_teacher_prompt(
+                    scored.prompts[row], demonstration, self._tokenize_one_prompt, self.args.max_teacher_prompt_length
+                )
+                teacher_prompts.append(ids)
+            for chunk in self._row_chunks(rows, mode):
+                chunk_rows = [rows[i] for i in chunk]
+                index = torch.tensor(chunk_rows, dtype=torch.long, device=device)
+                row_mask = mask[index]
+                tokens = batch["completion_ids"][index][row_mask]
+                policy = self.accelerator.unwrap_model(self.model)
+                completion = (batch["completion_ids"][index], batch["completion_mask"][index])
+                hidden, head = self._completion_hidden_states(
+                    policy, batch["prompt_ids"][index], batch["prompt_mask"][index], *completion
+                )
+                chunk_support, old_logps = student_topk_support(
+                    hidden[row_mask], head.weight, head.bias, self.temperature, tokens, k
+                )
+                teacher_ids = [torch.tensor(teacher_prompts[i]) for i in chunk]
+                with self.teacher.active() as teacher_model:
+                    hidden, head = self._completion_hidden_states(
+                        teacher_model,
+                        pad(teacher_ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
+                        pad([torch.ones_like(t) for t in teacher_ids], padding_value=0, padding_side="left").to(
+                            device
+                        ),
+                        *completion,
+                    )
+                    chunk_teacher = teacher_statistics(
+                        hidden[row_mask], head.weight, head.bias, self.temperature, tokens, chunk_support
+                    )
+                chunk_rows_idx, positions = row_mask.nonzero(as_tuple=True)
+                for target, values in zip(
+                    (support, old_token_logps, teacher_support_logps, teacher_token_logps, entropy),
+                    (chunk_support, old_logps, *chunk_teacher),
+                    strict=True,
+                ):
+                    target[index[chunk_rows_idx], positions] = values.to(target.dtype)
+        teacher_seconds = time.perf_counter() - started
+
+        sdpo_tokens = mask & routes.sdpo[local].unsqueeze(1)
+        teacher_tokens = mask & routes.needs_teacher[local].unsqueeze(1)
+        if self.args.dynamic_weighting:
+            weights = teacher_entropy_weights(entropy, sdpo_tokens, self.args.weighting_temperature, self._all_reduce)
+        else:
+            weights = sdpo_tokens.float()
+        self._log_routing(
+            mode, routes, mask, sdpo_tokens, teacher_tokens, entropy, weights, truncated, teacher_seconds
+        )
+
+        if self.args.routing == "advantage_mix":
+            has_teacher = routes.needs_teacher[local]
+            advantages = mixed_token_advantages(
+                batch["advantages"], teacher_token_logps, old_token_logps, has_teacher, self.args.advantage_mix_lambda
+            )
+            return {"advantages": advantages * mask}
+        return {
+            # GRPOTrainer's loss then trains exactly the GRPO rows: the others carry no advantage.
+            "advantages": batch["advantages"] * routes.grpo[local],
+            "srpo_sdpo_mask": routes.sdpo[local],
+            "srpo_support_ids": support,
+            "srpo_teacher_support_logps": teacher_support_logps,
+            "srpo_old_token_logps": old_token_logps,
+            "srpo_token_weights": weights,
+        }
+
+    def _tokenize_one_prompt(self, prompt) -> list[int]:
+        # GRPOTrainer's own prompt tokenization: the same chat template and `chat_template_kwargs` as the student.
+        return list(self._tokenize_prompts([prompt])[0][0])
+
+    def _row_chunks(self, rows: list[int], mode: str) -> list[range]:
+        size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        return [range(start, min(start + size, len(rows))) for start in range(0, len(rows), size)]
+
+    @torch.no_grad()
+    def _completion_hidden_states(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+        """Final hidden states predicting each completion token `(rows, C, hidden)`, and the model's LM head."""
+        backbone, head = backbone_and_head(model)
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        with (
+            disable_gradient_checkpointing(model, self.args.gradient_checkpointing_kwargs),
+            self.accelerator.autocast(),
+        ):
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        start = prompt_ids.size(1) - 1
+        return hidden[:, start : start + completion_ids.size(1)], head
+
+    def _all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        if op == "max":
+            return self.accelerator.gather(tensor).max().reshape(1)
+        return self.accelerator.reduce(tensor, reduction="sum")
+
+    def _log_routing(self, mode, routes, mask, sdpo_tokens, teacher_tokens, entropy, weights, truncated, seconds):
+        metrics = self._metrics[mode]
+        metrics["srpo/route/sdpo_frac"].append(routes.sdpo.float().mean().item())
+        metrics["srpo/route/correct_frac"].append(routes.correct.float().mean().item())
+        metrics["srpo/route/fallback_frac"].append(routes.fallback.float().mean().item())
+        metrics["srpo/teacher_available_frac"].append(routes.teacher_available.float().mean().item())
+        totals = self._all_reduce(
+            torch.stack(
+                [
+                    sdpo_tokens.sum(),
+                    mask.sum(),
+                    (entropy * teacher_tokens).sum(),
+                    teacher_tokens.sum(),
+                    truncated.sum(),
+                ]
+            ).float(),
+            "sum",
+        ).tolist()
+        sdpo_count, token_count, entropy_sum, teacher_count, truncated_count = totals
+        teacher_rows = routes.needs_teacher.sum().item()
+        metrics["srpo/sdpo_token_frac"].append(sdpo_count / max(token_count, 1.0))
+        metrics["srpo/teacher_entropy/mean"].append(entropy_sum / teacher_count if teacher_count else float("nan"))
+        metrics["srpo/teacher_prompt_truncated_frac"].append(
+            truncated_count / teacher_rows if teacher_rows else float("nan")
+        )
+        selected = weights[sdpo_tokens]
+        extremes = torch.stack(
+            [
+                -selected.min() if selected.numel() else torch.tensor(-torch.inf, device=weights.device),
+                selected.max() if selected.numel() else torch.tensor(-torch.inf, device=weights.device),
+            ]
+        )
+        extremes = self.accelerator.gather(extremes.unsqueeze(0)).max(dim=0).values.tolist()
+        metrics["srpo/weight/min"].append(-extremes[0] if sdpo_count else float("nan"))
+        metrics["srpo/weight/max"].append(extremes[1] if sdpo_count else float("nan"))
+        metrics["srpo/time/teacher_s"].append(
+            self.accelerator.gather(torch.tensor([seconds], device=mask.device)).max().item()
+        )
+
+    # ---- loss time: GRPOTrainer's loss on the GRPO rows plus the distillation sum ----
+
+    def _compute_loss(self, model, inputs):
+        if "srpo_token_weights" not in inputs:  # routing="grpo" or "advantage_mix": GRPOTrainer's loss as is
+            return super()._compute_loss(model, inputs)
+        sdpo_rows = inputs["srpo_sdpo_mask"]
+        with self._capture_hidden_states(model) as captured:
+            grpo_loss = super()._compute_loss(model, inputs)
+        mode = "train" if self.model.training else "eval"
+        scale = self.current_gradient_accumulation_steps if mode == "train" else 1  # per-step share, see SPEC §9
+        self._metrics[mode]["srpo/loss/grpo"].append(self.accelerator.gather(grpo_loss.detach()).mean().item() * scale)
+        distillation_sum = self._distillation_loss_sum(model, torch.cat(captured), inputs) if sdpo_rows.any() else None
+        distillation_loss = (
+            0.0 if distillation_sum is None else distillation_sum / self._token_normalizer(inputs, mode)
+        )
+        self._metrics[mode]["srpo/loss/sdpo"].append(
+            self.accelerator.gather(torch.as_tensor(distillation_loss, device=grpo_loss.device).detach().float())
+            .mean()
+            .item()
+            * scale
+        )
+        return grpo_loss if distillation_sum is None else grpo_loss + distillation_loss
+
+    @contextmanager
+    def _capture_hidden_states(self, model):
+        """Keep the backbone's final hidden states of the policy forward that GRPOTrainer's loss runs anyway."""
+        captured = []
+        backbone, _ = backbone_and_head(self.accelerator.unwrap_model(model))
+        handle = backbone.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    def _distillation_loss_sum(self, model, hidden, inputs) -> torch.Tensor:
+        """`Σ_t w_t · IS_t · D_t` over this micro-batch's SDPO tokens (SPEC §5), differentiable through `hidden`."""
+        rows = inputs["srpo_sdpo_mask"].nonzero().squeeze(1)
+        completion_ids = inputs["completion_ids"]
+        mask = (
+            inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        )
+        mask = mask[rows].bool()
+        start = inputs["prompt_ids"].size(1) - 1
+        hidden = hidden[rows, start : start + completion_ids.size(1)][mask]
+        _, head = backbone_and_head(self.accelerator.unwrap_model(model))
+
+        def select(name):
+            return inputs[name][rows][mask]
+
+        with self.accelerator.autocast():
+            support_logps, token_logps = student_support_logps(
+                hidden,
+                head.weight,
+                head.bias,
+                self.temperature,
+                completion_ids[rows][mask],
+                select("srpo_support_ids"),
+            )
+        divergence = topk_distillation_divergence(
+            support_logps, select("srpo_teacher_support_logps"), self.args.distillation_alpha
+        )
+        ratio = clipped_importance_ratio(token_logps, select("srpo_old_token_logps"), self.args.distillation_is_clip)
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            ratio = ratio * inputs["importance_sampling_ratio"].expand_as(inputs["completion_mask"])[rows][mask]
+        return sdpo_branch_loss_sum(divergence, select("srpo_token_weights"), ratio)
+
+    def _token_normalizer(self, inputs, mode: str) -> torch.Tensor:
+        # GRPOTrainer's token-count normaliser for loss_type "dapo"/"cispo"/"vespo": the generation batch's valid
+        # tokens (all processes), per process and per micro-batch. test_trainer's accumulation test guards the match.
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return normalizer
+
+    # ---- the teacher is training state ----
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.teacher is not None and self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            save_file(
+                self.teacher.state_dict(self.accelerator.unwrap_model(self.model)),
+                os.path.join(folder, TEACHER_STATE_FILE),
+            )
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.teacher is None or checkpoint is None:
+            return
+        path = os.path.join(checkpoint, TEACHER_STATE_FILE)
+        if not os.path.exists(path):
+            warnings.warn(
+                f"{checkpoint} holds no SRPO teacher ({TEACHER_STATE_FILE}); the teacher restarts from the policy.", stacklevel=2
+            )
+            return
+        state = {name: tensor.to(self.accelerator.device) for name, tensor in load_file(path).items()}
+        self.teacher.load_state_dict(self.accelerator.unwrap_model(self.model), state)

@@ -1,0 +1,19 @@
+"""Shared fixtures: one torch thread (tiny ops are erratic with two here), a local tokenizer and tiny models."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    from srpo_trl.testbed.tokenizer import build_char_tokenizer
+
+    return build_char_tokenizer()

@@ -1,0 +1,66 @@
+import itertools
+
+import pytest
+import torch
+
+from srpo_trl.routing import ROUTING_MODES, first_correct_sibling, route_rollouts
+
+
+def brute_force_routes(rewards, group_size, threshold, routing):
+    """SPEC §2 and §8, one rollout at a time."""
+    rewards = rewards.tolist()
+    out = {"correct": [], "available": [], "sdpo": [], "grpo": [], "teacher": [], "sibling": []}
+    for i, reward in enumerate(rewards):
+        group = range(i - i % group_size, i - i % group_size + group_size)
+        correct = reward >= threshold
+        siblings = [j for j in group if j != i and rewards[j] >= threshold]
+        available = bool(siblings)
+        sdpo = {"srpo": (not correct) and available, "sdpo": available}.get(routing, False)
+        teacher = available if routing == "advantage_mix" else sdpo
+        out["correct"].append(correct)
+        out["available"].append(available)
+        out["sdpo"].append(sdpo)
+        out["grpo"].append(routing != "sdpo" and not sdpo)
+        out["teacher"].append(teacher)
+        out["sibling"].append(siblings[0] if teacher else -1)
+    return out
+
+
+@pytest.mark.parametrize("routing", ROUTING_MODES)
+@pytest.mark.parametrize("group_size", [2, 3, 4])
+def test_routes_match_brute_force_on_every_pattern(routing, group_size):
+    # Every correct/failed pattern of two groups, plus NaN (unscorable) and partial rewards.
+    for pattern in itertools.product([0.0, 1.0, 0.5, float("nan")], repeat=group_size):
+        rewards = torch.tensor(list(pattern) + list(reversed(pattern)))
+        routes = route_rollouts(rewards, group_size, 1.0, routing)
+        expected = brute_force_routes(rewards, group_size, 1.0, routing)
+        assert routes.correct.tolist() == expected["correct"]
+        assert routes.teacher_available.tolist() == expected["available"]
+        assert routes.sdpo.tolist() == expected["sdpo"]
+        assert routes.grpo.tolist() == expected["grpo"]
+        assert routes.needs_teacher.tolist() == expected["teacher"]
+        assert routes.sibling.tolist() == expected["sibling"]
+
+
+def test_degenerate_groups():
+    rewards = torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0])
+    routes = route_rollouts(rewards, 4, 1.0)
+    assert routes.sdpo.tolist() == [False] * 4 + [False] * 4 + [True, False, True, True]
+    assert routes.fallback.tolist() == [False] * 4 + [True] * 4 + [False] * 4
+    assert routes.sibling.tolist() == [-1] * 8 + [9, -1, 9, 9]
+    # the only correct rollout has no teacher: it never teaches itself
+    assert not routes.teacher_available[9]
+
+
+def test_sibling_is_first_correct_other_rollout():
+    correct = torch.tensor([False, True, False, True, True, False])
+    assert first_correct_sibling(correct, 6).tolist() == [1, 3, 1, 1, 1, 1]
+
+
+def test_threshold_and_bad_shapes():
+    rewards = torch.tensor([0.7, 0.2, 0.9, 0.1])
+    assert route_rollouts(rewards, 2, 0.5).correct.tolist() == [True, False, True, False]
+    with pytest.raises(ValueError, match="num_generations=3"):
+        route_rollouts(rewards, 3, 1.0)
+    with pytest.raises(ValueError, match="routing"):
+        route_rollouts(rewards, 2, 1.0, "bogus")

@@ -1,0 +1,258 @@
+"""SRPOTrainer end to end on a tiny local Qwen3: parity with GRPOTrainer, accumulation, teacher calls, EMA,
+metrics, degenerate groups, checkpoints."""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from srpo_trl import SRPOConfig, SRPOTrainer
+from srpo_trl.testbed.model import build_tiny_model
+
+PROMPTS = Dataset.from_dict(
+    {"prompt": [[{"role": "user", "content": f"Spell {word}"}] for word in "abcdefghijklmnop"]}
+)
+
+
+def first_letter_reward(completions, **kwargs):
+    """About half the random model's completions start with a lowercase letter: groups of mixed outcomes."""
+    return [1.0 if c[0]["content"][:1].islower() else 0.0 for c in completions]
+
+
+def graded_reward(completions, **kwargs):
+    """Rewards that vary but never reach the success threshold: GRPO signal, nothing routed."""
+    return [0.1 * (len(c[0]["content"]) % 9) for c in completions]
+
+
+SRPO_PAPER_DEFAULTS = dict(
+    scale_rewards="none",
+    epsilon_high=0.28,
+    vllm_importance_sampling_mode="token_truncate",
+    vllm_importance_sampling_clip_max=2.0,
+)
+
+
+def make_args(tmp_path, config_class=SRPOConfig, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path),
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        data_seed=0,
+        learning_rate=1e-2,
+        distillation_topk=8,
+        chat_template_kwargs={"enable_thinking": False},
+        disable_tqdm=True,
+    )
+    settings.update(overrides)
+    if config_class is GRPOConfig:  # GRPO with SRPOConfig's paper defaults, so both trainers get the same settings
+        settings.pop("distillation_topk")
+        settings.update(SRPO_PAPER_DEFAULTS)
+    return config_class(**settings)
+
+
+def make_trainer(
+    char_tokenizer, tmp_path, reward=first_letter_reward, trainer_class=SRPOTrainer, model=None, **overrides
+):
+    args = make_args(tmp_path, GRPOConfig if trainer_class is GRPOTrainer else SRPOConfig, **overrides)
+    return trainer_class(
+        model=model or build_tiny_model(char_tokenizer, seed=0),
+        reward_funcs=reward,
+        args=args,
+        train_dataset=PROMPTS,
+        processing_class=char_tokenizer,
+    )
+
+
+def parameters(trainer):
+    return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+
+
+def logged(trainer, key):
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+@pytest.mark.parametrize("routing", ["grpo", "srpo"])
+def test_parity_with_grpo_trainer_when_nothing_is_routed(char_tokenizer, tmp_path, routing):
+    reference = make_trainer(char_tokenizer, tmp_path / "grpo", reward=graded_reward, trainer_class=GRPOTrainer)
+    reference.train()
+    ours = make_trainer(char_tokenizer, tmp_path / routing, reward=graded_reward, routing=routing)
+    ours.train()
+    assert (ours.teacher is None) == (routing == "grpo")
+    assert logged(ours, "loss") == logged(reference, "loss")
+    assert logged(ours, "reward") == logged(reference, "reward")
+    expected = parameters(reference)
+    for name, value in parameters(ours).items():
+        assert torch.equal(value, expected[name]), name
+    if routing == "srpo":
+        assert logged(ours, "srpo/route/sdpo_frac") == [0.0, 0.0]
+        assert logged(ours, "srpo/route/fallback_frac") == [1.0, 1.0]
+
+
+def count_rows(module):
+    """Count the calls of `module` and the rows they carry."""
+    counter = {"rows": 0, "calls": 0}
+
+    def hook(module, args, kwargs):
+        counter["rows"] += kwargs["input_ids"].size(0)
+        counter["calls"] += 1
+
+    module.register_forward_pre_hook(hook, with_kwargs=True)
+    return counter
+
+
+class RecordingReward:
+    """A reward function that remembers every batch of rewards it returned."""
+
+    __name__ = "recording_reward"
+
+    def __init__(self, reward):
+        self.reward, self.batches = reward, []
+
+    def __call__(self, completions, **kwargs):
+        rewards = self.reward(completions)
+        self.batches.append(rewards)
+        return rewards
+
+
+def expected_routing(rewards, group_size=4):
+    routed = correct = fallback = 0
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start : start + group_size]
+        wins = sum(r >= 1.0 for r in group)
+        correct += wins
+        routed += sum(1 for r in group if r < 1.0 and wins > 0)
+        fallback += len(group) if wins == 0 else 0
+    n = len(rewards)
+    return routed, correct / n, fallback / n
+
+
+def test_routed_fraction_teacher_calls_and_metrics(char_tokenizer, tmp_path):
+    reward = RecordingReward(first_letter_reward)
+    trainer = make_trainer(char_tokenizer, tmp_path, reward=reward, max_steps=3)
+    counter = count_rows(trainer.teacher.model.model)
+    trainer.train()
+    routed_per_step = [expected_routing(batch) for batch in reward.batches]
+    assert counter["rows"] == sum(r for r, _, _ in routed_per_step) > 0, "the teacher scores routed rows only"
+    assert logged(trainer, "srpo/route/sdpo_frac") == pytest.approx([r / 8 for r, _, _ in routed_per_step])
+    assert logged(trainer, "srpo/route/correct_frac") == pytest.approx([c for _, c, _ in routed_per_step])
+    assert logged(trainer, "srpo/route/fallback_frac") == pytest.approx([f for _, _, f in routed_per_step])
+    for key in ("loss", "srpo/loss/grpo", "srpo/loss/sdpo", "srpo/teacher_entropy/mean", "srpo/time/teacher_s"):
+        assert all(math.isfinite(v) for v in logged(trainer, key)), key
+    for entry in trainer.state.log_history[:-1]:
+        assert entry["loss"] == pytest.approx(entry["srpo/loss/grpo"] + entry["srpo/loss/sdpo"], abs=1e-6)
+        if entry["srpo/route/sdpo_frac"] > 0:
+            assert entry["srpo/loss/sdpo"] > 0
+            assert entry["srpo/weight/min"] <= 1.0 <= entry["srpo/weight/max"]
+
+
+def test_no_teacher_pass_when_nothing_is_routed(char_tokenizer, tmp_path):
+    trainer = make_trainer(char_tokenizer, tmp_path, reward=lambda completions, **kw: [0.0] * len(completions))
+    counter = count_rows(trainer.teacher.model.model)
+    trainer.train()
+    assert counter["calls"] == 0
+    assert logged(trainer, "srpo/time/teacher_s") == [pytest.approx(0.0, abs=1e-3)] * 2
+
+
+def sgd_step_delta(char_tokenizer, tmp_path, **overrides):
+    trainer = make_trainer(
+        char_tokenizer, tmp_path, optim="sgd", max_steps=1, lr_scheduler_type="constant", **overrides
+    )
+    before = parameters(trainer)
+    trainer.train()
+    return {name: value - before[name] for name, value in parameters(trainer).items()}, trainer
+
+
+@pytest.mark.parametrize("routing", ["srpo", "sdpo"])
+def test_gradient_accumulation_equals_one_big_batch(char_tokenizer, tmp_path, routing):
+    whole, whole_trainer = sgd_step_delta(char_tokenizer, tmp_path / "whole", routing=routing)
+    split, split_trainer = sgd_step_delta(
+        char_tokenizer,
+        tmp_path / "split",
+        routing=routing,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+    )
+    assert logged(whole_trainer, "reward") == logged(split_trainer, "reward")  # the same rollouts
+    assert logged(whole_trainer, "srpo/route/sdpo_frac")[0] > 0
+    total = sum(delta.abs().sum() for delta in whole.values())
+    assert total > 0
+    for name, delta in whole.items():
+        assert torch.allclose(split[name], delta, atol=1e-7, rtol=1e-4), name
+
+
+def test_teacher_is_closed_form_ema_of_the_training_trajectory(char_tokenizer, tmp_path):
+    trainer = make_trainer(char_tokenizer, tmp_path, max_steps=3, teacher_update_rate=0.2)
+    trajectory = [parameters(trainer)]
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            trajectory.append(parameters(trainer))
+
+    trainer.add_callback(Record())
+    trainer.train()
+    eta, steps = 0.2, len(trajectory) - 1
+    for name, weight in trainer.teacher.model.named_parameters():
+        expected = (1 - eta) ** steps * trajectory[0][name].double()
+        for n in range(1, steps + 1):
+            expected = expected + eta * (1 - eta) ** (steps - n) * trajectory[n][name].double()
+        assert torch.allclose(weight.double(), expected, atol=1e-6), name
+    assert any(not torch.equal(trajectory[0][n], trajectory[-1][n]) for n in trajectory[0])
+
+
+def patterned_reward(completions, **kwargs):
+    """Groups of four: all correct, all failed, one correct, all-but-one correct."""
+    pattern = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1, 0, 1]
+    return [float(pattern[i % 16]) for i in range(len(completions))]
+
+
+@pytest.mark.parametrize("routing", ["srpo", "sdpo", "advantage_mix"])
+def test_degenerate_groups_give_finite_losses_and_the_right_routes(char_tokenizer, tmp_path, routing):
+    trainer = make_trainer(
+        char_tokenizer, tmp_path, reward=patterned_reward, routing=routing, per_device_train_batch_size=16, max_steps=1
+    )
+    trainer.train()
+    entry = trainer.state.log_history[0]
+    assert math.isfinite(entry["loss"])
+    assert entry["srpo/route/correct_frac"] == 8 / 16
+    assert entry["srpo/route/fallback_frac"] == 4 / 16
+    assert entry["srpo/teacher_available_frac"] == 11 / 16  # the lone correct rollout has no teacher
+    assert entry["srpo/route/sdpo_frac"] == {"srpo": 4 / 16, "sdpo": 11 / 16, "advantage_mix": 0.0}[routing]
+
+
+def test_truncated_completions_masked_out_give_finite_loss(char_tokenizer, tmp_path):
+    trainer = make_trainer(
+        char_tokenizer, tmp_path, mask_truncated_completions=True, max_completion_length=2, max_steps=2
+    )
+    trainer.train()
+    assert all(math.isfinite(v) for v in logged(trainer, "loss"))
+
+
+def test_resume_restores_teacher_exactly(char_tokenizer, tmp_path):
+    straight = make_trainer(char_tokenizer, tmp_path / "straight", max_steps=4, teacher_update_rate=0.3)
+    straight.train()
+    first = make_trainer(
+        char_tokenizer, tmp_path / "resumed", max_steps=4, teacher_update_rate=0.3, save_strategy="steps", save_steps=2
+    )
+    first.train()
+    resumed = make_trainer(
+        char_tokenizer, tmp_path / "resumed", max_steps=4, teacher_update_rate=0.3, save_strategy="steps", save_steps=2
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    assert logged(resumed, "loss") == logged(straight, "loss")  # steps 1-2 come from the checkpoint
+    policy = parameters(straight)
+    for name, value in parameters(resumed).items():
+        assert torch.equal(value, policy[name]), name
+    teacher = dict(straight.teacher.model.named_parameters())
+    for name, value in resumed.teacher.model.named_parameters():
+        assert torch.equal(value, teacher[name]), name

@@ -1,0 +1,57 @@
+"""Chunked vocabulary work equals the plain full-logits computation, values and gradients."""
+
+import pytest
+import torch
+
+from srpo_trl import vocab
+from srpo_trl.vocab import student_support_logps, student_topk_support, teacher_statistics
+
+
+@pytest.fixture(params=[10**9, 7 * 64], ids=["one-chunk", "many-chunks"])
+def chunking(request, monkeypatch):
+    monkeypatch.setattr(vocab, "LOGITS_PER_CHUNK", request.param)  # 7 positions per chunk at vocab 64
+
+
+def make(n=23, hidden=8, vocab_size=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hidden, generator=generator, dtype=torch.float64)
+    w = torch.randn(vocab_size, hidden, generator=generator, dtype=torch.float64)
+    b = torch.randn(vocab_size, generator=generator, dtype=torch.float64)
+    tokens = torch.randint(vocab_size, (n,), generator=generator)
+    return h, w, b, tokens
+
+
+def full_log_softmax(h, w, b, temperature):
+    return ((h @ w.T + b) / temperature).log_softmax(-1)
+
+
+def test_student_support_and_teacher_statistics(chunking):
+    h, w, b, tokens = make()
+    logps = full_log_softmax(h, w, b, 0.7)
+    support, token_logps = student_topk_support(h, w, b, 0.7, tokens, k=5)
+    assert torch.equal(support, logps.topk(5, dim=-1).indices)
+    assert torch.allclose(token_logps, logps.gather(-1, tokens[:, None]).squeeze(-1))
+    support_logps, teacher_token_logps, entropy = teacher_statistics(h, w, b, 0.7, tokens, support)
+    assert torch.allclose(support_logps, logps.gather(-1, support))
+    assert torch.allclose(teacher_token_logps, token_logps)
+    assert torch.allclose(entropy, -(logps.exp() * logps).sum(-1))
+
+
+def test_student_support_logps_gradients_match_full_logits(chunking):
+    h, w, b, tokens = make()
+    support = torch.randint(64, (23, 5), generator=torch.Generator().manual_seed(3))
+    weights = torch.rand(23, 5, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+    ours_support, ours_tokens = student_support_logps(*leaves, 1.3, tokens, support)
+    ((ours_support * weights).sum() + ours_tokens.sum()).backward()
+    reference = [t.clone().requires_grad_() for t in (h, w, b)]
+    logps = full_log_softmax(*reference, 1.3)
+    ((logps.gather(-1, support) * weights).sum() + logps.gather(-1, tokens[:, None]).sum()).backward()
+    for ours, theirs in zip(leaves, reference, strict=True):
+        assert torch.allclose(ours.grad, theirs.grad, atol=1e-10)
+
+
+def test_empty_input():
+    h, w, b, tokens = make(n=0)
+    support_logps, token_logps = student_support_logps(h, w, b, 1.0, tokens, torch.zeros(0, 5, dtype=torch.long))
+    assert support_logps.shape == (0, 5) and token_logps.shape == (0,)
