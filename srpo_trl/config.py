@@ -107,6 +107,12 @@ class SRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        # Before GRPOConfig's own check, whose message does not name the field.
+        self._check(
+            "num_generations",
+            self.num_generations is None or self.num_generations >= 2,
+            ">= 2: routing compares each rollout with its siblings",
+        )
         super().__post_init__()
         self._check("routing", self.routing in ROUTING_MODES, f"one of {ROUTING_MODES}")
         self._check("teacher_update_rate", 0.0 < self.teacher_update_rate <= 1.0, "in (0, 1], e.g. 0.05")
@@ -126,11 +132,6 @@ class SRPOConfig(GRPOConfig):
             self.loss_type in TOKEN_NORMALISED_LOSS_TYPES,
             f"one of {TOKEN_NORMALISED_LOSS_TYPES}: SRPO divides both branches by the step's token count",
         )
-        self._check(
-            "num_generations",
-            self.num_generations is not None and self.num_generations >= 2,
-            ">= 2: routing compares each rollout with its siblings",
-        )
         if self.routing != "grpo" and self.steps_per_generation != self.gradient_accumulation_steps:
             warnings.warn(
                 f"steps_per_generation={self.steps_per_generation} != gradient_accumulation_steps="
@@ -139,7 +140,6 @@ class SRPOConfig(GRPOConfig):
                 stacklevel=3,
             )
 
-    @staticmethod
-    def _check(name: str, ok: bool, expected: str) -> None:
+    def _check(self, name: str, ok: bool, expected: str) -> None:
         if not ok:
-            raise ValueError(f"SRPOConfig.{name} must be {expected}.")
+            raise ValueError(f"SRPOConfig.{name} must be {expected}; got {getattr(self, name)!r}.")

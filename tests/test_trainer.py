@@ -62,15 +62,16 @@ def make_args(tmp_path, config_class=SRPOConfig, **overrides):
 
 
 def make_trainer(
-    char_tokenizer, tmp_path, reward=first_letter_reward, trainer_class=SRPOTrainer, model=None, **overrides
+    char_tokenizer, tmp_path, reward=first_letter_reward, trainer_class=SRPOTrainer, peft_config=None, **overrides
 ):
     args = make_args(tmp_path, GRPOConfig if trainer_class is GRPOTrainer else SRPOConfig, **overrides)
     return trainer_class(
-        model=model or build_tiny_model(char_tokenizer, seed=0),
+        model=build_tiny_model(char_tokenizer, seed=0),
         reward_funcs=reward,
         args=args,
         train_dataset=PROMPTS,
         processing_class=char_tokenizer,
+        peft_config=peft_config,
     )
 
 
@@ -256,3 +257,30 @@ def test_resume_restores_teacher_exactly(char_tokenizer, tmp_path):
     teacher = dict(straight.teacher.model.named_parameters())
     for name, value in resumed.teacher.model.named_parameters():
         assert torch.equal(value, teacher[name]), name
+
+
+def test_lora_teacher_is_an_ema_adapter_on_the_shared_base(char_tokenizer, tmp_path):
+    from peft import LoraConfig
+
+    reward = RecordingReward(first_letter_reward)
+    trainer = make_trainer(
+        char_tokenizer,
+        tmp_path,
+        reward=reward,
+        max_steps=3,
+        teacher_update_rate=0.5,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    )
+    named = dict(trainer.model.named_parameters())
+    teacher_names = [n for n in named if ".srpo_teacher." in n]
+    start = {n: named[n].detach().clone() for n in teacher_names}
+    base = {n: p.detach().clone() for n, p in named.items() if "lora_" not in n}
+    counter = count_rows(trainer.model.get_base_model().model)
+    trainer.train()
+    assert teacher_names and all(not named[n].requires_grad for n in teacher_names)
+    assert any(not torch.equal(named[n], start[n]) for n in teacher_names), "the teacher adapter follows the policy"
+    for name, value in base.items():
+        assert torch.equal(named[name], value), f"base weight {name} changed"
+    assert sum(expected_routing(batch)[0] for batch in reward.batches) > 0
+    assert all(math.isfinite(v) for v in logged(trainer, "srpo/loss/sdpo"))
+    assert counter["calls"] > 0

@@ -1,0 +1,84 @@
+import warnings
+
+import pytest
+
+from srpo_trl import SRPOConfig, SRPOTrainer
+
+
+def config(**overrides):
+    return SRPOConfig(output_dir="/tmp/srpo-config-test", report_to=[], use_cpu=True, bf16=False, **overrides)
+
+
+def test_paper_defaults():
+    args = config()
+    assert (args.routing, args.success_reward_threshold, args.teacher_update_rate) == ("srpo", 1.0, 0.05)
+    assert (args.distillation_topk, args.distillation_alpha, args.distillation_is_clip) == (100, 0.5, 2.0)
+    assert (args.dynamic_weighting, args.weighting_temperature, args.max_teacher_prompt_length) == (True, 1.0, 10240)
+    assert (args.learning_rate, args.scale_rewards, args.epsilon, args.epsilon_high) == (5e-6, "none", 0.2, 0.28)
+    assert (args.loss_type, args.beta) == ("dapo", 0.0)
+    assert (args.vllm_importance_sampling_mode, args.vllm_importance_sampling_clip_max) == ("token_truncate", 2.0)
+
+
+@pytest.mark.parametrize(
+    "field, value, fix",
+    [
+        ("routing", "grpo_plus", "one of ('srpo', 'grpo', 'sdpo', 'advantage_mix')"),
+        ("teacher_update_rate", -0.1, "in (0, 1]"),
+        ("teacher_update_rate", 0.0, "in (0, 1]"),
+        ("distillation_topk", 0, "an integer >= 1"),
+        ("distillation_alpha", 1.5, "in [0, 1]"),
+        ("distillation_is_clip", 0.0, "> 0"),
+        ("weighting_temperature", -1.0, "> 0"),
+        ("advantage_mix_lambda", 2.0, "in [0, 1]"),
+        ("max_teacher_prompt_length", 0, "a positive token count"),
+        ("success_reward_threshold", float("nan"), "a finite number"),
+        ("loss_type", "grpo", "one of ('dapo', 'cispo', 'vespo')"),
+        ("loss_type", "bnpo", "token count"),
+    ],
+)
+def test_bad_values_name_the_field_and_the_fix(field, value, fix):
+    with pytest.raises(ValueError) as error:
+        config(**{field: value})
+    message = str(error.value)
+    assert f"SRPOConfig.{field}" in message and fix in message and repr(value) in message
+
+
+def test_num_generations_below_two_is_rejected():
+    with pytest.raises(ValueError, match="num_generations"):
+        config(num_generations=1, per_device_train_batch_size=2)
+
+
+def test_generation_batch_spanning_several_steps_warns():
+    with pytest.warns(UserWarning, match="steps_per_generation"):
+        config(steps_per_generation=2, gradient_accumulation_steps=1, per_device_train_batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        config(routing="grpo", steps_per_generation=2, gradient_accumulation_steps=1, per_device_train_batch_size=8)
+
+
+def test_trainer_rejects_a_plain_grpo_config(char_tokenizer):
+    from trl import GRPOConfig
+
+    from srpo_trl.testbed.model import build_tiny_model
+
+    with pytest.raises(TypeError, match="SRPOConfig"):
+        SRPOTrainer(
+            build_tiny_model(char_tokenizer),
+            reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+            args=GRPOConfig(output_dir="/tmp/srpo-config-test", report_to=[], use_cpu=True, bf16=False),
+        )
+
+
+def test_topk_larger_than_the_vocabulary_is_rejected(char_tokenizer):
+    from datasets import Dataset
+
+    from srpo_trl.testbed.model import build_tiny_model
+
+    with pytest.raises(ValueError, match=r"distillation_topk=500 exceeds the model's vocabulary \(102\)"):
+        SRPOTrainer(
+            build_tiny_model(char_tokenizer),
+            reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+            args=config(distillation_topk=500, per_device_train_batch_size=8),
+            train_dataset=Dataset.from_dict({"prompt": ["a"] * 8}),
+            processing_class=char_tokenizer,
+        )
