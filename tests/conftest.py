@@ -17,3 +17,11 @@ def char_tokenizer():
     from srpo_trl.testbed.tokenizer import build_char_tokenizer
 
     return build_char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The benchmark splits beside the checkout (`../shared/data`); tests that need them skip without them."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA

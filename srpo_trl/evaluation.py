@@ -1,0 +1,148 @@
+"""The paper's evaluation protocol (SPEC §10): avg@k on a test split, and the best avg@k within wall-clock budgets.
+
+`avg_at_k` samples `k` completions per problem (temperature 0.6, top-p 0.95 by default) and averages their rewards;
+with 0/1 rewards that is the mean accuracy over all samples. `BestWithinBudgetsCallback` runs it every few steps
+during training and keeps, for each budget (1 h, 5 h, 10 h by default), the best value reached before the budget
+ran out: the numbers of the paper's Table 1.
+"""
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from accelerate import PartialState
+from transformers import GenerationConfig, PreTrainedTokenizerBase, TrainerCallback
+from trl.data_utils import is_conversational
+from trl.models import unwrap_model_for_generation
+
+
+@torch.no_grad()
+def avg_at_k(
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset,
+    reward_funcs: Sequence[Callable],
+    k: int = 16,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    max_new_tokens: int = 8192,
+    batch_size: int = 8,
+    chat_template_kwargs: dict | None = None,
+    generate: Callable | None = None,
+) -> float:
+    """Mean reward of `k` samples per problem of `dataset` (a `prompt` column plus the reward functions' columns).
+
+    Problems are split across processes and the sums gathered, so every process returns the same value. Pass
+    `generate(prompt_ids: list[list[int]]) -> list[list[int]]` to sample with another engine (e.g. vLLM); the
+    default samples with `model.generate`.
+    """
+    state = PartialState()
+    rows = [dataset[i] for i in range(state.process_index, len(dataset), state.num_processes)]
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    generate = generate or (lambda prompt_ids: _hf_generate(model, prompt_ids, config, tokenizer.pad_token_id))
+    total = torch.zeros(2, dtype=torch.float64)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        prompt_ids = [_render(tokenizer, row["prompt"], chat_template_kwargs or {}) for row in batch]
+        completion_ids = generate([ids for ids in prompt_ids for _ in range(k)])
+        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        conversational = is_conversational({"prompt": batch[0]["prompt"]})
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        columns = {key: [row[key] for row in batch for _ in range(k)] for key in batch[0] if key != "prompt"}
+        prompts = [row["prompt"] for row in batch for _ in range(k)]
+        rewards = torch.zeros(len(texts), dtype=torch.float64)
+        for reward_func in reward_funcs:
+            scores = reward_func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+            rewards += torch.tensor([0.0 if s is None else s for s in scores], dtype=torch.float64)
+        total += torch.tensor([rewards.sum().item(), len(texts)], dtype=torch.float64)
+    if state.num_processes > 1:
+        from accelerate.utils import reduce
+
+        total = reduce(total.to(state.device), reduction="sum").cpu()
+    return (total[0] / total[1]).item() if total[1] else math.nan
+
+
+def _render(tokenizer, prompt, chat_template_kwargs) -> list[int]:
+    if is_conversational({"prompt": prompt}):
+        return list(
+            tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True, return_dict=True, **chat_template_kwargs
+            )["input_ids"]
+        )
+    return tokenizer(prompt)["input_ids"]
+
+
+def _hf_generate(model, prompt_ids: list[list[int]], config: GenerationConfig, pad_token_id: int) -> list[list[int]]:
+    width = max(len(ids) for ids in prompt_ids)
+    input_ids = torch.tensor([[pad_token_id] * (width - len(ids)) + ids for ids in prompt_ids], device=model.device)
+    attention_mask = torch.tensor(
+        [[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=model.device
+    )
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    completions = []
+    for row in output[:, width:].tolist():
+        ends = [i for i, token in enumerate(row) if token in (config.eos_token_id, pad_token_id)]
+        completions.append(row[: ends[0] + 1] if ends else row)
+    return completions
+
+
+class BestWithinBudgetsCallback(TrainerCallback):
+    """Evaluate avg@k every `eval_steps` optimizer steps and keep the best value reached within each time budget.
+
+    Results are logged as `eval_avg@{k}` and `best_avg@{k}_within_{h}h`, and kept in `self.best`
+    (`{hours: value}`). Evaluation time does not count towards the budgets: they measure training time, as the
+    paper's "best avg@16 within 1 h, 5 h, 10 h of training" does.
+
+    Args:
+        trainer: the [`SRPOTrainer`] (or any `GRPOTrainer`) being trained.
+        eval_dataset: test split with a `prompt` column and the reward functions' columns.
+        eval_steps: evaluate every this many optimizer steps (the paper: 5).
+        budgets_hours: training-time budgets.
+        **avg_at_k_kwargs: forwarded to [`avg_at_k`] (`k`, `temperature`, `top_p`, `max_new_tokens`, ...).
+    """
+
+    def __init__(self, trainer, eval_dataset, eval_steps: int = 5, budgets_hours=(1.0, 5.0, 10.0), **avg_at_k_kwargs):
+        self.trainer, self.eval_dataset, self.eval_steps = trainer, eval_dataset, eval_steps
+        self.budgets_hours = tuple(budgets_hours)
+        self.kwargs = {"chat_template_kwargs": trainer.args.chat_template_kwargs, **avg_at_k_kwargs}
+        self.best = {hours: -math.inf for hours in self.budgets_hours}
+        self.history: list[tuple[int, float, float]] = []  # (step, training seconds, avg@k)
+        self._training_seconds, self._since = 0.0, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._since = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.eval_steps:
+            return
+        self._training_seconds += time.monotonic() - self._since
+        value = self.evaluate()
+        self.history.append((state.global_step, self._training_seconds, value))
+        logs = {f"eval_avg@{self.kwargs.get('k', 16)}": value}
+        for hours in self.budgets_hours:
+            if self._training_seconds <= hours * 3600:
+                self.best[hours] = max(self.best[hours], value)
+            logs[f"best_avg@{self.kwargs.get('k', 16)}_within_{hours:g}h"] = self.best[hours]
+        self.trainer.log(logs)
+        self._since = time.monotonic()
+
+    def evaluate(self) -> float:
+        trainer = self.trainer
+        was_training = trainer.model.training
+        trainer.model.eval()
+        try:
+            with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
+                return avg_at_k(
+                    model, trainer.processing_class, self.eval_dataset, trainer.reward_funcs, **self.kwargs
+                )
+        finally:
+            trainer.model.train(was_training)
