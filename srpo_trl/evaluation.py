@@ -9,6 +9,7 @@ ran out: the numbers of the paper's Table 1.
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 import torch
 from accelerate import PartialState
@@ -50,25 +51,38 @@ def avg_at_k(
     )
     generate = generate or (lambda prompt_ids: _hf_generate(model, prompt_ids, config, tokenizer.pad_token_id))
     total = torch.zeros(2, dtype=torch.float64)
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        prompt_ids = [_render(tokenizer, row["prompt"], chat_template_kwargs or {}) for row in batch]
-        completion_ids = generate([ids for ids in prompt_ids for _ in range(k)])
-        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        conversational = is_conversational({"prompt": batch[0]["prompt"]})
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-        columns = {key: [row[key] for row in batch for _ in range(k)] for key in batch[0] if key != "prompt"}
-        prompts = [row["prompt"] for row in batch for _ in range(k)]
-        rewards = torch.zeros(len(texts), dtype=torch.float64)
-        for reward_func in reward_funcs:
-            scores = reward_func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-            rewards += torch.tensor([0.0 if s is None else s for s in scores], dtype=torch.float64)
-        total += torch.tensor([rewards.sum().item(), len(texts)], dtype=torch.float64)
+    with eval_mode(model):  # generating in train mode (gradient checkpointing, no KV cache) gives garbage
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            prompt_ids = [_render(tokenizer, row["prompt"], chat_template_kwargs or {}) for row in batch]
+            completion_ids = generate([ids for ids in prompt_ids for _ in range(k)])
+            texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+            conversational = is_conversational({"prompt": batch[0]["prompt"]})
+            completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+            columns = {key: [row[key] for row in batch for _ in range(k)] for key in batch[0] if key != "prompt"}
+            prompts = [row["prompt"] for row in batch for _ in range(k)]
+            rewards = torch.zeros(len(texts), dtype=torch.float64)
+            for reward_func in reward_funcs:
+                scores = reward_func(
+                    prompts=prompts, completions=completions, completion_ids=completion_ids, **columns
+                )
+                rewards += torch.tensor([0.0 if s is None else s for s in scores], dtype=torch.float64)
+            total += torch.tensor([rewards.sum().item(), len(texts)], dtype=torch.float64)
     if state.num_processes > 1:
         from accelerate.utils import reduce
 
         total = reduce(total.to(state.device), reduction="sum").cpu()
     return (total[0] / total[1]).item() if total[1] else math.nan
+
+
+@contextmanager
+def eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _render(tokenizer, prompt, chat_template_kwargs) -> list[int]:
@@ -137,12 +151,5 @@ class BestWithinBudgetsCallback(TrainerCallback):
 
     def evaluate(self) -> float:
         trainer = self.trainer
-        was_training = trainer.model.training
-        trainer.model.eval()
-        try:
-            with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
-                return avg_at_k(
-                    model, trainer.processing_class, self.eval_dataset, trainer.reward_funcs, **self.kwargs
-                )
-        finally:
-            trainer.model.train(was_training)
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
+            return avg_at_k(model, trainer.processing_class, self.eval_dataset, trainer.reward_funcs, **self.kwargs)

@@ -1,6 +1,7 @@
 """Shared fixtures: one torch thread (tiny ops are erratic with two here), a local tokenizer and tiny models."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ import torch
 
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# trackio reads its directory once, at import: point it at a scratch folder before anything imports it.
+os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="srpo-trackio-"))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
