@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import torch
 from accelerate import PartialState
+from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase, TrainerCallback
 from trl.data_utils import is_conversational
 from trl.models import unwrap_model_for_generation
@@ -31,12 +32,14 @@ def avg_at_k(
     batch_size: int = 8,
     chat_template_kwargs: dict | None = None,
     generate: Callable | None = None,
+    show_progress: bool = True,
 ) -> float:
     """Mean reward of `k` samples per problem of `dataset` (a `prompt` column plus the reward functions' columns).
 
     Problems are split across processes and the sums gathered, so every process returns the same value. Pass
     `generate(prompt_ids: list[list[int]]) -> list[list[int]]` to sample with another engine (e.g. vLLM); the
-    default samples with `model.generate`.
+    default samples with `model.generate`. A progress bar (one tick per batch of problems) shows on the main
+    process unless `show_progress=False`.
     """
     state = PartialState()
     rows = [dataset[i] for i in range(state.process_index, len(dataset), state.num_processes)]
@@ -52,7 +55,8 @@ def avg_at_k(
     generate = generate or (lambda prompt_ids: _hf_generate(model, prompt_ids, config, tokenizer.pad_token_id))
     total = torch.zeros(2, dtype=torch.float64)
     with eval_mode(model):  # generating in train mode (gradient checkpointing, no KV cache) gives garbage
-        for start in range(0, len(rows), batch_size):
+        batches = range(0, len(rows), batch_size)
+        for start in tqdm(batches, desc=f"avg@{k}", disable=not (show_progress and state.is_main_process)):
             batch = rows[start : start + batch_size]
             prompt_ids = [_render(tokenizer, row["prompt"], chat_template_kwargs or {}) for row in batch]
             completion_ids = generate([ids for ids in prompt_ids for _ in range(k)])
@@ -127,7 +131,11 @@ class BestWithinBudgetsCallback(TrainerCallback):
     def __init__(self, trainer, eval_dataset, eval_steps: int = 5, budgets_hours=(1.0, 5.0, 10.0), **avg_at_k_kwargs):
         self.trainer, self.eval_dataset, self.eval_steps = trainer, eval_dataset, eval_steps
         self.budgets_hours = tuple(budgets_hours)
-        self.kwargs = {"chat_template_kwargs": trainer.args.chat_template_kwargs, **avg_at_k_kwargs}
+        self.kwargs = {
+            "chat_template_kwargs": trainer.args.chat_template_kwargs,
+            "show_progress": not trainer.args.disable_tqdm,
+            **avg_at_k_kwargs,
+        }
         self.best = {hours: -math.inf for hours in self.budgets_hours}
         self.history: list[tuple[int, float, float]] = []  # (step, training seconds, avg@k)
         self._training_seconds, self._since = 0.0, None

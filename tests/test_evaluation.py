@@ -33,7 +33,7 @@ def test_best_within_budgets_only_counts_training_time(monkeypatch):
     clock = {"now": 0.0}
     monkeypatch.setattr(evaluation.time, "monotonic", lambda: clock["now"])
     logged = []
-    trainer = SimpleNamespace(args=SimpleNamespace(chat_template_kwargs=None), log=logged.append)
+    trainer = SimpleNamespace(args=SimpleNamespace(chat_template_kwargs=None, disable_tqdm=True), log=logged.append)
     callback = BestWithinBudgetsCallback(trainer, eval_dataset=None, eval_steps=5, budgets_hours=(1, 2), k=16)
     values = iter([0.2, 0.5, 0.4, 0.9])
 
