@@ -3,10 +3,13 @@
 Two layouts, one interface:
 - full fine-tuning: a frozen copy of the policy, plus fp32 accumulators for its non-fp32 weights;
 - PEFT: a second adapter ("srpo_teacher") on the policy's own frozen base; only adapter weights are averaged.
+Under DeepSpeed ZeRO-3 every weight is partitioned across processes; the EMA, the accumulators and the state
+then cover this process's shard of each weight (`local_part`) and never gather a whole parameter.
 The EMA itself is `ema_update_`, a pure in-place function; `state_dict` is what checkpoints hold.
 """
 
 import copy
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -21,6 +24,21 @@ TEACHER_ADAPTER = "srpo_teacher"
 def ema_update_(accumulator: torch.Tensor, value: torch.Tensor, rate: float) -> None:
     """`accumulator <- (1 - rate) * accumulator + rate * value`, in the accumulator's dtype (fp32)."""
     accumulator.lerp_(value.to(accumulator.dtype), rate)
+
+
+def local_part(weight: torch.Tensor) -> torch.Tensor:
+    """The part of `weight` this process holds: its ZeRO-3 shard (`ds_tensor`) once DeepSpeed partitioned it, else
+    the weight itself. Equal shapes shard alike, so a teacher weight's shard lines up with its policy weight's."""
+    return weight.ds_tensor if getattr(weight, "ds_tensor", None) is not None else weight
+
+
+def refresh_persistent(weights: list[torch.Tensor]) -> None:
+    """ZeRO-3 keeps small ("persistent") weights whole on every process, copied from the shards when it gathers
+    them: after the shards changed, drop the stale whole copies and gather them again (a collective)."""
+    persistent = [weight for weight in weights if getattr(weight, "ds_persist", False)]
+    if persistent:
+        persistent[0].partition(persistent)
+        persistent[0].all_gather(persistent)
 
 
 def is_peft(model) -> bool:
@@ -44,44 +62,52 @@ class SelfTeacher:
     Args:
         policy: the policy at its initial weights; the teacher starts equal to it.
         update_rate: `η` of `θ_T <- (1 - η) θ_T + η θ`.
+        model: for full fine-tuning, a teacher model already equal to `policy` (e.g. one DeepSpeed ZeRO-3 has
+            partitioned); by default a copy of `policy`. Ignored with PEFT, where the teacher is an adapter.
     """
 
-    def __init__(self, policy: torch.nn.Module, update_rate: float):
+    def __init__(self, policy: torch.nn.Module, update_rate: float, model: torch.nn.Module | None = None):
         self.update_rate = update_rate
         self.peft = is_peft(policy)
         if self.peft:
-            policy.add_adapter(TEACHER_ADAPTER, copy.deepcopy(policy.peft_config[policy.active_adapter]))
             self.student_adapter = policy.active_adapter
+            policy.add_adapter(TEACHER_ADAPTER, copy.deepcopy(policy.peft_config[self.student_adapter]))
             self.model = policy
+            with torch.no_grad():
+                for teacher_weight, student_weight in self._weight_pairs(policy):
+                    teacher_weight.copy_(student_weight)  # an adapter starts at the student's, not at zero
         else:
-            self.model = copy.deepcopy(policy)
-        pairs = list(self._weight_pairs(policy))
-        with torch.no_grad():
-            for teacher_weight, student_weight in pairs:
-                teacher_weight.requires_grad_(False)
-                teacher_weight.copy_(student_weight)  # a PEFT adapter starts at the student's, not at zero
-        self.model.eval() if not self.peft else None
-        # fp32 accumulators only where the teacher's own weights are not fp32 (bf16 would round η-sized steps away)
-        self.accumulators = {
-            name: weight.detach().float().clone()
-            for name, (weight, _) in zip(self.weight_names(policy), pairs, strict=True)
-            if weight.dtype != torch.float32
-        }
+            self.model = copy.deepcopy(policy) if model is None else model
+            self.model.eval()
+        for _, weight in self._teacher_weights():
+            weight.requires_grad_(False)
+        self._accumulators = None
 
-    def weight_names(self, policy) -> list[str]:
-        return [name for name, _ in self._named_weight_pairs(policy)]
+    @property
+    def accumulators(self) -> dict[str, torch.Tensor]:
+        """fp32 copies of the teacher's non-fp32 weights (bf16 would round η-sized steps away), by name.
+
+        Built on first use, i.e. after DeepSpeed (if any) partitioned the weights: they then hold the shards."""
+        if self._accumulators is None:
+            self._accumulators = {
+                name: local_part(weight).detach().float().clone()
+                for name, weight in self._teacher_weights()
+                if weight.dtype != torch.float32
+            }
+        return self._accumulators
+
+    def _teacher_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        tag = f".{TEACHER_ADAPTER}."
+        return ((n, w) for n, w in self.model.named_parameters() if not self.peft or tag in n)
+
+    def weight_names(self) -> list[str]:
+        return [name for name, _ in self._teacher_weights()]
 
     def _named_weight_pairs(self, policy) -> Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
-        if self.peft:
-            student = dict(policy.named_parameters())
-            tag = f".{TEACHER_ADAPTER}."
-            for name, weight in student.items():
-                if tag in name:
-                    yield name, (weight, student[name.replace(tag, f".{self.student_adapter}.")])
-        else:
-            student = dict(policy.named_parameters())
-            for name, weight in self.model.named_parameters():
-                yield name, (weight, student[name])
+        student = dict(policy.named_parameters())
+        for name, weight in self._teacher_weights():
+            student_name = name.replace(f".{TEACHER_ADAPTER}.", f".{self.student_adapter}.") if self.peft else name
+            yield name, (weight, student[student_name])
 
     def _weight_pairs(self, policy) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return (pair for _, pair in self._named_weight_pairs(policy))
@@ -90,10 +116,12 @@ class SelfTeacher:
     def update(self, policy: torch.nn.Module) -> None:
         """One EMA step towards `policy` (call after each optimizer step)."""
         for name, (teacher_weight, student_weight) in self._named_weight_pairs(policy):
-            accumulator = self.accumulators.get(name, teacher_weight)
-            ema_update_(accumulator, student_weight.detach(), self.update_rate)
-            if accumulator is not teacher_weight:
-                teacher_weight.copy_(accumulator)
+            target = local_part(teacher_weight)
+            accumulator = self.accumulators.get(name, target)
+            ema_update_(accumulator, local_part(student_weight).detach(), self.update_rate)
+            if accumulator is not target:
+                target.copy_(accumulator)
+        refresh_persistent([weight for _, weight in self._teacher_weights()])
 
     @contextmanager
     def active(self):
@@ -101,25 +129,47 @@ class SelfTeacher:
         with use_adapter(self.model, TEACHER_ADAPTER) if self.peft else nullcontext():
             yield self.model
 
-    def state_dict(self, policy: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The teacher's weights at full (fp32 accumulator) precision, keyed by parameter name."""
+    @contextmanager
+    def policy_only_saving(self):
+        """Context in which the PEFT policy's `save_pretrained` writes its own adapter, not every adapter (PEFT's
+        default, which would publish the teacher). A no-op for full fine-tuning: the teacher is a separate model."""
+        if not self.peft:
+            yield
+            return
+        self.model.save_pretrained = functools.partial(
+            self.model.save_pretrained, selected_adapters=[self.student_adapter]
+        )
+        try:
+            yield
+        finally:
+            del self.model.save_pretrained  # back to the class's method
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The teacher's weights (this process's shards under ZeRO-3) at full fp32 precision, by parameter name."""
         return {
-            name: self.accumulators.get(name, weight).detach().float().cpu().contiguous()
-            for name, (weight, _) in self._named_weight_pairs(policy)
+            name: self.accumulators.get(name, local_part(weight)).detach().float().cpu().contiguous()
+            for name, weight in self._teacher_weights()
         }
 
     @torch.no_grad()
-    def load_state_dict(self, policy: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-        names = self.weight_names(policy)
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        names = self.weight_names()
         if set(names) != set(state):
             missing, unexpected = sorted(set(names) - set(state)), sorted(set(state) - set(names))
             raise ValueError(
                 f"Teacher checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
-        for name, (weight, _) in self._named_weight_pairs(policy):
-            weight.copy_(state[name])
+        for name, weight in self._teacher_weights():
+            target = local_part(weight)
+            if state[name].shape != target.shape:
+                raise ValueError(
+                    f"Teacher checkpoint does not match the model: {name} has shape {tuple(state[name].shape)}, "
+                    f"expected {tuple(target.shape)} (ZeRO-3 shards need the same number of processes)."
+                )
+            target.copy_(state[name])
             if name in self.accumulators:
                 self.accumulators[name].copy_(state[name])
+        refresh_persistent([weight for _, weight in self._teacher_weights()])
 
 
 class TeacherEMACallback(TrainerCallback):

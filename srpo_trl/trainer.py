@@ -7,15 +7,18 @@ The glue, at GRPOTrainer's extension points:
   into micro-batches with everything else;
 - `_compute_loss` runs GRPOTrainer's own loss with the routed rows' advantages zeroed, and adds the distillation
   sum computed from the same forward pass's hidden states, over the same token-count normaliser;
-- `_save_checkpoint` / `_load_optimizer_and_scheduler` carry the teacher's fp32 state.
-The math lives in `routing.py`, `prompts.py`, `losses.py` and `vocab.py`.
+- `_save_checkpoint` / `_load_optimizer_and_scheduler` carry the teacher's fp32 state (per-process shards under
+  DeepSpeed ZeRO-3), and `_save` keeps it out of `save_model`/`push_to_hub`.
+Under ZeRO-3 weights are gathered collectively, so every process makes as many teacher passes and LM-head uses as
+the busiest one (docs/scaling.md). The math lives in `routing.py`, `prompts.py`, `losses.py` and `vocab.py`.
 """
 
+import copy
 import os
 import textwrap
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +26,9 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
+from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import pad
+from trl.trainer.utils import disable_dropout_in_model, pad
 
 from .config import SRPOConfig
 from .losses import (
@@ -36,7 +40,7 @@ from .losses import (
 )
 from .prompts import demonstration_from_completion, fit_teacher_prompt
 from .routing import Routes, route_rollouts
-from .teacher import SelfTeacher, TeacherEMACallback, backbone_and_head, causal_lm
+from .teacher import SelfTeacher, TeacherEMACallback, backbone_and_head, causal_lm, is_peft
 from .vocab import student_support_logps, student_topk_support, teacher_statistics
 
 TEACHER_STATE_FILE = "srpo_teacher.safetensors"
@@ -60,7 +64,7 @@ class SRPOTrainer(GRPOTrainer):
     """
 
     _tag_names = ["trl", "srpo"]
-    _name = "SRPO"
+    _name = "Sample-Routed Policy Optimization (SRPO)"  # how the model card names the method
     _paper = {
         "title": "Unifying Group-Relative and Self-Distillation Policy Optimization via Sample Routing",
         "id": "2604.02288",
@@ -93,12 +97,34 @@ class SRPOTrainer(GRPOTrainer):
                 f"SRPOConfig.distillation_topk={args.distillation_topk} exceeds the model's vocabulary "
                 f"({vocab_size}); set distillation_topk <= {vocab_size}."
             )
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise NotImplementedError("SRPO's self-teacher does not support DeepSpeed ZeRO-3 yet; use ZeRO-2.")
-        self.teacher = SelfTeacher(self.model, args.teacher_update_rate)
-        if not self.teacher.peft:
-            self.teacher.model.to(self.accelerator.device)
+        self.teacher = self._build_teacher()
         self.add_callback(TeacherEMACallback(self))
+
+    def _build_teacher(self) -> SelfTeacher:
+        # `self.model` is not wrapped yet (Accelerate/DeepSpeed wrap it in `train()`), so a PEFT teacher adapter
+        # added now is partitioned and placed with the policy's own weights.
+        policy, rate = self.model, self.args.teacher_update_rate
+        if is_peft(policy):
+            teacher = SelfTeacher(policy, rate)
+            if self.args.disable_dropout:  # the new adapter brought its own dropout
+                disable_dropout_in_model(policy)
+            return teacher
+        if not self._dist.is_zero3:
+            teacher = SelfTeacher(policy, rate)
+            teacher.model.to(self.accelerator.device)
+            return teacher
+        # ZeRO-3: the teacher is partitioned like the policy, and DeepSpeed gathers it layer by layer in forward.
+        if hasattr(next(policy.parameters()), "ds_id"):
+            # Already partitioned (loaded from a model id under zero.Init): a copy would share DeepSpeed's
+            # per-parameter state. Build a partitioned twin and copy the policy's shards, which line up.
+            model = type(policy)._from_config(policy.config, dtype=policy.dtype)
+            with torch.no_grad():
+                for teacher_weight, weight in zip(model.parameters(), policy.parameters(), strict=True):
+                    teacher_weight.ds_tensor.copy_(weight.ds_tensor)
+        else:
+            model = copy.deepcopy(policy)
+        self._teacher_engine = prepare_deepspeed(model, self.accelerator)  # kept: it owns the gathering hooks
+        return SelfTeacher(policy, rate, model=self._teacher_engine.module)
 
     # ---- generation time: route, then score the routed rows with the teacher ----
 
@@ -149,39 +175,19 @@ class SRPOTrainer(GRPOTrainer):
                     scored.prompts[row], demonstration, self._tokenize_one_prompt, self.args.max_teacher_prompt_length
                 )
                 teacher_prompts.append(ids)
-            for chunk in self._row_chunks(rows, mode):
-                chunk_rows = [rows[i] for i in chunk]
-                index = torch.tensor(chunk_rows, dtype=torch.long, device=device)
-                row_mask = mask[index]
-                tokens = batch["completion_ids"][index][row_mask]
-                policy = self.accelerator.unwrap_model(self.model)
-                completion = (batch["completion_ids"][index], batch["completion_mask"][index])
-                hidden, head = self._completion_hidden_states(
-                    policy, batch["prompt_ids"][index], batch["prompt_mask"][index], *completion
-                )
-                chunk_support, old_logps = student_topk_support(
-                    hidden[row_mask], head.weight, head.bias, self.temperature, tokens, k
-                )
-                teacher_ids = [torch.tensor(teacher_prompts[i]) for i in chunk]
-                with self.teacher.active() as teacher_model:
-                    hidden, head = self._completion_hidden_states(
-                        teacher_model,
-                        pad(teacher_ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
-                        pad([torch.ones_like(t) for t in teacher_ids], padding_value=0, padding_side="left").to(
-                            device
-                        ),
-                        *completion,
-                    )
-                    chunk_teacher = teacher_statistics(
-                        hidden[row_mask], head.weight, head.bias, self.temperature, tokens, chunk_support
-                    )
-                chunk_rows_idx, positions = row_mask.nonzero(as_tuple=True)
-                for target, values in zip(
-                    (support, old_token_logps, teacher_support_logps, teacher_token_logps, entropy),
-                    (chunk_support, old_logps, *chunk_teacher),
-                    strict=True,
-                ):
-                    target[index[chunk_rows_idx], positions] = values.to(target.dtype)
+            targets = (support, old_token_logps, teacher_support_logps, teacher_token_logps, entropy)
+            chunks = self._row_chunks(rows, mode)
+            for chunk in chunks:
+                index = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device)
+                values = self._score_rows(batch, index, mask[index], [teacher_prompts[i] for i in chunk])
+                chunk_rows, positions = mask[index].nonzero(as_tuple=True)
+                for target, value in zip(targets, values, strict=True):
+                    target[index[chunk_rows], positions] = value.to(target.dtype)
+            # ZeRO-3 gathers each layer's weights from all processes as it runs them: a process with fewer routed
+            # rows keeps in step with passes over a dummy row whose tokens are all masked out.
+            for _ in range(self._max_row_chunks(routes, mode) - len(chunks) if self._dist.is_zero3 else 0):
+                index = torch.zeros(1, dtype=torch.long, device=device)
+                self._score_rows(batch, index, torch.zeros_like(mask[index]), [[self._tokenizer.pad_token_id]])
         teacher_seconds = time.perf_counter() - started
 
         sdpo_tokens = mask & routes.sdpo[local].unsqueeze(1)
@@ -214,9 +220,43 @@ class SRPOTrainer(GRPOTrainer):
         # GRPOTrainer's own prompt tokenization: the same chat template and `chat_template_kwargs` as the student.
         return list(self._tokenize_prompts([prompt])[0][0])
 
+    def _rows_per_pass(self, mode: str) -> int:
+        return self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+
     def _row_chunks(self, rows: list[int], mode: str) -> list[range]:
-        size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        size = self._rows_per_pass(mode)
         return [range(start, min(start + size, len(rows))) for start in range(0, len(rows), size)]
+
+    def _max_row_chunks(self, routes: Routes, mode: str) -> int:
+        """The most teacher passes any process makes (`routes` is global, so every process knows them all)."""
+        most_rows = routes.needs_teacher.view(self.accelerator.num_processes, -1).sum(dim=1).max().item()
+        return -(-most_rows // self._rows_per_pass(mode))
+
+    def _score_rows(self, batch, index: torch.Tensor, row_mask: torch.Tensor, teacher_prompts: list[list[int]]):
+        """Student top-k support and log-probs, then the teacher's statistics on that support, at `row_mask`'s
+        tokens of the batch rows `index` (the teacher sees `teacher_prompts` before the same completions)."""
+        device = self.accelerator.device
+        tokens = batch["completion_ids"][index][row_mask]
+        completion = (batch["completion_ids"][index], batch["completion_mask"][index])
+        hidden, head = self._completion_hidden_states(
+            self.accelerator.unwrap_model(self.model),
+            batch["prompt_ids"][index],
+            batch["prompt_mask"][index],
+            *completion,
+        )
+        support, old_logps = student_topk_support(
+            hidden[row_mask], head.weight, head.bias, self.temperature, tokens, self.args.distillation_topk
+        )
+        teacher_ids = [torch.tensor(ids) for ids in teacher_prompts]
+        with self.teacher.active() as teacher_model:
+            hidden, head = self._completion_hidden_states(
+                teacher_model,
+                pad(teacher_ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
+                pad([torch.ones_like(ids) for ids in teacher_ids], padding_value=0, padding_side="left").to(device),
+                *completion,
+            )
+            teacher = teacher_statistics(hidden[row_mask], head.weight, head.bias, self.temperature, tokens, support)
+        return support, old_logps, *teacher
 
     @torch.no_grad()
     def _completion_hidden_states(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask):
@@ -287,7 +327,9 @@ class SRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1  # per-step share, see SPEC §9
         self._metrics[mode]["srpo/loss/grpo"].append(self.accelerator.gather(grpo_loss.detach()).mean().item() * scale)
-        distillation_sum = self._distillation_loss_sum(model, torch.cat(captured), inputs) if sdpo_rows.any() else None
+        # Under ZeRO-3 the distillation gathers the LM head, a collective: every process joins, routed rows or not.
+        distill = sdpo_rows.any() or self._dist.is_zero3
+        distillation_sum = self._distillation_loss_sum(model, torch.cat(captured), inputs) if distill else None
         distillation_loss = (
             0.0 if distillation_sum is None else distillation_sum / self._token_normalizer(inputs, mode)
         )
@@ -354,24 +396,35 @@ class SRPOTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.teacher is not None and self.args.should_save:
+        # Under ZeRO-3 every process holds (and saves) its own shards of the teacher.
+        if self.teacher is not None and (self.args.should_save or self._dist.is_zero3):
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
-            save_file(
-                self.teacher.state_dict(self.accelerator.unwrap_model(self.model)),
-                os.path.join(folder, TEACHER_STATE_FILE),
-            )
+            os.makedirs(folder, exist_ok=True)
+            save_file(self.teacher.state_dict(), self._teacher_state_path(folder))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if self.teacher is None or checkpoint is None:
             return
-        path = os.path.join(checkpoint, TEACHER_STATE_FILE)
+        path = self._teacher_state_path(checkpoint)
         if not os.path.exists(path):
             warnings.warn(
-                f"{checkpoint} holds no SRPO teacher ({TEACHER_STATE_FILE}); the teacher restarts from the policy.", stacklevel=2
+                f"{checkpoint} holds no SRPO teacher state {os.path.basename(path)} (a ZeRO-3 checkpoint resumes with "
+                "as many processes as saved it); the teacher keeps the initial weights of the model given to the trainer.",
+                stacklevel=2,
             )
             return
-        state = {name: tensor.to(self.accelerator.device) for name, tensor in load_file(path).items()}
-        self.teacher.load_state_dict(self.accelerator.unwrap_model(self.model), state)
+        self.teacher.load_state_dict({name: t.to(self.accelerator.device) for name, t in load_file(path).items()})
+
+    def _teacher_state_path(self, folder: str) -> str:
+        if not self._dist.is_zero3:
+            return os.path.join(folder, TEACHER_STATE_FILE)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        return os.path.join(folder, TEACHER_STATE_FILE.replace(".safetensors", f"-rank{rank}-of-{world}.safetensors"))
+
+    def _save(self, output_dir=None, state_dict=None):
+        # `save_model` and `push_to_hub` write the policy: the teacher is training state, kept by `_save_checkpoint`.
+        with self.teacher.policy_only_saving() if self.teacher is not None else nullcontext():
+            super()._save(output_dir, state_dict)

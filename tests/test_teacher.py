@@ -66,14 +66,14 @@ def test_state_dict_round_trip_is_exact(char_tokenizer):
         for p in policy.parameters():
             p.mul_(1.5)
     teacher.update(policy)
-    state = teacher.state_dict(policy)
+    state = teacher.state_dict()
     assert all(t.dtype == torch.float32 for t in state.values())
     fresh = SelfTeacher(build_tiny_model(char_tokenizer, seed=0, dtype=torch.bfloat16), update_rate=0.3)
-    fresh.load_state_dict(policy, state)
-    for name, tensor in fresh.state_dict(policy).items():
+    fresh.load_state_dict(state)
+    for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, state[name])
     with pytest.raises(ValueError, match="does not match"):
-        fresh.load_state_dict(policy, {"bogus": torch.zeros(1)})
+        fresh.load_state_dict({"bogus": torch.zeros(1)})
 
 
 def test_peft_teacher_is_an_adapter_on_the_shared_base(char_tokenizer):
@@ -104,3 +104,50 @@ def test_peft_teacher_is_an_adapter_on_the_shared_base(char_tokenizer):
     student_name = name.replace(f".{TEACHER_ADAPTER}.", ".default.")
     start = policy.get_parameter(student_name) - 1.0
     assert torch.allclose(policy.get_parameter(name), start + 0.5, atol=1e-6)
+
+
+def shard_like_zero3(model, regathered):
+    """Make `model` look partitioned as ZeRO-3 leaves it on one of two processes: each weight's data is empty (kept
+    whole for 1-d "persistent" weights), `ds_tensor` holds this process's half, and re-gathering is recorded."""
+    for weight in model.parameters():
+        half = (weight.numel() + 1) // 2
+        weight.ds_tensor = weight.detach().flatten()[:half].clone()
+        weight.ds_persist = weight.dim() == 1
+        weight.partition = lambda params: None
+        weight.all_gather = lambda params: regathered.append(len(params))
+        if not weight.ds_persist:
+            weight.data = torch.empty(0, dtype=weight.dtype)
+
+
+def test_zero3_ema_state_and_restore_touch_this_process_shards_only(char_tokenizer):
+    policy = build_tiny_model(char_tokenizer, seed=0, dtype=torch.bfloat16)
+    twin = build_tiny_model(char_tokenizer, seed=0, dtype=torch.bfloat16)
+    regathered = []
+    shard_like_zero3(policy, [])
+    shard_like_zero3(twin, regathered)
+    teacher = SelfTeacher(policy, update_rate=0.25, model=twin)
+    start = {name: w.ds_tensor.float().clone() for name, w in twin.named_parameters()}
+    with torch.no_grad():
+        for weight in policy.parameters():
+            weight.ds_tensor.add_(1.0)
+    teacher.update(policy)
+    moved = {name: w.ds_tensor.float() for name, w in policy.named_parameters()}
+    persistent = sum(w.ds_persist for w in twin.parameters())
+    assert regathered == [persistent] and persistent > 0, "weights kept whole are gathered again from their shards"
+    for name, weight in twin.named_parameters():
+        assert teacher.accumulators[name].shape == weight.ds_tensor.shape
+        assert teacher.accumulators[name].dtype == torch.float32
+        expected = start[name] + 0.25 * (moved[name] - start[name])
+        assert torch.allclose(teacher.accumulators[name], expected, atol=1e-6), name
+        assert torch.equal(weight.ds_tensor, teacher.accumulators[name].to(torch.bfloat16)), name
+        assert weight.ds_persist or weight.numel() == 0, "no whole parameter was materialised"
+    state = teacher.state_dict()
+    assert all(state[name].shape == w.ds_tensor.shape for name, w in twin.named_parameters())
+    fresh_twin = build_tiny_model(char_tokenizer, seed=1, dtype=torch.bfloat16)
+    shard_like_zero3(fresh_twin, regathered)
+    fresh = SelfTeacher(policy, update_rate=0.25, model=fresh_twin)
+    fresh.load_state_dict(state)
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    with pytest.raises(ValueError, match="same number of processes"):
+        fresh.load_state_dict({name: tensor[:-1] for name, tensor in state.items()})

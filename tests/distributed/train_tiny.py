@@ -1,0 +1,138 @@
+"""One tiny SRPO run that ends with the same weights however it is launched: 1 process, or 2 processes with DDP,
+DeepSpeed ZeRO-2 or ZeRO-3. `tests/test_distributed.py` launches it (with `torchrun` and `DS_ACCELERATOR=cpu`).
+
+What makes process splits comparable: greedy decoding, a reward that depends on the rollout's place in the global
+batch (so routing is the same, with groups on both processes and a process that has no routed rows at all), SGD,
+and 16 rollouts (4 prompts x 4) per optimizer step in every layout. Rank 0 writes the final policy and teacher weights
+(whole, fp32) and the log history to `--output_dir`.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+torch.set_num_threads(1)
+
+# Groups of 4 in the global batch: all correct, all failed, one correct, three correct (shifted by 4 every step)
+PATTERN = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1, 0, 1]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--backend", choices=["none", "ddp", "zero2", "zero3"], default="none")
+    parser.add_argument("--world_size", type=int, default=1, help="how many processes the launcher must have started")
+    parser.add_argument(
+        "--accelerate",
+        action="store_true",
+        help="launched by `accelerate launch --config_file`, which sets up DDP/DeepSpeed",
+    )
+    parser.add_argument("--max_steps", type=int, default=2)
+    parser.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: no checkpoints)")
+    parser.add_argument("--resume_from_checkpoint", default=None)
+    parser.add_argument("--lora", action="store_true", help="train a LoRA adapter (the teacher is a second adapter)")
+    parser.add_argument("--from_path", action="store_true", help="pass the model as a saved path, not an object")
+    args = parser.parse_args()
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from srpo_trl import SRPOConfig, SRPOTrainer
+    from srpo_trl.testbed.model import build_tiny_model
+    from srpo_trl.testbed.tokenizer import build_char_tokenizer
+
+    deepspeed = None
+    if args.backend.startswith("zero") and not args.accelerate:
+        deepspeed = {
+            # A threshold below the tiny model's matrices, so ZeRO-3 really shards them (small norms stay whole)
+            "zero_optimization": {"stage": int(args.backend[-1]), "stage3_param_persistence_threshold": 100},
+            "zero_allow_untested_optimizer": True,  # SGD
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+        }
+    config = SRPOConfig(
+        output_dir=args.output_dir,
+        report_to=[],
+        use_cpu=True,  # also under DeepSpeed (with DS_ACCELERATOR=cpu): Accelerate then counts every process
+        ddp_backend="gloo" if args.world_size > 1 else None,
+        deepspeed=deepspeed,
+        bf16=False,
+        per_device_train_batch_size=8 // args.world_size,
+        gradient_accumulation_steps=2,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=args.max_steps,
+        logging_steps=1,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        seed=0,
+        data_seed=0,
+        optim="sgd",
+        learning_rate=0.02,
+        lr_scheduler_type="constant",
+        teacher_update_rate=0.5,
+        distillation_topk=8,
+        generation_kwargs={"do_sample": False},
+        chat_template_kwargs={"enable_thinking": False},
+        disable_tqdm=True,
+    )
+    state = config.distributed_state
+    assert state.num_processes == args.world_size, f"{state.num_processes} processes, expected {args.world_size}"
+
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(tokenizer, seed=0)
+    with torch.no_grad():  # peaked next-token distributions: the teacher differs visibly from the student
+        model.lm_head.weight.mul_(40.0)
+    if args.from_path:  # loaded by GRPOTrainer itself (under ZeRO-3: partitioned as it loads)
+        path = os.path.join(args.output_dir, "initial_model")
+        if state.is_main_process:
+            model.save_pretrained(path)
+        state.wait_for_everyone()
+        model = path
+
+    def global_index_reward(completions, **kwargs):
+        start = state.process_index * len(completions) + 4 * trainer.state.global_step
+        return [float(PATTERN[(start + i) % len(PATTERN)]) for i in range(len(completions))]
+
+    prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Spell {c}"}] for c in "abcdefghijklmnop"]})
+    trainer = SRPOTrainer(
+        model=model,
+        reward_funcs=global_index_reward,
+        args=config,
+        train_dataset=prompts,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0) if args.lora else None,
+    )
+    if args.backend.startswith("zero"):
+        assert trainer.accelerator.state.deepspeed_plugin.zero_stage == int(args.backend[-1])
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if deepspeed and args.backend == "zero3":  # the teacher really is sharded (and, with LoRA, the adapters too)
+        assert any(weight.numel() == 0 for _, weight in trainer.teacher._teacher_weights())
+
+    policy = whole_weights(trainer.accelerator.unwrap_model(trainer.model))
+    teacher = {name: policy[name] for name in trainer.teacher.weight_names()} if args.lora else None
+    teacher = teacher or whole_weights(trainer.teacher.model)
+    if state.is_main_process:
+        save_file(policy, os.path.join(args.output_dir, "policy.safetensors"))
+        save_file(teacher, os.path.join(args.output_dir, "teacher.safetensors"))
+        with open(os.path.join(args.output_dir, "log_history.json"), "w") as f:
+            json.dump(trainer.state.log_history, f)
+    state.wait_for_everyone()
+
+
+def whole_weights(model) -> dict[str, torch.Tensor]:
+    """Every parameter whole (gathered one at a time when ZeRO-3 sharded it), as fp32 on CPU."""
+    import deepspeed
+
+    weights = {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+            weights[name] = param.detach().float().cpu().clone()
+    return weights
+
+
+if __name__ == "__main__":
+    main()
