@@ -97,6 +97,11 @@ class SRPOTrainer(GRPOTrainer):
                 f"SRPOConfig.distillation_topk={args.distillation_topk} exceeds the model's vocabulary "
                 f"({vocab_size}); set distillation_topk <= {vocab_size}."
             )
+        if self.is_fsdp_enabled:
+            raise NotImplementedError(
+                f"routing={args.routing!r} needs SRPO's self-teacher, which does not support FSDP yet: launch with "
+                "DeepSpeed (accelerate_configs/zero3.yaml), or use routing='grpo' under FSDP."
+            )
         self.teacher = self._build_teacher()
         self.add_callback(TeacherEMACallback(self))
 

@@ -70,3 +70,22 @@ def test_train_chemistry_runs_end_to_end_through_accelerate_launch(char_tokenize
     assert result.returncode == 0, result.stderr[-3000:]
     assert "srpo/route/sdpo_frac" in result.stdout and "best_avg@2_within_1h" in result.stdout
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    expected = {
+        "zero3": ("DEEPSPEED", 8),
+        "zero2": ("DEEPSPEED", 8),
+        "multi_gpu": ("MULTI_GPU", 8),
+        "single_gpu": ("NO", 1),
+        "fsdp2": ("FSDP", 8),
+        "cpu_zero2": ("DEEPSPEED", 2),
+        "cpu_zero3": ("DEEPSPEED", 2),
+    }[path.stem]
+    assert (str(config.distributed_type).split(".")[-1], config.num_processes) == expected
+    if config.distributed_type == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == int(path.stem[-1])
