@@ -78,3 +78,21 @@ def route_rollouts(
     grpo = none if routing == "sdpo" else ~sdpo
     needs_teacher = teacher_available if routing == "advantage_mix" else sdpo
     return Routes(correct, teacher_available, sdpo, grpo, needs_teacher, torch.where(needs_teacher, sibling, -1))
+
+
+def route_labels(routes: Routes, num_generations: int) -> tuple[list[str], list[int | None]]:
+    """Per rollout, its branch (`"correct"`/`"fallback"`/`"failed"` on GRPO, `"sdpo"`, or `"unused"` when in no
+    branch) and the position within its group of the sibling the teacher was shown (None without one): the
+    columns `log_completions` adds to the completions table."""
+    labels = []
+    for sdpo, grpo, correct, fallback in zip(
+        routes.sdpo.tolist(), routes.grpo.tolist(), routes.correct.tolist(), routes.fallback.tolist(), strict=True
+    ):
+        if sdpo:
+            labels.append("sdpo")
+        elif not grpo:
+            labels.append("unused")
+        else:
+            labels.append("correct" if correct else "fallback" if fallback else "failed")
+    siblings = [None if s < 0 else s % num_generations for s in routes.sibling.tolist()]
+    return labels, siblings

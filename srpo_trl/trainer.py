@@ -39,7 +39,7 @@ from .losses import (
     topk_distillation_divergence,
 )
 from .prompts import demonstration_from_completion, fit_teacher_prompt
-from .routing import Routes, route_rollouts
+from .routing import Routes, route_labels, route_rollouts
 from .teacher import SelfTeacher, TeacherEMACallback, backbone_and_head, causal_lm, is_peft
 from .vocab import student_support_logps, student_topk_support, teacher_statistics
 
@@ -148,6 +148,10 @@ class SRPOTrainer(GRPOTrainer):
         rewards[torch.isnan(scored.rewards_per_func).all(dim=1)] = torch.nan  # unscorable: never correct
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         routes = route_rollouts(rewards, num_generations, self.args.success_reward_threshold, self.args.routing)
+        if self.log_completions:  # extra columns of the completions table: what each rollout was trained with
+            labels, siblings = route_labels(routes, num_generations)
+            self._logs["extra"]["route"].extend(labels)
+            self._logs["extra"]["teacher_sibling"].extend(siblings)
         start = self.accelerator.process_index * len(scored.prompts)
         local = slice(start, start + len(scored.prompts))
         batch.update(self._score_with_teacher(batch, scored, routes, local, mode))

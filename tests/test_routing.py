@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from srpo_trl.routing import ROUTING_MODES, first_correct_sibling, route_rollouts
+from srpo_trl.routing import ROUTING_MODES, first_correct_sibling, route_labels, route_rollouts
 
 
 def brute_force_routes(rewards, group_size, threshold, routing):
@@ -64,3 +64,18 @@ def test_threshold_and_bad_shapes():
         route_rollouts(rewards, 3, 1.0)
     with pytest.raises(ValueError, match="routing"):
         route_rollouts(rewards, 2, 1.0, "bogus")
+
+
+def test_route_labels_for_the_completions_table():
+    rewards = torch.tensor([1.0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0])
+    labels, siblings = route_labels(route_rollouts(rewards, 4, 1.0), 4)
+    assert labels == ["correct", "sdpo", "sdpo", "sdpo", "sdpo", "sdpo", "correct", "correct"] + ["fallback"] * 4
+    assert siblings == [None, 0, 0, 0, 2, 2, None, None] + [None] * 4
+    labels, siblings = route_labels(route_rollouts(rewards, 4, 1.0, "sdpo"), 4)
+    assert labels == ["unused"] + ["sdpo"] * 7 + ["unused"] * 4
+    assert siblings == [None, 0, 0, 0, 2, 2, 3, 2] + [None] * 4
+    labels, _ = route_labels(route_rollouts(rewards, 4, 1.0, "advantage_mix"), 4)
+    assert (
+        labels
+        == ["correct", "failed", "failed", "failed", "failed", "failed", "correct", "correct"] + ["fallback"] * 4
+    )

@@ -410,3 +410,26 @@ def test_vllm_colocate_sleep_mode_rollout_is_weights_reach_the_sdpo_branch(
         rollout_is = inputs["importance_sampling_ratio"].expand_as(inputs["completion_mask"])[rows][mask]
         assert rollout_is.max() < 0.5, "the stand-in's log-probs differ from the policy's"
         torch.testing.assert_close(record["ratio"], rollout_is, rtol=1e-4, atol=0)
+
+
+def test_completion_log_shows_each_rollouts_route(char_tokenizer, tmp_path):
+    import pandas as pd
+
+    trainer = make_trainer(
+        char_tokenizer,
+        tmp_path,
+        reward=patterned_reward,
+        per_device_train_batch_size=16,
+        max_steps=1,
+        log_completions=True,
+    )
+    trainer.train()
+    table = pd.read_parquet(tmp_path / "completions" / "completions_00001.parquet")
+    assert table["route"].tolist() == ["correct"] * 4 + ["fallback"] * 4 + ["sdpo", "sdpo", "correct", "sdpo"] + [
+        "correct",
+        "correct",
+        "sdpo",
+        "correct",
+    ]
+    siblings = table["teacher_sibling"].tolist()  # parquet stores the missing siblings as NaN
+    assert siblings[8:12] == [2, 2, pytest.approx(math.nan, nan_ok=True), 2] and siblings[14] == 0
