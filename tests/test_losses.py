@@ -87,7 +87,9 @@ def test_entropy_weights_match_brute_force():
         weights = teacher_entropy_weights(entropy, mask, tau)
         selected = [h for h, m in zip(entropy.flatten().tolist(), mask.flatten().tolist(), strict=False) if m]
         total = sum(math.exp(-h / tau) for h in selected)
-        for h, m, w in zip(entropy.flatten().tolist(), mask.flatten().tolist(), weights.flatten().tolist(), strict=False):
+        for h, m, w in zip(
+            entropy.flatten().tolist(), mask.flatten().tolist(), weights.flatten().tolist(), strict=False
+        ):
             expected = len(selected) * math.exp(-h / tau) / total if m else 0.0
             assert w == pytest.approx(expected, rel=1e-5)
         assert weights[mask.bool()].mean().item() == pytest.approx(1.0, rel=1e-5)
