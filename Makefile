@@ -2,7 +2,7 @@
 PYTHON ?= python
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install install-gpu demo test test-fast lint
+.PHONY: install install-gpu demo test test-fast lint bench bench-learning
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH_CPU)"
@@ -23,3 +23,9 @@ test-fast:
 lint:
 	$(PYTHON) -m ruff check srpo_trl tests examples
 	$(PYTHON) -m ruff format --check srpo_trl tests examples
+
+bench:
+	$(PYTHON) benchmarks/step_cost.py --write-results
+
+bench-learning:
+	$(PYTHON) benchmarks/learning/run.py

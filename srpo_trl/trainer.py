@@ -164,13 +164,14 @@ class SRPOTrainer(GRPOTrainer):
         mask = mask.bool()
         rows = routes.needs_teacher[local].nonzero().squeeze(1).tolist()
         num_rows, length, k = mask.size(0), mask.size(1), self.args.distillation_topk
-        support = torch.zeros(num_rows, length, k, dtype=torch.long, device=device)
+        # int32 ids: this tensor is [rows, completion length, top-k], the largest SRPO keeps per generation batch
+        support = torch.zeros(num_rows, length, k, dtype=torch.int32, device=device)
         teacher_support_logps = torch.zeros(num_rows, length, k, device=device)
         teacher_token_logps = torch.zeros(num_rows, length, device=device)
         old_token_logps = torch.zeros_like(teacher_token_logps)
         entropy = torch.zeros_like(teacher_token_logps)
 
-        started = time.perf_counter()
+        self._teacher_seconds = 0.0  # teacher forward passes only (SPEC §9), summed by `_score_rows`
         truncated = torch.zeros(num_rows, dtype=torch.bool, device=device)
         if routes.needs_teacher.any():  # same on every process: `routes` is global
             every_completion = gather_object(scored.completion_ids)
@@ -197,7 +198,6 @@ class SRPOTrainer(GRPOTrainer):
             for _ in range(self._max_row_chunks(routes, mode) - len(chunks) if self._dist.is_zero3 else 0):
                 index = torch.zeros(1, dtype=torch.long, device=device)
                 self._score_rows(batch, index, torch.zeros_like(mask[index]), [[self._tokenizer.pad_token_id]])
-        teacher_seconds = time.perf_counter() - started
 
         sdpo_tokens = mask & routes.sdpo[local].unsqueeze(1)
         teacher_tokens = mask & routes.needs_teacher[local].unsqueeze(1)
@@ -206,7 +206,7 @@ class SRPOTrainer(GRPOTrainer):
         else:
             weights = sdpo_tokens.float()
         self._log_routing(
-            mode, routes, mask, sdpo_tokens, teacher_tokens, entropy, weights, truncated, teacher_seconds
+            mode, routes, mask, sdpo_tokens, teacher_tokens, entropy, weights, truncated, self._teacher_seconds
         )
 
         if self.args.routing == "advantage_mix":
@@ -257,6 +257,7 @@ class SRPOTrainer(GRPOTrainer):
             hidden[row_mask], head.weight, head.bias, self.temperature, tokens, self.args.distillation_topk
         )
         teacher_ids = [torch.tensor(ids) for ids in teacher_prompts]
+        started = time.perf_counter()
         with self.teacher.active() as teacher_model:
             hidden, head = self._completion_hidden_states(
                 teacher_model,
@@ -265,6 +266,7 @@ class SRPOTrainer(GRPOTrainer):
                 *completion,
             )
             teacher = teacher_statistics(hidden[row_mask], head.weight, head.bias, self.temperature, tokens, support)
+        self._teacher_seconds += time.perf_counter() - started
         return support, old_logps, *teacher
 
     @torch.no_grad()
@@ -338,7 +340,8 @@ class SRPOTrainer(GRPOTrainer):
         self._metrics[mode]["srpo/loss/grpo"].append(self.accelerator.gather(grpo_loss.detach()).mean().item() * scale)
         # Under ZeRO-3 the distillation gathers the LM head, a collective: every process joins, routed rows or not.
         distill = sdpo_rows.any() or self._dist.is_zero3
-        distillation_sum = self._distillation_loss_sum(model, torch.cat(captured), inputs) if distill else None
+        hidden = captured[0] if len(captured) == 1 else torch.cat(captured)  # one forward unless GRPO chunked it
+        distillation_sum = self._distillation_loss_sum(model, hidden, inputs) if distill else None
         distillation_loss = (
             0.0 if distillation_sum is None else distillation_sum / self._token_normalizer(inputs, mode)
         )
@@ -383,7 +386,7 @@ class SRPOTrainer(GRPOTrainer):
                 head.bias,
                 self.temperature,
                 completion_ids[rows][mask],
-                select("srpo_support_ids"),
+                select("srpo_support_ids").long(),
             )
         divergence = topk_distillation_divergence(
             support_logps, select("srpo_teacher_support_logps"), self.args.distillation_alpha

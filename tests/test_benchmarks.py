@@ -1,0 +1,63 @@
+"""`benchmarks/step_cost.py` at toy size, so that the benchmark keeps running against the trainers it measures.
+
+It checks that the script runs end to end (timing, profile, memory, report, plot), not any timing: the figures live
+in `benchmarks/RESULTS.md`. It also fails when SRPOTrainer's internals that the benchmark times stop being called.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cost.py"
+
+
+@pytest.fixture(scope="module")
+def step_cost():
+    spec = importlib.util.spec_from_file_location("step_cost", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_routing_control(step_cost):
+    assert step_cost.failures_per_group(0.0, 5, 8) == [0] * 5
+    assert step_cost.failures_per_group(0.4, 5, 8) == [4, 3, 3, 3, 3]
+    assert step_cost.failures_per_group(1.0, 2, 8) == [7, 7]  # every group keeps a correct rollout
+    reward = step_cost.PositionalReward(group=4)
+    reward.failures = [1, 3]
+    assert reward([None] * 8) == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_step_cost_benchmark_runs_at_toy_size(step_cost, tmp_path):
+    result = step_cost.main(["--toy", "--out", str(tmp_path)])
+
+    timing = [r for r in result["timing"] if r.get("kind") == "timing"]
+    assert [r for r in timing if "error" in r] == []
+    assert {r["arm"] for r in timing} == {"grpo", "srpo", "sdpo"}
+    srpo = [r for r in timing if r["arm"] == "srpo"]
+    for record in srpo:
+        assert record["sdpo_frac"] == pytest.approx(record["f"])  # the reward controls routing as intended
+        assert record["step_s"] > 0
+    assert all(r["teacher_s"] < 1e-3 for r in srpo if r["f"] == 0.0)
+    routed = [r for r in srpo if r["f"] > 0]
+    assert routed
+    timed = (
+        "score_with_teacher",
+        "student_backbone",
+        "teacher_backbone",
+        "student_topk_support",
+        "teacher_statistics",
+        "distillation_forward",
+    )
+    for name in timed:
+        assert all(r["timers"].get(name, 0.0) > 0 for r in routed), f"SRPOTrainer no longer calls {name}"
+    assert {r["kind"] for r in result["timing"]} >= {"f0_overhead", "profile"}
+
+    memory = result["memory"]
+    assert memory and all("phases" in r for r in memory), [r.get("error") for r in memory]
+    assert {r["kind"] for r in memory} == {"arms", "vocab", "length"}
+
+    assert "**Targets**" in result["report"]
+    assert (tmp_path / "step_time_vs_f_cpu_toy.png").stat().st_size > 0
+    assert (tmp_path / "results-cpu-toy.json").exists()
