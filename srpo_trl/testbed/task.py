@@ -17,13 +17,12 @@ import zlib
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
+from ..prompts import build_teacher_prompt
+
 SYSTEM_PROMPT = "Reply as <answer>result</answer>."
 OPERANDS = range(10, 100)
 # Hash buckets (out of 10) of each pool: 10% test, 20% RL train, 70% pre-training.
 POOL_BUCKETS = {"test": {0}, "train": {1, 2}, "pretrain": {3, 4, 5, 6, 7, 8, 9}}
-
-# SPEC section 3: the user text `U` becomes this when a correct sibling's completion is the demonstration.
-TEACHER_TEMPLATE = "{question}\nCorrect solution:\n\n{demonstration}\n\nCorrectly solve the original question."
 
 
 def _all_problems() -> list[tuple[str, str]]:
@@ -54,22 +53,8 @@ def format_completion(answer: str) -> str:
 
 
 def teacher_prompt(prompt: list[dict[str, str]], demonstration: str) -> list[dict[str, str]]:
-    """
-    The self-teacher's prompt of SPEC section 3: `prompt` with its last user message's text wrapped around
-    `demonstration`, every other message kept.
-
-    Args:
-        prompt (`list[dict[str, str]]`):
-            Conversational prompt (system and user messages).
-        demonstration (`str`):
-            A correct completion of the same problem.
-    """
-    last_user = max(i for i, message in enumerate(prompt) if message["role"] == "user")
-    teacher = [dict(message) for message in prompt]
-    teacher[last_user]["content"] = TEACHER_TEMPLATE.format(
-        question=prompt[last_user]["content"], demonstration=demonstration
-    )
-    return teacher
+    """The self-teacher's prompt (SPEC section 3) exactly as `SRPOTrainer` builds it, for pre-training on it."""
+    return build_teacher_prompt(prompt, demonstration)
 
 
 def make_arithmetic_dataset(num_train: int = 1000, num_test: int = 200, seed: int = 0) -> DatasetDict:
