@@ -8,7 +8,6 @@ from srpo_trl.testbed.abilities import measure_testbed_abilities
 from srpo_trl.testbed.pretrain import PretrainConfig, config_hash, pretrained_testbed_model
 from srpo_trl.testbed.task import (
     SYSTEM_PROMPT,
-    extract_answer,
     format_completion,
     make_arithmetic_dataset,
     problem_pool,
@@ -43,9 +42,9 @@ def test_dataset_rows_are_well_formed():
         assert user["role"] == "user"
         assert len(system["content"]) + len(user["content"]) <= 60
         assert len(format_completion(row["answer"])) <= 20
-        # The question is Python arithmetic followed by "=?", and the answer is its value.
-        assert user["content"].endswith("=?")
-        assert str(eval(user["content"][:-2])) == row["answer"]
+        a, b = user["content"].removesuffix("=?").split("+")
+        assert 10 <= int(a) <= 99 and 10 <= int(b) <= 99
+        assert row["answer"] == str(int(a) + int(b))
 
 
 def test_pools_are_disjoint_whatever_the_seed():
@@ -76,6 +75,7 @@ def test_reward_on_oracle_and_wrong_answers():
     "completion, expected",
     [
         ("42", 1.0),  # no tag: the whole text
+        ("so <answer>42</answer> then", 1.0),
         (" <answer> 42 </answer>\n", 1.0),
         ("<answer>41</answer><answer>42</answer>", 1.0),  # the last tag wins
         ("<answer>42", 1.0),  # unclosed: the rest of the text
@@ -95,10 +95,6 @@ def test_reward_on_oracle_and_wrong_answers():
 )
 def test_reward_parses_answers_and_never_raises(completion, expected):
     assert reward([completion], ["42"]) == [expected]
-
-
-def test_extract_answer():
-    assert extract_answer("reasoning <answer>7</answer> trailing") == "7"
 
 
 def test_teacher_prompt_follows_spec_and_keeps_the_student_prompt():
@@ -144,7 +140,7 @@ def test_default_testbed_model_has_both_abilities():
     print(metrics)
     # (a) Sometimes right, often wrong: GRPO groups of 8 mix rewards.
     assert 0.1 <= metrics["student/accuracy_sampled"] <= 0.6
-    assert 0.3 <= metrics["student/accuracy_greedy"] <= 0.95
+    assert metrics["student/accuracy_greedy"] >= 0.3
     assert metrics["student/mixed_group_frac"] >= 0.6
     # (b) A correct solution in the prompt makes the right answer much more likely.
     assert metrics["teacher/accuracy_greedy"] >= 0.9

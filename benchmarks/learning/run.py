@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,7 +70,7 @@ ARMS = {
         "lr_units": 5,
         "steps_per_generation": 1,
     },
-    # Not run by default (`--arms grpo_srpo_lr`): a control for how much of SRPO's gain over GRPO is its larger step
+    # A control, not in the paper: how much of SRPO's gain over GRPO is its larger step
     # (SRPO's learning rate, one optimizer step per generation batch) rather than its routing.
     "grpo_srpo_lr": {
         "label": "GRPO at SRPO's lr, 1 step/batch (control)",
@@ -79,7 +80,7 @@ ARMS = {
         "steps_per_generation": 1,
     },
 }
-DEFAULT_ARMS = ("grpo", "sdpo", "srpo", "srpo_no_dw", "advantage_mix")
+DEFAULT_ARMS = ("grpo", "sdpo", "srpo", "srpo_no_dw", "advantage_mix", "grpo_srpo_lr")
 TABLE1_ARMS = ("grpo", "sdpo", "srpo")
 TABLE2_ARMS = ("srpo", "srpo_no_dw", "advantage_mix")
 CONTROL_ARMS = ("grpo", "grpo_srpo_lr", "srpo")
@@ -228,6 +229,7 @@ def run_one(arm: str, seed: int, settings: Settings, path: Path) -> dict:
     record = {
         "arm": arm,
         "seed": seed,
+        "testbed": testbed_identity(settings),
         "settings": dataclasses.asdict(settings),
         "config": {
             "routing": spec["routing"],
@@ -256,9 +258,14 @@ def _json_default(value):
 # ---------------------------------------------------------------------------------------------------- many runs
 
 
-def run_all(arms, seeds, settings: Settings, runs_dir: Path, jobs: int) -> list[dict]:
-    """Run every (arm, seed), `jobs` processes at a time (one torch thread each); return the records."""
+def run_all(
+    arms, seeds, settings: Settings, runs_dir: Path, jobs: int, package_root: Path | None = None
+) -> list[dict]:
+    """Run every (arm, seed), `jobs` processes at a time (one torch thread each); return the records. Worker
+    processes import `srpo_trl` from `package_root` when given (see `snapshot_package`)."""
     runs_dir.mkdir(parents=True, exist_ok=True)
+    for stale in runs_dir.glob("*-seed*.*"):  # records of an earlier run would mix into --report-only
+        stale.unlink()
     # Cache (or pre-train) the testbed model once, before processes race to do it.
     _ensure_testbed(settings)
     queue = [(arm, seed) for seed in seeds for arm in arms]
@@ -281,6 +288,8 @@ def run_all(arms, seeds, settings: Settings, runs_dir: Path, jobs: int) -> list[
             log = open(runs_dir / f"{arm}-seed{seed}.log", "w")
             command = [sys.executable, str(Path(__file__).resolve()), "--worker", arm, str(seed),
                        str(settings_path), str(path)]  # fmt: skip
+            if package_root is not None:
+                command += ["--package-root", str(package_root)]
             running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), arm, seed, path, log))
         time.sleep(0.5)
         for item in list(running):
@@ -312,14 +321,32 @@ def _ensure_testbed(settings: Settings) -> None:
     load_testbed(settings)
 
 
-def load_testbed(settings: Settings):
-    """The pre-trained testbed model and tokenizer, with `settings.testbed` overriding its pre-training config."""
+def testbed_config(settings: Settings):
+    """The testbed's pre-training config, `settings.testbed` overriding its defaults."""
     from srpo_trl import testbed
 
-    if not settings.testbed:
-        return testbed.pretrained_testbed_model()
     config_class = getattr(testbed, "PretrainConfig", None) or getattr(testbed, "TestbedConfig", None)
-    return testbed.pretrained_testbed_model(config_class(**settings.testbed))
+    return config_class(**settings.testbed)
+
+
+def testbed_identity(settings: Settings) -> dict:
+    """Which pre-trained checkpoint the runs start from: its cache key (a hash of the config and of the testbed's
+    sources) and its config."""
+    from srpo_trl.testbed import pretrain
+
+    config = testbed_config(settings)
+    return {
+        "config_hash": pretrain.config_hash(config),
+        "pretrain_version": getattr(pretrain, "PRETRAIN_VERSION", None),
+        "config": dataclasses.asdict(config),
+    }
+
+
+def load_testbed(settings: Settings):
+    """The pre-trained testbed model and tokenizer, with `settings.testbed` overriding its pre-training config."""
+    from srpo_trl.testbed import pretrained_testbed_model
+
+    return pretrained_testbed_model(testbed_config(settings))
 
 
 def _progress(record: dict, done: int, total: int) -> None:
@@ -421,7 +448,7 @@ def markdown_table(tables: dict, arms) -> str:
     header = (
         ["method", "initial"]
         + [f"best ≤ {b} steps" for b in budgets]
-        + [f"best ≤ {s:.0f} CPU s" for s in seconds]
+        + [f"best ≤ {s:.{0 if s >= 10 else 1}f} CPU s" for s in seconds]
         + ["final (mean of last 3 evals)", "CPU s / step"]
     )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -631,7 +658,8 @@ def plot_all(grouped: dict[str, list[dict]], out: Path) -> list[Path]:
             band(ax, arm, list(steps), matrix, smooth=5, **style)
         ax.set(xlabel="RL step (generation batch)", ylabel=ylabel, title=f"{title} (5-step moving average, ± std)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # GRPO alone logs no routing or teacher metrics
+            ax.legend(fontsize=8)
         paths.append(_save(figure, out / name))
     return paths
 
@@ -719,6 +747,12 @@ def write_report(records: list[dict], out: Path, command: str, elapsed: float | 
     tables = build_tables(grouped, settings.steps)
     figures = plot_all(grouped, out)
     seeds = sorted({r["seed"] for r in records})
+    identity = testbed_identity(settings)
+
+    def checkpoint(testbed: dict) -> str:
+        return testbed.get("config_hash", "?")
+
+    hashes = sorted({checkpoint(r.get("testbed", {})) for r in records})
     lr = {arm: f"{ARMS[arm]['lr_units'] * 1e-6 * settings.lr_scale:.0e}" for arm in grouped}
     block = [
         MARK_BEGIN,
@@ -730,7 +764,9 @@ def write_report(records: list[dict], out: Path, command: str, elapsed: float | 
         "",
         "Setup: the testbed model (`pretrained_testbed_model("
         + (f"PretrainConfig(**{settings.testbed})" if settings.testbed else "")
-        + f")`), {settings.steps} RL steps of {settings.prompts} prompts x {settings.num_generations} rollouts "
+        + f")`, checkpoint `{checkpoint(identity)}`: "
+        + ", ".join(f"{k}={v}" for k, v in identity["config"].items())
+        + f"), {settings.steps} RL steps of {settings.prompts} prompts x {settings.num_generations} rollouts "
         f"(T=1, ≤ {settings.max_completion_length} tokens) from {settings.num_train} RL train problems; held-out "
         f"avg@{settings.eval_k} (T={settings.eval_temperature}, top-p {settings.eval_top_p}) on {settings.num_test} "
         f"test problems every {settings.eval_every} steps (the same sampling seed for every arm of a seed); seeds "
@@ -740,6 +776,12 @@ def write_report(records: list[dict], out: Path, command: str, elapsed: float | 
         f"warm-up steps; top-k {settings.distillation_topk}, everything else `SRPOConfig`'s defaults (the paper's).",
         "",
     ]
+    if hashes != [checkpoint(identity)]:
+        block += [
+            f"**Warning**: the runs started from testbed checkpoint(s) {hashes}, not all from the current "
+            f"`{checkpoint(identity)}`: the testbed changed during or after the runs; rerun.",
+            "",
+        ]
     abilities = measure_abilities(settings) if with_abilities else None
     if abilities:
         block += [abilities_line(abilities["default"]), ""]
@@ -760,7 +802,7 @@ def write_report(records: list[dict], out: Path, command: str, elapsed: float | 
         "",
         *(
             ["### Controls (not in the paper)", "", markdown_table(tables, CONTROL_ARMS), ""]
-            if any(arm in tables["rows"] for arm in CONTROL_ARMS)
+            if "grpo_srpo_lr" in tables["rows"]
             else []
         ),
         "### Findings (computed)",
@@ -800,7 +842,13 @@ def write_report(records: list[dict], out: Path, command: str, elapsed: float | 
         path.write_text(head + text + tail)
     else:
         path.write_text("# Learning efficacy on the CPU testbed\n\n" + text + "\n")
-    summary = {"tables": tables, "abilities": abilities, "command": command, "wall_seconds": elapsed}
+    summary = {
+        "tables": tables,
+        "abilities": abilities,
+        "testbed": identity,
+        "command": command,
+        "wall_seconds": elapsed,
+    }
     (out / "summary.json").write_text(json.dumps(summary, default=_json_default, indent=1))
     return path
 
@@ -830,8 +878,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from the saved runs")
     parser.add_argument("--no-abilities", action="store_true", help="skip measuring the pre-trained model")
     parser.add_argument("--worker", nargs=4, metavar=("ARM", "SEED", "SETTINGS", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--package-root", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.package_root is not None:
+        sys.path.insert(0, str(args.package_root))
     if args.worker:
         arm, seed, settings_path, out_path = args.worker
         settings = Settings(**json.loads(Path(settings_path).read_text()))
@@ -853,15 +904,40 @@ def main(argv=None) -> dict:
     command = "python " + " ".join([_relative(Path(sys.argv[0]))] + (argv if argv is not None else sys.argv[1:]))
 
     started = time.monotonic()
+    snapshot = None if args.report_only else snapshot_package()
+    try:
+        return _run_and_report(args, settings, seeds, out, runs_dir, command, started, snapshot)
+    finally:
+        if snapshot is not None:
+            shutil.rmtree(snapshot, ignore_errors=True)
+
+
+def snapshot_package() -> Path | None:
+    """
+    Copy `srpo_trl` to a temporary folder and import it from there, in this process and the workers: a run takes
+    tens of minutes, and edits to the package meanwhile (the testbed's prompts, the trainer) would otherwise reach
+    only the runs started after them. None (no snapshot) when `srpo_trl` is already imported, e.g. under pytest.
+    """
+    if "srpo_trl" in sys.modules:
+        return None
+    root = Path(tempfile.mkdtemp(prefix="srpo-learning-package-"))
+    shutil.copytree(REPO / "srpo_trl", root / "srpo_trl", ignore=shutil.ignore_patterns("__pycache__"))
+    sys.path.insert(0, str(root))
+    return root
+
+
+def _run_and_report(args, settings, seeds, out, runs_dir, command, started, snapshot) -> dict:
     if args.report_only:
         records = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*-seed*.json"))]
         records = [r for r in records if args.arms is None or r["arm"] in args.arms]
-        elapsed = None
+        # The run's own command and duration, from its report, rather than this call's.
         command = _previous_command(out / "RESULTS.md") or command
+        summary = out / "summary.json"
+        elapsed = json.loads(summary.read_text()).get("wall_seconds") if summary.exists() else None
     else:
         arms = args.arms or list(DEFAULT_ARMS)
         print(f"{len(arms)} arms x {len(seeds)} seeds, {settings.steps} RL steps each, {args.jobs} at a time")
-        records = run_all(arms, seeds, settings, runs_dir, args.jobs)
+        records = run_all(arms, seeds, settings, runs_dir, args.jobs, package_root=snapshot)
         elapsed = time.monotonic() - started
     path = write_report(records, out, command, elapsed, with_abilities=not args.no_abilities)
     print(f"wrote {path} ({(time.monotonic() - started) / 60:.1f} min)")

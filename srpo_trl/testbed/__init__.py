@@ -1,8 +1,9 @@
 """A CPU testbed for RL post-training: generated arithmetic problems and a tiny pre-trained model.
 
-`pretrained_testbed_model()` returns a character-level Qwen3 (cached after the first call) that solves about a
-quarter of held-out problems at temperature 1 and nearly all of them when its prompt holds a correct solution, so
-GRPO groups mix rewards and the SRPO self-teacher knows better than the student.
+`pretrained_testbed_model()` returns a character-level Qwen3 (pre-trained in about 100 seconds on one CPU core, then
+cached) that solves about a quarter of held-out problems at temperature 1 (three quarters greedily) and most of them
+when its prompt holds a correct solution: GRPO groups mix rewards, and the SRPO self-teacher knows better than the
+student. `measure_testbed_abilities` measures both.
 """
 
 from .abilities import measure_testbed_abilities

@@ -2,7 +2,7 @@
 
 Each problem is `a+b=?` with two-digit operands (8,100 problems). Rows look like the SciKnowEval rows once loaded:
 a conversational `prompt` (system + user message) and a string `answer`, and the model must reply
-`<answer>...</answer>`. Prompts are 40 characters and completions at most 20, which keeps a character-level model's
+`<answer>...</answer>`. Prompts are 34 characters and completions at most 20, which keeps a character-level model's
 RL steps fast on CPU. (Subtraction as well would double what the tiny model must learn, and pre-training would no
 longer fit in about two minutes.)
 
@@ -18,8 +18,11 @@ from datasets import Dataset, DatasetDict
 from transformers import PreTrainedTokenizerBase
 
 from ..prompts import build_teacher_prompt
+from ..tasks.rewards import multiple_choice_reward
 
-SYSTEM_PROMPT = "Reply as <answer>result</answer>."
+# No `<answer>...</answer>` example here: the tiny model would copy from it (as it learns to copy the answer of a
+# teacher prompt's demonstration), and learning to add would take several times longer for some seeds.
+SYSTEM_PROMPT = "Put the sum in answer tags."
 OPERANDS = range(10, 100)
 # Hash buckets (out of 10) of each pool: 10% test, 20% RL train, 70% pre-training.
 POOL_BUCKETS = {"test": {0}, "train": {1, 2}, "pretrain": {3, 4, 5, 6, 7, 8, 9}}
@@ -86,41 +89,19 @@ def make_arithmetic_dataset(num_train: int = 1000, num_test: int = 200, seed: in
     return DatasetDict(splits)
 
 
-def extract_answer(text: str) -> str:
-    """The stripped text after the last `<answer>` and before the next `</answer>`; the whole text without a tag."""
-    start = text.rfind("<answer>")
-    if start == -1:
-        return text.strip()
-    rest = text[start + len("<answer>") :]
-    end = rest.find("</answer>")
-    return (rest if end == -1 else rest[:end]).strip()
-
-
-def _completion_text(completion) -> str:
-    """The text of a plain-string or conversational completion; empty for anything else."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        content = completion[-1].get("content")
-        if isinstance(content, str):
-            return content
-    return ""
-
-
 def reward(completions: list, answer: list, **kwargs) -> list[float]:
     """
-    TRL reward function: 1.0 where the extracted answer equals the reference exactly, else 0.0. Never raises.
+    TRL reward function of the task: 1.0 where the text in the last `<answer>` tag (the whole text without a tag),
+    stripped, is the sum, else 0.0. The benchmarks' multiple-choice rule, so the testbed scores as they do; it never
+    raises on a malformed completion.
 
     Args:
         completions (`list[str]` or `list[list[dict[str, str]]]`):
-            Plain-string completions, or conversational ones (the last message's content is scored).
+            Plain-string or conversational completions.
         answer (`list[str]`):
-            Reference answers, one per completion.
+            The sum for each completion's problem.
     """
-    return [
-        float(extract_answer(_completion_text(completion)) == str(reference).strip())
-        for completion, reference in zip(completions, answer, strict=True)
-    ]
+    return multiple_choice_reward(completions, answer)
 
 
 def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[list[dict[str, str]]]) -> list[list[int]]:
