@@ -491,9 +491,8 @@ def trainer_classes():
             with self.bench_timers("score_with_teacher"):
                 return super()._score_with_teacher(*args, **kwargs)
 
-        def _completion_hidden_states(self, model, *args, **kwargs):
-            is_teacher = self.teacher is not None and model is self.teacher.model and not self.teacher.peft
-            with self.bench_timers("teacher_backbone" if is_teacher else "student_backbone"):
+        def _completion_hidden_states(self, model, *args, **kwargs):  # only the teacher's pass calls it
+            with self.bench_timers("teacher_backbone"):
                 return super()._completion_hidden_states(model, *args, **kwargs)
 
         def _distillation_loss_sum(self, *args, **kwargs):
@@ -512,7 +511,7 @@ def timed_vocab_functions(timers: _Timers):
     """Time SRPO's vocabulary passes where its trainer calls them (in this process only; no file is changed)."""
     import srpo_trl.trainer as srpo_trainer
 
-    names = [n for n in ("student_topk_support", "teacher_statistics") if hasattr(srpo_trainer, n)]
+    names = [n for n in ("teacher_statistics",) if hasattr(srpo_trainer, n)]
     originals = {name: getattr(srpo_trainer, name) for name in names}
 
     def wrap(name, function):
@@ -801,7 +800,7 @@ def f0_overhead(trainers: dict, shape: Shape, reward, device: str, log=print) ->
 
 PROFILE_GROUPS = {
     "TRL fused LM head (GRPO loss)": ("ChunkedLogProbFunction", "ChunkedLogProbFunctionBackward"),
-    "SRPO student head (distillation)": ("_GatheredLogProbs", "_GatheredLogProbsBackward"),
+    "SRPO student head (distillation)": ("_TopKLogProbs", "_TopKLogProbsBackward"),
     "top-k": ("aten::topk",),
     "log_softmax (+backward)": ("aten::log_softmax", "aten::_log_softmax_backward_data"),
     "attention": (
@@ -1044,15 +1043,15 @@ def timing_tables(rows: list[dict], shape: Shape, device: str) -> tuple[str, dic
         )
     lines += [
         "",
-        "Where the time goes (median): phases per arm as prepare / forward+backward / optimizer+EMA; SRPO's scoring "
-        "split into the student's pass (backbone, then `student_topk_support`) and the teacher's (backbone, then "
-        "`teacher_statistics`); SRPO's distillation forward (inside its forward+backward); SDPO's share of distilled "
-        "rollouts (TRL's `self_distillation/reprompt_sample_fraction`).",
+        "Where the time goes (median): phases per arm as prepare / forward+backward / optimizer+EMA; SRPO's teacher "
+        "pass (backbone, then `teacher_statistics`); SRPO's distillation forward (inside its forward+backward: the "
+        "student's top-k log-probs and the teacher's log-probs on them); SDPO's share of distilled rollouts (TRL's "
+        "`self_distillation/reprompt_sample_fraction`).",
         "",
         "| f | "
         + " | ".join(f"{a.upper()} prep / fwd+bwd / opt" for a in arms)
-        + " | SRPO student backbone / top-k | SRPO teacher backbone / stats | SRPO distill fwd | SDPO distilled |",
-        "|---" * (len(arms) + 5) + "|",
+        + " | SRPO teacher backbone / stats | SRPO distill fwd | SDPO distilled |",
+        "|---" * (len(arms) + 4) + "|",
     ]
     for f in fs:
         cells = []
@@ -1069,7 +1068,6 @@ def timing_tables(rows: list[dict], shape: Shape, device: str) -> tuple[str, dic
         lines.append(
             f"| {f:.3f} | "
             + " | ".join(cells)
-            + f" | {med_timer('student_backbone'):.3f} / {med_timer('student_topk_support'):.3f}"
             + f" | {med_timer('teacher_backbone'):.3f} / {med_timer('teacher_statistics'):.3f}"
             + f" | {med_timer('distillation_forward'):.3f} | {'n/a' if distilled is None else f'{distilled:.3f}'} |"
         )
@@ -1117,14 +1115,12 @@ def itemized_extra(ok: list[dict], f: float) -> list[str]:
         return lambda r: sum(r["timers"].get(n, 0.0) for n in names)
 
     grpo = med("grpo", lambda r: r["step_s"])
-    student = med("srpo", timer("student_backbone", "student_topk_support"))
     teacher = med("srpo", timer("teacher_backbone", "teacher_statistics"))
     items = [
         ("teacher forward (backbone + `teacher_statistics`)", teacher),
-        ("student scoring pass (backbone + `student_topk_support`)", student),
         (
             "rest of prepare (teacher prompts, scatter, weights, metrics)",
-            med("srpo", phase("prepare")) - student - teacher - med("grpo", phase("prepare")),
+            med("srpo", phase("prepare")) - teacher - med("grpo", phase("prepare")),
         ),
         (
             "distillation loss: forward+backward beyond GRPO's",

@@ -2,11 +2,12 @@
 
 The glue, at GRPOTrainer's extension points:
 - `_calculate_rewards` keeps what routing needs (prompts, completion ids, rewards of the whole batch);
-- `_generate_and_score_completions` routes the batch, runs the teacher on the routed rows only, and attaches
-  per-row tensors (support ids, teacher log-probs, token weights) that GRPOTrainer then shuffles and splits
-  into micro-batches with everything else;
+- `_generate_and_score_completions` routes the batch, runs the teacher on the routed rows only, keeps its hidden
+  states and log-normalisers of their tokens (`_TeacherCache`), and attaches per-token tensors (an index into
+  that cache, the entropy weights) that GRPOTrainer then shuffles and splits into micro-batches;
 - `_compute_loss` runs GRPOTrainer's own loss with the routed rows' advantages zeroed, and adds the distillation
-  sum computed from the same forward pass's hidden states, over the same token-count normaliser;
+  sum computed from the same forward pass's hidden states (the student's top-k support is picked there, so the
+  student needs no pass of its own at scoring), over the same token-count normaliser;
 - `_save_checkpoint` / `_load_optimizer_and_scheduler` carry the teacher's fp32 state (per-process shards under
   DeepSpeed ZeRO-3), and `_save` keeps it out of `save_model`/`push_to_hub`.
 Under ZeRO-3 weights are gathered collectively, so every process makes as many teacher passes and LM-head uses as
@@ -28,7 +29,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import disable_dropout_in_model, pad
+from trl.trainer.utils import disable_dropout_in_model, maybe_gather_lm_head_ctx, pad
 
 from .config import SRPOConfig
 from .losses import (
@@ -41,9 +42,20 @@ from .losses import (
 from .prompts import demonstration_from_completion, fit_teacher_prompt
 from .routing import Routes, route_labels, route_rollouts
 from .teacher import SelfTeacher, TeacherEMACallback, backbone_and_head, causal_lm, is_peft
-from .vocab import student_support_logps, student_topk_support, teacher_statistics
+from .vocab import logps_on_support, student_topk_logps, teacher_statistics
 
 TEACHER_STATE_FILE = "srpo_teacher.safetensors"
+
+
+@dataclass
+class _TeacherCache:
+    """What the loss needs of the teacher's scoring of one generation batch, for this process's routed tokens:
+    final hidden states `(n, hidden)`, log-normalisers `(n,)`, and the LM head (weight, bias) that goes with them.
+    The batch's `srpo_teacher_index` says which row belongs to which token."""
+
+    hidden: torch.Tensor
+    log_normalizer: torch.Tensor
+    head: tuple[torch.Tensor, torch.Tensor | None]
 
 
 @dataclass
@@ -89,6 +101,7 @@ class SRPOTrainer(GRPOTrainer):
             )
         super().__init__(model, reward_funcs, args=args, **kwargs)
         self.teacher = None
+        self._teacher_cache: dict[str, _TeacherCache | None] = {"train": None, "eval": None}
         if args.routing == "grpo":
             return
         vocab_size = causal_lm(self.model).config.get_text_config().vocab_size
@@ -158,21 +171,21 @@ class SRPOTrainer(GRPOTrainer):
         return batch
 
     def _score_with_teacher(self, batch, scored: _ScoredRollouts, routes: Routes, local: slice, mode: str) -> dict:
-        """Teacher statistics for this process's routed rows, as full-batch per-row tensors (zeros elsewhere)."""
+        """Teacher statistics for this process's routed rows: what the loss needs is cached on the trainer
+        (`_TeacherCache`); the batch gets per-token tensors (an index into the cache, the entropy weights)."""
         device = self.accelerator.device
         mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
         mask = mask.bool()
         rows = routes.needs_teacher[local].nonzero().squeeze(1).tolist()
-        num_rows, length, k = mask.size(0), mask.size(1), self.args.distillation_topk
-        # int32 ids: this tensor is [rows, completion length, top-k], the largest SRPO keeps per generation batch
-        support = torch.zeros(num_rows, length, k, dtype=torch.int32, device=device)
-        teacher_support_logps = torch.zeros(num_rows, length, k, device=device)
-        teacher_token_logps = torch.zeros(num_rows, length, device=device)
-        old_token_logps = torch.zeros_like(teacher_token_logps)
+        # Where each token's teacher statistics sit in the cache; -1 off the routed rows. Per-token tensors survive
+        # GRPOTrainer's shuffle and split of the batch; the cache holds routed tokens only.
+        cache_index = torch.full(mask.shape, -1, dtype=torch.int32, device=device)
+        teacher_token_logps = torch.zeros(mask.shape, device=device)
         entropy = torch.zeros_like(teacher_token_logps)
+        self._teacher_cache[mode] = None
 
         self._teacher_seconds = 0.0  # teacher forward passes only (SPEC §9), summed by `_score_rows`
-        truncated = torch.zeros(num_rows, dtype=torch.bool, device=device)
+        truncated = torch.zeros(mask.size(0), dtype=torch.bool, device=device)
         if routes.needs_teacher.any():  # same on every process: `routes` is global
             every_completion = gather_object(scored.completion_ids)
             teacher_prompts = []
@@ -185,19 +198,36 @@ class SRPOTrainer(GRPOTrainer):
                     scored.prompts[row], demonstration, self._tokenize_one_prompt, self.args.max_teacher_prompt_length
                 )
                 teacher_prompts.append(ids)
-            targets = (support, old_token_logps, teacher_support_logps, teacher_token_logps, entropy)
+            hidden, log_normalizer = [], []
             chunks = self._row_chunks(rows, mode)
             for chunk in chunks:
                 index = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device)
                 values = self._score_rows(batch, index, mask[index], [teacher_prompts[i] for i in chunk])
                 chunk_rows, positions = mask[index].nonzero(as_tuple=True)
-                for target, value in zip(targets, values, strict=True):
-                    target[index[chunk_rows], positions] = value.to(target.dtype)
+                start = sum(len(h) for h in hidden)
+                cache_index[index[chunk_rows], positions] = torch.arange(
+                    start, start + len(positions), dtype=torch.int32, device=device
+                )
+                teacher_token_logps[index[chunk_rows], positions] = values[2]
+                entropy[index[chunk_rows], positions] = values[3]
+                hidden.append(values[0])
+                log_normalizer.append(values[1])
             # ZeRO-3 gathers each layer's weights from all processes as it runs them: a process with fewer routed
             # rows keeps in step with passes over a dummy row whose tokens are all masked out.
+            # Their empty results keep the cache's shapes on a process without routed rows.
             for _ in range(self._max_row_chunks(routes, mode) - len(chunks) if self._dist.is_zero3 else 0):
                 index = torch.zeros(1, dtype=torch.long, device=device)
-                self._score_rows(batch, index, torch.zeros_like(mask[index]), [[self._tokenizer.pad_token_id]])
+                values = self._score_rows(
+                    batch, index, torch.zeros_like(mask[index]), [[self._tokenizer.pad_token_id]]
+                )
+                hidden.append(values[0])
+                log_normalizer.append(values[1])
+            if self.args.routing != "advantage_mix" and hidden:  # advantage_mix does not distil
+                self._teacher_cache[mode] = _TeacherCache(
+                    torch.cat(hidden),
+                    torch.cat(log_normalizer),
+                    self._teacher_head(snapshot=mode == "train" and not self._scored_by_current_teacher),
+                )
 
         sdpo_tokens = mask & routes.sdpo[local].unsqueeze(1)
         teacher_tokens = mask & routes.needs_teacher[local].unsqueeze(1)
@@ -210,20 +240,53 @@ class SRPOTrainer(GRPOTrainer):
         )
 
         if self.args.routing == "advantage_mix":
-            has_teacher = routes.needs_teacher[local]
+            old_token_logps = batch.get("old_per_token_logps")
+            if old_token_logps is None:  # GRPOTrainer skips them when π_old is the policy being trained
+                old_token_logps = self._policy_token_logps(batch, mode)
             advantages = mixed_token_advantages(
-                batch["advantages"], teacher_token_logps, old_token_logps, has_teacher, self.args.advantage_mix_lambda
+                batch["advantages"],
+                teacher_token_logps,
+                old_token_logps,
+                routes.needs_teacher[local],
+                self.args.advantage_mix_lambda,
             )
             return {"advantages": advantages * mask}
         return {
             # GRPOTrainer's loss then trains exactly the GRPO rows: the others carry no advantage.
             "advantages": batch["advantages"] * routes.grpo[local],
             "srpo_sdpo_mask": routes.sdpo[local],
-            "srpo_support_ids": support,
-            "srpo_teacher_support_logps": teacher_support_logps,
-            "srpo_old_token_logps": old_token_logps,
+            "srpo_teacher_index": cache_index,
             "srpo_token_weights": weights,
         }
+
+    @property
+    def _scored_by_current_teacher(self) -> bool:
+        """Whether every loss step on a generation batch sees the teacher (and the policy) of its scoring: true
+        when the batch is used within one optimizer step, as GRPOTrainer decides when it skips `old_per_token_logps`."""
+        return self.args.gradient_accumulation_steps % (self.args.steps_per_generation * self.num_iterations) == 0
+
+    def _teacher_head(self, snapshot: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's LM head (weight, bias) for the loss: the live parameters, or a copy when the EMA will
+        move them before the loss has used this batch (several optimizer steps per generation batch)."""
+        with self.teacher.active() as teacher_model:
+            _, head = backbone_and_head(teacher_model)
+        if not snapshot:
+            return head.weight, head.bias
+        with maybe_gather_lm_head_ctx(head.weight, head.bias):  # a collective under ZeRO-3: every process calls
+            return head.weight.detach().clone(), None if head.bias is None else head.bias.detach().clone()
+
+    @torch.no_grad()
+    def _policy_token_logps(self, batch, mode: str) -> torch.Tensor:
+        """The policy's log-probs of the sampled tokens, computed as GRPOTrainer computes `old_per_token_logps`."""
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                self.model,
+                torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+                torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+                batch["completion_ids"].size(1),
+                batch_size=self._rows_per_pass(mode),
+            )
+        return logps
 
     def _tokenize_one_prompt(self, prompt) -> list[int]:
         # GRPOTrainer's own prompt tokenization: the same chat template and `chat_template_kwargs` as the student.
@@ -242,20 +305,9 @@ class SRPOTrainer(GRPOTrainer):
         return -(-most_rows // self._rows_per_pass(mode))
 
     def _score_rows(self, batch, index: torch.Tensor, row_mask: torch.Tensor, teacher_prompts: list[list[int]]):
-        """Student top-k support and log-probs, then the teacher's statistics on that support, at `row_mask`'s
-        tokens of the batch rows `index` (the teacher sees `teacher_prompts` before the same completions)."""
+        """The teacher's final hidden states, log-normaliser, sampled-token log-probs and entropy at `row_mask`'s
+        tokens of the batch rows `index`, seeing `teacher_prompts` before the same completions."""
         device = self.accelerator.device
-        tokens = batch["completion_ids"][index][row_mask]
-        completion = (batch["completion_ids"][index], batch["completion_mask"][index])
-        hidden, head = self._completion_hidden_states(
-            self.accelerator.unwrap_model(self.model),
-            batch["prompt_ids"][index],
-            batch["prompt_mask"][index],
-            *completion,
-        )
-        support, old_logps = student_topk_support(
-            hidden[row_mask], head.weight, head.bias, self.temperature, tokens, self.args.distillation_topk
-        )
         teacher_ids = [torch.tensor(ids) for ids in teacher_prompts]
         started = time.perf_counter()
         with self.teacher.active() as teacher_model:
@@ -263,11 +315,14 @@ class SRPOTrainer(GRPOTrainer):
                 teacher_model,
                 pad(teacher_ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
                 pad([torch.ones_like(ids) for ids in teacher_ids], padding_value=0, padding_side="left").to(device),
-                *completion,
+                batch["completion_ids"][index],
+                batch["completion_mask"][index],
             )
-            teacher = teacher_statistics(hidden[row_mask], head.weight, head.bias, self.temperature, tokens, support)
+            hidden = hidden[row_mask]
+            tokens = batch["completion_ids"][index][row_mask]
+            statistics = teacher_statistics(hidden, head.weight, head.bias, self.temperature, tokens)
         self._teacher_seconds += time.perf_counter() - started
-        return support, old_logps, *teacher
+        return hidden, *statistics
 
     @torch.no_grad()
     def _completion_hidden_states(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask):
@@ -338,10 +393,12 @@ class SRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1  # per-step share, see SPEC §9
         self._metrics[mode]["srpo/loss/grpo"].append(self.accelerator.gather(grpo_loss.detach()).mean().item() * scale)
-        # Under ZeRO-3 the distillation gathers the LM head, a collective: every process joins, routed rows or not.
-        distill = sdpo_rows.any() or self._dist.is_zero3
+        # Under ZeRO-3 the distillation gathers the LM heads, a collective: every process joins, routed rows or not
+        # (the cache exists on every process or on none: routing is global).
+        cache = self._teacher_cache[mode]
+        distill = cache is not None and (sdpo_rows.any() or self._dist.is_zero3)
         hidden = captured[0] if len(captured) == 1 else torch.cat(captured)  # one forward unless GRPO chunked it
-        distillation_sum = self._distillation_loss_sum(model, hidden, inputs) if distill else None
+        distillation_sum = self._distillation_loss_sum(model, hidden, inputs, cache) if distill else None
         distillation_loss = (
             0.0 if distillation_sum is None else distillation_sum / self._token_normalizer(inputs, mode)
         )
@@ -364,7 +421,7 @@ class SRPOTrainer(GRPOTrainer):
         finally:
             handle.remove()
 
-    def _distillation_loss_sum(self, model, hidden, inputs) -> torch.Tensor:
+    def _distillation_loss_sum(self, model, hidden, inputs, cache: "_TeacherCache") -> torch.Tensor:
         """`Σ_t w_t · IS_t · D_t` over this micro-batch's SDPO tokens (SPEC §5), differentiable through `hidden`."""
         rows = inputs["srpo_sdpo_mask"].nonzero().squeeze(1)
         completion_ids = inputs["completion_ids"]
@@ -380,18 +437,17 @@ class SRPOTrainer(GRPOTrainer):
             return inputs[name][rows][mask]
 
         with self.accelerator.autocast():
-            support_logps, token_logps = student_support_logps(
-                hidden,
-                head.weight,
-                head.bias,
-                self.temperature,
-                completion_ids[rows][mask],
-                select("srpo_support_ids").long(),
+            support, support_logps, token_logps = student_topk_logps(
+                hidden, head.weight, head.bias, self.temperature, select("completion_ids"), self.args.distillation_topk
             )
-        divergence = topk_distillation_divergence(
-            support_logps, select("srpo_teacher_support_logps"), self.args.distillation_alpha
+        at = select("srpo_teacher_index").long()
+        teacher_support_logps = logps_on_support(
+            cache.hidden[at], *cache.head, self.temperature, cache.log_normalizer[at], support
         )
-        ratio = clipped_importance_ratio(token_logps, select("srpo_old_token_logps"), self.args.distillation_is_clip)
+        divergence = topk_distillation_divergence(support_logps, teacher_support_logps, self.args.distillation_alpha)
+        # π_old as GRPOTrainer has it: computed at generation when the policy has moved since, else this policy.
+        old_logps = token_logps.detach() if "old_per_token_logps" not in inputs else select("old_per_token_logps")
+        ratio = clipped_importance_ratio(token_logps, old_logps, self.args.distillation_is_clip)
         if self.use_vllm and self.vllm_importance_sampling_correction:
             ratio = ratio * inputs["importance_sampling_ratio"].expand_as(inputs["completion_mask"])[rows][mask]
         return sdpo_branch_loss_sum(divergence, select("srpo_token_weights"), ratio)

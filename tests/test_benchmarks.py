@@ -44,9 +44,7 @@ def test_step_cost_benchmark_runs_at_toy_size(step_cost, tmp_path):
     assert routed
     timed = (
         "score_with_teacher",
-        "student_backbone",
         "teacher_backbone",
-        "student_topk_support",
         "teacher_statistics",
         "distillation_forward",
     )

@@ -362,9 +362,9 @@ def test_vllm_colocate_sleep_mode_rollout_is_weights_reach_the_sdpo_branch(
     branch_sum = srpo_trl.trainer.sdpo_branch_loss_sum
     distillation = SRPOTrainer._distillation_loss_sum
 
-    def record_inputs(self, model, hidden, inputs):
+    def record_inputs(self, model, hidden, inputs, *args):
         distilled.append({"inputs": inputs})
-        return distillation(self, model, hidden, inputs)
+        return distillation(self, model, hidden, inputs, *args)
 
     def record_ratio(divergence, weights, ratio):
         distilled[-1]["ratio"] = ratio.detach()
@@ -433,3 +433,97 @@ def test_completion_log_shows_each_rollouts_route(char_tokenizer, tmp_path):
     ]
     siblings = table["teacher_sibling"].tolist()  # parquet stores the missing siblings as NaN
     assert siblings[8:12] == [2, 2, pytest.approx(math.nan, nan_ok=True), 2] and siblings[14] == 0
+
+
+def sharp_tiny_model(tokenizer):
+    """The tiny model with a 20x LM head: peaked distributions that a teacher prompt visibly moves (the plain
+    random model is near uniform, and its distillation terms are too small to tell a wrong computation apart)."""
+    model = build_tiny_model(tokenizer, seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+def reference_distillation_loss(trainer, prompts, batch, routing):
+    """SPEC §2-§6's distillation term, from full-vocabulary logits of a fresh copy of the initial model (the policy
+    and the teacher at step 0), for one generation batch on one process with one micro-batch."""
+    tokenizer, k, alpha = trainer.processing_class, trainer.args.distillation_topk, trainer.args.distillation_alpha
+    model = sharp_tiny_model(tokenizer).eval()
+    mask = batch["completion_mask"].bool()
+    texts = [
+        tokenizer.decode(i[m], skip_special_tokens=True) for i, m in zip(batch["completion_ids"], mask, strict=True)
+    ]
+    correct = [text[:1].islower() for text in texts]  # first_letter_reward
+
+    def completion_logps(prompt_ids, row):
+        ids = torch.cat([torch.tensor(prompt_ids), batch["completion_ids"][row][mask[row]]])
+        with torch.no_grad():
+            logits = model(input_ids=ids[None]).logits[0, len(prompt_ids) - 1 : -1].double()
+        return (logits / trainer.temperature).log_softmax(-1)
+
+    divergences, entropies = [], []
+    for row in range(len(texts)):
+        group = range(row - row % 4, row - row % 4 + 4)
+        siblings = [j for j in group if j != row and correct[j]]
+        if not siblings or (routing == "srpo" and correct[row]):
+            continue
+        user = prompts[row][-1]["content"]
+        teacher_text = (
+            f"{user}\nCorrect solution:\n\n{texts[siblings[0]].strip()}\n\nCorrectly solve the original question."
+        )
+        render = dict(add_generation_prompt=True, tokenize=True, enable_thinking=False, return_dict=False)
+        teacher = completion_logps(
+            tokenizer.apply_chat_template([{"role": "user", "content": teacher_text}], **render), row
+        )
+        student = completion_logps(tokenizer.apply_chat_template(prompts[row], **render), row)
+        support = student.topk(k, dim=-1).indices
+        p, q = student.exp().gather(-1, support), teacher.exp().gather(-1, support)
+        p, q = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1), torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)
+        m = (1 - alpha) * p + alpha * q
+        divergences.append((1 - alpha) * (p * (p / m).log()).sum(-1) + alpha * (q * (q / m).log()).sum(-1))
+        entropies.append(-(teacher.exp() * teacher).sum(-1))
+    divergence, entropy = torch.cat(divergences), torch.cat(entropies)
+    weights = torch.exp(-entropy) * len(entropy) / torch.exp(-entropy).sum()
+    return ((weights * divergence).sum() / mask.sum()).item()
+
+
+@pytest.mark.parametrize("routing", ["srpo", "sdpo"])
+def test_distillation_loss_equals_a_full_vocabulary_reference(char_tokenizer, tmp_path, monkeypatch, routing):
+    recorded = []
+    generate_and_score = SRPOTrainer._generate_and_score_completions
+
+    def record(self, inputs):
+        batch = generate_and_score(self, inputs)
+        recorded.append(([x["prompt"] for x in inputs], {k: v for k, v in batch.items() if torch.is_tensor(v)}))
+        return batch
+
+    monkeypatch.setattr(SRPOTrainer, "_generate_and_score_completions", record)
+    trainer = SRPOTrainer(
+        model=sharp_tiny_model(char_tokenizer),
+        reward_funcs=first_letter_reward,
+        args=make_args(tmp_path, routing=routing, max_steps=1, distillation_topk=5),
+        train_dataset=PROMPTS,
+        processing_class=char_tokenizer,
+    )
+    trainer.train()
+    ((prompts, batch),) = recorded
+    assert logged(trainer, "srpo/route/sdpo_frac")[0] > 0
+    expected = reference_distillation_loss(trainer, prompts, batch, routing)
+    assert expected > 0.01
+    assert logged(trainer, "srpo/loss/sdpo")[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_several_optimizer_steps_per_generation_keep_the_scoring_teachers_head(char_tokenizer, tmp_path):
+    # Two optimizer steps per generation batch: the EMA moves the teacher between them, so the second step's
+    # distillation must use the head the teacher scored with, not the moved one.
+    with pytest.warns(UserWarning, match="steps_per_generation"):
+        trainer = make_trainer(
+            char_tokenizer, tmp_path, max_steps=2, per_device_train_batch_size=4, steps_per_generation=2
+        )
+    initial_head = trainer.teacher.model.lm_head.weight.detach().clone()
+    trainer.train()
+    assert logged(trainer, "srpo/route/sdpo_frac")[0] > 0
+    assert all(math.isfinite(v) for v in logged(trainer, "loss"))
+    head, _ = trainer._teacher_cache["train"].head
+    assert torch.equal(head, initial_head)
+    assert not torch.equal(trainer.teacher.model.lm_head.weight, initial_head)
