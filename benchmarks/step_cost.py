@@ -944,6 +944,11 @@ def memory_runs(plan: Plan, device: str, log=print) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def table_header(*columns: str) -> list[str]:
+    """The first two lines of a markdown table."""
+    return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+
+
 def _mib(value) -> str:
     return "n/a" if value is None else f"{value / MIB:.0f}"
 
@@ -994,10 +999,11 @@ def timing_tables(rows: list[dict], shape: Shape, device: str) -> tuple[str, dic
         f"scoring) + forward/backward + optimizer/EMA, in {unit}, median over repeats. Ratios: per repeat, "
         "min/median/max, then the ratio of the fastest steps (`best`). Teacher shares: of SRPO's step (median).",
         "",
-        "| f (routed) | "
-        + " | ".join(f"{a.upper()} step" for a in arms)
-        + " | SRPO/GRPO | best | SRPO/SDPO | best | `_score_with_teacher` share | teacher-forward share |",
-        "|---" * (len(arms) + 7) + "|",
+        *table_header(
+            "f (routed)",
+            *(f"{a.upper()} step" for a in arms),
+            *("SRPO/GRPO", "best", "SRPO/SDPO", "best", "`_score_with_teacher` share", "teacher-forward share"),
+        ),
     ]
     for f in fs:
         med = {a: statistics.median([r["step_s"] for r in _ok(ok, arm=a, f=f)]) for a in arms}
@@ -1048,10 +1054,11 @@ def timing_tables(rows: list[dict], shape: Shape, device: str) -> tuple[str, dic
         "student's top-k log-probs and the teacher's log-probs on them); SDPO's share of distilled rollouts (TRL's "
         "`self_distillation/reprompt_sample_fraction`).",
         "",
-        "| f | "
-        + " | ".join(f"{a.upper()} prep / fwd+bwd / opt" for a in arms)
-        + " | SRPO teacher backbone / stats | SRPO distill fwd | SDPO distilled |",
-        "|---" * (len(arms) + 4) + "|",
+        *table_header(
+            "f",
+            *(f"{a.upper()} prep / fwd+bwd / opt" for a in arms),
+            *("SRPO teacher backbone / stats", "SRPO distill fwd", "SDPO distilled"),
+        ),
     ]
     for f in fs:
         cells = []
@@ -1132,8 +1139,7 @@ def itemized_extra(ok: list[dict], f: float) -> list[str]:
     lines = [
         f"SRPO's step minus GRPO's at f = {f:.3f}, item by item (medians; CPU/GPU seconds and in GRPO steps):",
         "",
-        "| item | seconds | / GRPO step |",
-        "|---|---|---|",
+        *table_header("item", "seconds", "/ GRPO step"),
         *[f"| {name} | {value:.3f} | {value / grpo:.3f} |" for name, value in items],
         f"| total (SRPO step - GRPO step) | {total:.3f} | {total / grpo:.3f} |",
     ]
@@ -1158,9 +1164,12 @@ def profile_tables(rows: list[dict], device: str) -> str:
             "under the caching policy the timings above use (`set_malloc`: no `mmap`, no trimming). CPU seconds, and "
             "the kernel's share (system time, minor page faults) of the forward+backward phase:",
             "",
-            "| arm | step, default | of which system | page faults | step, caching | of which system | page faults "
-            "| default / caching |",
-            "|---|---|---|---|---|---|---|---|",
+            *table_header(
+                "arm",
+                *("step, default", "of which system", "page faults"),
+                *("step, caching", "of which system", "page faults"),
+                "default / caching",
+            ),
         ]
         for arm in ARMS:
             by = {r["malloc"]: r for r in alloc if r["arm"] == arm}
@@ -1189,8 +1198,7 @@ def profile_tables(rows: list[dict], device: str) -> str:
             f"{grpo_step * 1e3:.1f} ms, its optimizer step {r['optimizer_step_s'] * 1e3:.2f} ms; one "
             f"`unwrap_model` call {r['unwrap_model_s'] * 1e3:.2f} ms):",
             "",
-            "| piece | ms per step | share of GRPO's step |",
-            "|---|---|---|",
+            *table_header("piece", "ms per step", "share of GRPO's step"),
         ]
         for name, seconds in pieces.items():
             lines.append(f"| {name} | {seconds * 1e3:.2f} | {seconds / grpo_step:.2%} |")
@@ -1203,8 +1211,7 @@ def profile_tables(rows: list[dict], device: str) -> str:
             f"**Profile** ({prof[0]['shape']}, f = {prof[0]['f']:.3f}, torch.profiler {clock_name} as a share of the "
             "profiled steps' wall time; inclusive, so groups can overlap):",
             "",
-            "| arm | step (wall, profiled) | " + " | ".join(PROFILE_GROUPS) + " | top self-time operations |",
-            "|---" * (len(PROFILE_GROUPS) + 3) + "|",
+            *table_header("arm", "step (wall, profiled)", *PROFILE_GROUPS, "top self-time operations"),
         ]
         for r in prof:
             top = ", ".join(f"{k} {v:.0%}" for k, v in r["top_self"][:4])
@@ -1233,8 +1240,7 @@ def memory_tables(rows: list[dict], plan: Plan) -> tuple[str, dict]:
             f"**Peak memory per arm** ({plan.memory_shape.name} shape), MiB above the memory in use when the phase "
             f"starts, prepare / forward+backward / optimizer+EMA, step {plan.memory_steps} of a fresh process:",
             "",
-            "| f | " + " | ".join(f"{a.upper()}" for a in plan.arms) + " | SRPO/GRPO fwd+bwd |",
-            "|---" * (len(plan.arms) + 2) + "|",
+            *table_header("f", *(a.upper() for a in plan.arms), "SRPO/GRPO fwd+bwd"),
         ]
         for f in sorted({r["f"] for r in arms_rows}):
             cells, loss = [], {}
@@ -1260,9 +1266,11 @@ def memory_tables(rows: list[dict], plan: Plan) -> tuple[str, dict]:
             f"): MiB above the memory in use when the phase starts, first step of a fresh process. `logits` is one "
             "`[batch, completion, vocab]` float32 tensor, for scale.",
             "",
-            f"| {label} | GRPO fwd+bwd | SRPO fwd+bwd | SRPO/GRPO | SDPO fwd+bwd | SRPO prepare (teacher) "
-            "| step peak SRPO/GRPO | logits |",
-            "|---|---|---|---|---|---|---|---|",
+            *table_header(
+                label,
+                *("GRPO fwd+bwd", "SRPO fwd+bwd", "SRPO/GRPO", "SDPO fwd+bwd", "SRPO prepare (teacher)"),
+                *("step peak SRPO/GRPO", "logits"),
+            ),
         ]
         for value in sorted({r[key] for r in sweep}):
             by_arm = {r["arm"]: r for r in sweep if r[key] == value}
@@ -1286,7 +1294,7 @@ def memory_tables(rows: list[dict], plan: Plan) -> tuple[str, dict]:
 
 
 def targets_table(timing: list[dict], memory: dict) -> str:
-    lines = ["| target | measured (median of per-repeat ratios; fastest steps in brackets) | met |", "|---|---|---|"]
+    lines = table_header("target", "measured (median of per-repeat ratios; fastest steps in brackets)", "met")
 
     def yes(ok):
         return "yes" if ok else "**no**"

@@ -9,6 +9,9 @@ The split between scoring and loss time: when the teacher scores a completion, i
 log-normaliser and its entropy (`teacher_statistics`); in the loss the student picks its top-k support from the
 logits it computes anyway (`student_topk_logps`), and the teacher's log-probs on that support are a k-row dot
 product (`logps_on_support`). No extra student pass, and the support is the current policy's (SPEC §5).
+TRL 1.16's `kernels.chunked_divergence.ChunkedDivergenceFunction` (its distillation trainer's) takes the same inputs
+but computes a full-vocabulary JSD and returns no teacher entropy; SPEC §5 wants top-k + tail buckets, entropy
+weights and a per-token IS ratio, so only the LM-head gathering (`maybe_gather_lm_head_ctx`) is TRL's here.
 
 Under DeepSpeed ZeRO-3 the head is partitioned outside its module's forward: each function gathers it once per call
 (forward, and again in the student's backward), whatever the number of positions. Gathering is a collective, so

@@ -6,10 +6,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from datasets import Dataset
-
-from srpo_trl import SRPOConfig, SRPOTrainer
-from srpo_trl.testbed.model import build_tiny_model
+from test_trainer import make_trainer
 
 SPEC_METRICS = (
     "srpo/route/sdpo_frac",
@@ -29,35 +26,21 @@ SPEC_METRICS = (
 
 def test_srpo_metrics_reach_trackio(char_tokenizer, tmp_path):
     pytest.importorskip("trackio")
-    args = SRPOConfig(
-        output_dir=str(tmp_path / "out"),
-        report_to=["trackio"],
-        project="srpo-logging-test",
-        run_name="tiny",
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=6,
-        max_steps=2,
-        logging_steps=1,
-        distillation_topk=5,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=1,
-    )
-    prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Say {c}"}] for c in "abcdefgh"]})
 
     def reward(completions, **kwargs):  # mixed groups, so that both branches are active
         return [float(i % 2) for i in range(len(completions))]
 
-    SRPOTrainer(
-        model=build_tiny_model(char_tokenizer),
-        reward_funcs=reward,
-        args=args,
-        train_dataset=prompts,
-        processing_class=char_tokenizer,
-    ).train()
+    trainer = make_trainer(
+        char_tokenizer,
+        tmp_path,
+        reward=reward,
+        report_to=["trackio"],
+        project="srpo-logging-test",
+        run_name="tiny",
+        distillation_topk=5,
+        seed=1,
+    )
+    trainer.train()
     database = sqlite3.connect(Path(os.environ["TRACKIO_DIR"]) / "srpo-logging-test.db")  # set in conftest.py
     logged = {}
     for (metrics,) in database.execute("SELECT metrics FROM metrics"):
