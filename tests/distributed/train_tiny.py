@@ -34,6 +34,9 @@ def main():
     parser.add_argument("--resume_from_checkpoint", default=None)
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter (the teacher is a second adapter)")
     parser.add_argument("--from_path", action="store_true", help="pass the model as a saved path, not an object")
+    parser.add_argument(
+        "--steps_per_generation", type=int, default=None, help="default: one optimizer step per generation batch"
+    )
     args = parser.parse_args()
 
     from datasets import Dataset
@@ -62,6 +65,7 @@ def main():
         bf16=False,
         per_device_train_batch_size=8 // args.world_size,
         gradient_accumulation_steps=2,
+        steps_per_generation=args.steps_per_generation,
         num_generations=4,
         max_completion_length=6,
         max_steps=args.max_steps,
