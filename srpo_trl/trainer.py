@@ -388,7 +388,8 @@ class SRPOTrainer(GRPOTrainer):
         if "srpo_token_weights" not in inputs:  # routing="grpo" or "advantage_mix": GRPOTrainer's loss as is
             return super()._compute_loss(model, inputs)
         sdpo_rows = inputs["srpo_sdpo_mask"]
-        with self._capture_hidden_states(model) as captured:
+        policy = self.accelerator.unwrap_model(model)
+        with self._capture_hidden_states(policy) as captured:
             grpo_loss = super()._compute_loss(model, inputs)
         mode = "train" if self.model.training else "eval"
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1  # per-step share, see SPEC §9
@@ -398,7 +399,7 @@ class SRPOTrainer(GRPOTrainer):
         cache = self._teacher_cache[mode]
         distill = cache is not None and (sdpo_rows.any() or self._dist.is_zero3)
         hidden = captured[0] if len(captured) == 1 else torch.cat(captured)  # one forward unless GRPO chunked it
-        distillation_sum = self._distillation_loss_sum(model, hidden, inputs, cache) if distill else None
+        distillation_sum = self._distillation_loss_sum(policy, hidden, inputs, cache) if distill else None
         distillation_loss = (
             0.0 if distillation_sum is None else distillation_sum / self._token_normalizer(inputs, mode)
         )
@@ -411,17 +412,17 @@ class SRPOTrainer(GRPOTrainer):
         return grpo_loss if distillation_sum is None else grpo_loss + distillation_loss
 
     @contextmanager
-    def _capture_hidden_states(self, model):
+    def _capture_hidden_states(self, policy):
         """Keep the backbone's final hidden states of the policy forward that GRPOTrainer's loss runs anyway."""
         captured = []
-        backbone, _ = backbone_and_head(self.accelerator.unwrap_model(model))
+        backbone, _ = backbone_and_head(policy)
         handle = backbone.register_forward_hook(lambda module, args, output: captured.append(output[0]))
         try:
             yield captured
         finally:
             handle.remove()
 
-    def _distillation_loss_sum(self, model, hidden, inputs, cache: "_TeacherCache") -> torch.Tensor:
+    def _distillation_loss_sum(self, policy, hidden, inputs, cache: "_TeacherCache") -> torch.Tensor:
         """`Σ_t w_t · IS_t · D_t` over this micro-batch's SDPO tokens (SPEC §5), differentiable through `hidden`."""
         rows = inputs["srpo_sdpo_mask"].nonzero().squeeze(1)
         completion_ids = inputs["completion_ids"]
@@ -431,7 +432,7 @@ class SRPOTrainer(GRPOTrainer):
         mask = mask[rows].bool()
         start = inputs["prompt_ids"].size(1) - 1
         hidden = hidden[rows, start : start + completion_ids.size(1)][mask]
-        _, head = backbone_and_head(self.accelerator.unwrap_model(model))
+        _, head = backbone_and_head(policy)
 
         def select(name):
             return inputs[name][rows][mask]

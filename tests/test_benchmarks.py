@@ -4,20 +4,17 @@ It checks that the script runs end to end (timing, profile, memory, report, plot
 in `benchmarks/RESULTS.md`. It also fails when SRPOTrainer's internals that the benchmark times stop being called.
 """
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cost.py"
 
 
 @pytest.fixture(scope="module")
 def step_cost():
-    spec = importlib.util.spec_from_file_location("step_cost", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "step_cost")
 
 
 def test_routing_control(step_cost):

@@ -7,12 +7,12 @@ solution in the prompt makes the answer much more likely) is asserted by
 test here checks that the benchmark measures and reports them.
 """
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learning" / "run.py"
 PNGS = ("accuracy.png", "accuracy_vs_time.png", "routed_fraction.png", "response_length.png", "teacher_entropy.png")
@@ -20,10 +20,7 @@ PNGS = ("accuracy.png", "accuracy_vs_time.png", "routed_fraction.png", "response
 
 @pytest.fixture(scope="module")
 def learning():
-    spec = importlib.util.spec_from_file_location("learning_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "learning_benchmark")
 
 
 def _synthetic_record(learning, arm: str, seed: int, accuracies: list[float]) -> dict:
