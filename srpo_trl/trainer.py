@@ -173,61 +173,13 @@ class SRPOTrainer(GRPOTrainer):
     def _score_with_teacher(self, batch, scored: _ScoredRollouts, routes: Routes, local: slice, mode: str) -> dict:
         """Teacher statistics for this process's routed rows: what the loss needs is cached on the trainer
         (`_TeacherCache`); the batch gets per-token tensors (an index into the cache, the entropy weights)."""
-        device = self.accelerator.device
         mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
         mask = mask.bool()
         rows = routes.needs_teacher[local].nonzero().squeeze(1).tolist()
-        # Where each token's teacher statistics sit in the cache; -1 off the routed rows. Per-token tensors survive
-        # GRPOTrainer's shuffle and split of the batch; the cache holds routed tokens only.
-        cache_index = torch.full(mask.shape, -1, dtype=torch.int32, device=device)
-        teacher_token_logps = torch.zeros(mask.shape, device=device)
-        entropy = torch.zeros_like(teacher_token_logps)
-        self._teacher_cache[mode] = None
-
         self._teacher_seconds = 0.0  # teacher forward passes only (SPEC §9), summed by `_score_rows`
-        truncated = torch.zeros(mask.size(0), dtype=torch.bool, device=device)
-        if routes.needs_teacher.any():  # same on every process: `routes` is global
-            every_completion = gather_object(scored.completion_ids)
-            teacher_prompts = []
-            for row in rows:
-                sibling = every_completion[routes.sibling[local][row]]
-                demonstration = demonstration_from_completion(
-                    self.processing_class.decode(sibling, skip_special_tokens=True)
-                )
-                ids, truncated[row] = fit_teacher_prompt(
-                    scored.prompts[row], demonstration, self._tokenize_one_prompt, self.args.max_teacher_prompt_length
-                )
-                teacher_prompts.append(ids)
-            hidden, log_normalizer = [], []
-            chunks = self._row_chunks(rows, mode)
-            for chunk in chunks:
-                index = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device)
-                values = self._score_rows(batch, index, mask[index], [teacher_prompts[i] for i in chunk])
-                chunk_rows, positions = mask[index].nonzero(as_tuple=True)
-                start = sum(len(h) for h in hidden)
-                cache_index[index[chunk_rows], positions] = torch.arange(
-                    start, start + len(positions), dtype=torch.int32, device=device
-                )
-                teacher_token_logps[index[chunk_rows], positions] = values[2]
-                entropy[index[chunk_rows], positions] = values[3]
-                hidden.append(values[0])
-                log_normalizer.append(values[1])
-            # ZeRO-3 gathers each layer's weights from all processes as it runs them: a process with fewer routed
-            # rows keeps in step with passes over a dummy row whose tokens are all masked out.
-            # Their empty results keep the cache's shapes on a process without routed rows.
-            for _ in range(self._max_row_chunks(routes, mode) - len(chunks) if self._dist.is_zero3 else 0):
-                index = torch.zeros(1, dtype=torch.long, device=device)
-                values = self._score_rows(
-                    batch, index, torch.zeros_like(mask[index]), [[self._tokenizer.pad_token_id]]
-                )
-                hidden.append(values[0])
-                log_normalizer.append(values[1])
-            if self.args.routing != "advantage_mix" and hidden:  # advantage_mix does not distil
-                self._teacher_cache[mode] = _TeacherCache(
-                    torch.cat(hidden),
-                    torch.cat(log_normalizer),
-                    self._teacher_head(snapshot=mode == "train" and not self._scored_by_current_teacher),
-                )
+        self._teacher_cache[mode] = None
+        teacher_prompts, truncated = self._teacher_prompts(scored, routes, local, rows)
+        cache_index, teacher_token_logps, entropy = self._run_teacher(batch, mask, rows, teacher_prompts, routes, mode)
 
         sdpo_tokens = mask & routes.sdpo[local].unsqueeze(1)
         teacher_tokens = mask & routes.needs_teacher[local].unsqueeze(1)
@@ -258,6 +210,63 @@ class SRPOTrainer(GRPOTrainer):
             "srpo_teacher_index": cache_index,
             "srpo_token_weights": weights,
         }
+
+    def _teacher_prompts(self, scored: _ScoredRollouts, routes: Routes, local: slice, rows: list[int]):
+        """Token ids of each routed row's teacher prompt (SPEC §3), and which rows had their demonstration cut."""
+        truncated = torch.zeros(len(scored.prompts), dtype=torch.bool, device=self.accelerator.device)
+        teacher_prompts = []
+        if not routes.needs_teacher.any():  # nothing routed on any process (`routes` is global): no collective
+            return teacher_prompts, truncated
+        every_completion = gather_object(scored.completion_ids)  # siblings may sit on other processes
+        for row in rows:
+            sibling = every_completion[routes.sibling[local][row]]
+            demonstration = demonstration_from_completion(
+                self.processing_class.decode(sibling, skip_special_tokens=True)
+            )
+            ids, truncated[row] = fit_teacher_prompt(
+                scored.prompts[row], demonstration, self._tokenize_one_prompt, self.args.max_teacher_prompt_length
+            )
+            teacher_prompts.append(ids)
+        return teacher_prompts, truncated
+
+    def _run_teacher(self, batch, mask, rows: list[int], teacher_prompts, routes: Routes, mode: str):
+        """Teacher passes over the routed `rows`, a few rows at a time (none when nothing is routed). Caches what the
+        loss needs; returns, per token of the batch, the cache index (-1 off the routed rows), the teacher's
+        sampled-token log-prob and entropy. Per-token tensors survive GRPOTrainer's shuffle and split of the batch;
+        the cache holds routed tokens only."""
+        device = mask.device
+        cache_index = torch.full(mask.shape, -1, dtype=torch.int32, device=device)
+        teacher_token_logps = torch.zeros(mask.shape, device=device)
+        entropy = torch.zeros_like(teacher_token_logps)
+        hidden, log_normalizer = [], []
+        chunks = self._row_chunks(rows, mode)
+        for chunk in chunks:
+            index = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device)
+            values = self._score_rows(batch, index, mask[index], [teacher_prompts[i] for i in chunk])
+            chunk_rows, positions = mask[index].nonzero(as_tuple=True)
+            start = sum(len(h) for h in hidden)
+            cache_index[index[chunk_rows], positions] = torch.arange(
+                start, start + len(positions), dtype=torch.int32, device=device
+            )
+            teacher_token_logps[index[chunk_rows], positions] = values[2]
+            entropy[index[chunk_rows], positions] = values[3]
+            hidden.append(values[0])
+            log_normalizer.append(values[1])
+        # ZeRO-3 gathers each layer's weights from all processes as it runs them: a process with fewer routed rows
+        # keeps in step with passes over a dummy row whose tokens are all masked out. Their empty results keep the
+        # cache's shapes on a process without routed rows.
+        for _ in range(self._max_row_chunks(routes, mode) - len(chunks) if self._dist.is_zero3 else 0):
+            index = torch.zeros(1, dtype=torch.long, device=device)
+            values = self._score_rows(batch, index, torch.zeros_like(mask[index]), [[self._tokenizer.pad_token_id]])
+            hidden.append(values[0])
+            log_normalizer.append(values[1])
+        if self.args.routing != "advantage_mix" and hidden:  # advantage_mix does not distil
+            self._teacher_cache[mode] = _TeacherCache(
+                torch.cat(hidden),
+                torch.cat(log_normalizer),
+                self._teacher_head(snapshot=mode == "train" and not self._scored_by_current_teacher),
+            )
+        return cache_index, teacher_token_logps, entropy
 
     @property
     def _scored_by_current_teacher(self) -> bool:
