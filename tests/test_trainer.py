@@ -444,38 +444,43 @@ def sharp_tiny_model(tokenizer):
     return model
 
 
-def reference_distillation_loss(trainer, prompts, batch, routing):
-    """SPEC §2-§6's distillation term, from full-vocabulary logits of a fresh copy of the initial model (the policy
-    and the teacher at step 0), for one generation batch on one process with one micro-batch."""
-    tokenizer, k, alpha = trainer.processing_class, trainer.args.distillation_topk, trainer.args.distillation_alpha
+def reference_teacher_rows(trainer, prompts, batch, routing):
+    """For each rollout with a teacher (SPEC §2, §8), its completion's full-vocabulary log-probs `(T, V)` in float64
+    under the student prompt and under the teacher prompt (SPEC §3), from a fresh copy of the initial model (the
+    policy and the teacher at step 0). One generation batch on one process, unshuffled, groups of 4."""
+    tokenizer = trainer.processing_class
     model = sharp_tiny_model(tokenizer).eval()
     mask = batch["completion_mask"].bool()
     texts = [
         tokenizer.decode(i[m], skip_special_tokens=True) for i, m in zip(batch["completion_ids"], mask, strict=True)
     ]
     correct = [text[:1].islower() for text in texts]  # first_letter_reward
+    render = dict(add_generation_prompt=True, tokenize=True, enable_thinking=False, return_dict=False)
 
-    def completion_logps(prompt_ids, row):
+    def completion_logps(messages, row):
+        prompt_ids = tokenizer.apply_chat_template(messages, **render)
         ids = torch.cat([torch.tensor(prompt_ids), batch["completion_ids"][row][mask[row]]])
         with torch.no_grad():
             logits = model(input_ids=ids[None]).logits[0, len(prompt_ids) - 1 : -1].double()
         return (logits / trainer.temperature).log_softmax(-1)
 
-    divergences, entropies = [], []
     for row in range(len(texts)):
         group = range(row - row % 4, row - row % 4 + 4)
         siblings = [j for j in group if j != row and correct[j]]
         if not siblings or (routing == "srpo" and correct[row]):
             continue
         user = prompts[row][-1]["content"]
-        teacher_text = (
-            f"{user}\nCorrect solution:\n\n{texts[siblings[0]].strip()}\n\nCorrectly solve the original question."
-        )
-        render = dict(add_generation_prompt=True, tokenize=True, enable_thinking=False, return_dict=False)
-        teacher = completion_logps(
-            tokenizer.apply_chat_template([{"role": "user", "content": teacher_text}], **render), row
-        )
-        student = completion_logps(tokenizer.apply_chat_template(prompts[row], **render), row)
+        solution = texts[siblings[0]].strip()
+        teacher_text = f"{user}\nCorrect solution:\n\n{solution}\n\nCorrectly solve the original question."
+        teacher = completion_logps([{"role": "user", "content": teacher_text}], row)
+        yield row, completion_logps(prompts[row], row), teacher
+
+
+def reference_distillation_loss(trainer, prompts, batch, routing):
+    """SPEC §5-§6's distillation term: top-k + tail JSD, entropy weights, over all valid tokens."""
+    k, alpha = trainer.args.distillation_topk, trainer.args.distillation_alpha
+    divergences, entropies = [], []
+    for _, student, teacher in reference_teacher_rows(trainer, prompts, batch, routing):
         support = student.topk(k, dim=-1).indices
         p, q = student.exp().gather(-1, support), teacher.exp().gather(-1, support)
         p, q = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1), torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)
@@ -484,11 +489,11 @@ def reference_distillation_loss(trainer, prompts, batch, routing):
         entropies.append(-(teacher.exp() * teacher).sum(-1))
     divergence, entropy = torch.cat(divergences), torch.cat(entropies)
     weights = torch.exp(-entropy) * len(entropy) / torch.exp(-entropy).sum()
-    return ((weights * divergence).sum() / mask.sum()).item()
+    return ((weights * divergence).sum() / batch["completion_mask"].sum()).item()
 
 
-@pytest.mark.parametrize("routing", ["srpo", "sdpo"])
-def test_distillation_loss_equals_a_full_vocabulary_reference(char_tokenizer, tmp_path, monkeypatch, routing):
+def train_one_step_recording_the_batch(char_tokenizer, tmp_path, monkeypatch, **overrides):
+    """Train one step of the sharp tiny model; return the trainer, the prompts and the scored generation batch."""
     recorded = []
     generate_and_score = SRPOTrainer._generate_and_score_completions
 
@@ -501,16 +506,46 @@ def test_distillation_loss_equals_a_full_vocabulary_reference(char_tokenizer, tm
     trainer = SRPOTrainer(
         model=sharp_tiny_model(char_tokenizer),
         reward_funcs=first_letter_reward,
-        args=make_args(tmp_path, routing=routing, max_steps=1, distillation_topk=5),
+        args=make_args(tmp_path, max_steps=1, distillation_topk=5, **overrides),
         train_dataset=PROMPTS,
         processing_class=char_tokenizer,
     )
     trainer.train()
     ((prompts, batch),) = recorded
+    return trainer, prompts, batch
+
+
+@pytest.mark.parametrize("routing", ["srpo", "sdpo"])
+def test_distillation_loss_equals_a_full_vocabulary_reference(char_tokenizer, tmp_path, monkeypatch, routing):
+    trainer, prompts, batch = train_one_step_recording_the_batch(
+        char_tokenizer, tmp_path, monkeypatch, routing=routing
+    )
     assert logged(trainer, "srpo/route/sdpo_frac")[0] > 0
     expected = reference_distillation_loss(trainer, prompts, batch, routing)
     assert expected > 0.01
     assert logged(trainer, "srpo/loss/sdpo")[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_advantage_mix_equals_a_full_vocabulary_reference(char_tokenizer, tmp_path, monkeypatch):
+    trainer, prompts, batch = train_one_step_recording_the_batch(
+        char_tokenizer, tmp_path, monkeypatch, routing="advantage_mix"
+    )
+    mask = batch["completion_mask"].bool()
+    rewards = torch.tensor(
+        [float(trainer.processing_class.decode(i[m], skip_special_tokens=True)[:1].islower())
+         for i, m in zip(batch["completion_ids"], mask, strict=True)]
+    )  # fmt: skip
+    group_advantage = rewards - rewards.view(-1, 4).mean(1).repeat_interleave(4)  # scale_rewards="none"
+    lam = trainer.args.advantage_mix_lambda
+    expected = (lam * group_advantage[:, None] * mask).double()
+    teacher_rows = 0
+    for row, student, teacher in reference_teacher_rows(trainer, prompts, batch, "advantage_mix"):
+        tokens = batch["completion_ids"][row][mask[row]]
+        dense = (teacher - student).gather(-1, tokens[:, None]).squeeze(-1)  # π_old = the policy at step 0
+        expected[row, mask[row]] += (1 - lam) * dense
+        teacher_rows += 1
+    assert teacher_rows > 0
+    torch.testing.assert_close(batch["advantages"].double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_several_optimizer_steps_per_generation_keep_the_scoring_teachers_head(char_tokenizer, tmp_path):
