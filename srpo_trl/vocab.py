@@ -68,14 +68,16 @@ def teacher_statistics(hidden, weight, bias, temperature: float, tokens: torch.T
 def logps_on_support(hidden, weight, bias, temperature: float, log_normalizer, support: torch.Tensor):
     """Log-probs `(n, k)` at the token ids `support` of the distribution `teacher_statistics` described: only the
     `k` head rows each position needs, `z_v / T - log_normalizer`, never the whole vocabulary."""
+    # In at least fp32: only k rows per position, so precision costs nothing here (the normaliser came from
+    # logits in the head's dtype, as GRPOTrainer's own log-probs do).
+    dtype = torch.promote_types(weight.dtype, torch.float32)
     out = []
     with _gathered(weight, bias):
         for chunk in _chunks(hidden.size(0), support.size(1) * weight.size(1)):
             ids = support[chunk]
-            logits = torch.einsum("nh,nkh->nk", hidden[chunk].to(weight.dtype), weight[ids])
+            logits = torch.einsum("nh,nkh->nk", hidden[chunk].to(dtype), weight[ids].to(dtype))
             if bias is not None:
-                logits = logits + bias[ids]
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+                logits = logits + bias[ids].to(dtype)
             out.append(logits / temperature - log_normalizer[chunk, None])
     return torch.cat(out)
 
