@@ -562,3 +562,22 @@ def test_several_optimizer_steps_per_generation_keep_the_scoring_teachers_head(c
     head, _ = trainer._teacher_cache["train"].head
     assert torch.equal(head, initial_head)
     assert not torch.equal(trainer.teacher.model.lm_head.weight, initial_head)
+
+
+def test_bf16_model_distils_like_fp32(char_tokenizer, tmp_path, monkeypatch):
+    # Weights, hidden states and the teacher's cached hidden states in bf16 (softmax statistics in fp32): the first
+    # step's distillation term is the fp32 one up to bf16 rounding.
+    fp32, _, _ = train_one_step_recording_the_batch(char_tokenizer, tmp_path / "fp32", monkeypatch)
+    model = sharp_tiny_model(char_tokenizer).to(torch.bfloat16)
+    trainer = SRPOTrainer(
+        model=model,
+        reward_funcs=first_letter_reward,
+        args=make_args(tmp_path / "bf16", max_steps=1, distillation_topk=5),
+        train_dataset=PROMPTS,
+        processing_class=char_tokenizer,
+    )
+    trainer.train()
+    assert trainer._teacher_cache["train"].hidden.dtype == torch.bfloat16
+    assert all(math.isfinite(v) for v in logged(trainer, "loss"))
+    assert logged(trainer, "reward")[0] == logged(fp32, "reward")[0]  # the same rollouts
+    assert logged(trainer, "srpo/loss/sdpo")[0] == pytest.approx(logged(fp32, "srpo/loss/sdpo")[0], rel=0.05)
