@@ -43,6 +43,11 @@ class SRPOConfig(GRPOConfig):
         max_teacher_prompt_length (`int`, *optional*, defaults to `10240`):
             Teacher prompts longer than this (in tokens) are shortened by cutting the middle of the demonstration;
             the question and the closing instruction are never cut.
+        teacher_feedback (`bool`, *optional*, defaults to `False`):
+            Also show the teacher the reward's feedback on the rollout being distilled, after the correct solution
+            (`"\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback}"`). A reward
+            function provides it through TRL's `log_extra` argument, `log_extra("feedback", texts)` with one string
+            (or `None`) per completion. Off by default: feedback can leak the answer.
 
         > Parameters that control self-distillation
 
@@ -79,6 +84,12 @@ class SRPOConfig(GRPOConfig):
     )
     max_teacher_prompt_length: int = field(
         default=10240, metadata={"help": "Teacher prompts longer than this (tokens) get their demonstration cut."}
+    )
+    teacher_feedback: bool = field(
+        default=False,
+        metadata={
+            "help": "Show the teacher the reward's feedback (log_extra('feedback', ...)) on the distilled rollout."
+        },
     )
     distillation_topk: int = field(default=100, metadata={"help": "Student top-k support of the divergence."})
     distillation_alpha: float = field(

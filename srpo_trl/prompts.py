@@ -5,7 +5,11 @@ import re
 from collections.abc import Callable
 
 THINK_BLOCK = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
-SOLUTION_TEMPLATE = "{question}\nCorrect solution:\n\n{demonstration}\n\nCorrectly solve the original question."
+SOLUTION_TEMPLATE = (
+    "{question}\nCorrect solution:\n\n{demonstration}\n{feedback}\nCorrectly solve the original question."
+)
+# SPEC §3's optional block, between the solution and the closing instruction (empty without feedback).
+FEEDBACK_TEMPLATE = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback}\n"
 ELISION = "\n...\n"
 
 
@@ -16,11 +20,15 @@ def demonstration_from_completion(completion: str) -> str:
     return text.split("<think>", 1)[0].strip()
 
 
-def build_teacher_prompt(prompt: str | list[dict], demonstration: str) -> str | list[dict]:
-    """Replace the last user turn's text `U` (or a plain-text prompt) by the SPEC §3 template; system turns stay."""
+def build_teacher_prompt(
+    prompt: str | list[dict], demonstration: str, feedback: str | None = None
+) -> str | list[dict]:
+    """Replace the last user turn's text `U` (or a plain-text prompt) by the SPEC §3 template; system turns stay.
+    A non-empty `feedback` (on the rollout being distilled) goes between the solution and the closing instruction."""
+    block = FEEDBACK_TEMPLATE.format(feedback=feedback) if feedback else ""
 
     def rewrite(question: str) -> str:
-        return SOLUTION_TEMPLATE.format(question=question, demonstration=demonstration)
+        return SOLUTION_TEMPLATE.format(question=question, demonstration=demonstration, feedback=block)
 
     if isinstance(prompt, str):
         return rewrite(prompt)
@@ -51,21 +59,22 @@ def fit_teacher_prompt(
     demonstration: str,
     tokenize: Callable[[str | list[dict]], list[int]],
     max_length: int,
+    feedback: str | None = None,
 ) -> tuple[list[int], bool]:
     """Token ids of the teacher prompt, at most `max_length` long if cutting the demonstration can achieve it.
 
     Only the demonstration is shortened (binary search on how many of its characters to keep, cut in the middle);
-    the question, the system turns and the closing instruction are never cut, so a question that alone exceeds
-    `max_length` keeps its full length. Returns the ids and whether the demonstration was cut.
+    the question, the system turns, the feedback and the closing instruction are never cut, so a question that
+    alone exceeds `max_length` keeps its full length. Returns the ids and whether the demonstration was cut.
     """
-    ids = tokenize(build_teacher_prompt(prompt, demonstration))
+    ids = tokenize(build_teacher_prompt(prompt, demonstration, feedback))
     if len(ids) <= max_length:
         return ids, False
     low, high = 0, len(demonstration) - 1  # invariant: keeping `low` characters fits (or low == 0)
-    best = tokenize(build_teacher_prompt(prompt, ""))
+    best = tokenize(build_teacher_prompt(prompt, "", feedback))
     while low < high:
         keep = (low + high + 1) // 2
-        candidate = tokenize(build_teacher_prompt(prompt, elide_middle(demonstration, keep)))
+        candidate = tokenize(build_teacher_prompt(prompt, elide_middle(demonstration, keep), feedback))
         if len(candidate) <= max_length:
             low, best = keep, candidate
         else:

@@ -45,6 +45,7 @@ from .teacher import SelfTeacher, TeacherEMACallback, backbone_and_head, causal_
 from .vocab import logps_on_support, student_topk_logps, teacher_statistics
 
 TEACHER_STATE_FILE = "srpo_teacher.safetensors"
+FEEDBACK_COLUMN = "feedback"  # the `log_extra` column reward functions write feedback to (`teacher_feedback`)
 
 
 @dataclass
@@ -60,11 +61,13 @@ class _TeacherCache:
 
 @dataclass
 class _ScoredRollouts:
-    """What `_calculate_rewards` saw: this process's prompts and completions, and every process's rewards."""
+    """What `_calculate_rewards` saw: this process's prompts and completions (and the rewards' feedback on them, with
+    `teacher_feedback`), and every process's rewards."""
 
     prompts: list
     completion_ids: list[list[int]]
     rewards_per_func: torch.Tensor
+    feedback: list[str | None] | None = None
 
 
 class SRPOTrainer(GRPOTrainer):
@@ -148,7 +151,18 @@ class SRPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._scored = _ScoredRollouts(prompts, completion_ids_list, rewards_per_func)
+        feedback = None
+        if self.args.teacher_feedback and self.teacher is not None:
+            # Logged through `log_extra` by the reward functions just called; GRPOTrainer flushes it afterwards.
+            feedback = list(self._pending_extra_logs.get(FEEDBACK_COLUMN, []))
+            if len(feedback) != len(prompts):
+                raise ValueError(
+                    f"SRPOConfig.teacher_feedback=True needs one feedback string (or None) per completion, logged by "
+                    f"a reward function with log_extra({FEEDBACK_COLUMN!r}, texts); got {len(feedback)} for "
+                    f"{len(prompts)} completions. Log it from exactly one reward function, or set "
+                    "teacher_feedback=False."
+                )
+        self._scored = _ScoredRollouts(prompts, completion_ids_list, rewards_per_func, feedback)
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
@@ -224,7 +238,11 @@ class SRPOTrainer(GRPOTrainer):
                 self.processing_class.decode(sibling, skip_special_tokens=True)
             )
             ids, truncated[row] = fit_teacher_prompt(
-                scored.prompts[row], demonstration, self._tokenize_one_prompt, self.args.max_teacher_prompt_length
+                scored.prompts[row],
+                demonstration,
+                self._tokenize_one_prompt,
+                self.args.max_teacher_prompt_length,
+                feedback=None if scored.feedback is None else scored.feedback[row],
             )
             teacher_prompts.append(ids)
         return teacher_prompts, truncated

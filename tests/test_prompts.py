@@ -22,6 +22,12 @@ def test_plain_text_prompt():
     assert build_teacher_prompt("Q", "A") == "Q\nCorrect solution:\n\nA" + CLOSING
 
 
+def test_feedback_goes_between_the_solution_and_the_closing_instruction():
+    feedback_block = "\nThe following is feedback from your unsuccessful earlier attempt:\n\nwrong unit"
+    assert build_teacher_prompt("Q", "A", "wrong unit") == "Q\nCorrect solution:\n\nA\n" + feedback_block + CLOSING
+    assert build_teacher_prompt("Q", "A", "") == build_teacher_prompt("Q", "A", None) == build_teacher_prompt("Q", "A")
+
+
 def test_bad_prompts_name_the_problem():
     with pytest.raises(ValueError, match="user turn"):
         build_teacher_prompt([{"role": "system", "content": "s"}], "A")
@@ -68,6 +74,10 @@ def test_truncation_cuts_only_the_demonstration(char_tokenizer):
         tokenize(build_teacher_prompt(prompt, demonstration)),
         False,
     )
+    # Feedback is kept whole, like the question: only the demonstration is cut.
+    ids, truncated = fit_teacher_prompt(prompt, demonstration, tokenize, max_length=full - 300, feedback="FEEDBACK!")
+    assert truncated and len(ids) <= full - 300
+    assert "FEEDBACK!" in char_tokenizer.decode(ids) and "FINAL ANSWER" in char_tokenizer.decode(ids)
     # A question longer than the limit is never cut: the demonstration goes, the question stays.
     ids, truncated = fit_teacher_prompt(prompt, demonstration, tokenize, max_length=5)
     assert truncated and "QUESTION?" in char_tokenizer.decode(ids) and "BEGIN" not in char_tokenizer.decode(ids)

@@ -581,3 +581,37 @@ def test_bf16_model_distils_like_fp32(char_tokenizer, tmp_path, monkeypatch):
     assert all(math.isfinite(v) for v in logged(trainer, "loss"))
     assert logged(trainer, "reward")[0] == logged(fp32, "reward")[0]  # the same rollouts
     assert logged(trainer, "srpo/loss/sdpo")[0] == pytest.approx(logged(fp32, "srpo/loss/sdpo")[0], rel=0.05)
+
+
+def feedback_reward(completions, log_extra, **kwargs):
+    """`first_letter_reward`, plus feedback on every completion through TRL's `log_extra`."""
+    log_extra("feedback", [f"no lowercase in {c[0]['content'][:1]!r}" for c in completions])
+    return first_letter_reward(completions)
+
+
+def test_teacher_feedback_reaches_the_teacher_prompt(char_tokenizer, tmp_path, monkeypatch):
+    import srpo_trl.trainer
+
+    built = []
+    fit = srpo_trl.trainer.fit_teacher_prompt
+
+    def record(prompt, demonstration, tokenize, max_length, feedback=None):
+        ids, truncated = fit(prompt, demonstration, tokenize, max_length, feedback=feedback)
+        built.append((feedback, char_tokenizer.decode(ids)))
+        return ids, truncated
+
+    monkeypatch.setattr(srpo_trl.trainer, "fit_teacher_prompt", record)
+    trainer = make_trainer(char_tokenizer, tmp_path, reward=feedback_reward, max_steps=1, teacher_feedback=True)
+    trainer.train()
+    assert built and all(feedback.startswith("no lowercase in") for feedback, _ in built)
+    assert all(f"unsuccessful earlier attempt:\n\n{feedback}\n" in text for feedback, text in built)
+    # Off by default: the same reward's feedback stays out of the teacher prompt.
+    built.clear()
+    make_trainer(char_tokenizer, tmp_path / "off", reward=feedback_reward, max_steps=1).train()
+    assert built and all(feedback is None and "feedback" not in text for feedback, text in built)
+
+
+def test_teacher_feedback_without_logged_feedback_names_the_fix(char_tokenizer, tmp_path):
+    trainer = make_trainer(char_tokenizer, tmp_path, max_steps=1, teacher_feedback=True)
+    with pytest.raises(ValueError, match=r"SRPOConfig.teacher_feedback=True needs one feedback string .* got 0 for 8"):
+        trainer.train()
