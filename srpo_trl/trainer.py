@@ -427,6 +427,8 @@ class SRPOTrainer(GRPOTrainer):
         distill = cache is not None and (sdpo_rows.any() or self._dist.is_zero3)
         hidden = captured[0] if len(captured) == 1 else torch.cat(captured)  # one forward unless GRPO chunked it
         distillation_sum = self._distillation_loss_sum(policy, hidden, inputs, cache) if distill else None
+        if mode == "eval":  # one loss per scored eval batch: do not hold its teacher states through training
+            self._teacher_cache["eval"] = None
         distillation_loss = (
             0.0 if distillation_sum is None else distillation_sum / self._token_normalizer(inputs, mode)
         )

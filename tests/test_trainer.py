@@ -615,3 +615,21 @@ def test_teacher_feedback_without_logged_feedback_names_the_fix(char_tokenizer, 
     trainer = make_trainer(char_tokenizer, tmp_path, max_steps=1, teacher_feedback=True)
     with pytest.raises(ValueError, match=r"SRPOConfig.teacher_feedback=True needs one feedback string .* got 0 for 8"):
         trainer.train()
+
+
+def test_evaluation_routes_and_distils_like_training(char_tokenizer, tmp_path):
+    trainer = SRPOTrainer(
+        model=sharp_tiny_model(char_tokenizer),
+        reward_funcs=first_letter_reward,
+        args=make_args(tmp_path, max_steps=1, per_device_eval_batch_size=8, distillation_topk=5),
+        train_dataset=PROMPTS,
+        eval_dataset=PROMPTS.select(range(4)),
+        processing_class=char_tokenizer,
+    )
+    metrics = trainer.evaluate()
+    assert metrics["eval_srpo/route/sdpo_frac"] > 0
+    # (`eval_loss` is Trainer's average over batches, weighted by its own batch-size count; the SRPO metrics are
+    # plain per-batch means, so the two are not compared here.)
+    assert metrics["eval_srpo/loss/sdpo"] > 0 and math.isfinite(metrics["eval_srpo/loss/grpo"])
+    assert math.isfinite(metrics["eval_srpo/teacher_entropy/mean"])
+    assert trainer._teacher_cache["eval"] is None  # released after each eval batch's loss
