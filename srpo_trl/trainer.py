@@ -166,10 +166,11 @@ class SRPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
+        mode = "train" if self.model.training else "eval"
+        self._teacher_cache[mode] = None  # the previous batch is used up: free its memory before generating
         batch = super()._generate_and_score_completions(inputs)
         if self.teacher is None:
             return batch
-        mode = "train" if self.model.training else "eval"
         scored, self._scored = self._scored, None
         rewards = (scored.rewards_per_func * self.reward_weights.to(scored.rewards_per_func.device)).nansum(dim=1)
         rewards[torch.isnan(scored.rewards_per_func).all(dim=1)] = torch.nan  # unscorable: never correct
@@ -191,7 +192,6 @@ class SRPOTrainer(GRPOTrainer):
         mask = mask.bool()
         rows = routes.needs_teacher[local].nonzero().squeeze(1).tolist()
         self._teacher_seconds = 0.0  # teacher forward passes only (SPEC §9), summed by `_score_rows`
-        self._teacher_cache[mode] = None
         teacher_prompts, truncated = self._teacher_prompts(scored, routes, local, rows)
         cache_index, teacher_token_logps, entropy = self._run_teacher(batch, mask, rows, teacher_prompts, routes, mode)
 
