@@ -3,6 +3,7 @@ metrics, degenerate groups, checkpoints."""
 
 import math
 import os
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -548,17 +549,22 @@ def test_advantage_mix_equals_a_full_vocabulary_reference(char_tokenizer, tmp_pa
     torch.testing.assert_close(batch["advantages"].double(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_several_optimizer_steps_per_generation_keep_the_scoring_teachers_head(char_tokenizer, tmp_path):
+@pytest.mark.parametrize(
+    "layout",
+    [dict(per_device_train_batch_size=4, steps_per_generation=2), dict(num_iterations=2)],
+    ids=["steps_per_generation=2", "num_iterations=2"],
+)
+def test_several_optimizer_steps_per_generation_keep_the_scoring_teachers_head(char_tokenizer, tmp_path, layout):
     # Two optimizer steps per generation batch: the EMA moves the teacher between them, so the second step's
     # distillation must use the head the teacher scored with, not the moved one.
-    with pytest.warns(UserWarning, match="steps_per_generation"):
-        trainer = make_trainer(
-            char_tokenizer, tmp_path, max_steps=2, per_device_train_batch_size=4, steps_per_generation=2
-        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="steps_per_generation")
+        trainer = make_trainer(char_tokenizer, tmp_path, max_steps=2, **layout)
     initial_head = trainer.teacher.model.lm_head.weight.detach().clone()
     trainer.train()
-    assert logged(trainer, "srpo/route/sdpo_frac")[0] > 0
+    assert len(logged(trainer, "srpo/route/sdpo_frac")) == 1 and logged(trainer, "srpo/route/sdpo_frac")[0] > 0
     assert all(math.isfinite(v) for v in logged(trainer, "loss"))
+    assert logged(trainer, "srpo/loss/sdpo")[1] > 0  # the second step distils, from the cached batch
     head, _ = trainer._teacher_cache["train"].head
     assert torch.equal(head, initial_head)
     assert not torch.equal(trainer.teacher.model.lm_head.weight, initial_head)
