@@ -507,27 +507,21 @@ def trainer_classes():
 
 
 @contextlib.contextmanager
-def timed_vocab_functions(timers: _Timers):
-    """Time SRPO's vocabulary passes where its trainer calls them (in this process only; no file is changed)."""
+def timed_teacher_statistics(timers: _Timers):
+    """Time the teacher's vocabulary pass where SRPO's trainer calls it (in this process only; no file is changed)."""
     import srpo_trl.trainer as srpo_trainer
 
-    names = [n for n in ("teacher_statistics",) if hasattr(srpo_trainer, n)]
-    originals = {name: getattr(srpo_trainer, name) for name in names}
+    original = srpo_trainer.teacher_statistics
 
-    def wrap(name, function):
-        def timed(*args, **kwargs):
-            with timers(name):
-                return function(*args, **kwargs)
+    def timed(*args, **kwargs):
+        with timers("teacher_statistics"):
+            return original(*args, **kwargs)
 
-        return timed
-
-    for name, function in originals.items():
-        setattr(srpo_trainer, name, wrap(name, function))
+    srpo_trainer.teacher_statistics = timed
     try:
         yield
     finally:
-        for name, function in originals.items():
-            setattr(srpo_trainer, name, function)
+        srpo_trainer.teacher_statistics = original
 
 
 class _StepEnd(TrainerCallback):
@@ -641,7 +635,7 @@ def run_step(trainer, reward: PositionalReward, failures: list[int], steps: int 
 
 
 def _srpo_timing(trainer, arm: str):
-    return timed_vocab_functions(trainer.bench_timers) if arm == "srpo" else contextlib.nullcontext()
+    return timed_teacher_statistics(trainer.bench_timers) if arm == "srpo" else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,12 @@ TEACHER_STATE_FILE = "srpo_teacher.safetensors"
 FEEDBACK_COLUMN = "feedback"  # the `log_extra` column reward functions write feedback to (`teacher_feedback`)
 
 
+def _loss_mask(batch: dict) -> torch.Tensor:
+    """The completion tokens GRPOTrainer's loss counts (tool outputs excluded), as a bool `(rows, length)`."""
+    mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
+    return mask.bool()
+
+
 @dataclass
 class _TeacherCache:
     """What the loss needs of the teacher's scoring of one generation batch, for this process's routed tokens:
@@ -188,12 +194,12 @@ class SRPOTrainer(GRPOTrainer):
     def _score_with_teacher(self, batch, scored: _ScoredRollouts, routes: Routes, local: slice, mode: str) -> dict:
         """Teacher statistics for this process's routed rows: what the loss needs is cached on the trainer
         (`_TeacherCache`); the batch gets per-token tensors (an index into the cache, the entropy weights)."""
-        mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
-        mask = mask.bool()
+        mask = _loss_mask(batch)
         rows = routes.needs_teacher[local].nonzero().squeeze(1).tolist()
-        self._teacher_seconds = 0.0  # teacher forward passes only (SPEC §9), summed by `_score_rows`
         teacher_prompts, truncated = self._teacher_prompts(scored, routes, local, rows)
-        cache_index, teacher_token_logps, entropy = self._run_teacher(batch, mask, rows, teacher_prompts, routes, mode)
+        cache_index, teacher_token_logps, entropy, seconds = self._run_teacher(
+            batch, mask, rows, teacher_prompts, routes, mode
+        )
 
         sdpo_tokens = mask & routes.sdpo[local].unsqueeze(1)
         teacher_tokens = mask & routes.needs_teacher[local].unsqueeze(1)
@@ -201,9 +207,7 @@ class SRPOTrainer(GRPOTrainer):
             weights = teacher_entropy_weights(entropy, sdpo_tokens, self.args.weighting_temperature, self._all_reduce)
         else:
             weights = sdpo_tokens.float()
-        self._log_routing(
-            mode, routes, mask, sdpo_tokens, teacher_tokens, entropy, weights, truncated, self._teacher_seconds
-        )
+        self._log_routing(mode, routes, mask, sdpo_tokens, teacher_tokens, entropy, weights, truncated, seconds)
 
         if self.args.routing == "advantage_mix":
             old_token_logps = batch.get("old_per_token_logps")
@@ -250,41 +254,47 @@ class SRPOTrainer(GRPOTrainer):
     def _run_teacher(self, batch, mask, rows: list[int], teacher_prompts, routes: Routes, mode: str):
         """Teacher passes over the routed `rows`, a few rows at a time (none when nothing is routed). Caches what the
         loss needs; returns, per token of the batch, the cache index (-1 off the routed rows), the teacher's
-        sampled-token log-prob and entropy. Per-token tensors survive GRPOTrainer's shuffle and split of the batch;
-        the cache holds routed tokens only."""
+        sampled-token log-prob and entropy, and the seconds the passes took (SPEC §9's `srpo/time/teacher_s`).
+        Per-token tensors survive GRPOTrainer's shuffle and split of the batch; the cache holds routed tokens only."""
         device = mask.device
         cache_index = torch.full(mask.shape, -1, dtype=torch.int32, device=device)
         teacher_token_logps = torch.zeros(mask.shape, device=device)
         entropy = torch.zeros_like(teacher_token_logps)
         hidden, log_normalizer = [], []
+        started = time.perf_counter()
         chunks = self._row_chunks(rows, mode)
         for chunk in chunks:
             index = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device)
-            values = self._score_rows(batch, index, mask[index], [teacher_prompts[i] for i in chunk])
+            chunk_hidden, chunk_normalizer, chunk_token_logps, chunk_entropy = self._score_rows(
+                batch, index, mask[index], [teacher_prompts[i] for i in chunk]
+            )
             chunk_rows, positions = mask[index].nonzero(as_tuple=True)
             start = sum(len(h) for h in hidden)
             cache_index[index[chunk_rows], positions] = torch.arange(
                 start, start + len(positions), dtype=torch.int32, device=device
             )
-            teacher_token_logps[index[chunk_rows], positions] = values[2]
-            entropy[index[chunk_rows], positions] = values[3]
-            hidden.append(values[0])
-            log_normalizer.append(values[1])
+            teacher_token_logps[index[chunk_rows], positions] = chunk_token_logps
+            entropy[index[chunk_rows], positions] = chunk_entropy
+            hidden.append(chunk_hidden)
+            log_normalizer.append(chunk_normalizer)
         # ZeRO-3 gathers each layer's weights from all processes as it runs them: a process with fewer routed rows
         # keeps in step with passes over a dummy row whose tokens are all masked out. Their empty results keep the
         # cache's shapes on a process without routed rows.
         for _ in range(self._max_row_chunks(routes, mode) - len(chunks) if self._dist.is_zero3 else 0):
             index = torch.zeros(1, dtype=torch.long, device=device)
-            values = self._score_rows(batch, index, torch.zeros_like(mask[index]), [[self._tokenizer.pad_token_id]])
-            hidden.append(values[0])
-            log_normalizer.append(values[1])
+            dummy_hidden, dummy_normalizer, _, _ = self._score_rows(
+                batch, index, torch.zeros_like(mask[index]), [[self._tokenizer.pad_token_id]]
+            )
+            hidden.append(dummy_hidden)
+            log_normalizer.append(dummy_normalizer)
+        seconds = time.perf_counter() - started
         if self.args.routing != "advantage_mix" and hidden:  # advantage_mix does not distil
             self._teacher_cache[mode] = _TeacherCache(
                 torch.cat(hidden),
                 torch.cat(log_normalizer),
                 self._teacher_head(snapshot=mode == "train" and not self._scored_by_current_teacher),
             )
-        return cache_index, teacher_token_logps, entropy
+        return cache_index, teacher_token_logps, entropy, seconds
 
     @property
     def _scored_by_current_teacher(self) -> bool:
@@ -336,7 +346,6 @@ class SRPOTrainer(GRPOTrainer):
         tokens of the batch rows `index`, seeing `teacher_prompts` before the same completions."""
         device = self.accelerator.device
         teacher_ids = [torch.tensor(ids) for ids in teacher_prompts]
-        started = time.perf_counter()
         with self.teacher.active() as teacher_model:
             hidden, head = self._completion_hidden_states(
                 teacher_model,
@@ -348,7 +357,6 @@ class SRPOTrainer(GRPOTrainer):
             hidden = hidden[row_mask]
             tokens = batch["completion_ids"][index][row_mask]
             statistics = teacher_statistics(hidden, head.weight, head.bias, self.temperature, tokens)
-        self._teacher_seconds += time.perf_counter() - started
         return hidden, *statistics
 
     @torch.no_grad()
@@ -455,10 +463,7 @@ class SRPOTrainer(GRPOTrainer):
         """`Σ_t w_t · IS_t · D_t` over this micro-batch's SDPO tokens (SPEC §5), differentiable through `hidden`."""
         rows = inputs["srpo_sdpo_mask"].nonzero().squeeze(1)
         completion_ids = inputs["completion_ids"]
-        mask = (
-            inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
-        )
-        mask = mask[rows].bool()
+        mask = _loss_mask(inputs)[rows]
         start = inputs["prompt_ids"].size(1) - 1
         hidden = hidden[rows, start : start + completion_ids.size(1)][mask]
         _, head = backbone_and_head(policy)

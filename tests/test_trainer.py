@@ -66,14 +66,22 @@ def make_args(tmp_path, config_class=SRPOConfig, **overrides):
 
 
 def make_trainer(
-    char_tokenizer, tmp_path, reward=first_letter_reward, trainer_class=SRPOTrainer, peft_config=None, **overrides
+    char_tokenizer,
+    tmp_path,
+    reward=first_letter_reward,
+    trainer_class=SRPOTrainer,
+    peft_config=None,
+    model=None,
+    eval_dataset=None,
+    **overrides,
 ):
     args = make_args(tmp_path, GRPOConfig if trainer_class is GRPOTrainer else SRPOConfig, **overrides)
     return trainer_class(
-        model=build_tiny_model(char_tokenizer, seed=0),
+        model=build_tiny_model(char_tokenizer, seed=0) if model is None else model,
         reward_funcs=reward,
         args=args,
         train_dataset=PROMPTS,
+        eval_dataset=eval_dataset,
         processing_class=char_tokenizer,
         peft_config=peft_config,
     )
@@ -504,12 +512,8 @@ def train_one_step_recording_the_batch(char_tokenizer, tmp_path, monkeypatch, **
         return batch
 
     monkeypatch.setattr(SRPOTrainer, "_generate_and_score_completions", record)
-    trainer = SRPOTrainer(
-        model=sharp_tiny_model(char_tokenizer),
-        reward_funcs=first_letter_reward,
-        args=make_args(tmp_path, max_steps=1, distillation_topk=5, **overrides),
-        train_dataset=PROMPTS,
-        processing_class=char_tokenizer,
+    trainer = make_trainer(
+        char_tokenizer, tmp_path, model=sharp_tiny_model(char_tokenizer), max_steps=1, distillation_topk=5, **overrides
     )
     trainer.train()
     ((prompts, batch),) = recorded
@@ -575,13 +579,7 @@ def test_bf16_model_distils_like_fp32(char_tokenizer, tmp_path, monkeypatch):
     # step's distillation term is the fp32 one up to bf16 rounding.
     fp32, _, _ = train_one_step_recording_the_batch(char_tokenizer, tmp_path / "fp32", monkeypatch)
     model = sharp_tiny_model(char_tokenizer).to(torch.bfloat16)
-    trainer = SRPOTrainer(
-        model=model,
-        reward_funcs=first_letter_reward,
-        args=make_args(tmp_path / "bf16", max_steps=1, distillation_topk=5),
-        train_dataset=PROMPTS,
-        processing_class=char_tokenizer,
-    )
+    trainer = make_trainer(char_tokenizer, tmp_path / "bf16", model=model, max_steps=1, distillation_topk=5)
     trainer.train()
     assert trainer._teacher_cache["train"].hidden.dtype == torch.bfloat16
     assert all(math.isfinite(v) for v in logged(trainer, "loss"))
@@ -624,13 +622,14 @@ def test_teacher_feedback_without_logged_feedback_names_the_fix(char_tokenizer, 
 
 
 def test_evaluation_routes_and_distils_like_training(char_tokenizer, tmp_path):
-    trainer = SRPOTrainer(
+    trainer = make_trainer(
+        char_tokenizer,
+        tmp_path,
         model=sharp_tiny_model(char_tokenizer),
-        reward_funcs=first_letter_reward,
-        args=make_args(tmp_path, max_steps=1, per_device_eval_batch_size=8, distillation_topk=5),
-        train_dataset=PROMPTS,
         eval_dataset=PROMPTS.select(range(4)),
-        processing_class=char_tokenizer,
+        max_steps=1,
+        per_device_eval_batch_size=8,
+        distillation_topk=5,
     )
     metrics = trainer.evaluate()
     assert metrics["eval_srpo/route/sdpo_frac"] > 0

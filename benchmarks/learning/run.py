@@ -107,7 +107,7 @@ class Settings:
     num_test: int = 400
     max_completion_length: int = 24
     distillation_topk: int = 16
-    testbed: dict = dataclasses.field(default_factory=dict)  # TestbedConfig overrides ({} = the default testbed)
+    testbed: dict = dataclasses.field(default_factory=dict)  # PretrainConfig overrides ({} = the default testbed)
 
 
 QUICK = {"steps": 10, "eval_every": 5, "num_test": 100}
@@ -323,10 +323,9 @@ def _ensure_testbed(settings: Settings) -> None:
 
 def testbed_config(settings: Settings):
     """The testbed's pre-training config, `settings.testbed` overriding its defaults."""
-    from srpo_trl import testbed
+    from srpo_trl.testbed import PretrainConfig
 
-    config_class = getattr(testbed, "PretrainConfig", None) or getattr(testbed, "TestbedConfig", None)
-    return config_class(**settings.testbed)
+    return PretrainConfig(**settings.testbed)
 
 
 def testbed_identity(settings: Settings) -> dict:
@@ -337,7 +336,6 @@ def testbed_identity(settings: Settings) -> dict:
     config = testbed_config(settings)
     return {
         "config_hash": pretrain.config_hash(config),
-        "pretrain_version": getattr(pretrain, "PRETRAIN_VERSION", None),
         "config": dataclasses.asdict(config),
     }
 
