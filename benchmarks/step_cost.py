@@ -495,9 +495,9 @@ def trainer_classes():
             with self.bench_timers("teacher_backbone"):
                 return super()._completion_hidden_states(model, *args, **kwargs)
 
-        def _distillation_loss_sum(self, *args, **kwargs):
+        def _distillation_token_losses(self, *args, **kwargs):
             with self.bench_timers("distillation_forward"):
-                return super()._distillation_loss_sum(*args, **kwargs)
+                return super()._distillation_token_losses(*args, **kwargs)
 
     class BenchSDPO(_BenchMixin, SDPOTrainer):
         def _generate_transformers(self, prompt_ids):

@@ -8,9 +8,6 @@ from trl import GRPOConfig
 
 from .routing import ROUTING_MODES
 
-# Loss types whose normaliser is the step's valid-token count, the one SPEC §6 shares between the two branches.
-TOKEN_NORMALISED_LOSS_TYPES = ("dapo", "cispo", "vespo")
-
 
 @dataclass
 class SRPOConfig(GRPOConfig):
@@ -18,7 +15,8 @@ class SRPOConfig(GRPOConfig):
     Configuration class for the [`SRPOTrainer`], Sample-Routed Policy Optimization
     ([arXiv 2604.02288](https://huggingface.co/papers/2604.02288)).
 
-    Only the SRPO parameters are listed; every [`~trl.GRPOConfig`] parameter works as in GRPO. Defaults that differ
+    Only the SRPO parameters are listed; every [`~trl.GRPOConfig`] parameter works as in GRPO, every `loss_type`
+    included: the distillation term joins GRPO's per-token loss and is reduced with it (SPEC §12). Defaults that differ
     from `GRPOConfig`'s follow the paper (Table 3): `learning_rate=5e-6`, `scale_rewards="none"`,
     `epsilon_high=0.28`, and token-level truncated vLLM importance sampling capped at 2
     (`vllm_importance_sampling_mode="token_truncate"`, `vllm_importance_sampling_clip_max=2.0`).
@@ -138,11 +136,6 @@ class SRPOConfig(GRPOConfig):
         self._check("advantage_mix_lambda", 0.0 <= self.advantage_mix_lambda <= 1.0, "in [0, 1]")
         self._check("max_teacher_prompt_length", self.max_teacher_prompt_length >= 1, "a positive token count")
         self._check("success_reward_threshold", math.isfinite(self.success_reward_threshold), "a finite number")
-        self._check(
-            "loss_type",
-            self.loss_type in TOKEN_NORMALISED_LOSS_TYPES,
-            f"one of {TOKEN_NORMALISED_LOSS_TYPES}: SRPO divides both branches by the step's token count",
-        )
         if self.routing != "grpo" and self.steps_per_generation != self.gradient_accumulation_steps:
             warnings.warn(
                 f"steps_per_generation={self.steps_per_generation} != gradient_accumulation_steps="

@@ -78,8 +78,46 @@ def mixed_token_advantages(
     return mix_lambda * advantages.unsqueeze(1) + (1.0 - mix_lambda) * dense
 
 
-def sdpo_branch_loss_sum(
+def sdpo_token_losses(
     divergence: torch.Tensor, token_weights: torch.Tensor, importance_ratio: torch.Tensor
 ) -> torch.Tensor:
-    """`Σ_t w_t · IS_t · D_t` over the SDPO tokens: SPEC §6's second sum, before the shared normaliser `N`."""
-    return (token_weights * importance_ratio * divergence).sum()
+    """`w_t · IS_t · D_t` per SDPO token: the SDPO branch's per-token loss, aggregated with GRPO's (SPEC §6, §12)."""
+    return token_weights * importance_ratio * divergence
+
+
+# How GRPOTrainer (TRL 1.16) turns a per-token loss into a micro-batch loss, by `loss_type`: the normaliser is the
+# one thing SRPO's two branches must share (SPEC §6, §12).
+SEQUENCE_MEAN_LOSS_TYPES = ("grpo", "sapo")  # mean over sequences of each sequence's token mean
+SEQUENCE_SUM_LOSS_TYPES = ("luspo",)  # mean over sequences of each sequence's token sum
+LOCAL_TOKEN_LOSS_TYPES = ("bnpo",)  # the micro-batch's own token count
+CONSTANT_LOSS_TYPES = ("dr_grpo",)  # sequences x max_completion_length
+GLOBAL_TOKEN_LOSS_TYPES = ("dapo", "cispo", "vespo")  # the generation batch's token count (SPEC §6's N)
+LOSS_TYPES = (
+    SEQUENCE_MEAN_LOSS_TYPES + SEQUENCE_SUM_LOSS_TYPES + LOCAL_TOKEN_LOSS_TYPES + CONSTANT_LOSS_TYPES
+) + GLOBAL_TOKEN_LOSS_TYPES
+
+
+def aggregate_token_loss(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str,
+    accumulation_steps: float,
+    max_completion_length: int,
+    global_token_count: torch.Tensor | float,
+) -> torch.Tensor:
+    """A micro-batch's `(rows, length)` per-token loss, zero off `mask`, reduced as GRPOTrainer reduces its own for
+    `loss_type`, divided for gradient accumulation. `global_token_count` is the token-count normaliser of the
+    `GLOBAL_TOKEN_LOSS_TYPES`, already scaled to one micro-batch of one process."""
+    mask = mask.to(per_token_loss.dtype)
+    summed = (per_token_loss * mask).sum(-1)
+    if loss_type in SEQUENCE_MEAN_LOSS_TYPES:
+        return (summed / mask.sum(-1).clamp(min=1.0)).mean() / accumulation_steps
+    if loss_type in SEQUENCE_SUM_LOSS_TYPES:
+        return summed.mean() / accumulation_steps
+    if loss_type in LOCAL_TOKEN_LOSS_TYPES:
+        return summed.sum() / mask.sum().clamp(min=1.0) / accumulation_steps
+    if loss_type in CONSTANT_LOSS_TYPES:
+        return summed.sum() / (per_token_loss.size(0) * max_completion_length) / accumulation_steps
+    if loss_type in GLOBAL_TOKEN_LOSS_TYPES:
+        return summed.sum() / global_token_count
+    raise ValueError(f"Unknown loss_type {loss_type!r}; one of {LOSS_TYPES}.")

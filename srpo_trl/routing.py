@@ -61,7 +61,7 @@ def route_rollouts(
     """Route every rollout of the global batch (SPEC §2 and the modes of §8).
 
     Args:
-        rewards: `(N,)` weighted rewards as GRPOTrainer computes them; NaN (unscorable) counts as failed.
+        rewards: `(N,)` weighted rewards as GRPOTrainer computes them; NaN marks an unscorable rollout.
         num_generations: group size `G`; `N` must be a multiple of it.
         success_reward_threshold: a rollout is correct iff its reward is at least this.
         routing: one of `ROUTING_MODES`.
@@ -73,10 +73,13 @@ def route_rollouts(
     correct = rewards >= success_reward_threshold  # NaN compares False
     sibling = first_correct_sibling(correct, num_generations)
     teacher_available = sibling >= 0
+    # An unscorable rollout (NaN: no reward function scored it) is neither a demonstration nor distilled; it stays on
+    # GRPO's branch, where GRPOTrainer gives it a zero advantage (SPEC §12).
+    distillable = teacher_available & ~torch.isnan(rewards)
     none = torch.zeros_like(correct)
-    sdpo = {"srpo": ~correct & teacher_available, "sdpo": teacher_available}.get(routing, none)
+    sdpo = {"srpo": ~correct & distillable, "sdpo": distillable}.get(routing, none)
     grpo = none if routing == "sdpo" else ~sdpo
-    needs_teacher = teacher_available if routing == "advantage_mix" else sdpo
+    needs_teacher = distillable if routing == "advantage_mix" else sdpo
     return Routes(correct, teacher_available, sdpo, grpo, needs_teacher, torch.where(needs_teacher, sibling, -1))
 
 

@@ -78,6 +78,9 @@ class SelfTeacher:
                     teacher_weight.copy_(student_weight)  # an adapter starts at the student's, not at zero
         else:
             self.model = copy.deepcopy(policy) if model is None else model
+            # GRPOTrainer patched the policy's `forward` (TRL's fused LM head) with a closure whose plain path calls
+            # the *policy's* original forward; a copy must run its own, its class's.
+            self.model.__dict__.pop("forward", None)
             self.model.eval()
         for _, weight in self._teacher_weights():
             weight.requires_grad_(False)
@@ -125,9 +128,15 @@ class SelfTeacher:
 
     @contextmanager
     def active(self):
-        """Context in which `self.model` computes the teacher (switches the PEFT adapter; a no-op otherwise)."""
-        with use_adapter(self.model, TEACHER_ADAPTER) if self.peft else nullcontext():
-            yield self.model
+        """Context in which `self.model` computes the teacher: the teacher's adapter (PEFT), in eval mode, so that no
+        dropout (the adapter's `lora_dropout`, the model's own) makes its targets random (SPEC §12)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with use_adapter(self.model, TEACHER_ADAPTER) if self.peft else nullcontext():
+                yield self.model
+        finally:
+            self.model.train(was_training)
 
     @contextmanager
     def policy_only_saving(self):

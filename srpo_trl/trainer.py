@@ -5,9 +5,10 @@ The glue, at GRPOTrainer's extension points:
 - `_generate_and_score_completions` routes the batch, runs the teacher on the routed rows only, keeps its hidden
   states and log-normalisers of their tokens (`_TeacherCache`), and attaches per-token tensors (an index into
   that cache, the entropy weights) that GRPOTrainer then shuffles and splits into micro-batches;
-- `_compute_loss` runs GRPOTrainer's own loss with the routed rows' advantages zeroed, and adds the distillation
-  sum computed from the same forward pass's hidden states (the student's top-k support is picked there, so the
-  student needs no pass of its own at scoring), over the same token-count normaliser;
+- `_compute_loss` builds one per-token loss: GRPOTrainer's own loss on the GRPO tokens (the only tokens its loss mask
+  then holds, so its KL, entropy bonus and entropy quantiles skip distilled rows), plus the distillation term on the
+  SDPO tokens, computed from the same forward pass's hidden states (the student's top-k support is picked there, so
+  the student needs no pass of its own at scoring), reduced as GRPOTrainer reduces its loss for `loss_type`;
 - `_save_checkpoint` / `_load_optimizer_and_scheduler` carry the teacher's fp32 state (per-process shards under
   DeepSpeed ZeRO-3), and `_save` keeps it out of `save_model`/`push_to_hub`.
 Under ZeRO-3 weights are gathered collectively, so every process makes as many teacher passes and LM-head uses as
@@ -15,6 +16,7 @@ the busiest one (docs/scaling.md). The math lives in `routing.py`, `prompts.py`,
 """
 
 import copy
+import functools
 import os
 import textwrap
 import time
@@ -29,20 +31,22 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import disable_dropout_in_model, maybe_gather_lm_head_ctx, pad
+from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
 
 from .config import SRPOConfig
 from .losses import (
+    LOCAL_TOKEN_LOSS_TYPES,
+    aggregate_token_loss,
     clipped_importance_ratio,
     mixed_token_advantages,
-    sdpo_branch_loss_sum,
+    sdpo_token_losses,
     teacher_entropy_weights,
     topk_distillation_divergence,
 )
 from .prompts import demonstration_from_completion, fit_teacher_prompt
 from .routing import Routes, route_labels, route_rollouts
 from .teacher import SelfTeacher, TeacherEMACallback, backbone_and_head, causal_lm, is_peft
-from .vocab import logps_on_support, student_topk_logps, teacher_statistics
+from .vocab import Logits, logit_scale_and_softcap, logps_on_support, student_topk_logps, teacher_statistics
 
 TEACHER_STATE_FILE = "srpo_teacher.safetensors"
 FEEDBACK_COLUMN = "feedback"  # the `log_extra` column reward functions write feedback to (`teacher_feedback`)
@@ -57,12 +61,13 @@ def _loss_mask(batch: dict) -> torch.Tensor:
 @dataclass
 class _TeacherCache:
     """What the loss needs of the teacher's scoring of one generation batch, for this process's routed tokens:
-    final hidden states `(n, hidden)`, log-normalisers `(n,)`, and the LM head (weight, bias) that goes with them.
-    The batch's `srpo_teacher_index` says which row belongs to which token."""
+    final hidden states `(n, hidden)`, log-normalisers `(n,)`, and the LM head (weight, bias) and `Logits` that go
+    with them. The batch's `srpo_teacher_index` says which row belongs to which token."""
 
     hidden: torch.Tensor
     log_normalizer: torch.Tensor
     head: tuple[torch.Tensor, torch.Tensor | None]
+    logits: Logits
 
 
 @dataclass
@@ -124,18 +129,40 @@ class SRPOTrainer(GRPOTrainer):
                 f"routing={args.routing!r} needs SRPO's self-teacher, which does not support FSDP yet: launch with "
                 "DeepSpeed (accelerate_configs/zero3.yaml), or use routing='grpo' under FSDP."
             )
+        self._refuse_inexact_setups()
+        self._logit_scale_and_softcap = logit_scale_and_softcap(causal_lm(self.model).config)
         self.teacher = self._build_teacher()
         self.add_callback(TeacherEMACallback(self))
+
+    def _refuse_inexact_setups(self) -> None:
+        """Settings under which SRPO's objective would be silently wrong, refused before anything trains."""
+        if self.loss_type in LOCAL_TOKEN_LOSS_TYPES and (self._entropy_bonus_enabled or self.aux_loss_enabled):
+            extra = (
+                "an entropy bonus (entropy_coef / use_adaptive_entropy)"
+                if self._entropy_bonus_enabled
+                else ("a MoE load-balancing loss (output_router_logits)")
+            )
+            raise ValueError(
+                f"loss_type={self.loss_type!r} with {extra} is not supported with routing={self.args.routing!r}: "
+                f"SRPO rescales GRPO's {self.loss_type} term to the micro-batch's full token count, which would "
+                "rescale that term too. Use loss_type='dapo' (the paper's), or drop the extra term."
+            )
+        if self._dist.is_zero3:
+            zero = self.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+            if int(zero.get("zero_hpz_partition_size", 1)) > 1:
+                raise ValueError(
+                    f"DeepSpeed ZeRO++ hierarchical partitioning (zero_hpz_partition_size="
+                    f"{zero['zero_hpz_partition_size']}) is not supported with routing={self.args.routing!r}: "
+                    "DeepSpeed gathers the teacher from a secondary copy that SRPO's shard-local EMA does not "
+                    "refresh, so the teacher would stay at its initial weights. Set zero_hpz_partition_size to 1."
+                )
 
     def _build_teacher(self) -> SelfTeacher:
         # `self.model` is not wrapped yet (Accelerate/DeepSpeed wrap it in `train()`), so a PEFT teacher adapter
         # added now is partitioned and placed with the policy's own weights.
         policy, rate = self.model, self.args.teacher_update_rate
         if is_peft(policy):
-            teacher = SelfTeacher(policy, rate)
-            if self.args.disable_dropout:  # the new adapter brought its own dropout
-                disable_dropout_in_model(policy)
-            return teacher
+            return SelfTeacher(policy, rate)
         if not self._dist.is_zero3:
             teacher = SelfTeacher(policy, rate)
             teacher.model.to(self.accelerator.device)
@@ -224,6 +251,7 @@ class SRPOTrainer(GRPOTrainer):
         return {
             # GRPOTrainer's loss then trains exactly the GRPO rows: the others carry no advantage.
             "advantages": batch["advantages"] * routes.grpo[local],
+            "srpo_grpo_mask": routes.grpo[local],
             "srpo_sdpo_mask": routes.sdpo[local],
             "srpo_teacher_index": cache_index,
             "srpo_token_weights": weights,
@@ -244,7 +272,7 @@ class SRPOTrainer(GRPOTrainer):
             ids, truncated[row] = fit_teacher_prompt(
                 scored.prompts[row],
                 demonstration,
-                self._tokenize_one_prompt,
+                functools.partial(self._tokenize_one_prompt, row=row),
                 self.args.max_teacher_prompt_length,
                 feedback=None if scored.feedback is None else scored.feedback[row],
             )
@@ -260,12 +288,12 @@ class SRPOTrainer(GRPOTrainer):
         cache_index = torch.full(mask.shape, -1, dtype=torch.int32, device=device)
         teacher_token_logps = torch.zeros(mask.shape, device=device)
         entropy = torch.zeros_like(teacher_token_logps)
-        hidden, log_normalizer = [], []
+        hidden, log_normalizer, logits = [], [], None
         started = time.perf_counter()
         chunks = self._row_chunks(rows, mode)
         for chunk in chunks:
             index = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device)
-            chunk_hidden, chunk_normalizer, chunk_token_logps, chunk_entropy = self._score_rows(
+            chunk_hidden, chunk_normalizer, chunk_token_logps, chunk_entropy, logits = self._score_rows(
                 batch, index, mask[index], [teacher_prompts[i] for i in chunk]
             )
             chunk_rows, positions = mask[index].nonzero(as_tuple=True)
@@ -282,7 +310,7 @@ class SRPOTrainer(GRPOTrainer):
         # cache's shapes on a process without routed rows.
         for _ in range(self._max_row_chunks(routes, mode) - len(chunks) if self._dist.is_zero3 else 0):
             index = torch.zeros(1, dtype=torch.long, device=device)
-            dummy_hidden, dummy_normalizer, _, _ = self._score_rows(
+            dummy_hidden, dummy_normalizer, _, _, logits = self._score_rows(
                 batch, index, torch.zeros_like(mask[index]), [[self._tokenizer.pad_token_id]]
             )
             hidden.append(dummy_hidden)
@@ -293,6 +321,7 @@ class SRPOTrainer(GRPOTrainer):
                 torch.cat(hidden),
                 torch.cat(log_normalizer),
                 self._teacher_head(snapshot=mode == "train" and not self._scored_by_current_teacher),
+                logits,
             )
         return cache_index, teacher_token_logps, entropy, seconds
 
@@ -325,9 +354,17 @@ class SRPOTrainer(GRPOTrainer):
             )
         return logps
 
-    def _tokenize_one_prompt(self, prompt) -> list[int]:
-        # GRPOTrainer's own prompt tokenization: the same chat template and `chat_template_kwargs` as the student.
-        return list(self._tokenize_prompts([prompt])[0][0])
+    def _tokenize_one_prompt(self, prompt, row: int) -> list[int]:
+        """GRPOTrainer's own prompt tokenization (the same chat template and `chat_template_kwargs` as the student)
+        of a prompt for this process's batch row `row`: with `environment_factory`, rendered with that row's tools."""
+        environments = getattr(self, "_batch_environments", None)
+        if self.environment_factories is None or environments is None:
+            return list(self._tokenize_prompts([prompt])[0][0])
+        self._batch_environments = [environments[row]]  # GRPOTrainer pairs prompts with these, one per prompt
+        try:
+            return list(self._tokenize_prompts([prompt])[0][0])
+        finally:
+            self._batch_environments = environments
 
     def _rows_per_pass(self, mode: str) -> int:
         return self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
@@ -343,10 +380,11 @@ class SRPOTrainer(GRPOTrainer):
 
     def _score_rows(self, batch, index: torch.Tensor, row_mask: torch.Tensor, teacher_prompts: list[list[int]]):
         """The teacher's final hidden states, log-normaliser, sampled-token log-probs and entropy at `row_mask`'s
-        tokens of the batch rows `index`, seeing `teacher_prompts` before the same completions."""
+        tokens of the batch rows `index`, seeing `teacher_prompts` before the same completions; and the `Logits`
+        they were computed with."""
         device = self.accelerator.device
         teacher_ids = [torch.tensor(ids) for ids in teacher_prompts]
-        with self.teacher.active() as teacher_model:
+        with self.teacher.active() as teacher_model, self.accelerator.autocast():
             hidden, head = self._completion_hidden_states(
                 teacher_model,
                 pad(teacher_ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
@@ -356,22 +394,35 @@ class SRPOTrainer(GRPOTrainer):
             )
             hidden = hidden[row_mask]
             tokens = batch["completion_ids"][index][row_mask]
-            statistics = teacher_statistics(hidden, head.weight, head.bias, self.temperature, tokens)
-        return hidden, *statistics
+            logits = self._logits(hidden)
+            statistics = teacher_statistics(hidden, head.weight, head.bias, logits, tokens)
+        return hidden, *statistics, logits
 
     @torch.no_grad()
     def _completion_hidden_states(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask):
-        """Final hidden states predicting each completion token `(rows, C, hidden)`, and the model's LM head."""
-        backbone, head = backbone_and_head(model)
+        """Final hidden states predicting each completion token `(rows, C, hidden)`, and the model's LM head.
+
+        The pass goes through the model's top-level forward (under ZeRO-3, DeepSpeed's prefetching follows the
+        top-level module's hooks), builds no KV cache and projects no logits: the hidden states are taken at the
+        backbone's output, and the loss projects only the rows it needs."""
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        with (
-            disable_gradient_checkpointing(model, self.args.gradient_checkpointing_kwargs),
-            self.accelerator.autocast(),
-        ):
-            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        no_logits = torch.empty(0, dtype=torch.long, device=input_ids.device)
+        with self._capture_hidden_states(model) as captured:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=no_logits)
         start = prompt_ids.size(1) - 1
-        return hidden[:, start : start + completion_ids.size(1)], head
+        return captured[-1][:, start : start + completion_ids.size(1)], backbone_and_head(model)[1]
+
+    def _logits(self, hidden: torch.Tensor) -> Logits:
+        """How GRPOTrainer's fused LM head turns this model's `hidden` states into the sampling distribution's logits
+        in the current autocast context: SRPO's log-probs are then GRPOTrainer's, in bf16 as in fp32."""
+        if self.args.cast_lm_head_to_fp32:
+            dtype = torch.float32
+        elif torch.is_autocast_enabled(hidden.device.type):
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+        else:
+            dtype = hidden.dtype
+        return Logits(dtype, self.temperature, *self._logit_scale_and_softcap)
 
     def _all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         if op == "max":
@@ -417,75 +468,113 @@ class SRPOTrainer(GRPOTrainer):
             self.accelerator.gather(torch.tensor([seconds], device=mask.device)).max().item()
         )
 
-    # ---- loss time: GRPOTrainer's loss on the GRPO rows plus the distillation sum ----
+    # ---- loss time: one per-token loss, GRPO's term on GRPO rows and the distillation term on SDPO rows ----
 
     def _compute_loss(self, model, inputs):
         if "srpo_token_weights" not in inputs:  # routing="grpo" or "advantage_mix": GRPOTrainer's loss as is
             return super()._compute_loss(model, inputs)
-        sdpo_rows = inputs["srpo_sdpo_mask"]
-        policy = self.accelerator.unwrap_model(model)
-        with self._capture_hidden_states(policy) as captured:
-            grpo_loss = super()._compute_loss(model, inputs)
         mode = "train" if self.model.training else "eval"
+        mask = _loss_mask(inputs)
+        grpo_rows, sdpo_rows = inputs["srpo_grpo_mask"], inputs["srpo_sdpo_mask"]
+        grpo_tokens = mask & grpo_rows.unsqueeze(1)
+        # GRPOTrainer's loss sees GRPO tokens only (through its `tool_mask`), so that its other per-token terms (the
+        # reference KL, the entropy bonus) and the statistics that choose tokens (entropy quantiles) act on GRPO
+        # tokens alone: a routed rollout carries one signal, the distillation term (SPEC §12).
+        grpo_inputs = {**inputs, "tool_mask": grpo_tokens.to(inputs["completion_mask"].dtype)}
+        policy = self.accelerator.unwrap_model(model)
+        with self._capture_hidden_states(policy) as captured, self._head_scores_only(policy, grpo_rows):
+            grpo_loss = super()._compute_loss(model, grpo_inputs)
+        if self.loss_type in LOCAL_TOKEN_LOSS_TYPES:  # bnpo divided by the GRPO tokens; SRPO shares all of them
+            grpo_loss = grpo_loss * (grpo_tokens.sum().clamp(min=1) / mask.sum().clamp(min=1))
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1  # per-step share, see SPEC §9
         self._metrics[mode]["srpo/loss/grpo"].append(self.accelerator.gather(grpo_loss.detach()).mean().item() * scale)
         # Under ZeRO-3 the distillation gathers the LM heads, a collective: every process joins, routed rows or not
         # (the cache exists on every process or on none: routing is global).
         cache = self._teacher_cache[mode]
-        distill = cache is not None and (sdpo_rows.any() or self._dist.is_zero3)
-        hidden = captured[0] if len(captured) == 1 else torch.cat(captured)  # one forward unless GRPO chunked it
-        distillation_sum = self._distillation_loss_sum(policy, hidden, inputs, cache) if distill else None
+        distillation_loss = torch.zeros((), device=grpo_loss.device)
+        if cache is not None and (sdpo_rows.any() or self._dist.is_zero3):
+            sdpo_tokens = mask & sdpo_rows.unsqueeze(1)
+            hidden = captured[0] if len(captured) == 1 else torch.cat(captured)  # one forward unless GRPO chunked it
+            token_losses = self._distillation_token_losses(policy, hidden, inputs, sdpo_tokens, cache)
+            per_token = torch.zeros(mask.shape, dtype=token_losses.dtype, device=mask.device)
+            distillation_loss = aggregate_token_loss(
+                per_token.masked_scatter(sdpo_tokens, token_losses),
+                mask,
+                self.loss_type,
+                self.current_gradient_accumulation_steps if mode == "train" else 1,
+                self.max_completion_length,
+                self._token_normalizer(inputs, mode),
+            )
         if mode == "eval":  # one loss per scored eval batch: do not hold its teacher states through training
             self._teacher_cache["eval"] = None
-        distillation_loss = (
-            0.0 if distillation_sum is None else distillation_sum / self._token_normalizer(inputs, mode)
-        )
         self._metrics[mode]["srpo/loss/sdpo"].append(
-            self.accelerator.gather(torch.as_tensor(distillation_loss, device=grpo_loss.device).detach().float())
-            .mean()
-            .item()
-            * scale
+            self.accelerator.gather(distillation_loss.detach().float()).mean().item() * scale
         )
-        return grpo_loss if distillation_sum is None else grpo_loss + distillation_loss
+        return grpo_loss + distillation_loss
 
     @contextmanager
-    def _capture_hidden_states(self, policy):
-        """Keep the backbone's final hidden states of the policy forward that GRPOTrainer's loss runs anyway."""
+    def _capture_hidden_states(self, model):
+        """Keep the backbone's final hidden states of `model`'s forward passes (for the policy, the one GRPOTrainer's
+        loss runs anyway)."""
         captured = []
-        backbone, _ = backbone_and_head(policy)
+        backbone, _ = backbone_and_head(model)
         handle = backbone.register_forward_hook(lambda module, args, output: captured.append(output[0]))
         try:
             yield captured
         finally:
             handle.remove()
 
-    def _distillation_loss_sum(self, policy, hidden, inputs, cache: "_TeacherCache") -> torch.Tensor:
-        """`Σ_t w_t · IS_t · D_t` over this micro-batch's SDPO tokens (SPEC §5), differentiable through `hidden`."""
-        rows = inputs["srpo_sdpo_mask"].nonzero().squeeze(1)
-        completion_ids = inputs["completion_ids"]
-        mask = _loss_mask(inputs)[rows]
+    @contextmanager
+    def _head_scores_only(self, policy, rows: torch.Tensor):
+        """GRPOTrainer's fused LM head scores only `rows` (the others' labels become -100): on GPU, TRL's kernel then
+        skips the distilled rows' vocabulary work, which the distillation does itself."""
+        offset = 0
+
+        def drop_labels(module, args, kwargs):
+            nonlocal offset
+            labels = kwargs.get("labels")
+            if not kwargs.get("fused_lm_head") or labels is None:
+                return None
+            keep = rows[offset : offset + labels.size(0)]
+            offset += labels.size(0)
+            return args, {**kwargs, "labels": labels.masked_fill(~keep.unsqueeze(1), -100)}
+
+        handle = causal_lm(policy).register_forward_pre_hook(drop_labels, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _distillation_token_losses(self, policy, hidden, inputs, sdpo_tokens, cache: _TeacherCache) -> torch.Tensor:
+        """`w_t · IS_t · D_t` at this micro-batch's SDPO tokens, in row-major order (SPEC §5), differentiable through
+        `hidden`."""
         start = inputs["prompt_ids"].size(1) - 1
-        hidden = hidden[rows, start : start + completion_ids.size(1)][mask]
+        hidden = hidden[:, start : start + inputs["completion_ids"].size(1)][sdpo_tokens]
         _, head = backbone_and_head(policy)
 
         def select(name):
-            return inputs[name][rows][mask]
+            return inputs[name][sdpo_tokens]
 
         with self.accelerator.autocast():
             support, support_logps, token_logps = student_topk_logps(
-                hidden, head.weight, head.bias, self.temperature, select("completion_ids"), self.args.distillation_topk
+                hidden,
+                head.weight,
+                head.bias,
+                self._logits(hidden),
+                select("completion_ids"),
+                self.args.distillation_topk,
             )
         at = select("srpo_teacher_index").long()
         teacher_support_logps = logps_on_support(
-            cache.hidden[at], *cache.head, self.temperature, cache.log_normalizer[at], support
+            cache.hidden[at], *cache.head, cache.logits, cache.log_normalizer[at], support
         )
         divergence = topk_distillation_divergence(support_logps, teacher_support_logps, self.args.distillation_alpha)
         # π_old as GRPOTrainer has it: computed at generation when the policy has moved since, else this policy.
         old_logps = token_logps.detach() if "old_per_token_logps" not in inputs else select("old_per_token_logps")
         ratio = clipped_importance_ratio(token_logps, old_logps, self.args.distillation_is_clip)
         if self.use_vllm and self.vllm_importance_sampling_correction:
-            ratio = ratio * inputs["importance_sampling_ratio"].expand_as(inputs["completion_mask"])[rows][mask]
-        return sdpo_branch_loss_sum(divergence, select("srpo_token_weights"), ratio)
+            ratio = ratio * inputs["importance_sampling_ratio"].expand_as(sdpo_tokens)[sdpo_tokens]
+        return sdpo_token_losses(divergence, select("srpo_token_weights"), ratio)
 
     def _token_normalizer(self, inputs, mode: str) -> torch.Tensor:
         # GRPOTrainer's token-count normaliser for loss_type "dapo"/"cispo"/"vespo": the generation batch's valid

@@ -2,16 +2,20 @@
 
 `[tokens, vocab]` float32 logits exist for one chunk at a time (about 64 MiB); the student's differentiable pass
 recomputes its chunk's logits in backward instead of keeping them. Inputs are the final hidden states of the valid
-completion positions, flattened to `(n, hidden)`, and the LM head's weight/bias; logits are divided by the
-sampling temperature, as GRPOTrainer's fused LM head does.
+completion positions, flattened to `(n, hidden)`, and the LM head's weight/bias.
+
+One distribution, one set of logits (SPEC §12). `Logits` turns hidden states into logits the way TRL's fused LM head
+does, so SRPO's log-probs are GRPOTrainer's: the head's product rounded to the compute dtype (bf16 in a bf16 run),
+then, in fp32, the model's logit scaling and soft-capping and the sampling temperature. A teacher's log-normaliser,
+entropy and log-probs on a support all come from those same rounded logits, so an identical teacher and student give
+a divergence of zero in bf16 as in fp32.
 
 The split between scoring and loss time: when the teacher scores a completion, it keeps its hidden states, its
 log-normaliser and its entropy (`teacher_statistics`); in the loss the student picks its top-k support from the
 logits it computes anyway (`student_topk_logps`), and the teacher's log-probs on that support are a k-row dot
-product (`logps_on_support`). No extra student pass, and the support is the current policy's (SPEC §5).
-TRL 1.16's `kernels.chunked_divergence.ChunkedDivergenceFunction` (its distillation trainer's) takes the same inputs
-but computes a full-vocabulary JSD and returns no teacher entropy; SPEC §5 wants top-k + tail buckets, entropy
-weights and a per-token IS ratio, so only the LM-head gathering (`maybe_gather_lm_head_ctx`) is TRL's here.
+product (`logps_on_support`), rounded like the full product. No extra student pass, and the support is the current
+policy's (SPEC §5). TRL 1.16's `ChunkedLogProbFunction` returns log-probs and entropy but no top-k, so only its
+head gathering (`maybe_gather_lm_head_ctx`) and its fp32 gradient accumulation (`_addmm_fp32`) are used here.
 
 Under DeepSpeed ZeRO-3 the head is partitioned outside its module's forward: each function gathers it once per call
 (forward, and again in the student's backward), whatever the number of positions. Gathering is a collective, so
@@ -19,12 +23,81 @@ under ZeRO-3 every process must make the same calls, with or without positions o
 """
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from trl.kernels.chunked_logprob import _addmm_fp32
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 LOGITS_PER_CHUNK = 2**24
+
+
+def logit_scale_and_softcap(config) -> tuple[float, float | None]:
+    """What a model's own forward does to its LM head's output before the softmax: a multiplier (Cohere's
+    `logit_scale`, Falcon-H1's `lm_head_multiplier`; Granite and MiniCPM3 divide by `logits_scaling`, HyperCLOVA X
+    multiplies by it) and Gemma's `final_logit_softcapping`. TRL's fused head reads the same fields."""
+    text = config.get_text_config()
+    scale = next(
+        (
+            value
+            for value in (
+                getattr(text, name, None) for name in ("logit_scale", "output_multiplier", "lm_head_multiplier")
+            )
+            if value is not None
+        ),
+        None,
+    )
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scale = text.logits_scaling if text.model_type == "hyperclovax" else 1 / text.logits_scaling
+    return (1.0 if scale is None else float(scale)), getattr(text, "final_logit_softcapping", None)
+
+
+@dataclass(frozen=True)
+class Logits:
+    """How hidden states become the logits of the sampling distribution.
+
+    Attributes:
+        dtype: the dtype the head's product is rounded to (the model's, or autocast's; fp32 with TRL's
+            `cast_lm_head_to_fp32`), as the model's own matmul rounds it.
+        temperature: the sampling temperature the logits are divided by, as GRPOTrainer's fused head does.
+        scale, softcap: `logit_scale_and_softcap` of the model.
+    """
+
+    dtype: torch.dtype
+    temperature: float = 1.0
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def softmax_dtype(self) -> torch.dtype:
+        """Softmax statistics run in at least fp32."""
+        return torch.promote_types(self.dtype, torch.float32)
+
+    def head_product(self, hidden, weight, bias) -> torch.Tensor:
+        """`hidden @ weight.T (+ bias)` rounded to `dtype`, returned in `softmax_dtype` (no scaling yet)."""
+        product = hidden.to(self.dtype) @ weight.to(self.dtype).T
+        if bias is not None:
+            product = product + bias.to(self.dtype)
+        return product.to(self.softmax_dtype)
+
+    def support_product(self, hidden, weight, bias, ids) -> torch.Tensor:
+        """`head_product` at the token ids `ids` `(n, k)` only: a k-row dot product, rounded the same way."""
+        exact = self.softmax_dtype
+        product = torch.einsum("nh,nkh->nk", hidden.to(self.dtype).to(exact), weight[ids].to(self.dtype).to(exact))
+        product = product.to(self.dtype)
+        if bias is not None:
+            product = product + bias[ids].to(self.dtype)
+        return product.to(exact)
+
+    def transform(self, product: torch.Tensor) -> torch.Tensor:
+        """The model's scaling and soft-capping, then the temperature, in `softmax_dtype`."""
+        logits = product * self.scale if self.scale != 1.0 else product
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits / self.temperature
+
+    def __call__(self, hidden, weight, bias) -> torch.Tensor:
+        return self.transform(self.head_product(hidden, weight, bias))
 
 
 def _gathered(weight, bias):
@@ -38,26 +111,21 @@ def _chunks(num_positions: int, elements_per_position: int):
     return [slice(start, start + size) for start in range(0, max(num_positions, 1), size)]
 
 
-def _logits(hidden, weight, bias):
-    # Softmax statistics in at least fp32, whatever the training dtype.
-    logits = F.linear(hidden.to(weight.dtype), weight, bias)
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
-def _log_softmax(hidden, weight, bias, temperature):
-    return torch.log_softmax(_logits(hidden, weight, bias) / temperature, dim=-1)
+def _no_autocast(device: torch.device):
+    # `Logits` sets every dtype itself; autocast would recast the products behind its back.
+    return torch.autocast(device.type, enabled=False)
 
 
 @torch.no_grad()
-def teacher_statistics(hidden, weight, bias, temperature: float, tokens: torch.Tensor):
-    """The teacher's log-normaliser `log Σ_v exp(z_v / T)` `(n,)`, log-prob of the sampled token `(n,)` and
-    full-vocabulary entropy `(n,)`."""
+def teacher_statistics(hidden, weight, bias, logits: Logits, tokens: torch.Tensor):
+    """The teacher's log-normaliser `log Σ_v exp(z_v)` `(n,)`, log-prob of the sampled token `(n,)` and
+    full-vocabulary entropy `(n,)`, with `z = logits(hidden)`."""
     log_normalizer, token_logps, entropy = [], [], []
-    with _gathered(weight, bias):
+    with _gathered(weight, bias), _no_autocast(hidden.device):
         for chunk in _chunks(hidden.size(0), weight.size(0)):
-            scaled = _logits(hidden[chunk], weight, bias) / temperature
-            normalizer = torch.logsumexp(scaled, dim=-1)
-            logps = scaled - normalizer[:, None]
+            z = logits(hidden[chunk], weight, bias)
+            normalizer = torch.logsumexp(z, dim=-1)
+            logps = z - normalizer[:, None]
             log_normalizer.append(normalizer)
             token_logps.append(logps.gather(-1, tokens[chunk, None]).squeeze(-1))
             entropy.append(-(logps.exp() * logps).sum(-1))
@@ -65,69 +133,75 @@ def teacher_statistics(hidden, weight, bias, temperature: float, tokens: torch.T
 
 
 @torch.no_grad()
-def logps_on_support(hidden, weight, bias, temperature: float, log_normalizer, support: torch.Tensor):
+def logps_on_support(hidden, weight, bias, logits: Logits, log_normalizer, support: torch.Tensor):
     """Log-probs `(n, k)` at the token ids `support` of the distribution `teacher_statistics` described: only the
-    `k` head rows each position needs, `z_v / T - log_normalizer`, never the whole vocabulary."""
-    # In at least fp32: only k rows per position, so precision costs nothing here (the normaliser came from
-    # logits in the head's dtype, as GRPOTrainer's own log-probs do).
-    dtype = torch.promote_types(weight.dtype, torch.float32)
+    `k` head rows each position needs, `z_v - log_normalizer`, never the whole vocabulary."""
     out = []
-    with _gathered(weight, bias):
+    with _gathered(weight, bias), _no_autocast(hidden.device):
         for chunk in _chunks(hidden.size(0), support.size(1) * weight.size(1)):
-            ids = support[chunk]
-            logits = torch.einsum("nh,nkh->nk", hidden[chunk].to(dtype), weight[ids].to(dtype))
-            if bias is not None:
-                logits = logits + bias[ids].to(dtype)
-            out.append(logits / temperature - log_normalizer[chunk, None])
+            z = logits.transform(logits.support_product(hidden[chunk], weight, bias, support[chunk]))
+            out.append(z - log_normalizer[chunk, None])
     return torch.cat(out)
 
 
 class _TopKLogProbs(torch.autograd.Function):
-    """`log_softmax(hidden @ weight.T + bias) / T` at each position's top-k ids and at `tokens`, chunked; returns
-    the log-probs `(n, k + 1)` and the ids `(n, k + 1)`. Backward recomputes each chunk's logits. A hand-written
-    backward (rather than activation checkpointing) lets the head be gathered once per pass under ZeRO-3 and be
-    whole while its gradient is formed."""
+    """`log_softmax(logits(hidden))` at each position's top-k ids and at `tokens`, chunked; returns the log-probs
+    `(n, k + 1)` and the ids `(n, k + 1)`. Backward recomputes each chunk's logits. A hand-written backward (rather
+    than activation checkpointing) lets the head be gathered once per pass under ZeRO-3, be whole while its gradient
+    is formed, and accumulate that gradient over chunks in fp32 (in bf16, 400 chunks drift 2.4% from one)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, k, temperature):
+    def forward(ctx, hidden, weight, bias, tokens, k, logits: Logits):
         logps, ids = [], []
-        with _gathered(weight, bias):
+        with _gathered(weight, bias), _no_autocast(hidden.device):
             for chunk in _chunks(hidden.size(0), weight.size(0)):
-                chunk_logps = _log_softmax(hidden[chunk], weight, bias, temperature)
+                chunk_logps = torch.log_softmax(logits(hidden[chunk], weight, bias), dim=-1)
                 chunk_ids = torch.cat([chunk_logps.topk(k, dim=-1).indices, tokens[chunk, None]], dim=-1)
                 ids.append(chunk_ids)
                 logps.append(chunk_logps.gather(-1, chunk_ids))
         ids = torch.cat(ids)
         ctx.save_for_backward(hidden, weight, bias, ids)
         ctx.mark_non_differentiable(ids)
-        ctx.temperature = temperature
-        device = hidden.device.type
-        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        ctx.logits = logits
         return torch.cat(logps), ids
 
     @staticmethod
     def backward(ctx, grad, _):
         hidden, weight, bias, ids = ctx.saved_tensors
-        device, dtype, enabled = ctx.autocast
-        grad_hidden = torch.empty_like(hidden)
-        with _gathered(weight, bias), torch.autocast(device, dtype=dtype, enabled=enabled):
-            grad_weight = torch.zeros_like(weight)
-            grad_bias = None if bias is None else torch.zeros_like(bias)
+        logits: Logits = ctx.logits
+        wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad[:3]
+        accumulate = logits.softmax_dtype
+        grad_hidden = torch.empty_like(hidden) if wants_hidden else None
+        with _gathered(weight, bias), _no_autocast(hidden.device):
+            # A frozen head (PEFT) needs no vocabulary-sized gradient buffer.
+            grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if wants_weight else None
+            grad_bias = torch.zeros(bias.shape, dtype=accumulate, device=bias.device) if wants_bias else None
+            weight_in_dtype = weight.to(logits.dtype)
             for chunk in _chunks(hidden.size(0), weight.size(0)):
-                logps = _log_softmax(hidden[chunk], weight, bias, ctx.temperature)
-                g = grad[chunk].to(logps.dtype)
-                # d/dz Σ_j g_j log p(ids_j) = onehot(ids)·g - p Σ_j g_j, then the 1/T of the logits
-                grad_logits = (logps.exp() * -g.sum(-1, keepdim=True)).scatter_add_(-1, ids[chunk], g)
-                grad_logits = (grad_logits / ctx.temperature).to(weight.dtype)
-                grad_hidden[chunk] = (grad_logits @ weight).to(hidden.dtype)
-                grad_weight.addmm_(grad_logits.T, hidden[chunk].to(weight.dtype))
+                product = logits.head_product(hidden[chunk], weight, bias).requires_grad_()
+                with torch.enable_grad():  # through the scaling and soft-capping, in `softmax_dtype`
+                    chosen = torch.log_softmax(logits.transform(product), dim=-1).gather(-1, ids[chunk])
+                    (grad_product,) = torch.autograd.grad(chosen, product, grad[chunk].to(product.dtype))
+                # The gradient GEMMs run in the logits' dtype, as TRL's fused head does; the weight's gradient is
+                # accumulated over chunks in fp32, not rounded to bf16 chunk after chunk.
+                grad_product = grad_product.to(logits.dtype)
+                if grad_hidden is not None:
+                    grad_hidden[chunk] = (grad_product @ weight_in_dtype).to(hidden.dtype)
+                if grad_weight is not None:
+                    hidden_chunk = hidden[chunk].to(logits.dtype)
+                    if grad_product.dtype == accumulate:
+                        grad_weight.addmm_(grad_product.T, hidden_chunk)
+                    else:
+                        _addmm_fp32(grad_weight, grad_product.T, hidden_chunk)
                 if grad_bias is not None:
-                    grad_bias += grad_logits.sum(0)
+                    grad_bias += grad_product.sum(0, dtype=accumulate)
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
-def student_topk_logps(hidden, weight, bias, temperature: float, tokens: torch.Tensor, k: int):
+def student_topk_logps(hidden, weight, bias, logits: Logits, tokens: torch.Tensor, k: int):
     """The policy's top-k token ids per position `(n, k)` (chosen without gradient), and its differentiable
     log-probs on them `(n, k)` and of the sampled token `(n,)`."""
-    logps, ids = _TopKLogProbs.apply(hidden, weight, bias, tokens, k, temperature)
+    logps, ids = _TopKLogProbs.apply(hidden, weight, bias, tokens, k, logits)
     return ids[:, :-1], logps[:, :-1], logps[:, -1]

@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from srpo_trl.losses import (
+    LOSS_TYPES,
     add_tail_bucket,
+    aggregate_token_loss,
     clipped_importance_ratio,
     generalized_jsd,
     mixed_token_advantages,
-    sdpo_branch_loss_sum,
+    sdpo_token_losses,
     teacher_entropy_weights,
     topk_distillation_divergence,
 )
@@ -144,6 +146,39 @@ def test_mixed_token_advantages():
     assert torch.allclose(mixed, torch.tensor([[0.75 * 0.5 + 0.25 * 1.0, 0.75 * 0.5], [-0.375, -0.375]]))
 
 
-def test_branch_loss_sum():
+def test_sdpo_token_losses():
     divergence = torch.tensor([1.0, 2.0, 3.0])
-    assert sdpo_branch_loss_sum(divergence, torch.tensor([1.0, 0.5, 0.0]), torch.tensor([1.0, 2.0, 1.0])).item() == 3.0
+    losses = sdpo_token_losses(divergence, torch.tensor([1.0, 0.5, 0.0]), torch.tensor([1.0, 2.0, 1.0]))
+    assert losses.tolist() == [1.0, 2.0, 0.0]
+
+
+def reference_aggregate(per_token, mask, loss_type, accumulation, max_length, global_count):
+    """TRL 1.16's documented aggregation per `loss_type`, written out on Python floats, row by row."""
+    rows = [[x for x, m in zip(r, mr, strict=True) if m] for r, mr in zip(per_token, mask, strict=True)]
+    total = sum(sum(r) for r in rows)
+    tokens = sum(len(r) for r in rows)
+    if loss_type in ("grpo", "sapo"):
+        return sum(sum(r) / max(len(r), 1) for r in rows) / len(rows) / accumulation
+    if loss_type == "luspo":
+        return sum(sum(r) for r in rows) / len(rows) / accumulation
+    if loss_type == "bnpo":
+        return total / max(tokens, 1) / accumulation
+    if loss_type == "dr_grpo":
+        return total / (len(rows) * max_length) / accumulation
+    return total / global_count
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_aggregate_token_loss_matches_each_loss_types_definition(loss_type):
+    generator = torch.Generator().manual_seed(3)
+    per_token = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    mask = torch.rand(4, 6, generator=generator) > 0.3
+    mask[2] = False  # an empty row: counted as a sequence, no tokens
+    ours = aggregate_token_loss(per_token, mask, loss_type, 2, 9, torch.tensor(17.0, dtype=torch.float64))
+    expected = reference_aggregate(per_token.tolist(), mask.tolist(), loss_type, 2, 9, 17.0)
+    assert ours.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_aggregate_token_loss_names_an_unknown_loss_type():
+    with pytest.raises(ValueError, match="Unknown loss_type 'ppo'"):
+        aggregate_token_loss(torch.zeros(1, 1), torch.ones(1, 1), "ppo", 1, 1, 1.0)

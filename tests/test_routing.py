@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from srpo_trl.routing import ROUTING_MODES, first_correct_sibling, route_labels,
 
 
 def brute_force_routes(rewards, group_size, threshold, routing):
-    """SPEC §2 and §8, one rollout at a time."""
+    """SPEC §2, §8 and §12, one rollout at a time."""
     rewards = rewards.tolist()
     out = {"correct": [], "available": [], "sdpo": [], "grpo": [], "teacher": [], "sibling": []}
     for i, reward in enumerate(rewards):
@@ -15,8 +16,9 @@ def brute_force_routes(rewards, group_size, threshold, routing):
         correct = reward >= threshold
         siblings = [j for j in group if j != i and rewards[j] >= threshold]
         available = bool(siblings)
-        sdpo = {"srpo": (not correct) and available, "sdpo": available}.get(routing, False)
-        teacher = available if routing == "advantage_mix" else sdpo
+        distillable = available and not math.isnan(reward)  # an unscorable rollout is never distilled
+        sdpo = {"srpo": (not correct) and distillable, "sdpo": distillable}.get(routing, False)
+        teacher = distillable if routing == "advantage_mix" else sdpo
         out["correct"].append(correct)
         out["available"].append(available)
         out["sdpo"].append(sdpo)

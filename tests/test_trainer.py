@@ -58,10 +58,10 @@ def make_args(tmp_path, config_class=SRPOConfig, **overrides):
         chat_template_kwargs={"enable_thinking": False},
         disable_tqdm=True,
     )
-    settings.update(overrides)
     if config_class is GRPOConfig:  # GRPO with SRPOConfig's paper defaults, so both trainers get the same settings
         settings.pop("distillation_topk")
         settings.update(SRPO_PAPER_DEFAULTS)
+    settings.update(overrides)
     return config_class(**settings)
 
 
@@ -368,8 +368,8 @@ def test_vllm_colocate_sleep_mode_rollout_is_weights_reach_the_sdpo_branch(
     )
 
     distilled = []
-    branch_sum = srpo_trl.trainer.sdpo_branch_loss_sum
-    distillation = SRPOTrainer._distillation_loss_sum
+    token_losses = srpo_trl.trainer.sdpo_token_losses
+    distillation = SRPOTrainer._distillation_token_losses
 
     def record_inputs(self, model, hidden, inputs, *args):
         distilled.append({"inputs": inputs})
@@ -377,10 +377,10 @@ def test_vllm_colocate_sleep_mode_rollout_is_weights_reach_the_sdpo_branch(
 
     def record_ratio(divergence, weights, ratio):
         distilled[-1]["ratio"] = ratio.detach()
-        return branch_sum(divergence, weights, ratio)
+        return token_losses(divergence, weights, ratio)
 
-    monkeypatch.setattr(SRPOTrainer, "_distillation_loss_sum", record_inputs)
-    monkeypatch.setattr(srpo_trl.trainer, "sdpo_branch_loss_sum", record_ratio)
+    monkeypatch.setattr(SRPOTrainer, "_distillation_token_losses", record_inputs)
+    monkeypatch.setattr(srpo_trl.trainer, "sdpo_token_losses", record_ratio)
 
     trainer = make_trainer(
         char_tokenizer,
@@ -453,10 +453,11 @@ def sharp_tiny_model(tokenizer):
     return model
 
 
-def reference_teacher_rows(trainer, prompts, batch, routing):
-    """For each rollout with a teacher (SPEC §2, §8), its completion's full-vocabulary log-probs `(T, V)` in float64
-    under the student prompt and under the teacher prompt (SPEC §3), from a fresh copy of the initial model (the
-    policy and the teacher at step 0). One generation batch on one process, unshuffled, groups of 4."""
+def reference_rows(trainer, prompts, batch, routing):
+    """For every rollout, its completion's full-vocabulary log-probs `(T, V)` in float64 under the student prompt, and
+    under the teacher prompt (SPEC §3) when it has a teacher in `routing` (SPEC §2, §8; else None), from a fresh copy
+    of the initial model (the policy and the teacher at step 0). One generation batch on one process, unshuffled,
+    groups of 4, rewarded by `first_letter_reward`."""
     tokenizer = trainer.processing_class
     model = sharp_tiny_model(tokenizer).eval()
     mask = batch["completion_mask"].bool()
@@ -474,31 +475,43 @@ def reference_teacher_rows(trainer, prompts, batch, routing):
         return (logits / trainer.temperature).log_softmax(-1)
 
     for row in range(len(texts)):
+        student = completion_logps(prompts[row], row)
         group = range(row - row % 4, row - row % 4 + 4)
         siblings = [j for j in group if j != row and correct[j]]
         if not siblings or (routing == "srpo" and correct[row]):
+            yield row, student, None
             continue
         user = prompts[row][-1]["content"]
         solution = texts[siblings[0]].strip()
         teacher_text = f"{user}\nCorrect solution:\n\n{solution}\n\nCorrectly solve the original question."
-        teacher = completion_logps([{"role": "user", "content": teacher_text}], row)
-        yield row, completion_logps(prompts[row], row), teacher
+        yield row, student, completion_logps([{"role": "user", "content": teacher_text}], row)
 
 
-def reference_distillation_loss(trainer, prompts, batch, routing):
-    """SPEC §5-§6's distillation term: top-k + tail JSD, entropy weights, over all valid tokens."""
+def reference_teacher_rows(trainer, prompts, batch, routing):
+    return ((row, s, t) for row, s, t in reference_rows(trainer, prompts, batch, routing) if t is not None)
+
+
+def reference_distillation_terms(trainer, teacher_rows) -> dict[int, torch.Tensor]:
+    """SPEC §5's `w_t D_t` per token of each distilled row: top-k + tail JSD, entropy weights over all of them."""
     k, alpha = trainer.args.distillation_topk, trainer.args.distillation_alpha
-    divergences, entropies = [], []
-    for _, student, teacher in reference_teacher_rows(trainer, prompts, batch, routing):
+    divergences, entropies = {}, {}
+    for row, student, teacher in teacher_rows:
         support = student.topk(k, dim=-1).indices
         p, q = student.exp().gather(-1, support), teacher.exp().gather(-1, support)
         p, q = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1), torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)
         m = (1 - alpha) * p + alpha * q
-        divergences.append((1 - alpha) * (p * (p / m).log()).sum(-1) + alpha * (q * (q / m).log()).sum(-1))
-        entropies.append(-(teacher.exp() * teacher).sum(-1))
-    divergence, entropy = torch.cat(divergences), torch.cat(entropies)
-    weights = torch.exp(-entropy) * len(entropy) / torch.exp(-entropy).sum()
-    return ((weights * divergence).sum() / batch["completion_mask"].sum()).item()
+        divergences[row] = (1 - alpha) * (p * (p / m).log()).sum(-1) + alpha * (q * (q / m).log()).sum(-1)
+        entropies[row] = -(teacher.exp() * teacher).sum(-1)
+    confidence = {row: torch.exp(-entropy) for row, entropy in entropies.items()}
+    count = sum(len(c) for c in confidence.values())
+    total = sum(c.sum() for c in confidence.values())
+    return {row: confidence[row] * count / total * divergences[row] for row in divergences}
+
+
+def reference_distillation_loss(trainer, prompts, batch, routing):
+    """SPEC §6's distillation sum over all valid tokens (loss_type="dapo")."""
+    terms = reference_distillation_terms(trainer, reference_teacher_rows(trainer, prompts, batch, routing))
+    return (sum(t.sum() for t in terms.values()) / batch["completion_mask"].sum()).item()
 
 
 def train_one_step_recording_the_batch(char_tokenizer, tmp_path, monkeypatch, **overrides):
