@@ -75,6 +75,7 @@ def test_routed_loss_is_the_one_per_token_loss_aggregated_like_grpo(char_tokeniz
     for row, student, teacher in rows:
         tokens = batch["completion_ids"][row][mask[row]]
         if teacher is None:
+            assert batch["advantages"][row].item() == pytest.approx(advantages[row], abs=1e-6)
             token_logps = student.gather(-1, tokens[:, None]).squeeze(-1)
             per_token[row, mask[row]] = reference_grpo_token_loss(trainer.args, advantages[row], token_logps)
         else:
