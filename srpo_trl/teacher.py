@@ -189,3 +189,23 @@ class TeacherEMACallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.teacher.update(self.trainer.accelerator.unwrap_model(self.trainer.model))
+
+
+def unique_prefixes(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """The distinct teacher prompts, in first-seen order, and which one each row uses. The routed rollouts of a group
+    share theirs (the question, the same correct sibling, the instruction), so each is computed once."""
+    index: dict[tuple[int, ...], int] = {}
+    prefix_of_row = [index.setdefault(tuple(prompt), len(index)) for prompt in prompts]
+    return [list(prompt) for prompt in index], prefix_of_row
+
+
+def shared_prefix_plan(prefix_of_row: list[int], rows_per_pass: int) -> list[tuple[list[int], list[list[int]]]]:
+    """The teacher's forward passes: batches of at most `rows_per_pass` prefixes, each followed by the passes of the
+    rows that continue them (at most `rows_per_pass` rows each) from the prefixes' cached keys and values."""
+    prefixes = list(dict.fromkeys(prefix_of_row))
+    plan = []
+    for start in range(0, len(prefixes), rows_per_pass):
+        batch = prefixes[start : start + rows_per_pass]
+        rows = [row for row, prefix in enumerate(prefix_of_row) if prefix in batch]
+        plan.append((batch, [rows[i : i + rows_per_pass] for i in range(0, len(rows), rows_per_pass)]))
+    return plan

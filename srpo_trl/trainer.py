@@ -17,6 +17,7 @@ the busiest one (docs/scaling.md). The math lives in `routing.py`, `prompts.py`,
 
 import copy
 import functools
+import inspect
 import os
 import textwrap
 import time
@@ -31,6 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer import utils as trl_utils
 from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
 
 from .config import SRPOConfig
@@ -45,7 +47,15 @@ from .losses import (
 )
 from .prompts import demonstration_from_completion, fit_teacher_prompt
 from .routing import Routes, route_labels, route_rollouts
-from .teacher import SelfTeacher, TeacherEMACallback, backbone_and_head, causal_lm, is_peft
+from .teacher import (
+    SelfTeacher,
+    TeacherEMACallback,
+    backbone_and_head,
+    causal_lm,
+    is_peft,
+    shared_prefix_plan,
+    unique_prefixes,
+)
 from .vocab import Logits, logit_scale_and_softcap, logps_on_support, student_topk_logps, teacher_statistics
 
 TEACHER_STATE_FILE = "srpo_teacher.safetensors"
@@ -68,6 +78,18 @@ class _TeacherCache:
     log_normalizer: torch.Tensor
     head: tuple[torch.Tensor, torch.Tensor | None]
     logits: Logits
+
+
+@dataclass
+class _Prefix:
+    """A batch of teacher prompts after their pass: its keys and values, attention mask and last hidden states."""
+
+    cache: object
+    attention_mask: torch.Tensor
+    last_hidden: torch.Tensor
+
+
+_NO_LOGITS = torch.empty(0, dtype=torch.long)  # `logits_to_keep` that projects no position
 
 
 @dataclass
@@ -131,6 +153,9 @@ class SRPOTrainer(GRPOTrainer):
             )
         self._refuse_inexact_setups()
         self._logit_scale_and_softcap = logit_scale_and_softcap(causal_lm(self.model).config)
+        # transformers 5.18 renamed the forward's `past_key_values` to `cache`
+        forward = inspect.signature(type(causal_lm(self.model)).forward).parameters
+        self._cache_argument = "cache" if "cache" in forward else "past_key_values"
         self.teacher = self._build_teacher()
         self.add_callback(TeacherEMACallback(self))
 
@@ -280,46 +305,56 @@ class SRPOTrainer(GRPOTrainer):
         return teacher_prompts, truncated
 
     def _run_teacher(self, batch, mask, rows: list[int], teacher_prompts, routes: Routes, mode: str):
-        """Teacher passes over the routed `rows`, a few rows at a time (none when nothing is routed). Caches what the
-        loss needs; returns, per token of the batch, the cache index (-1 off the routed rows), the teacher's
-        sampled-token log-prob and entropy, and the seconds the passes took (SPEC §9's `srpo/time/teacher_s`).
-        Per-token tensors survive GRPOTrainer's shuffle and split of the batch; the cache holds routed tokens only."""
+        """Teacher passes over the routed `rows` (none when nothing is routed): each distinct teacher prompt once, then
+        the rows' completions from its cached keys and values, a few sequences per pass. Caches what the loss needs;
+        returns, per token of the batch, the cache index (-1 off the routed rows), the teacher's sampled-token
+        log-prob and entropy, and the seconds the passes took (SPEC §9's `srpo/time/teacher_s`). Per-token tensors
+        survive GRPOTrainer's shuffle and split of the batch; the cache holds routed tokens only."""
         device = mask.device
         cache_index = torch.full(mask.shape, -1, dtype=torch.int32, device=device)
         teacher_token_logps = torch.zeros(mask.shape, device=device)
         entropy = torch.zeros_like(teacher_token_logps)
-        hidden, log_normalizer, logits = [], [], None
+        prefixes, prefix_of_row = unique_prefixes(teacher_prompts)
+        plan = shared_prefix_plan(prefix_of_row, self._rows_per_pass(mode))
+        passes = sum(1 + len(row_chunks) for _, row_chunks in plan)
+        # ZeRO-3 gathers each layer's weights from all processes as it runs them (and the LM head for the
+        # statistics): every process makes as many passes as the busiest one, agreed on before any, and one
+        # statistics call. `routes` is global: every process agrees whether anything is routed.
+        lockstep = self._dist.is_zero3 and routes.needs_teacher.any()
+        most = int(self.accelerator.gather(torch.tensor([passes], device=device)).max()) if lockstep else passes
+        hidden, tokens = [], []
         started = time.perf_counter()
-        chunks = self._row_chunks(rows, mode)
-        for chunk in chunks:
-            index = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device)
-            chunk_hidden, chunk_normalizer, chunk_token_logps, chunk_entropy, logits = self._score_rows(
-                batch, index, mask[index], [teacher_prompts[i] for i in chunk]
-            )
-            chunk_rows, positions = mask[index].nonzero(as_tuple=True)
-            start = sum(len(h) for h in hidden)
-            cache_index[index[chunk_rows], positions] = torch.arange(
-                start, start + len(positions), dtype=torch.int32, device=device
-            )
-            teacher_token_logps[index[chunk_rows], positions] = chunk_token_logps
-            entropy[index[chunk_rows], positions] = chunk_entropy
-            hidden.append(chunk_hidden)
-            log_normalizer.append(chunk_normalizer)
-        # ZeRO-3 gathers each layer's weights from all processes as it runs them: a process with fewer routed rows
-        # keeps in step with passes over a dummy row whose tokens are all masked out. Their empty results keep the
-        # cache's shapes on a process without routed rows.
-        for _ in range(self._max_row_chunks(routes, mode) - len(chunks) if self._dist.is_zero3 else 0):
-            index = torch.zeros(1, dtype=torch.long, device=device)
-            dummy_hidden, dummy_normalizer, _, _, logits = self._score_rows(
-                batch, index, torch.zeros_like(mask[index]), [[self._tokenizer.pad_token_id]]
-            )
-            hidden.append(dummy_hidden)
-            log_normalizer.append(dummy_normalizer)
+        with torch.no_grad(), self.teacher.active() as model, self.accelerator.autocast():
+            for prefix_batch, row_chunks in plan:
+                prefix = self._prefix_pass(model, [prefixes[p] for p in prefix_batch])
+                for chunk in row_chunks:
+                    index = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device)
+                    continues = [prefix_batch.index(prefix_of_row[i]) for i in chunk]
+                    chunk_rows, positions = mask[index].nonzero(as_tuple=True)
+                    start = sum(len(h) for h in hidden)
+                    cache_index[index[chunk_rows], positions] = torch.arange(
+                        start, start + len(positions), dtype=torch.int32, device=device
+                    )
+                    hidden.append(self._continuation_hidden(model, prefix, continues, batch, index)[mask[index]])
+                    tokens.append(batch["completion_ids"][index][mask[index]])
+            for _ in range(most - passes):  # a one-token dummy prompt; its empty result keeps the cache's shapes
+                hidden.append(self._prefix_pass(model, [[self._tokenizer.pad_token_id]]).last_hidden[:0])
+                tokens.append(torch.zeros(0, dtype=torch.long, device=device))
+            if hidden:
+                hidden, tokens = torch.cat(hidden), torch.cat(tokens)
+                logits = self._logits(hidden)
+                _, head = backbone_and_head(model)
+                log_normalizer, token_logps, token_entropy = teacher_statistics(
+                    hidden, head.weight, head.bias, logits, tokens
+                )
+                scored = cache_index >= 0
+                teacher_token_logps[scored] = token_logps[cache_index[scored]]
+                entropy[scored] = token_entropy[cache_index[scored]]
         seconds = time.perf_counter() - started
-        if self.args.routing != "advantage_mix" and hidden:  # advantage_mix does not distil
+        if self.args.routing != "advantage_mix" and most:  # advantage_mix does not distil
             self._teacher_cache[mode] = _TeacherCache(
-                torch.cat(hidden),
-                torch.cat(log_normalizer),
+                hidden,
+                log_normalizer,
                 self._teacher_head(snapshot=mode == "train" and not self._scored_by_current_teacher),
                 logits,
             )
@@ -369,49 +404,39 @@ class SRPOTrainer(GRPOTrainer):
     def _rows_per_pass(self, mode: str) -> int:
         return self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
 
-    def _row_chunks(self, rows: list[int], mode: str) -> list[range]:
-        size = self._rows_per_pass(mode)
-        return [range(start, min(start + size, len(rows))) for start in range(0, len(rows), size)]
+    def _prefix_pass(self, model, prefixes: list[list[int]]) -> _Prefix:
+        """The teacher over `prompts` (left-padded), keeping its keys and values for the completions that follow.
 
-    def _max_row_chunks(self, routes: Routes, mode: str) -> int:
-        """The most teacher passes any process makes (`routes` is global, so every process knows them all)."""
-        most_rows = routes.needs_teacher.view(self.accelerator.num_processes, -1).sum(dim=1).max().item()
-        return -(-most_rows // self._rows_per_pass(mode))
-
-    def _score_rows(self, batch, index: torch.Tensor, row_mask: torch.Tensor, teacher_prompts: list[list[int]]):
-        """The teacher's final hidden states, log-normaliser, sampled-token log-probs and entropy at `row_mask`'s
-        tokens of the batch rows `index`, seeing `teacher_prompts` before the same completions; and the `Logits`
-        they were computed with."""
+        It goes through the model's top-level forward (under ZeRO-3, DeepSpeed's prefetching follows the top-level
+        module's hooks) and projects no logits: hidden states are taken at the backbone's output."""
         device = self.accelerator.device
-        teacher_ids = [torch.tensor(ids) for ids in teacher_prompts]
-        with self.teacher.active() as teacher_model, self.accelerator.autocast():
-            hidden, head = self._completion_hidden_states(
-                teacher_model,
-                pad(teacher_ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device),
-                pad([torch.ones_like(ids) for ids in teacher_ids], padding_value=0, padding_side="left").to(device),
-                batch["completion_ids"][index],
-                batch["completion_mask"][index],
-            )
-            hidden = hidden[row_mask]
-            tokens = batch["completion_ids"][index][row_mask]
-            logits = self._logits(hidden)
-            statistics = teacher_statistics(hidden, head.weight, head.bias, logits, tokens)
-        return hidden, *statistics, logits
-
-    @torch.no_grad()
-    def _completion_hidden_states(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask):
-        """Final hidden states predicting each completion token `(rows, C, hidden)`, and the model's LM head.
-
-        The pass goes through the model's top-level forward (under ZeRO-3, DeepSpeed's prefetching follows the
-        top-level module's hooks), builds no KV cache and projects no logits: the hidden states are taken at the
-        backbone's output, and the loss projects only the rows it needs."""
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        no_logits = torch.empty(0, dtype=torch.long, device=input_ids.device)
+        ids = [torch.tensor(prefix) for prefix in prefixes]
+        input_ids = pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
+        attention_mask = pad([torch.ones_like(i) for i in ids], padding_value=0, padding_side="left").to(device)
         with self._capture_hidden_states(model) as captured:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=no_logits)
-        start = prompt_ids.size(1) - 1
-        return captured[-1][:, start : start + completion_ids.size(1)], backbone_and_head(model)[1]
+            output = model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=_NO_LOGITS
+            )
+        cache = output.cache if hasattr(output, "cache") else output.past_key_values  # transformers >= 5.18 / older
+        return _Prefix(cache, attention_mask, captured[-1][:, -1])
+
+    def _continuation_hidden(self, model, prefix: _Prefix, continues: list[int], batch, index) -> torch.Tensor:
+        """The teacher's final hidden states predicting each completion token `(rows, C, hidden)` of the batch rows
+        `index`, each continuing the prompt `continues[i]` of `prefix` from its cached keys and values."""
+        at = torch.tensor(continues, device=index.device)
+        cache = copy.deepcopy(prefix.cache)
+        cache.batch_select_indices(at)
+        attention_mask = torch.cat([prefix.attention_mask[at], batch["completion_mask"][index]], dim=1)
+        with self._capture_hidden_states(model) as captured:
+            model(
+                input_ids=batch["completion_ids"][index],
+                attention_mask=attention_mask,
+                use_cache=True,
+                logits_to_keep=_NO_LOGITS,
+                **{self._cache_argument: cache},
+            )
+        # Completion token t is predicted from position t - 1: the first one from the prompt's last position.
+        return torch.cat([prefix.last_hidden[at].unsqueeze(1), captured[-1][:, :-1]], dim=1)
 
     def _logits(self, hidden: torch.Tensor) -> Logits:
         """How GRPOTrainer's fused LM head turns this model's `hidden` states into the sampling distribution's logits
@@ -526,8 +551,13 @@ class SRPOTrainer(GRPOTrainer):
 
     @contextmanager
     def _head_scores_only(self, policy, rows: torch.Tensor):
-        """GRPOTrainer's fused LM head scores only `rows` (the others' labels become -100): on GPU, TRL's kernel then
-        skips the distilled rows' vocabulary work, which the distillation does itself."""
+        """GRPOTrainer's fused LM head scores only `rows`: the others' labels become -100, and TRL's head skips the
+        positions labelled -100. That is its GPU path; on CPU TRL 1.16 projects every position instead (a fixed tile
+        shape, for devices that recompile), which is lifted here. Each distilled token's vocabulary work is then done
+        once, by the distillation. With every row on GRPO nothing changes: SRPO is GRPOTrainer bit for bit."""
+        if rows.all():
+            yield
+            return
         offset = 0
 
         def drop_labels(module, args, kwargs):
@@ -540,9 +570,12 @@ class SRPOTrainer(GRPOTrainer):
             return args, {**kwargs, "labels": labels.masked_fill(~keep.unsqueeze(1), -100)}
 
         handle = causal_lm(policy).register_forward_pre_hook(drop_labels, with_kwargs=True)
+        compact_on = trl_utils._use_triton
+        trl_utils._use_triton = lambda device: device.type == "cpu" or compact_on(device)
         try:
             yield
         finally:
+            trl_utils._use_triton = compact_on
             handle.remove()
 
     def _distillation_token_losses(self, policy, hidden, inputs, sdpo_tokens, cache: _TeacherCache) -> torch.Tensor:

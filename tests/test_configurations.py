@@ -59,9 +59,7 @@ def test_identical_teacher_and_student_distil_nothing_in_bf16(char_tokenizer, tm
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_teacher_scores_deterministically_through_the_top_level_forward_without_a_cache(
-    char_tokenizer, tmp_path, lora
-):
+def test_teacher_scores_deterministically_through_the_top_level_forward(char_tokenizer, tmp_path, lora):
     from peft import LoraConfig
 
     trainer = make_trainer(
@@ -72,25 +70,23 @@ def test_teacher_scores_deterministically_through_the_top_level_forward_without_
     )
     trainer.model.train()  # as during training: the policy (and with PEFT, the teacher's adapter) in train mode
     calls = []
-    trainer.teacher.model.register_forward_hook(
-        lambda module, args, kwargs, output: calls.append((kwargs, output)), with_kwargs=True
-    )
+    trainer.teacher.model.register_forward_hook(lambda module, args, output: calls.append(output))
     generator = torch.Generator().manual_seed(0)
     batch = {
-        "completion_ids": torch.randint(5, 90, (2, 7), generator=generator),
-        "completion_mask": torch.ones(2, 7, dtype=torch.long),
+        "completion_ids": torch.randint(5, 90, (3, 7), generator=generator),
+        "completion_mask": torch.ones(3, 7, dtype=torch.long),
     }
     prompts = [char_tokenizer.encode("a teacher prompt"), char_tokenizer.encode("another one")]
-    first, second = (
-        trainer._score_rows(batch, torch.arange(2), batch["completion_mask"].bool(), prompts) for _ in "12"
-    )
-    for a, b in zip(first[:4], second[:4], strict=True):
-        assert torch.equal(a, b)
+
+    def score():
+        with torch.no_grad(), trainer.teacher.active() as model:
+            prefix = trainer._prefix_pass(model, prompts)
+            return trainer._continuation_hidden(model, prefix, [0, 1, 0], batch, torch.arange(3))
+
+    assert torch.equal(score(), score())
     assert trainer.model.training, "the policy's mode is restored"
-    assert len(calls) == 2
-    for kwargs, output in calls:
-        assert kwargs["use_cache"] is False and output.logits.shape[1] == 0
-        assert getattr(output, "past_key_values", None) is None and getattr(output, "cache", None) is None
+    assert len(calls) == 4  # a prefix pass and a completion pass each time
+    assert all(output.logits.shape[1] == 0 for output in calls)  # no vocabulary-sized work in the forward
 
 
 def tiny_family_model(char_tokenizer, family):
@@ -327,3 +323,33 @@ def test_setups_that_would_be_silently_wrong_are_refused(overrides, message):
 def test_bnpo_with_an_entropy_bonus_is_refused_at_construction(char_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="Use loss_type='dapo'"):
         make_trainer(char_tokenizer, tmp_path, loss_type="bnpo", entropy_coef=0.1)
+
+
+def test_shared_prefix_scoring_equals_scoring_each_row_alone(char_tokenizer, tmp_path):
+    # Seven routed rows continuing two teacher prompts of different lengths, with padded completions: the teacher's
+    # hidden states equal one full forward of each row's prompt + completion (fp32, 1e-5).
+    trainer = make_trainer(char_tokenizer, tmp_path, model=peaked(build_tiny_model(char_tokenizer, seed=1), 10.0))
+    generator = torch.Generator().manual_seed(1)
+    batch = {
+        "completion_ids": torch.randint(5, 90, (7, 9), generator=generator),
+        "completion_mask": (torch.arange(9) < torch.tensor([9, 4, 7, 9, 1, 6, 9])[:, None]).long(),
+    }
+    prompts = [char_tokenizer.encode("the question and a correct solution"), char_tokenizer.encode("short")]
+    continues = [0, 1, 1, 0, 0, 1, 0]
+    mask = batch["completion_mask"].bool()
+    with torch.no_grad(), trainer.teacher.active() as model:
+        prefix = trainer._prefix_pass(model, prompts)
+        shared = trainer._continuation_hidden(model, prefix, continues, batch, torch.arange(7))
+        for row, prompt in enumerate(continues):
+            ids = torch.tensor(prompts[prompt] + batch["completion_ids"][row].tolist())[None]
+            alone = model.model(input_ids=ids).last_hidden_state[0, len(prompts[prompt]) - 1 : -1]
+            torch.testing.assert_close(shared[row][mask[row]], alone[mask[row]], rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_prefix_plan():
+    from srpo_trl.teacher import shared_prefix_plan, unique_prefixes
+
+    prefixes, prefix_of_row = unique_prefixes([[1, 2], [3], [1, 2], [4, 5], [3], [1, 2]])
+    assert prefixes == [[1, 2], [3], [4, 5]] and prefix_of_row == [0, 1, 0, 2, 1, 0]
+    assert shared_prefix_plan(prefix_of_row, 2) == [([0, 1], [[0, 1], [2, 4], [5]]), ([2], [[3]])]
+    assert shared_prefix_plan([], 2) == []

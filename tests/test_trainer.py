@@ -113,11 +113,13 @@ def test_parity_with_grpo_trainer_when_nothing_is_routed(char_tokenizer, tmp_pat
 
 
 def count_rows(module):
-    """Count the calls of `module` and the rows they carry."""
-    counter = {"rows": 0, "calls": 0}
+    """Count the calls of `module` and the rows they carry: `prefix_rows` start a sequence, `rows` continue cached
+    prefixes (the teacher's completions) or are whole sequences."""
+    counter = {"rows": 0, "calls": 0, "prefix_rows": 0}
 
     def hook(module, args, kwargs):
-        counter["rows"] += kwargs["input_ids"].size(0)
+        cached = kwargs.get("cache", kwargs.get("past_key_values")) is not None
+        counter["rows" if cached or not kwargs.get("use_cache") else "prefix_rows"] += kwargs["input_ids"].size(0)
         counter["calls"] += 1
 
     module.register_forward_pre_hook(hook, with_kwargs=True)
@@ -139,15 +141,17 @@ class RecordingReward:
 
 
 def expected_routing(rewards, group_size=4):
-    routed = correct = fallback = 0
+    """Routed rollouts, correct and fallback fractions, and groups with routed rollouts (their teacher prompts)."""
+    routed = correct = fallback = routed_groups = 0
     for start in range(0, len(rewards), group_size):
         group = rewards[start : start + group_size]
         wins = sum(r >= 1.0 for r in group)
         correct += wins
         routed += sum(1 for r in group if r < 1.0 and wins > 0)
+        routed_groups += 0 < wins < len(group)
         fallback += len(group) if wins == 0 else 0
     n = len(rewards)
-    return routed, correct / n, fallback / n
+    return routed, correct / n, fallback / n, routed_groups
 
 
 def test_routed_fraction_teacher_calls_and_metrics(char_tokenizer, tmp_path):
@@ -156,10 +160,12 @@ def test_routed_fraction_teacher_calls_and_metrics(char_tokenizer, tmp_path):
     counter = count_rows(trainer.teacher.model.model)
     trainer.train()
     routed_per_step = [expected_routing(batch) for batch in reward.batches]
-    assert counter["rows"] == sum(r for r, _, _ in routed_per_step) > 0, "the teacher scores routed rows only"
-    assert logged(trainer, "srpo/route/sdpo_frac") == pytest.approx([r / 8 for r, _, _ in routed_per_step])
-    assert logged(trainer, "srpo/route/correct_frac") == pytest.approx([c for _, c, _ in routed_per_step])
-    assert logged(trainer, "srpo/route/fallback_frac") == pytest.approx([f for _, _, f in routed_per_step])
+    assert counter["rows"] == sum(r for r, _, _, _ in routed_per_step) > 0, "the teacher scores routed rows only"
+    # one teacher prompt per group with routed rollouts, computed once whatever the number of its routed rollouts
+    assert counter["prefix_rows"] == sum(g for _, _, _, g in routed_per_step) < counter["rows"]
+    assert logged(trainer, "srpo/route/sdpo_frac") == pytest.approx([r / 8 for r, _, _, _ in routed_per_step])
+    assert logged(trainer, "srpo/route/correct_frac") == pytest.approx([c for _, c, _, _ in routed_per_step])
+    assert logged(trainer, "srpo/route/fallback_frac") == pytest.approx([f for _, _, f, _ in routed_per_step])
     for key in ("loss", "srpo/loss/grpo", "srpo/loss/sdpo", "srpo/teacher_entropy/mean", "srpo/time/teacher_s"):
         assert all(math.isfinite(v) for v in logged(trainer, key)), key
     for entry in trainer.state.log_history[:-1]:
@@ -651,3 +657,45 @@ def test_evaluation_routes_and_distils_like_training(char_tokenizer, tmp_path):
     assert metrics["eval_srpo/loss/sdpo"] > 0 and math.isfinite(metrics["eval_srpo/loss/grpo"])
     assert math.isfinite(metrics["eval_srpo/teacher_entropy/mean"])
     assert trainer._teacher_cache["eval"] is None  # released after each eval batch's loss
+
+
+def test_each_completion_token_goes_through_one_lm_head_pass(char_tokenizer, tmp_path, monkeypatch):
+    # GRPOTrainer's fused head projects the GRPO rows' tokens, the distillation the SDPO rows' ones: no vocabulary-
+    # sized work twice, and (on CPU as on GPU) none on prompt positions.
+    import trl.trainer.utils as trl_utils
+
+    import srpo_trl.trainer
+
+    projected = {"grpo": 0, "sdpo": 0}
+    fused, topk = trl_utils._ChunkedLogProbFunction.apply, srpo_trl.trainer.student_topk_logps
+
+    def count_fused(hidden, *args):
+        projected["grpo"] += hidden.size(0)
+        return fused(hidden, *args)
+
+    def count_topk(hidden, *args):
+        projected["sdpo"] += hidden.size(0)
+        return topk(hidden, *args)
+
+    scored = []
+    compute_loss = SRPOTrainer._compute_loss
+
+    def record(self, model, inputs):
+        scored.append(inputs)
+        projected.update(grpo=0, sdpo=0)
+        loss = compute_loss(self, model, inputs)
+        scored.append(dict(projected))
+        return loss
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", count_fused)
+    monkeypatch.setattr(srpo_trl.trainer, "student_topk_logps", count_topk)
+    monkeypatch.setattr(SRPOTrainer, "_compute_loss", record)
+    trainer = make_trainer(
+        char_tokenizer, tmp_path, reward=patterned_reward, per_device_train_batch_size=16, max_steps=1
+    )
+    trainer.train()
+    inputs, counts = scored
+    tokens = inputs["completion_mask"].bool()
+    assert inputs["srpo_sdpo_mask"].any() and inputs["srpo_grpo_mask"].any()
+    assert counts["grpo"] == tokens[inputs["srpo_grpo_mask"]].sum().item()
+    assert counts["sdpo"] == tokens[inputs["srpo_sdpo_mask"]].sum().item()

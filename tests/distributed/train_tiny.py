@@ -125,6 +125,10 @@ def main():
         with open(os.path.join(args.output_dir, "log_history.json"), "w") as f:
             json.dump(trainer.state.log_history, f)
     state.wait_for_everyone()
+    # Torn down explicitly: gloo's threads left to the interpreter's exit sometimes abort a run that succeeded
+    # ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def whole_weights(model) -> dict[str, torch.Tensor]:
