@@ -360,6 +360,7 @@ def test_vllm_colocate_sleep_mode_rollout_is_weights_reach_the_sdpo_branch(
         vllm_generation, "LLM", lambda **kwargs: engines.append(StandInLLM(**kwargs)) or engines[-1], raising=False
     )
     monkeypatch.setattr(vllm_generation, "SamplingParams", dict, raising=False)
+    monkeypatch.setattr("srpo_trl.vllm_cpu.is_cpu_vllm", lambda: False)  # it plays a GPU engine (sleep mode)
     monkeypatch.setattr("os.environ", dict(os.environ))  # VLLMGeneration sets RANK, MASTER_PORT, ...: keep them here
     eos = char_tokenizer.eos_token_id
     # Each group of 4: two correct ("ab", lowercase) and two failed rollouts, so half the batch is distilled
