@@ -48,10 +48,10 @@ class CPUColocateVLLMGeneration(VLLMGeneration):
         if self.mode != "colocate":
             return super().sync_weights()
         # No sleep mode on CPU (`check_cpu_vllm_settings`), so nothing to wake. `reload_weights` loads the
-        # checkpoint-format tensors layer by layer and repacks each layer once its weights are all in.
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": self._iter_named_params(), "is_checkpoint_format": True}
-        )
+        # checkpoint-format tensors layer by layer and repacks each layer once its weights are all in; it holds the
+        # tensors until then, so each is copied while TRL's iterator has it gathered (ZeRO-3) or merged (LoRA).
+        weights = ((name, tensor.detach().clone()) for name, tensor in self._iter_named_params())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
 
 
