@@ -4,8 +4,12 @@ Each test starts its own engine, in a pytest process of its own (`conftest.py`):
 The model is a tiny Qwen3 saved to a local folder (`model_dir`): vLLM loads from a path.
 """
 
+import json
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +18,7 @@ pytest.importorskip(
 )
 
 import torch  # noqa: E402
+from engine_probe import SYNCED_GAP, assert_synced_after_each_step, record_syncs  # noqa: E402
 from test_trainer import (  # noqa: E402
     RecordingReward,
     count_rows,
@@ -23,7 +28,6 @@ from test_trainer import (  # noqa: E402
     make_trainer,
 )
 from trl import GRPOTrainer  # noqa: E402
-from vllm import SamplingParams  # noqa: E402
 
 import srpo_trl.trainer  # noqa: E402
 from srpo_trl import SRPOTrainer  # noqa: E402
@@ -32,43 +36,6 @@ from srpo_trl.vllm_cpu import CPUColocateVLLMGeneration, use_cpu_weight_sync  # 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache; the default would take a share of RAM
 
 VLLM_COLOCATE = dict(use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=False, vllm_max_model_length=128)
-PROBE_PROMPTS = ["Spell q", "Spell r", "Spell s", "Spell t"]
-
-
-def engine_policy_gap(trainer) -> float:
-    """Largest |log π(y_t)| difference between the engine and the policy on a few sampled completions (temperature
-    1, no truncation): below `SYNCED_GAP` when the engine holds the policy's weights, far above it otherwise."""
-    tokenizer = trainer.processing_class
-    prompts = [tokenizer.encode(text) for text in PROBE_PROMPTS]
-    outputs = trainer.vllm_generation.llm.generate(
-        [{"prompt_token_ids": ids} for ids in prompts],
-        SamplingParams(max_tokens=8, temperature=1.0, logprobs=0, seed=0),
-        use_tqdm=False,
-    )
-    gap = 0.0
-    for ids, output in zip(prompts, outputs, strict=True):
-        completion = output.outputs[0]
-        tokens = list(completion.token_ids)
-        with torch.no_grad():
-            logits = trainer.model(input_ids=torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1]
-        policy = logits.float().log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
-        engine = torch.tensor([step[token].logprob for step, token in zip(completion.logprobs, tokens, strict=True)])
-        gap = max(gap, (policy - engine).abs().max().item())
-    return gap
-
-
-def record_syncs(trainer, monkeypatch) -> list[tuple[float, float]]:
-    """Around each weight sync, the engine-policy gap before and after it."""
-    gaps = []
-    sync = trainer.vllm_generation.sync_weights
-
-    def recorded_sync():
-        before = engine_policy_gap(trainer)
-        sync()
-        gaps.append((before, engine_policy_gap(trainer)))
-
-    monkeypatch.setattr(trainer.vllm_generation, "sync_weights", recorded_sync)
-    return gaps
 
 
 def record_distillation(monkeypatch) -> list[dict]:
@@ -90,20 +57,6 @@ def record_distillation(monkeypatch) -> list[dict]:
     return distilled
 
 
-# The engine's compiled CPU kernels and the policy's eager forward differ by up to ~0.006 nats with equal weights
-# (seen: 0.0047 at the first sync, before it and after); a stale engine differs by ~1 after one step at lr 1e-2.
-SYNCED_GAP = 0.02
-
-
-def assert_synced_after_each_step(gaps, steps):
-    assert len(gaps) == steps, "one sync per optimizer step (global_step 0, 1, ...)"
-    for _, after in gaps:
-        assert after < SYNCED_GAP, f"engine and policy differ after a sync (before, after): {gaps}"
-    # The policy moved since the previous sync: the engine's stale weights show, so the check above has teeth.
-    for before, after in gaps[1:]:
-        assert before > 10 * after, f"the policy did not move between syncs (before, after): {gaps}"
-
-
 def test_srpo_routes_distils_and_syncs_the_cpu_engine(char_tokenizer, tmp_path, model_dir, monkeypatch):
     reward = RecordingReward(first_letter_reward)
     distilled = record_distillation(monkeypatch)
@@ -112,7 +65,7 @@ def test_srpo_routes_distils_and_syncs_the_cpu_engine(char_tokenizer, tmp_path, 
     trainer = make_trainer(char_tokenizer, tmp_path, reward=reward, model=model_dir, top_k=8, **VLLM_COLOCATE)
     assert type(trainer.vllm_generation) is CPUColocateVLLMGeneration
     teacher_rows = count_rows(trainer.teacher.model.model)
-    gaps = record_syncs(trainer, monkeypatch)
+    gaps = record_syncs(trainer)
     trainer.train()
 
     # rows routed as the rewards of the engine's rollouts say, and the teacher scores exactly those rows
@@ -151,7 +104,7 @@ def test_lora_policy_adapter_reaches_the_cpu_engine(char_tokenizer, tmp_path, mo
     )
     assert type(trainer.vllm_generation) is CPUColocateVLLMGeneration
     teacher_rows = count_rows(trainer.model.get_base_model().model)
-    gaps = record_syncs(trainer, monkeypatch)
+    gaps = record_syncs(trainer)
     trainer.train()
 
     assert sum(expected_routing(batch)[0] for batch in reward.batches) > 0 and teacher_rows["calls"] > 0
@@ -165,7 +118,7 @@ def test_lora_policy_adapter_reaches_the_cpu_engine(char_tokenizer, tmp_path, mo
 def test_grpo_trainer_with_the_cpu_weight_sync(char_tokenizer, tmp_path, model_dir, monkeypatch):
     trainer = make_trainer(char_tokenizer, tmp_path, model=model_dir, trainer_class=GRPOTrainer, **VLLM_COLOCATE)
     assert use_cpu_weight_sync(trainer)
-    gaps = record_syncs(trainer, monkeypatch)
+    gaps = record_syncs(trainer)
     trainer.train()
     assert_synced_after_each_step(gaps, steps=2)
     # TRL's own measure of the engine-policy mismatch on the training rollouts
@@ -183,3 +136,22 @@ def test_sleep_mode_on_the_cpu_engine_is_refused_before_it_starts(char_tokenizer
     settings = dict(VLLM_COLOCATE, vllm_enable_sleep_mode=True)
     with pytest.raises(ValueError, match="vllm_enable_sleep_mode=True, but vLLM runs on its CPU backend"):
         make_trainer(char_tokenizer, tmp_path, model=model_dir, **settings)
+
+
+def test_zero3_two_processes_each_with_a_cpu_engine(tmp_path, model_dir):
+    # As the paper's launch (ZeRO-3, vLLM colocated on every process), on 2 CPU processes: TRL gathers each sharded
+    # weight for the sync, every process's engine then holds the whole policy.
+    script = Path(__file__).parent / "zero3_colocate.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    command += [f"--output_dir={tmp_path}", f"--model_dir={model_dir}"]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(script.parent), env.get("PYTHONPATH")]))
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"{' '.join(command)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+    result = json.loads((tmp_path / "result.json").read_text())
+    for process in result["processes"]:
+        assert process["engine"] == "CPUColocateVLLMGeneration" and process["sharded"]
+        assert_synced_after_each_step([tuple(gap) for gap in process["gaps"]], steps=2)
+    steps = [entry for entry in result["log"] if "loss" in entry]
+    assert max(entry["srpo/route/sdpo_frac"] for entry in steps) > 0
+    assert all(entry["sampling/sampling_logp_difference/max"] < SYNCED_GAP for entry in steps)
