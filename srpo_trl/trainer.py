@@ -56,6 +56,7 @@ from .teacher import (
     shared_prefix_plan,
     unique_prefixes,
 )
+from .vllm_cpu import check_cpu_vllm_settings, use_cpu_weight_sync
 from .vocab import Logits, logit_scale_and_softcap, logps_on_support, student_topk_logps, teacher_statistics
 
 TEACHER_STATE_FILE = "srpo_teacher.safetensors"
@@ -135,7 +136,9 @@ class SRPOTrainer(GRPOTrainer):
                 f"SRPOTrainer needs an SRPOConfig, got {type(args).__name__}; build one with "
                 "SRPOConfig(**your_config.to_dict()) or pass routing='grpo' for plain GRPO."
             )
+        check_cpu_vllm_settings(args)  # before GRPOTrainer starts vLLM: the CPU backend has no sleep mode
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        use_cpu_weight_sync(self)  # vLLM colocate on a CPU engine: weight sync through vLLM's reload path
         self.teacher = None
         self._teacher_cache: dict[str, _TeacherCache | None] = {"train": None, "eval": None}
         if args.routing == "grpo":

