@@ -351,28 +351,9 @@ class StandInLLM:
         ]
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_vllm_colocate_sleep_mode_rollout_is_weights_reach_the_sdpo_branch(
-    char_tokenizer, tmp_path, monkeypatch, lora
-):
-    import trl.generation.vllm_generation as vllm_generation
-    from peft import LoraConfig
-
+def record_distillation(monkeypatch) -> list[dict]:
+    """Each distillation call's inputs, and the importance ratio that multiplies its divergence."""
     import srpo_trl.trainer
-
-    engines = []
-    monkeypatch.setattr(vllm_generation, "is_vllm_available", lambda *args, **kwargs: True)
-    monkeypatch.setattr(
-        vllm_generation, "LLM", lambda **kwargs: engines.append(StandInLLM(**kwargs)) or engines[-1], raising=False
-    )
-    monkeypatch.setattr(vllm_generation, "SamplingParams", dict, raising=False)
-    monkeypatch.setattr("srpo_trl.vllm_cpu.is_cpu_vllm", lambda: False)  # it plays a GPU engine (sleep mode)
-    monkeypatch.setattr("os.environ", dict(os.environ))  # VLLMGeneration sets RANK, MASTER_PORT, ...: keep them here
-    eos = char_tokenizer.eos_token_id
-    # Each group of 4: two correct ("ab", lowercase) and two failed rollouts, so half the batch is distilled
-    monkeypatch.setattr(
-        StandInLLM, "completion_ids", [char_tokenizer.encode(t) + [eos] for t in ("ab", "ab", "AB", "AB")]
-    )
 
     distilled = []
     token_losses = srpo_trl.trainer.sdpo_token_losses
@@ -388,6 +369,38 @@ def test_vllm_colocate_sleep_mode_rollout_is_weights_reach_the_sdpo_branch(
 
     monkeypatch.setattr(SRPOTrainer, "_distillation_token_losses", record_inputs)
     monkeypatch.setattr(srpo_trl.trainer, "sdpo_token_losses", record_ratio)
+    return distilled
+
+
+def rollout_importance_ratio(inputs) -> torch.Tensor:
+    """vLLM's rollout importance ratio at a micro-batch's distilled tokens, in the distillation's token order."""
+    rows = inputs["srpo_sdpo_mask"].nonzero().squeeze(1)
+    mask = inputs["completion_mask"][rows].bool()
+    return inputs["importance_sampling_ratio"].expand_as(inputs["completion_mask"])[rows][mask]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_vllm_colocate_sleep_mode_rollout_is_weights_reach_the_sdpo_branch(
+    char_tokenizer, tmp_path, monkeypatch, lora
+):
+    import trl.generation.vllm_generation as vllm_generation
+    from peft import LoraConfig
+
+    engines = []
+    monkeypatch.setattr(vllm_generation, "is_vllm_available", lambda *args, **kwargs: True)
+    monkeypatch.setattr(
+        vllm_generation, "LLM", lambda **kwargs: engines.append(StandInLLM(**kwargs)) or engines[-1], raising=False
+    )
+    monkeypatch.setattr(vllm_generation, "SamplingParams", dict, raising=False)
+    monkeypatch.setattr("srpo_trl.vllm_cpu.is_cpu_vllm", lambda: False)  # it plays a GPU engine (sleep mode)
+    monkeypatch.setattr("os.environ", dict(os.environ))  # VLLMGeneration sets RANK, MASTER_PORT, ...: keep them here
+    eos = char_tokenizer.eos_token_id
+    # Each group of 4: two correct ("ab", lowercase) and two failed rollouts, so half the batch is distilled
+    monkeypatch.setattr(
+        StandInLLM, "completion_ids", [char_tokenizer.encode(t) + [eos] for t in ("ab", "ab", "AB", "AB")]
+    )
+
+    distilled = record_distillation(monkeypatch)
 
     trainer = make_trainer(
         char_tokenizer,
@@ -420,10 +433,7 @@ def test_vllm_colocate_sleep_mode_rollout_is_weights_reach_the_sdpo_branch(
     # rollout IS weights (vLLM's log-probs against the policy's) multiply the distillation term
     assert len(distilled) == 2
     for record in distilled:
-        inputs = record["inputs"]
-        rows = inputs["srpo_sdpo_mask"].nonzero().squeeze(1)
-        mask = inputs["completion_mask"][rows].bool()
-        rollout_is = inputs["importance_sampling_ratio"].expand_as(inputs["completion_mask"])[rows][mask]
+        rollout_is = rollout_importance_ratio(record["inputs"])
         assert rollout_is.max() < 0.5, "the stand-in's log-probs differ from the policy's"
         torch.testing.assert_close(record["ratio"], rollout_is, rtol=1e-4, atol=0)
 

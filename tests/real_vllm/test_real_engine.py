@@ -26,35 +26,16 @@ from test_trainer import (  # noqa: E402
     first_letter_reward,
     logged,
     make_trainer,
+    record_distillation,
+    rollout_importance_ratio,
 )
 from trl import GRPOTrainer  # noqa: E402
 
-import srpo_trl.trainer  # noqa: E402
-from srpo_trl import SRPOTrainer  # noqa: E402
 from srpo_trl.vllm_cpu import CPUColocateVLLMGeneration, use_cpu_weight_sync  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache; the default would take a share of RAM
 
 VLLM_COLOCATE = dict(use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=False, vllm_max_model_length=128)
-
-
-def record_distillation(monkeypatch) -> list[dict]:
-    """Each distillation call's inputs, and the ratio that multiplies its divergence (as the stand-in test does)."""
-    distilled = []
-    branch_sum = srpo_trl.trainer.sdpo_branch_loss_sum
-    distillation = SRPOTrainer._distillation_loss_sum
-
-    def record_inputs(self, model, hidden, inputs, *args):
-        distilled.append({"inputs": inputs})
-        return distillation(self, model, hidden, inputs, *args)
-
-    def record_ratio(divergence, weights, ratio):
-        distilled[-1]["ratio"] = ratio.detach()
-        return branch_sum(divergence, weights, ratio)
-
-    monkeypatch.setattr(SRPOTrainer, "_distillation_loss_sum", record_inputs)
-    monkeypatch.setattr(srpo_trl.trainer, "sdpo_branch_loss_sum", record_ratio)
-    return distilled
 
 
 def test_srpo_routes_distils_and_syncs_the_cpu_engine(char_tokenizer, tmp_path, model_dir, monkeypatch):
@@ -70,19 +51,16 @@ def test_srpo_routes_distils_and_syncs_the_cpu_engine(char_tokenizer, tmp_path, 
 
     # rows routed as the rewards of the engine's rollouts say, and the teacher scores exactly those rows
     routed = [expected_routing(batch) for batch in reward.batches]
-    assert sum(r for r, _, _ in routed) > 0
-    assert logged(trainer, "srpo/route/sdpo_frac") == pytest.approx([r / 8 for r, _, _ in routed])
-    assert teacher_rows["rows"] == sum(r for r, _, _ in routed)
-    assert all(v > 0 for v, (r, _, _) in zip(logged(trainer, "srpo/loss/sdpo"), routed, strict=True) if r)
+    assert sum(r for r, *_ in routed) > 0
+    assert logged(trainer, "srpo/route/sdpo_frac") == pytest.approx([r / 8 for r, *_ in routed])
+    assert teacher_rows["rows"] == sum(r for r, *_ in routed)
+    assert all(v > 0 for v, (r, *_) in zip(logged(trainer, "srpo/loss/sdpo"), routed, strict=True) if r)
     assert all(math.isfinite(v) for v in logged(trainer, "loss"))
 
     # vLLM's rollout importance ratio (its log-probs against the policy's) multiplies the distillation term
     assert distilled
     for record in distilled:
-        inputs = record["inputs"]
-        rows = inputs["srpo_sdpo_mask"].nonzero().squeeze(1)
-        mask = inputs["completion_mask"][rows].bool()
-        rollout_is = inputs["importance_sampling_ratio"].expand_as(inputs["completion_mask"])[rows][mask]
+        rollout_is = rollout_importance_ratio(record["inputs"])
         assert rollout_is.max() <= 1.0 + 1e-5 and rollout_is.mean() < 0.9, "top-k sampling: ratio below 1"
         torch.testing.assert_close(record["ratio"], rollout_is, rtol=1e-4, atol=0)
 
