@@ -4,6 +4,10 @@
 with 0/1 rewards that is the mean accuracy over all samples. `BestWithinBudgetsCallback` runs it every few steps
 during training and keeps, for each budget (1 h, 5 h, 10 h by default), the best value reached before the budget
 ran out: the numbers of the paper's Table 1.
+
+Memory: with vLLM (`use_vllm`), the evaluation samples with the run's own engine, whose KV cache is already reserved
+(TRL's weight sync and sleep/wake included); without it, `model.generate` runs on bounded batches of sequences, since
+a batch of 8 problems x 16 samples x 8k tokens of Qwen3-8B would need about 150 GB of KV cache (docs/scaling.md).
 """
 
 import math
@@ -14,7 +18,7 @@ from contextlib import contextmanager
 import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedTokenizerBase, TrainerCallback
+from transformers import GenerationConfig, PreTrainedTokenizerBase, Trainer, TrainerCallback
 from trl.data_utils import is_conversational
 from trl.models import unwrap_model_for_generation
 
@@ -33,13 +37,16 @@ def avg_at_k(
     chat_template_kwargs: dict | None = None,
     generate: Callable | None = None,
     show_progress: bool = True,
+    sequences_per_generate: int | None = None,
 ) -> float:
     """Mean reward of `k` samples per problem of `dataset` (a `prompt` column plus the reward functions' columns).
 
-    Problems are split across processes and the sums gathered, so every process returns the same value. Pass
-    `generate(prompt_ids: list[list[int]]) -> list[list[int]]` to sample with another engine (e.g. vLLM); the
-    default samples with `model.generate`. A progress bar (one tick per batch of problems) shows on the main
-    process unless `show_progress=False`.
+    Problems are split across processes and the sums gathered, so every process returns the same value. Problems are
+    scored `batch_size` at a time; every process makes the same number of batches (possibly empty), so a `generate`
+    that is a collective (vLLM in server mode) stays in step. Pass `generate(prompt_ids: list[list[int]]) ->
+    list[list[int]]` to sample with another engine (e.g. vLLM); the default samples with `model.generate`, at most
+    `sequences_per_generate` sequences at a time (all of a batch's when None). A progress bar (one tick per batch of
+    problems) shows on the main process unless `show_progress=False`.
     """
     state = PartialState()
     rows = [dataset[i] for i in range(state.process_index, len(dataset), state.num_processes)]
@@ -52,14 +59,25 @@ def avg_at_k(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    generate = generate or (lambda prompt_ids: _hf_generate(model, prompt_ids, config, tokenizer.pad_token_id))
+    if generate is None:
+
+        def generate(prompt_ids):
+            step = sequences_per_generate or max(len(prompt_ids), 1)
+            return [
+                completion
+                for start in range(0, len(prompt_ids), step)
+                for completion in _hf_generate(model, prompt_ids[start : start + step], config, tokenizer.pad_token_id)
+            ]
+
     total = torch.zeros(2, dtype=torch.float64)
+    batches = range(0, math.ceil(len(dataset) / state.num_processes / batch_size) * batch_size, batch_size)
     with eval_mode(model):  # generating in train mode (gradient checkpointing, no KV cache) gives garbage
-        batches = range(0, len(rows), batch_size)
         for start in tqdm(batches, desc=f"avg@{k}", disable=not (show_progress and state.is_main_process)):
             batch = rows[start : start + batch_size]
             prompt_ids = [_render(tokenizer, row["prompt"], chat_template_kwargs or {}) for row in batch]
             completion_ids = generate([ids for ids in prompt_ids for _ in range(k)])
+            if not batch:
+                continue
             texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
             conversational = is_conversational({"prompt": batch[0]["prompt"]})
             completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
@@ -116,9 +134,11 @@ def _hf_generate(model, prompt_ids: list[list[int]], config: GenerationConfig, p
 class BestWithinBudgetsCallback(TrainerCallback):
     """Evaluate avg@k every `eval_steps` optimizer steps and keep the best value reached within each time budget.
 
-    Results are logged as `eval_avg@{k}` and `best_avg@{k}_within_{h}h`, and kept in `self.best`
-    (`{hours: value}`). Evaluation time does not count towards the budgets: they measure training time, as the
-    paper's "best avg@16 within 1 h, 5 h, 10 h of training" does.
+    Results are logged as `eval_avg@{k}` and `best_avg@{k}_within_{h}h`, in log rows of their own, and kept in
+    `self.best` (`{hours: value}`). Evaluation time does not count towards the budgets: they measure training time,
+    as the paper's "best avg@16 within 1 h, 5 h, 10 h of training" does. With `use_vllm`, samples come from the run's
+    vLLM engine (synced to the policy first); otherwise from `model.generate`, `per_device_eval_batch_size`
+    sequences at a time.
 
     Args:
         trainer: the [`SRPOTrainer`] (or any `GRPOTrainer`) being trained.
@@ -134,6 +154,7 @@ class BestWithinBudgetsCallback(TrainerCallback):
         self.kwargs = {
             "chat_template_kwargs": trainer.args.chat_template_kwargs,
             "show_progress": not trainer.args.disable_tqdm,
+            "sequences_per_generate": trainer.args.per_device_eval_batch_size,
             **avg_at_k_kwargs,
         }
         self.best = {hours: -math.inf for hours in self.budgets_hours}
@@ -154,10 +175,46 @@ class BestWithinBudgetsCallback(TrainerCallback):
             if self._training_seconds <= hours * 3600:
                 self.best[hours] = max(self.best[hours], value)
             logs[f"best_avg@{self.kwargs.get('k', 16)}_within_{hours:g}h"] = self.best[hours]
-        self.trainer.log(logs)
+        # Trainer's own log, not GRPOTrainer's: the latter would flush the step's pending training metrics into
+        # this row. Logging clears `should_log`, which Trainer has set for the step's training row: kept.
+        should_log = control.should_log
+        Trainer.log(self.trainer, logs)
+        control.should_log = should_log
         self._since = time.monotonic()
 
     def evaluate(self) -> float:
         trainer = self.trainer
+        if getattr(trainer, "use_vllm", False):
+            kwargs = {**self.kwargs, "batch_size": len(self.eval_dataset)}  # vLLM schedules its own batches
+            return avg_at_k(
+                trainer.model, trainer.processing_class, self.eval_dataset, trainer.reward_funcs,
+                generate=self._vllm_sampler(), **kwargs,
+            )  # fmt: skip
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
             return avg_at_k(model, trainer.processing_class, self.eval_dataset, trainer.reward_funcs, **self.kwargs)
+
+    def _vllm_sampler(self) -> Callable[[list[list[int]]], list[list[int]]]:
+        """Sampling with the run's engine, through GRPOTrainer's own path (weight sync when the policy has moved,
+        sleep/wake), with the evaluation's sampling parameters in place of training's for the call."""
+        trainer, generation = self.trainer, self.trainer.vllm_generation
+        sampling = {
+            "temperature": self.kwargs.get("temperature", 0.6),
+            "top_p": self.kwargs.get("top_p", 0.95),
+            "top_k": 0,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "max_completion_length": self.kwargs.get("max_new_tokens", 8192),
+        }
+
+        def generate(prompt_ids):
+            training = {name: getattr(generation, name) for name in sampling}
+            for name, value in sampling.items():
+                setattr(generation, name, value)
+            try:
+                completion_ids, _ = trainer._generate_single_turn(prompt_ids, None, {}, num_generations=1)
+            finally:
+                for name, value in training.items():
+                    setattr(generation, name, value)
+            return [list(ids) for ids in completion_ids]
+
+        return generate

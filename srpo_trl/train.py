@@ -11,11 +11,11 @@ Arguments come from three dataclasses, parsed by `trl.TrlParser` from a YAML `--
 
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from .config import SRPOConfig
 from .evaluation import BestWithinBudgetsCallback
-from .tasks import TASKS, get_reward_funcs, load_task_dataset
+from .tasks import SCIENCE_TASKS, SCIKNOWEVAL_HUB_REPO, TASKS, get_reward_funcs, load_task_dataset
 from .trainer import SRPOTrainer
 
 
@@ -89,6 +89,7 @@ def main(script_args: SRPOScriptArguments, training_args: SRPOConfig, model_args
         args=training_args,
         train_dataset=train_dataset,
         peft_config=get_peft_config(model_args),
+        quantization_config=get_quantization_config(model_args),
     )
     if script_args.eval_every_steps > 0:
         test_dataset = _first(load_task_dataset(script_args.task, "test", **load), script_args.max_eval_samples)
@@ -107,8 +108,10 @@ def main(script_args: SRPOScriptArguments, training_args: SRPOConfig, model_args
         )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.task)
+    if training_args.push_to_hub:  # the model card links the dataset the task comes from
+        trainer.push_to_hub(dataset_name=SCIKNOWEVAL_HUB_REPO if script_args.task in SCIENCE_TASKS else None)
+    if hasattr(trainer, "end"):  # transformers >= 5.18: finishes the trackers, ends the process group
+        trainer.end()
     return trainer
 
 

@@ -63,6 +63,11 @@ TEACHER_STATE_FILE = "srpo_teacher.safetensors"
 FEEDBACK_COLUMN = "feedback"  # the `log_extra` column reward functions write feedback to (`teacher_feedback`)
 
 
+def _fsdp_requested(args) -> bool:
+    """Whether this run uses FSDP: `fsdp` in the arguments, or an Accelerate FSDP config (`accelerate launch`)."""
+    return bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
 def _loss_mask(batch: dict) -> torch.Tensor:
     """The completion tokens GRPOTrainer's loss counts (tool outputs excluded), as a bool `(rows, length)`."""
     mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
@@ -136,6 +141,11 @@ class SRPOTrainer(GRPOTrainer):
                 f"SRPOTrainer needs an SRPOConfig, got {type(args).__name__}; build one with "
                 "SRPOConfig(**your_config.to_dict()) or pass routing='grpo' for plain GRPO."
             )
+        if args.routing != "grpo" and _fsdp_requested(args):  # before the model loads and vLLM starts
+            raise NotImplementedError(
+                f"routing={args.routing!r} needs SRPO's self-teacher, which does not support FSDP yet: launch with "
+                "DeepSpeed (accelerate_configs/zero3.yaml), or use routing='grpo' under FSDP."
+            )
         check_cpu_vllm_settings(args)  # before GRPOTrainer starts vLLM: the CPU backend has no sleep mode
         super().__init__(model, reward_funcs, args=args, **kwargs)
         use_cpu_weight_sync(self)  # vLLM colocate on a CPU engine: weight sync through vLLM's reload path
@@ -148,11 +158,6 @@ class SRPOTrainer(GRPOTrainer):
             raise ValueError(
                 f"SRPOConfig.distillation_topk={args.distillation_topk} exceeds the model's vocabulary "
                 f"({vocab_size}); set distillation_topk <= {vocab_size}."
-            )
-        if self.is_fsdp_enabled:
-            raise NotImplementedError(
-                f"routing={args.routing!r} needs SRPO's self-teacher, which does not support FSDP yet: launch with "
-                "DeepSpeed (accelerate_configs/zero3.yaml), or use routing='grpo' under FSDP."
             )
         self._refuse_inexact_setups()
         self._logit_scale_and_softcap = logit_scale_and_softcap(causal_lm(self.model).config)
@@ -478,10 +483,11 @@ class SRPOTrainer(GRPOTrainer):
         sdpo_count, token_count, entropy_sum, teacher_count, truncated_count = totals
         teacher_rows = routes.needs_teacher.sum().item()
         metrics["srpo/sdpo_token_frac"].append(sdpo_count / max(token_count, 1.0))
-        metrics["srpo/teacher_entropy/mean"].append(entropy_sum / teacher_count if teacher_count else float("nan"))
-        metrics["srpo/teacher_prompt_truncated_frac"].append(
-            truncated_count / teacher_rows if teacher_rows else float("nan")
-        )
+        # Statistics of the teacher's rows and tokens are left out of steps without any (no `None` in the logs).
+        if teacher_count:
+            metrics["srpo/teacher_entropy/mean"].append(entropy_sum / teacher_count)
+        if teacher_rows:
+            metrics["srpo/teacher_prompt_truncated_frac"].append(truncated_count / teacher_rows)
         selected = weights[sdpo_tokens]
         extremes = torch.stack(
             [
@@ -490,8 +496,9 @@ class SRPOTrainer(GRPOTrainer):
             ]
         )
         extremes = self.accelerator.gather(extremes.unsqueeze(0)).max(dim=0).values.tolist()
-        metrics["srpo/weight/min"].append(-extremes[0] if sdpo_count else float("nan"))
-        metrics["srpo/weight/max"].append(extremes[1] if sdpo_count else float("nan"))
+        if sdpo_count:
+            metrics["srpo/weight/min"].append(-extremes[0])
+            metrics["srpo/weight/max"].append(extremes[1])
         metrics["srpo/time/teacher_s"].append(
             self.accelerator.gather(torch.tensor([seconds], device=mask.device)).max().item()
         )

@@ -29,11 +29,33 @@ def test_avg_at_k_is_the_mean_reward_over_k_samples(char_tokenizer):
     assert avg_at_k(model, char_tokenizer, dataset, [reward], k=4, generate=fixed) == 0.0
 
 
+def test_generate_runs_on_bounded_batches_of_sequences(char_tokenizer, monkeypatch):
+    # 8 problems x 16 samples x 8k tokens of Qwen3-8B is ~150 GB of KV cache: `model.generate` gets at most
+    # `sequences_per_generate` sequences at a time.
+    calls = []
+    hf_generate = evaluation._hf_generate
+    monkeypatch.setattr(
+        evaluation, "_hf_generate", lambda m, ids, *a: calls.append(len(ids)) or hf_generate(m, ids, *a)
+    )
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in "abcde"]})
+    model = build_tiny_model(char_tokenizer)
+    reward = lambda completions, **kwargs: [1.0] * len(completions)  # noqa: E731
+    assert (
+        avg_at_k(
+            model, char_tokenizer, dataset, [reward], k=4, max_new_tokens=2, batch_size=2, sequences_per_generate=3
+        )
+        == 1.0
+    )
+    assert calls == [3, 3, 2, 3, 3, 2, 3, 1] and sum(calls) == 5 * 4
+
+
 def test_best_within_budgets_only_counts_training_time(monkeypatch):
     clock = {"now": 0.0}
     monkeypatch.setattr(evaluation.time, "monotonic", lambda: clock["now"])
     logged = []
-    trainer = SimpleNamespace(args=SimpleNamespace(chat_template_kwargs=None, disable_tqdm=True), log=logged.append)
+    monkeypatch.setattr(evaluation.Trainer, "log", lambda trainer, logs: logged.append(logs))
+    args = SimpleNamespace(chat_template_kwargs=None, disable_tqdm=True, per_device_eval_batch_size=8)
+    trainer = SimpleNamespace(args=args)
     callback = BestWithinBudgetsCallback(trainer, eval_dataset=None, eval_steps=5, budgets_hours=(1, 2), k=16)
     values = iter([0.2, 0.5, 0.4, 0.9])
 
@@ -46,9 +68,53 @@ def test_best_within_budgets_only_counts_training_time(monkeypatch):
     for step, hours_of_training in [(5, 0.5), (10, 0.9), (15, 1.5), (20, 2.5)]:
         # advance the clock so that training time (excluding evaluations) reaches `hours_of_training`
         clock["now"] = callback._since + (hours_of_training * 3600 - callback._training_seconds)
-        callback.on_step_end(None, SimpleNamespace(global_step=step), None)
+        callback.on_step_end(None, SimpleNamespace(global_step=step), SimpleNamespace(should_log=True))
     assert callback.best == {1: 0.5, 2: 0.5}
     assert [round(t / 3600, 2) for _, t, _ in callback.history] == [0.5, 0.9, 1.5, 2.5]
     assert logged[-1]["eval_avg@16"] == 0.9 and logged[-1]["best_avg@16_within_2h"] == 0.5
-    callback.on_step_end(None, SimpleNamespace(global_step=21), None)  # not an evaluation step
+    callback.on_step_end(
+        None, SimpleNamespace(global_step=21), SimpleNamespace(should_log=True)
+    )  # not an evaluation step
     assert len(callback.history) == 4 and not math.isinf(callback.best[1])
+
+
+def train_with_evaluation(char_tokenizer, tmp_path, **overrides):
+    from test_trainer import PROMPTS, first_letter_reward, make_trainer
+
+    trainer = make_trainer(char_tokenizer, tmp_path, max_steps=2, **overrides)
+    callback = BestWithinBudgetsCallback(
+        trainer, PROMPTS.select(range(3)), eval_steps=1, k=2, temperature=0.6, top_p=0.95, max_new_tokens=4
+    )
+    trainer.add_callback(callback)
+    trainer.train()
+    assert callback.history and first_letter_reward
+    return trainer
+
+
+def test_evaluation_rows_are_their_own(char_tokenizer, tmp_path):
+    # GRPOTrainer.log would flush the step's pending training metrics into the evaluation row
+    trainer = train_with_evaluation(char_tokenizer, tmp_path)
+    history = trainer.state.log_history[:-1]  # the last row is Trainer's run summary
+    evaluations = [row for row in history if "eval_avg@2" in row]
+    training = [row for row in history if "loss" in row]
+    assert len(evaluations) == len(training) == 2
+    assert all(set(row) == {"eval_avg@2", *(f"best_avg@2_within_{h}h" for h in (1, 5, 10)), "epoch", "step"}
+               for row in evaluations)  # fmt: skip
+    assert all("srpo/route/sdpo_frac" in row and "reward" in row for row in training)
+
+
+def test_evaluation_samples_with_the_runs_vllm_engine(char_tokenizer, tmp_path, monkeypatch):
+    from test_trainer import stand_in_vllm
+
+    engines = stand_in_vllm(monkeypatch, char_tokenizer)
+    trainer = train_with_evaluation(
+        char_tokenizer, tmp_path, use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True, temperature=1.0
+    )
+    (engine,) = engines
+    # training generations and evaluations alternate; each evaluation follows a weight sync (the policy moved)
+    assert engine.events == ["sleep2"] + ["wake:weights", "wake:kv_cache", "generate", "sleep2"] * 4
+    sampled = [params for _, params in engine.sampled_with]
+    assert [p["temperature"] for p in sampled] == [1.0, 0.6, 1.0, 0.6]
+    assert [p["top_p"] for p in sampled[1::2]] == [0.95, 0.95] and [p["max_tokens"] for p in sampled[1::2]] == [4, 4]
+    assert [n for n, _ in engine.sampled_with][1::2] == [3 * 2, 3 * 2]  # every problem x k in one call
+    assert trainer.vllm_generation.temperature == 1.0  # training's sampling parameters restored

@@ -31,6 +31,8 @@ def test_recipes_parse_into_the_paper_settings(recipe):
     assert args.chat_template_kwargs == {"enable_thinking": False} and args.use_vllm
     assert (args.warmup_steps, args.weight_decay, args.max_grad_norm) == (10, 0.01, 1.0)
     assert (script_args.eval_every_steps, script_args.eval_k) == (5, 16)
+    assert args.save_total_limit == 2 and args.report_to == ["trackio"]  # ~150 GB a checkpoint; logs, offline
+    assert script_args.data_path == "SDPO/datasets"  # SDPO's committed split, the documented default
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ from srpo_trl.tasks import (
     SCIENCE_TASKS,
     SCIKNOWEVAL_HUB_REPO,
     TASKS,
-    TOOLUSE_HUB_REPO,
     get_reward_funcs,
     load_task_dataset,
     multiple_choice_reward,
@@ -513,14 +512,25 @@ def test_sciknoweval_from_hub_reports_schema_mismatch(monkeypatch):
         load_task_dataset("chemistry", revision="abc")
 
 
+def test_hub_failures_say_how_to_train_from_local_files(monkeypatch):
+    def offline(path, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ValueError, match=r"Could not load hicai-zju/SciKnowEval .*ConnectionError.* pass data_path"):
+        load_task_dataset("chemistry", revision="abc")
+
+
 def test_tool_use_from_hub(monkeypatch):
     answer = json.dumps([{"Action": "getFacts", "Action_Input": '{"limit": 3}'}])
     row = {"idx": 7, "kind": "tooluse", "answer": answer, "prompt": "Use the tools.", "system": None, "elo": 1500}
     hub = FakeHub([row])
     monkeypatch.setattr(datasets, "load_dataset", hub)
 
-    dataset = load_task_dataset("tooluse", "train")
-    assert hub.calls[-1] == {"path": TOOLUSE_HUB_REPO, "split": "train", "revision": None}
+    with pytest.raises(ValueError, match=r"no Hub copy .* pass data_path \(--data_path\) pointing at lasgroup/SDPO"):
+        load_task_dataset("tooluse", "train")
+    dataset = load_task_dataset("tooluse", "train", hub_repo="someone/tools")
+    assert hub.calls[-1] == {"path": "someone/tools", "split": "train", "revision": None}
     assert dataset.to_list() == [
         {"prompt": [{"role": "user", "content": "Use the tools."}], "answer": answer, "kind": "tooluse", "idx": 7}
     ]

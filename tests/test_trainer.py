@@ -319,7 +319,7 @@ class StandInLLM:
     probe = None
 
     def __init__(self, model, **kwargs):
-        self.events, self.loaded = [], []
+        self.events, self.loaded, self.sampled_with = [], [], []
         runner = SimpleNamespace(model=SimpleNamespace(load_weights=self.load_weights))
         self.llm_engine = SimpleNamespace(
             model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner))
@@ -340,6 +340,9 @@ class StandInLLM:
         pass
 
     def generate(self, prompts, sampling_params, use_tqdm=False):
+        self.sampled_with.append((len(prompts), sampling_params))
+        self.events.append("generate")
+
         def completion(ids):
             logprobs = [{token: SimpleNamespace(logprob=SAMPLING_LOGPROB, rank=1)} for token in ids]
             return SimpleNamespace(token_ids=ids, logprobs=logprobs)
@@ -379,12 +382,10 @@ def rollout_importance_ratio(inputs) -> torch.Tensor:
     return inputs["importance_sampling_ratio"].expand_as(inputs["completion_mask"])[rows][mask]
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_vllm_colocate_sleep_mode_rollout_is_weights_reach_the_sdpo_branch(
-    char_tokenizer, tmp_path, monkeypatch, lora
-):
+def stand_in_vllm(monkeypatch, tokenizer) -> list[StandInLLM]:
+    """TRL's vLLM boundary served by `StandInLLM` (the engines it starts are appended to the returned list), playing
+    a GPU engine (sleep mode); each group of 4 gets two correct ("ab", lowercase) and two failed rollouts."""
     import trl.generation.vllm_generation as vllm_generation
-    from peft import LoraConfig
 
     engines = []
     monkeypatch.setattr(vllm_generation, "is_vllm_available", lambda *args, **kwargs: True)
@@ -392,13 +393,20 @@ def test_vllm_colocate_sleep_mode_rollout_is_weights_reach_the_sdpo_branch(
         vllm_generation, "LLM", lambda **kwargs: engines.append(StandInLLM(**kwargs)) or engines[-1], raising=False
     )
     monkeypatch.setattr(vllm_generation, "SamplingParams", dict, raising=False)
-    monkeypatch.setattr("srpo_trl.vllm_cpu.is_cpu_vllm", lambda: False)  # it plays a GPU engine (sleep mode)
+    monkeypatch.setattr("srpo_trl.vllm_cpu.is_cpu_vllm", lambda: False)
     monkeypatch.setattr("os.environ", dict(os.environ))  # VLLMGeneration sets RANK, MASTER_PORT, ...: keep them here
-    eos = char_tokenizer.eos_token_id
-    # Each group of 4: two correct ("ab", lowercase) and two failed rollouts, so half the batch is distilled
-    monkeypatch.setattr(
-        StandInLLM, "completion_ids", [char_tokenizer.encode(t) + [eos] for t in ("ab", "ab", "AB", "AB")]
-    )
+    eos = tokenizer.eos_token_id
+    monkeypatch.setattr(StandInLLM, "completion_ids", [tokenizer.encode(t) + [eos] for t in ("ab", "ab", "AB", "AB")])
+    return engines
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_vllm_colocate_sleep_mode_rollout_is_weights_reach_the_sdpo_branch(
+    char_tokenizer, tmp_path, monkeypatch, lora
+):
+    from peft import LoraConfig
+
+    engines = stand_in_vllm(monkeypatch, char_tokenizer)
 
     distilled = record_distillation(monkeypatch)
 
@@ -429,7 +437,7 @@ def test_vllm_colocate_sleep_mode_rollout_is_weights_reach_the_sdpo_branch(
     if not lora:
         assert not {p.data_ptr() for p in trainer.teacher.model.parameters()} & policy
     # sleep mode: asleep after start-up, woken for each weight sync and generation, asleep again after it
-    assert engine.events == ["sleep2"] + ["wake:weights", "wake:kv_cache", "sleep2"] * 2
+    assert engine.events == ["sleep2"] + ["wake:weights", "wake:kv_cache", "generate", "sleep2"] * 2
     # rollout IS weights (vLLM's log-probs against the policy's) multiply the distillation term
     assert len(distilled) == 2
     for record in distilled:
@@ -710,3 +718,19 @@ def test_each_completion_token_goes_through_one_lm_head_pass(char_tokenizer, tmp
     assert inputs["srpo_sdpo_mask"].any() and inputs["srpo_grpo_mask"].any()
     assert counts["grpo"] == tokens[inputs["srpo_grpo_mask"]].sum().item()
     assert counts["sdpo"] == tokens[inputs["srpo_sdpo_mask"]].sum().item()
+
+
+def test_steps_without_routed_rows_leave_the_teachers_statistics_out(char_tokenizer, tmp_path):
+    trainer = make_trainer(char_tokenizer, tmp_path, reward=graded_reward, max_steps=1)
+    trainer.train()
+    (entry,) = [row for row in trainer.state.log_history if "loss" in row]
+    assert entry["srpo/route/sdpo_frac"] == 0.0
+    for key in ("srpo/teacher_entropy/mean", "srpo/teacher_prompt_truncated_frac", "srpo/weight/min"):
+        assert key not in entry  # rather than `None`
+    assert None not in entry.values()
+
+
+def test_fsdp_is_refused_before_the_model_loads(char_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(NotImplementedError, match="does not support FSDP yet: launch with DeepSpeed"):
+        SRPOTrainer(model="no-such/model", reward_funcs=first_letter_reward, args=make_args(tmp_path))

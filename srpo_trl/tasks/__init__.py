@@ -8,7 +8,7 @@ reward_funcs = get_reward_funcs("chemistry")  # pass both to the trainer
 ```
 """
 
-from .data import SCIKNOWEVAL_HUB_REPO, SPLITS, TOOLUSE_HUB_REPO, load_task_dataset, sciknoweval_to_sdpo
+from .data import SCIKNOWEVAL_HUB_REPO, SPLITS, TOOLUSE_SOURCE, load_task_dataset, sciknoweval_to_sdpo
 from .registry import SCIENCE_TASKS, TASKS, check_task, get_reward_funcs, task_kind
 from .rewards import (
     completion_text,
@@ -25,7 +25,7 @@ __all__ = [
     "SCIKNOWEVAL_HUB_REPO",
     "SPLITS",
     "TASKS",
-    "TOOLUSE_HUB_REPO",
+    "TOOLUSE_SOURCE",
     "check_task",
     "completion_text",
     "extract_choice",

@@ -21,12 +21,9 @@ SPLITS = ("train", "test")
 SCIKNOWEVAL_HUB_REPO = "hicai-zju/SciKnowEval"
 """Hub dataset the SciKnowEval tasks are built from when no `data_path` is given."""
 
-# Chosen for this project and not checked against the Hub (no access where this was written): make sure the mirror is
-# published under this id before relying on the default.
-TOOLUSE_HUB_REPO = "srpo-trl/toolalpaca-sdpo"
-"""Hub dataset the tool-use task is loaded from when no `data_path` is given: a mirror of the ToolAlpaca splits used by
-SDPO (lasgroup/SDPO at commit 0e6d510, `datasets/tooluse/{train,test}.json`, Apache-2.0), already in the SDPO row
-format with `train` and `test` splits. Pass `hub_repo` to [`load_task_dataset`] to read another copy."""
+TOOLUSE_SOURCE = "lasgroup/SDPO at commit 0e6d510, datasets/tooluse/{train,test}.json"
+"""Where the tool-use splits live: the ToolAlpaca splits as SDPO committed them (Apache-2.0). There is no canonical Hub
+copy in the SDPO row format, so the tool-use task loads from `data_path` (or an explicit `hub_repo`)."""
 
 # The reference filters (lasgroup/SDPO, data/format/sciknoweval.py) and split (data/split_tasks.py, test ratio 0.1,
 # seed 42). The split depends only on the number of rows left after filtering and on their order.
@@ -84,7 +81,7 @@ def load_task_dataset(
               (`split` picks the split).
 
             When `None`, the data comes from the Hub: SciKnowEval from [`SCIKNOWEVAL_HUB_REPO`], filtered and split
-            like the reference, and tool use from [`TOOLUSE_HUB_REPO`].
+            like the reference; tool use needs `hub_repo` (see [`TOOLUSE_SOURCE`]).
         revision (`str`, *optional*):
             Hub revision (branch, tag or commit) to load. Pin it: the SciKnowEval split is only reproducible on fixed
             upstream data.
@@ -258,11 +255,29 @@ def _hub_rows(task: str, split: str, revision: str | None, hub_repo: str | None)
     if task in SCIENCE_TASKS:
         repo_id = hub_repo or SCIKNOWEVAL_HUB_REPO
         rows = _sciknoweval_split(repo_id, task, split, revision)
+    elif hub_repo is None:
+        raise ValueError(
+            f"The {task} task has no Hub copy in the SDPO row format: pass data_path (--data_path) pointing at "
+            f"{TOOLUSE_SOURCE} (or at the directory above `tooluse/`), or hub_repo for a copy of your own."
+        )
     else:
-        repo_id = hub_repo or TOOLUSE_HUB_REPO
-        rows = datasets.load_dataset(repo_id, split=split, revision=revision).to_list()
+        repo_id = hub_repo
+        rows = _from_hub(datasets.load_dataset, repo_id, split=split, revision=revision).to_list()
     source = f"{repo_id}@{revision or 'default revision'} ({task}, {split} split)"
     return source, [(f"{source}, row {index}", row) for index, row in enumerate(rows)]
+
+
+def _from_hub(load, repo_id: str, **kwargs):
+    """`load(repo_id, **kwargs)`, with the way to do without the Hub in the error when it fails (no network, a
+    missing dataset or revision)."""
+    try:
+        return load(repo_id, **kwargs)
+    except Exception as error:  # datasets raises several types (ConnectionError, DatasetNotFoundError, OSError, ...)
+        raise ValueError(
+            f"Could not load {repo_id} (revision {kwargs.get('revision') or 'latest'}) from the Hugging Face Hub: "
+            f"{type(error).__name__}: {error}. To train from local files, pass data_path (--data_path): a directory "
+            "in the SDPO layout (sciknoweval/<task>/<split>.json, tooluse/<split>.json), or one file per split."
+        ) from error
 
 
 def _sciknoweval_split(repo_id: str, task: str, split: str, revision: str | None) -> list[dict]:
@@ -274,7 +289,7 @@ def _sciknoweval_split(repo_id: str, task: str, split: str, revision: str | None
         )
     domain = task.capitalize()  # SciKnowEval spells its domains "Chemistry", "Physics", ...
     # SciKnowEval publishes everything as one "test" split; train/test are carved out of it below.
-    published = datasets.load_dataset(repo_id, split="test", revision=revision)
+    published = _from_hub(datasets.load_dataset, repo_id, split="test", revision=revision)
     items = [row for row in published if _is_sdpo_item(row, domain)]
     if not items:
         raise ValueError(
