@@ -491,9 +491,13 @@ def trainer_classes():
             with self.bench_timers("score_with_teacher"):
                 return super()._score_with_teacher(*args, **kwargs)
 
-        def _completion_hidden_states(self, model, *args, **kwargs):  # only the teacher's pass calls it
+        def _prefix_pass(self, *args, **kwargs):  # the teacher's passes: its prompts, then the completions
             with self.bench_timers("teacher_backbone"):
-                return super()._completion_hidden_states(model, *args, **kwargs)
+                return super()._prefix_pass(*args, **kwargs)
+
+        def _continuation_hidden(self, *args, **kwargs):
+            with self.bench_timers("teacher_backbone"):
+                return super()._continuation_hidden(*args, **kwargs)
 
         def _distillation_token_losses(self, *args, **kwargs):
             with self.bench_timers("distillation_forward"):

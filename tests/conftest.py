@@ -1,6 +1,5 @@
 """Shared fixtures: one torch thread (tiny ops are erratic with two here), a local tokenizer and tiny models."""
 
-import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -29,11 +28,3 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
-
-
-def load_script(path: Path, name: str):
-    """Import a script that is not part of the package (`benchmarks/...`) as a module."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

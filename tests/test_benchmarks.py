@@ -7,7 +7,7 @@ in `benchmarks/RESULTS.md`. It also fails when SRPOTrainer's internals that the 
 from pathlib import Path
 
 import pytest
-from conftest import load_script
+from script_loader import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cost.py"
 

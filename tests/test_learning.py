@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import load_script
+from script_loader import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learning" / "run.py"
 PNGS = ("accuracy.png", "accuracy_vs_time.png", "routed_fraction.png", "response_length.png", "teacher_entropy.png")

@@ -10,6 +10,7 @@ and 16 rollouts (4 prompts x 4) per optimizer step in every layout. Rank 0 write
 import argparse
 import json
 import os
+import sys
 
 import torch
 
@@ -125,10 +126,13 @@ def main():
         with open(os.path.join(args.output_dir, "log_history.json"), "w") as f:
             json.dump(trainer.state.log_history, f)
     state.wait_for_everyone()
-    # Torn down explicitly: gloo's threads left to the interpreter's exit sometimes abort a run that succeeded
-    # ("terminate called without an active exception").
+    # Everything is written: leave without the interpreter's teardown, where the native threads of gloo / DeepSpeed's
+    # CPU communication op sometimes abort a run that succeeded ("terminate called without an active exception").
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def whole_weights(model) -> dict[str, torch.Tensor]:
