@@ -99,3 +99,15 @@ def route_labels(routes: Routes, num_generations: int) -> tuple[list[str], list[
             labels.append("correct" if correct else "fallback" if fallback else "failed")
     siblings = [None if s < 0 else s % num_generations for s in routes.sibling.tolist()]
     return labels, siblings
+
+
+def siblings_to_share(routes: Routes, num_processes: int) -> list[int]:
+    """Global indices of the demonstrations that a process other than their owner needs (the owner of global index
+    `i` is process `i // (N / num_processes)`), sorted. Only these cross processes: traffic grows with the routed rows
+    whose group straddles processes, not with the global batch. Every process computes the same list (`routes` is
+    global), so all of them agree whether an exchange is needed at all."""
+    per_process = routes.sibling.numel() // num_processes
+    rows = routes.needs_teacher.nonzero().squeeze(1)
+    siblings = routes.sibling[rows]
+    elsewhere = siblings // per_process != rows // per_process
+    return sorted(set(siblings[elsewhere].tolist()))

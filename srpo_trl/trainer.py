@@ -46,7 +46,7 @@ from .losses import (
     topk_distillation_divergence,
 )
 from .prompts import demonstration_from_completion, fit_teacher_prompt
-from .routing import Routes, route_labels, route_rollouts
+from .routing import Routes, route_labels, route_rollouts, siblings_to_share
 from .teacher import (
     SelfTeacher,
     TeacherEMACallback,
@@ -296,9 +296,18 @@ class SRPOTrainer(GRPOTrainer):
         teacher_prompts = []
         if not routes.needs_teacher.any():  # nothing routed on any process (`routes` is global): no collective
             return teacher_prompts, truncated
-        every_completion = gather_object(scored.completion_ids)  # siblings may sit on other processes
+        # A sibling may sit on another process: only those some process needs from another cross.
+        shared = {}
+        to_share = siblings_to_share(routes, self.accelerator.num_processes)
+        if to_share:
+            mine = {i: scored.completion_ids[i - local.start] for i in to_share if local.start <= i < local.stop}
+            for part in gather_object([mine]):
+                shared.update(part)
         for row in rows:
-            sibling = every_completion[routes.sibling[local][row]]
+            index = routes.sibling[local][row].item()
+            sibling = (
+                scored.completion_ids[index - local.start] if local.start <= index < local.stop else shared[index]
+            )
             demonstration = demonstration_from_completion(
                 self.processing_class.decode(sibling, skip_special_tokens=True)
             )

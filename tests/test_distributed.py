@@ -42,6 +42,7 @@ def launch(output_dir: Path, backend: str = "none", *options: str, accelerate_co
         "policy": load_file(output_dir / "policy.safetensors"),
         "teacher": load_file(output_dir / "teacher.safetensors"),
         "log": [entry for entry in json.loads((output_dir / "log_history.json").read_text()) if "loss" in entry],
+        "exchanged": json.loads((output_dir / "exchanged.json").read_text()),
     }
 
 
@@ -71,6 +72,18 @@ def test_two_processes_end_with_the_single_process_weights(single_process, tmp_p
     # ZeRO-3 by torchrun: the script's own DeepSpeed config shards even this tiny model's small matrices.
     assert single_process["log"][0]["srpo/loss/sdpo"] > 0.01, "the distillation term must weigh in the comparison"
     assert_same_run(launch(tmp_path, backend, accelerate_config=accelerate_config), single_process)
+
+
+def test_groups_over_two_processes_move_only_the_demonstrations_they_need(tmp_path):
+    # One group of 16 over both processes: the failed rollouts of one process are taught by a correct sibling on the
+    # other. Only that sibling's completion crosses (before: every process received all 16 completions).
+    options = ("--num_generations=16",)
+    reference = launch(tmp_path / "single", "none", *options)
+    ours = launch(tmp_path / "ddp", "ddp", *options)
+    assert reference["log"][0]["srpo/loss/sdpo"] > 0.01
+    assert_same_run(ours, reference)
+    assert reference["exchanged"] == []  # one process: nothing to exchange
+    assert ours["exchanged"] and all(count == 1 for count in ours["exchanged"]), ours["exchanged"]
 
 
 def test_two_optimizer_steps_per_generation_under_zero3(tmp_path):

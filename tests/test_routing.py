@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from srpo_trl.routing import ROUTING_MODES, first_correct_sibling, route_labels, route_rollouts
+from srpo_trl.routing import ROUTING_MODES, first_correct_sibling, route_labels, route_rollouts, siblings_to_share
 
 
 def brute_force_routes(rewards, group_size, threshold, routing):
@@ -81,3 +81,15 @@ def test_route_labels_for_the_completions_table():
         labels
         == ["correct", "failed", "failed", "failed", "failed", "failed", "correct", "correct"] + ["fallback"] * 4
     )
+
+
+def test_only_siblings_needed_on_another_process_are_shared():
+    # 2 processes x 8 rollouts: groups of 8 (each on one process) or one group of 16 over both
+    rewards = torch.tensor([0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0], dtype=torch.float)
+    within = route_rollouts(rewards, 8, 1.0)  # groups [0:8] and [8:16], each within one process
+    assert siblings_to_share(within, 2) == []
+    across = route_rollouts(rewards, 16, 1.0)  # one group over both processes: its first correct rollout is row 1
+    assert siblings_to_share(across, 2) == [1]  # process 1's failures need row 1; process 0 has it
+    assert siblings_to_share(across, 1) == []
+    # routing="sdpo" distils correct rows too: row 1 is taught by row 4 (its own process), the rest by row 1
+    assert siblings_to_share(route_rollouts(rewards, 16, 1.0, "sdpo"), 2) == [1]

@@ -38,12 +38,14 @@ def main():
     parser.add_argument(
         "--steps_per_generation", type=int, default=None, help="default: one optimizer step per generation batch"
     )
+    parser.add_argument("--num_generations", type=int, default=4, help="16: one group over both processes")
     args = parser.parse_args()
 
     from datasets import Dataset
     from peft import LoraConfig
     from safetensors.torch import save_file
 
+    import srpo_trl.trainer
     from srpo_trl import SRPOConfig, SRPOTrainer
     from srpo_trl.testbed.model import build_tiny_model
     from srpo_trl.testbed.tokenizer import build_char_tokenizer
@@ -67,7 +69,7 @@ def main():
         per_device_train_batch_size=8 // args.world_size,
         gradient_accumulation_steps=2,
         steps_per_generation=args.steps_per_generation,
-        num_generations=4,
+        num_generations=args.num_generations,
         max_completion_length=6,
         max_steps=args.max_steps,
         logging_steps=1,
@@ -113,6 +115,15 @@ def main():
     )
     if args.backend.startswith("zero"):
         assert trainer.accelerator.state.deepspeed_plugin.zero_stage == int(args.backend[-1])
+    exchanged = []  # how many completions crossed processes for the teacher prompts, per exchange
+    gather = srpo_trl.trainer.gather_object
+
+    def counting_gather(objects):
+        gathered = gather(objects)
+        exchanged.append(sum(len(part) for part in gathered))
+        return gathered
+
+    srpo_trl.trainer.gather_object = counting_gather
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if deepspeed and args.backend == "zero3":  # the teacher really is sharded (and, with LoRA, the adapters too)
         assert any(weight.numel() == 0 for _, weight in trainer.teacher._teacher_weights())
@@ -125,6 +136,8 @@ def main():
         save_file(teacher, os.path.join(args.output_dir, "teacher.safetensors"))
         with open(os.path.join(args.output_dir, "log_history.json"), "w") as f:
             json.dump(trainer.state.log_history, f)
+        with open(os.path.join(args.output_dir, "exchanged.json"), "w") as f:
+            json.dump(exchanged, f)
     state.wait_for_everyone()
     # Everything is written: leave without the interpreter's teardown, where the native threads of gloo / DeepSpeed's
     # CPU communication op sometimes abort a run that succeeded ("terminate called without an active exception").
