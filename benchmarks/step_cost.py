@@ -786,7 +786,7 @@ def f0_overhead(trainers: dict, shape: Shape, reward, device: str, log=print) ->
             )
     srpo = trainers["srpo"]
     record["unwrap_model_s"] = _per_call_s(lambda: srpo.accelerator.unwrap_model(srpo.model), device)
-    ema = [c for c in srpo.callback_handler.callbacks if type(c).__name__ == "TeacherEMACallback"]
+    ema = [c for c in srpo.callback_handler.callbacks if type(c).__name__ == "SelfTeacherCallback"]
     if ema:  # the EMA callback as the trainer calls it (unwrap + update); a few extra EMA steps change nothing here
         record["ema_callback_s"] = _per_call_s(
             lambda: ema[0].on_step_end(srpo.args, srpo.state, srpo.control), device, calls=10

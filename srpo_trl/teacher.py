@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 from transformers.trainer_callback import TrainerCallback
 from trl.trainer.utils import use_adapter
@@ -27,8 +28,11 @@ def ema_update_(accumulator: torch.Tensor, value: torch.Tensor, rate: float) -> 
 
 
 def local_part(weight: torch.Tensor) -> torch.Tensor:
-    """The part of `weight` this process holds: its ZeRO-3 shard (`ds_tensor`) once DeepSpeed partitioned it, else
-    the weight itself. Equal shapes shard alike, so a teacher weight's shard lines up with its policy weight's."""
+    """The part of `weight` this process holds: its ZeRO-3 shard (`ds_tensor`) once DeepSpeed partitioned it, its
+    FSDP2 shard (a `DTensor`'s local tensor, a view of its storage), else the weight itself. Both shard every weight
+    on its own by its shape, so a teacher weight's shard lines up with its policy weight's."""
+    if isinstance(weight, DTensor):
+        return weight.to_local()
     return weight.ds_tensor if getattr(weight, "ds_tensor", None) is not None else weight
 
 
@@ -181,11 +185,16 @@ class SelfTeacher:
         refresh_persistent([weight for _, weight in self._teacher_weights()])
 
 
-class TeacherEMACallback(TrainerCallback):
-    """Runs the teacher's EMA after every optimizer step (`on_step_end` follows `optimizer.step()`)."""
+class SelfTeacherCallback(TrainerCallback):
+    """Keeps the self-teacher in step with training: sharded like the policy once training starts (FSDP2; the
+    policy is sharded when `train()` prepares it), and its EMA after every optimizer step (`on_step_end` follows
+    `optimizer.step()`)."""
 
     def __init__(self, trainer):
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.shard_teacher_like_policy()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.teacher.update(self.trainer.accelerator.unwrap_model(self.trainer.model))

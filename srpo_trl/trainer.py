@@ -27,7 +27,9 @@ from dataclasses import dataclass
 
 import torch
 from accelerate.utils import gather_object
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from safetensors.torch import load_file, save_file
+from torch.distributed.fsdp import FSDPModule
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed
@@ -49,10 +51,11 @@ from .prompts import demonstration_from_completion, fit_teacher_prompt
 from .routing import Routes, route_labels, route_rollouts, siblings_to_share
 from .teacher import (
     SelfTeacher,
-    TeacherEMACallback,
+    SelfTeacherCallback,
     backbone_and_head,
     causal_lm,
     is_peft,
+    local_part,
     shared_prefix_plan,
     unique_prefixes,
 )
@@ -63,9 +66,14 @@ TEACHER_STATE_FILE = "srpo_teacher.safetensors"
 FEEDBACK_COLUMN = "feedback"  # the `log_extra` column reward functions write feedback to (`teacher_feedback`)
 
 
-def _fsdp_requested(args) -> bool:
-    """Whether this run uses FSDP: `fsdp` in the arguments, or an Accelerate FSDP config (`accelerate launch`)."""
-    return bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+def _fsdp_version(args) -> int | None:
+    """The FSDP version this run asks for (`fsdp`/`fsdp_config` in the arguments, or an Accelerate FSDP config under
+    `accelerate launch`), None without FSDP."""
+    from_launcher = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if not (args.fsdp or from_launcher):
+        return None
+    config = args.fsdp_config or {}
+    return int(config.get("version", config.get("fsdp_version", os.environ.get("FSDP_VERSION", 2))))
 
 
 def _loss_mask(batch: dict) -> torch.Tensor:
@@ -141,10 +149,11 @@ class SRPOTrainer(GRPOTrainer):
                 f"SRPOTrainer needs an SRPOConfig, got {type(args).__name__}; build one with "
                 "SRPOConfig(**your_config.to_dict()) or pass routing='grpo' for plain GRPO."
             )
-        if args.routing != "grpo" and _fsdp_requested(args):  # before the model loads and vLLM starts
+        if args.routing != "grpo" and _fsdp_version(args) == 1:  # before the model loads and vLLM starts
             raise NotImplementedError(
-                f"routing={args.routing!r} needs SRPO's self-teacher, which does not support FSDP yet: launch with "
-                "DeepSpeed (accelerate_configs/zero3.yaml), or use routing='grpo' under FSDP."
+                f"routing={args.routing!r} needs SRPO's self-teacher, which supports FSDP2, not FSDP1: set "
+                "fsdp_version: 2 in the accelerate config (accelerate_configs/fsdp2.yaml), or use DeepSpeed "
+                "(accelerate_configs/zero3.yaml)."
             )
         check_cpu_vllm_settings(args)  # before GRPOTrainer starts vLLM: the CPU backend has no sleep mode
         super().__init__(model, reward_funcs, args=args, **kwargs)
@@ -165,7 +174,7 @@ class SRPOTrainer(GRPOTrainer):
         forward = inspect.signature(type(causal_lm(self.model)).forward).parameters
         self._cache_argument = "cache" if "cache" in forward else "past_key_values"
         self.teacher = self._build_teacher()
-        self.add_callback(TeacherEMACallback(self))
+        self.add_callback(SelfTeacherCallback(self))
 
     def _refuse_inexact_setups(self) -> None:
         """Settings under which SRPO's objective would be silently wrong, refused before anything trains."""
@@ -196,6 +205,8 @@ class SRPOTrainer(GRPOTrainer):
         policy, rate = self.model, self.args.teacher_update_rate
         if is_peft(policy):
             return SelfTeacher(policy, rate)
+        if self._dist.is_fsdp:  # a whole copy until Accelerate has sharded the policy: `shard_teacher_like_policy`
+            return SelfTeacher(policy, rate)
         if not self._dist.is_zero3:
             teacher = SelfTeacher(policy, rate)
             teacher.model.to(self.accelerator.device)
@@ -212,6 +223,28 @@ class SRPOTrainer(GRPOTrainer):
             model = copy.deepcopy(policy)
         self._teacher_engine = prepare_deepspeed(model, self.accelerator)  # kept: it owns the gathering hooks
         return SelfTeacher(policy, rate, model=self._teacher_engine.module)
+
+    def shard_teacher_like_policy(self) -> None:
+        """FSDP2: shard the (whole-copy) teacher as Accelerate sharded the policy, then take the policy's own shards,
+        right on every process whatever the loading (`cpu_ram_efficient_loading` loads on the main process only).
+        Runs once, after Accelerate prepared the policy (a resume, or the start of training); with PEFT the teacher
+        is an adapter the policy's sharding already covers."""
+        if self.teacher is None or self.teacher.peft or not self._dist.is_fsdp:
+            return
+        if isinstance(self.teacher.model, FSDPModule):
+            return
+        teacher = fsdp2_prepare_model(self.accelerator, self.teacher.model)
+        policy = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad():
+            for teacher_weight, weight in zip(teacher.parameters(), policy.parameters(), strict=True):
+                local_part(teacher_weight).copy_(local_part(weight))
+        self.teacher.model = teacher
+
+    @property
+    def _sharded(self) -> bool:
+        """Whether weights are sharded across processes (ZeRO-3, FSDP2): forward passes and LM-head gathers are then
+        collectives, which every process makes alike."""
+        return self._dist.is_zero3 or self._dist.is_fsdp
 
     # ---- generation time: route, then score the routed rows with the teacher ----
 
@@ -337,7 +370,7 @@ class SRPOTrainer(GRPOTrainer):
         # ZeRO-3 gathers each layer's weights from all processes as it runs them (and the LM head for the
         # statistics): every process makes as many passes as the busiest one, agreed on before any, and one
         # statistics call. `routes` is global: every process agrees whether anything is routed.
-        lockstep = self._dist.is_zero3 and routes.needs_teacher.any()
+        lockstep = self._sharded and routes.needs_teacher.any()
         most = int(self.accelerator.gather(torch.tensor([passes], device=device)).max()) if lockstep else passes
         hidden, tokens = [], []
         started = time.perf_counter()
@@ -367,6 +400,11 @@ class SRPOTrainer(GRPOTrainer):
                 scored = cache_index >= 0
                 teacher_token_logps[scored] = token_logps[cache_index[scored]]
                 entropy[scored] = token_entropy[cache_index[scored]]
+            # FSDP2 keeps some units' weights whole after a forward (the root's: a backward would need them at once);
+            # the teacher has no backward, and its EMA works on shards.
+            for unit in model.modules() if self._dist.is_fsdp else ():
+                if isinstance(unit, FSDPModule):
+                    unit.reshard()
         seconds = time.perf_counter() - started
         if self.args.routing != "advantage_mix" and most:  # advantage_mix does not distil
             self._teacher_cache[mode] = _TeacherCache(
@@ -536,7 +574,7 @@ class SRPOTrainer(GRPOTrainer):
         # (the cache exists on every process or on none: routing is global).
         cache = self._teacher_cache[mode]
         distillation_loss = torch.zeros((), device=grpo_loss.device)
-        if cache is not None and (sdpo_rows.any() or self._dist.is_zero3):
+        if cache is not None and (sdpo_rows.any() or self._sharded):
             sdpo_tokens = mask & sdpo_rows.unsqueeze(1)
             hidden = captured[0] if len(captured) == 1 else torch.cat(captured)  # one forward unless GRPO chunked it
             token_losses = self._distillation_token_losses(policy, hidden, inputs, sdpo_tokens, cache)
@@ -640,8 +678,8 @@ class SRPOTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        # Under ZeRO-3 every process holds (and saves) its own shards of the teacher.
-        if self.teacher is not None and (self.args.should_save or self._dist.is_zero3):
+        # Under ZeRO-3 and FSDP2 every process holds (and saves) its own shards of the teacher.
+        if self.teacher is not None and (self.args.should_save or self._sharded):
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
@@ -650,20 +688,21 @@ class SRPOTrainer(GRPOTrainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
+        self.shard_teacher_like_policy()  # before its shards are restored
         if self.teacher is None or checkpoint is None:
             return
         path = self._teacher_state_path(checkpoint)
         if not os.path.exists(path):
             warnings.warn(
-                f"{checkpoint} holds no SRPO teacher state {os.path.basename(path)} (a ZeRO-3 checkpoint resumes with "
-                "as many processes as saved it); the teacher keeps the initial weights of the model given to the trainer.",
+                f"{checkpoint} holds no SRPO teacher state {os.path.basename(path)} (a ZeRO-3 or FSDP2 checkpoint resumes "
+                "with as many processes as saved it); the teacher keeps the initial weights of the model given to the trainer.",
                 stacklevel=2,
             )
             return
         self.teacher.load_state_dict({name: t.to(self.accelerator.device) for name, t in load_file(path).items()})
 
     def _teacher_state_path(self, folder: str) -> str:
-        if not self._dist.is_zero3:
+        if not self._sharded:
             return os.path.join(folder, TEACHER_STATE_FILE)
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         return os.path.join(folder, TEACHER_STATE_FILE.replace(".safetensors", f"-rank{rank}-of-{world}.safetensors"))

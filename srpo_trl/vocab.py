@@ -18,14 +18,16 @@ policy's (SPEC §5). TRL 1.16's `ChunkedLogProbFunction` returns log-probs and e
 head gathering (`maybe_gather_lm_head_ctx`) and its fp32 gradient accumulation (`_addmm_fp32`) are used here.
 
 Under DeepSpeed ZeRO-3 the head is partitioned outside its module's forward: each function gathers it once per call
-(forward, and again in the student's backward), whatever the number of positions. Gathering is a collective, so
-under ZeRO-3 every process must make the same calls, with or without positions of its own.
+(forward, and again in the student's backward), whatever the number of positions. Under FSDP2 the head is a
+`DTensor`, taken whole (`whole`) once per call, its gradient flowing back to the shards. Gathering is a collective,
+so every process must make the same calls, with or without positions of its own.
 """
 
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 from trl.kernels.chunked_logprob import _addmm_fp32
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
@@ -105,6 +107,12 @@ def _gathered(weight, bias):
     return maybe_gather_lm_head_ctx(weight, bias) if hasattr(weight, "ds_id") else nullcontext()
 
 
+def whole(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """An FSDP2 head's full tensor (a differentiable all-gather of its `DTensor` shards), as TRL's fused head takes it;
+    any other tensor as it is (ZeRO-3 parameters are gathered in place by the functions below)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def _chunks(num_positions: int, elements_per_position: int):
     size = max(1, LOGITS_PER_CHUNK // elements_per_position)
     # At least one (possibly empty) chunk, so that no positions give empty results rather than no results.
@@ -120,6 +128,7 @@ def _no_autocast(device: torch.device):
 def teacher_statistics(hidden, weight, bias, logits: Logits, tokens: torch.Tensor):
     """The teacher's log-normaliser `log Σ_v exp(z_v)` `(n,)`, log-prob of the sampled token `(n,)` and
     full-vocabulary entropy `(n,)`, with `z = logits(hidden)`."""
+    weight, bias = whole(weight), whole(bias)
     log_normalizer, token_logps, entropy = [], [], []
     with _gathered(weight, bias), _no_autocast(hidden.device):
         for chunk in _chunks(hidden.size(0), weight.size(0)):
@@ -136,6 +145,7 @@ def teacher_statistics(hidden, weight, bias, logits: Logits, tokens: torch.Tenso
 def logps_on_support(hidden, weight, bias, logits: Logits, log_normalizer, support: torch.Tensor):
     """Log-probs `(n, k)` at the token ids `support` of the distribution `teacher_statistics` described: only the
     `k` head rows each position needs, `z_v - log_normalizer`, never the whole vocabulary."""
+    weight, bias = whole(weight), whole(bias)
     out = []
     with _gathered(weight, bias), _no_autocast(hidden.device):
         for chunk in _chunks(hidden.size(0), support.size(1) * weight.size(1)):
@@ -203,5 +213,5 @@ class _TopKLogProbs(torch.autograd.Function):
 def student_topk_logps(hidden, weight, bias, logits: Logits, tokens: torch.Tensor, k: int):
     """The policy's top-k token ids per position `(n, k)` (chosen without gradient), and its differentiable
     log-probs on them `(n, k)` and of the sampled token `(n,)`."""
-    logps, ids = _TopKLogProbs.apply(hidden, weight, bias, tokens, k, logits)
+    logps, ids = _TopKLogProbs.apply(hidden, whole(weight), whole(bias), tokens, k, logits)
     return ids[:, :-1], logps[:, :-1], logps[:, -1]

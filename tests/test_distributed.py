@@ -65,8 +65,8 @@ def single_process(tmp_path_factory):
 
 @pytest.mark.parametrize(
     ("backend", "accelerate_config"),
-    [("ddp", None), ("zero2", "cpu_zero2.yaml"), ("zero3", None)],
-    ids=["ddp-torchrun", "zero2-accelerate", "zero3-torchrun"],
+    [("ddp", None), ("zero2", "cpu_zero2.yaml"), ("zero3", None), ("fsdp2", None)],
+    ids=["ddp-torchrun", "zero2-accelerate", "zero3-torchrun", "fsdp2-torchrun"],
 )
 def test_two_processes_end_with_the_single_process_weights(single_process, tmp_path, backend, accelerate_config):
     # ZeRO-3 by torchrun: the script's own DeepSpeed config shards even this tiny model's small matrices.
@@ -100,6 +100,23 @@ def test_lora_under_zero3_ends_with_the_single_process_weights(tmp_path):
     reference = launch(tmp_path / "single", "none", "--lora")
     assert all(".srpo_teacher." in name for name in reference["teacher"])
     assert_same_run(launch(tmp_path / "zero3", "zero3", "--lora"), reference)
+
+
+def test_lora_under_fsdp2_ends_with_the_single_process_weights(tmp_path):
+    reference = launch(tmp_path / "single", "none", "--lora")
+    assert_same_run(launch(tmp_path / "fsdp2", "fsdp2", "--lora"), reference)
+
+
+def test_fsdp2_resume_restores_the_sharded_teacher_exactly(tmp_path):
+    options = ("--max_steps=4",)
+    straight = launch(tmp_path / "straight", "fsdp2", *options, "--save_steps=2")
+    checkpoint = tmp_path / "straight" / "checkpoint-2"
+    assert sorted(path.name for path in checkpoint.glob("srpo_teacher*")) == [
+        "srpo_teacher-rank0-of-2.safetensors",
+        "srpo_teacher-rank1-of-2.safetensors",
+    ]
+    resumed = launch(tmp_path / "resumed", "fsdp2", *options, f"--resume_from_checkpoint={checkpoint}")
+    assert_same_run(resumed, straight, atol=0.0)
 
 
 def test_zero3_resume_restores_the_sharded_teacher_exactly(tmp_path):

@@ -730,7 +730,8 @@ def test_steps_without_routed_rows_leave_the_teachers_statistics_out(char_tokeni
     assert None not in entry.values()
 
 
-def test_fsdp_is_refused_before_the_model_loads(char_tokenizer, tmp_path, monkeypatch):
+def test_fsdp1_is_refused_before_the_model_loads(char_tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(NotImplementedError, match="does not support FSDP yet: launch with DeepSpeed"):
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(NotImplementedError, match="supports FSDP2, not FSDP1: set fsdp_version: 2"):
         SRPOTrainer(model="no-such/model", reward_funcs=first_letter_reward, args=make_args(tmp_path))

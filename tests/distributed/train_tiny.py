@@ -23,7 +23,7 @@ PATTERN = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1, 0, 1]
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--backend", choices=["none", "ddp", "zero2", "zero3"], default="none")
+    parser.add_argument("--backend", choices=["none", "ddp", "zero2", "zero3", "fsdp2"], default="none")
     parser.add_argument("--world_size", type=int, default=1, help="how many processes the launcher must have started")
     parser.add_argument(
         "--accelerate",
@@ -59,7 +59,13 @@ def main():
             "train_micro_batch_size_per_gpu": "auto",
             "gradient_accumulation_steps": "auto",
         }
+    fsdp = {}
+    if args.backend == "fsdp2":
+        allow_fsdp_on_cpu()
+        layers = ["Qwen3DecoderLayer"]
+        fsdp = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": layers})
     config = SRPOConfig(
+        **fsdp,
         output_dir=args.output_dir,
         report_to=[],
         use_cpu=True,  # also under DeepSpeed (with DS_ACCELERATOR=cpu): Accelerate then counts every process
@@ -127,6 +133,10 @@ def main():
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if deepspeed and args.backend == "zero3":  # the teacher really is sharded (and, with LoRA, the adapters too)
         assert any(weight.numel() == 0 for _, weight in trainer.teacher._teacher_weights())
+    if args.backend == "fsdp2":  # likewise: FSDP2 DTensors, this process holding half of each
+        from torch.distributed.tensor import DTensor
+
+        assert all(isinstance(weight, DTensor) for _, weight in trainer.teacher._teacher_weights())
 
     policy = whole_weights(trainer.accelerator.unwrap_model(trainer.model))
     teacher = {name: policy[name] for name in trainer.teacher.weight_names()} if args.lora else None
@@ -149,14 +159,34 @@ def main():
 
 
 def whole_weights(model) -> dict[str, torch.Tensor]:
-    """Every parameter whole (gathered one at a time when ZeRO-3 sharded it), as fp32 on CPU."""
+    """Every parameter whole (gathered one at a time when ZeRO-3 sharded it, or FSDP2), as fp32 on CPU."""
     import deepspeed
+    from torch.distributed.tensor import DTensor
 
     weights = {}
     for name, param in model.named_parameters():
         with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
-            weights[name] = param.detach().float().cpu().clone()
+            whole = param.full_tensor() if isinstance(param, DTensor) else param
+            weights[name] = whole.detach().float().cpu().clone()
     return weights
+
+
+def allow_fsdp_on_cpu():
+    """Accelerate 1.15 turns FSDP on for accelerator devices only: CPU processes stay MULTI_CPU and the FSDP plugin is
+    dropped. FSDP2 itself (`fully_shard`, `DTensor` weights, gloo collectives) runs on CPU, so for this test a CPU
+    state given an FSDP plugin takes Accelerate's FSDP branch; nothing else is changed."""
+    import accelerate.state as state
+    from accelerate.utils import DistributedType
+
+    init = state.AcceleratorState.__init__
+
+    def take_the_fsdp_branch(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if kwargs.get("fsdp_plugin") is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = state.PartialState().distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = kwargs["fsdp_plugin"]
+
+    state.AcceleratorState.__init__ = take_the_fsdp_branch
 
 
 if __name__ == "__main__":
