@@ -8,14 +8,15 @@ The glue, at GRPOTrainer's extension points:
 - `_compute_loss` runs GRPOTrainer's own loss with the routed rows' advantages zeroed, and adds the distillation
   sum computed from the same forward pass's hidden states (the student's top-k support is picked there, so the
   student needs no pass of its own at scoring), over the same token-count normaliser;
-- `_save_checkpoint` / `_load_optimizer_and_scheduler` carry the teacher's fp32 state (per-process shards under
-  DeepSpeed ZeRO-3), and `_save` keeps it out of `save_model`/`push_to_hub`.
+- `_save_optimizer_and_scheduler` / `_load_optimizer_and_scheduler` carry the teacher's fp32 state (per-process shards
+  under DeepSpeed ZeRO-3), and `_save` keeps it out of `save_model`/`push_to_hub`.
 Under ZeRO-3 weights are gathered collectively, so every process makes as many teacher passes and LM-head uses as
 the busiest one (docs/scaling.md). The math lives in `routing.py`, `prompts.py`, `losses.py` and `vocab.py`.
 """
 
 import copy
 import os
+import re
 import textwrap
 import time
 import warnings
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 from accelerate.utils import gather_object
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
@@ -497,29 +498,108 @@ class SRPOTrainer(GRPOTrainer):
 
     # ---- the teacher is training state ----
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        # Here, not after `_save_checkpoint`: Trainer then writes trainer_state.json, pushes the checkpoint and rotates
+        # old ones away, so a checkpoint is complete only with its teacher and a failed write keeps the older ones.
+        # (`save_only_model` checkpoints hold no optimizer and no teacher: a resume restarts it from the policy.)
         # Under ZeRO-3 every process holds (and saves) its own shards of the teacher.
         if self.teacher is not None and (self.args.should_save or self._dist.is_zero3):
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            os.makedirs(folder, exist_ok=True)
-            save_file(self.teacher.state_dict(), self._teacher_state_path(folder))
+            self._write_teacher_state(self._teacher_state_path(output_dir))
+            if self._dist.is_zero3:
+                self.accelerator.wait_for_everyone()  # every shard is on disk before process 0 rotates checkpoints
+
+    def _write_teacher_state(self, path: str) -> None:
+        """Write the teacher's state to `path` atomically: a crash mid-write leaves no file there, never a cut one."""
+        partial = f"{path}.partial"
+        try:
+            save_file(self.teacher.state_dict(), partial)
+            with open(partial, "rb") as file:
+                os.fsync(file.fileno())  # on disk before the name says the checkpoint holds it
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        if self.teacher is None or checkpoint is None:
-            return
+        if self.teacher is not None and checkpoint is not None:
+            self._load_teacher_state(checkpoint)
+
+    def _load_teacher_state(self, checkpoint: str) -> None:
+        """Restore the teacher from `checkpoint`, or restart it from the resumed policy (already loaded by Trainer)
+        when the checkpoint holds no teacher state; a damaged or mismatched state is an error naming its file."""
         path = self._teacher_state_path(checkpoint)
-        if not os.path.exists(path):
+        file_name = os.path.basename(path)
+        fix = (
+            f"resume from an earlier checkpoint, or delete {file_name} to restart the teacher from the resumed policy"
+        )
+        if not self._teacher_state_found(checkpoint, path):
             warnings.warn(
-                f"{checkpoint} holds no SRPO teacher state {os.path.basename(path)} (a ZeRO-3 checkpoint resumes with "
-                "as many processes as saved it); the teacher keeps the initial weights of the model given to the trainer.",
+                f"{checkpoint} holds no SRPO teacher state ({file_name}): the teacher restarts from the "
+                "resumed policy and its EMA history is lost. Checkpoints written by GRPOTrainer or with "
+                "save_only_model=True hold none.",
                 stacklevel=2,
             )
+            self.teacher.restart_from(self.accelerator.unwrap_model(self.model))
             return
-        self.teacher.load_state_dict({name: t.to(self.accelerator.device) for name, t in load_file(path).items()})
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"Cannot read the SRPO teacher state {path} ({error}): the file is damaged or incomplete; {fix}."
+            ) from error
+        non_finite = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+        if non_finite:
+            more = f" and {len(non_finite) - 1} more tensors" if len(non_finite) > 1 else ""
+            raise ValueError(
+                f"The SRPO teacher state {path} holds non-finite values in {non_finite[0]}{more}: that teacher would "
+                f"turn the policy to NaN in one step; {fix}."
+            )
+        try:
+            self.teacher.load_state_dict({name: t.to(self.accelerator.device) for name, t in state.items()})
+        except ValueError as error:
+            raise ValueError(
+                f"Cannot resume the SRPO teacher from {path}: {error}. Resume with the model (and, under DeepSpeed "
+                f"ZeRO-3, the number of processes) that saved it, or delete {file_name} to restart the teacher from "
+                "the resumed policy."
+            ) from error
+
+    def _teacher_state_found(self, checkpoint: str, path: str) -> bool:
+        """Whether `checkpoint` holds the teacher state at `path` (on every process under ZeRO-3, where each saves its
+        own shards). Holding only some processes' shards, or the teacher in another layout, is an error: restarting
+        from the policy would silently drop a teacher that exists."""
+        found = os.path.exists(path)
+        if self._dist.is_zero3:  # every process decides alike: a restart from the policy is collective
+            everywhere = self.accelerator.gather(torch.tensor([found], device=self.accelerator.device))
+            if everywhere.any() and not everywhere.all():
+                missing = (~everywhere.bool()).nonzero().squeeze(1).tolist()
+                raise ValueError(
+                    f"{checkpoint} lacks the SRPO teacher shards of processes {missing} (DeepSpeed ZeRO-3 saves one "
+                    "file per process): resume from a checkpoint that holds them all, or delete every "
+                    f"{TEACHER_STATE_FILE.replace('.safetensors', '-rank*')} file there to restart the teacher from "
+                    "the resumed policy."
+                )
+            found = bool(everywhere.all())
+        if not found:
+            self._refuse_teacher_in_another_layout(checkpoint, path)
+        return found
+
+    @staticmethod
+    def _refuse_teacher_in_another_layout(checkpoint: str, path: str) -> None:
+        """An error when `checkpoint` holds teacher files other than `path`: ZeRO-3's per-process shards of another
+        number of processes, or one whole-teacher file against ZeRO-3's shards (or the other way round)."""
+        stem = TEACHER_STATE_FILE.removesuffix(".safetensors")
+        others = sorted(f for f in os.listdir(checkpoint) if f.startswith(stem) and f.endswith(".safetensors"))
+        if not others:
+            return
+        shards = re.fullmatch(rf"{stem}-rank\d+-of-(\d+)\.safetensors", others[0])
+        saved_by = f"saved by {shards.group(1)} processes under DeepSpeed ZeRO-3" if shards else "saved without ZeRO-3"
+        raise ValueError(
+            f"{checkpoint} holds the SRPO teacher as {', '.join(others[:2])}{', ...' if len(others) > 2 else ''} "
+            f"({saved_by}), but this run needs {os.path.basename(path)}: resume with the launch configuration that "
+            "saved it, or delete those files to restart the teacher from the resumed policy."
+        )
 
     def _teacher_state_path(self, folder: str) -> str:
         if not self._dist.is_zero3:
@@ -528,6 +608,6 @@ class SRPOTrainer(GRPOTrainer):
         return os.path.join(folder, TEACHER_STATE_FILE.replace(".safetensors", f"-rank{rank}-of-{world}.safetensors"))
 
     def _save(self, output_dir=None, state_dict=None):
-        # `save_model` and `push_to_hub` write the policy: the teacher is training state, kept by `_save_checkpoint`.
+        # `save_model` and `push_to_hub` write the policy: the teacher is training state, kept in checkpoints only.
         with self.teacher.policy_only_saving() if self.teacher is not None else nullcontext():
             super()._save(output_dir, state_dict)
