@@ -1,7 +1,8 @@
 """`SRPOTrainer`: GRPOTrainer with per-rollout routing to self-distillation from an EMA self-teacher.
 
 The glue, at GRPOTrainer's extension points:
-- `_calculate_rewards` keeps what routing needs (prompts, completion ids, rewards of the whole batch);
+- `_calculate_rewards` keeps what routing needs (prompts, completion ids, rewards of the whole batch) and refuses
+  infinite rewards;
 - `_generate_and_score_completions` routes the batch, runs the teacher on the routed rows only, keeps its hidden
   states and log-normalisers of their tokens (`_TeacherCache`), and attaches per-token tensors (an index into
   that cache, the entropy weights) that GRPOTrainer then shuffles and splits into micro-batches;
@@ -158,6 +159,7 @@ class SRPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._refuse_infinite_rewards(rewards_per_func)
         feedback = None
         if self.args.teacher_feedback and self.teacher is not None:
             # Logged through `log_extra` by the reward functions just called; GRPOTrainer flushes it afterwards.
@@ -171,6 +173,20 @@ class SRPOTrainer(GRPOTrainer):
                 )
         self._scored = _ScoredRollouts(prompts, completion_ids_list, rewards_per_func, feedback)
         return rewards_per_func
+
+    def _refuse_infinite_rewards(self, rewards_per_func: torch.Tensor) -> None:
+        """SPEC §12: None/NaN means unscorable; any other non-finite reward is an error. With `scale_rewards="none"`
+        an infinite reward makes its group's advantages NaN, and one step turns the policy and the teacher to NaN.
+        The rewards are every process's (gathered), so every process raises alike."""
+        infinite = torch.isinf(rewards_per_func)
+        if not infinite.any():
+            return
+        row, column = infinite.nonzero()[0].tolist()
+        raise ValueError(
+            f"The reward function '{self.reward_func_names[column]}' returned {rewards_per_func[row, column].item()} "
+            f"(for {int(infinite[:, column].sum())} of {len(rewards_per_func)} completions of this batch): SRPO needs "
+            "finite rewards. Return None for a completion that cannot be scored, or bound the reward."
+        )
 
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"

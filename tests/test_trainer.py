@@ -243,6 +243,21 @@ def test_degenerate_groups_give_finite_losses_and_the_right_routes(char_tokenize
     assert entry["srpo/route/sdpo_frac"] == {"srpo": 4 / 16, "sdpo": 11 / 16, "advantage_mix": 0.0}[routing]
 
 
+def overflowing_reward(completions, **kwargs):
+    return [math.inf] + first_letter_reward(completions)[1:]
+
+
+def test_infinite_rewards_are_refused_naming_the_reward_function(char_tokenizer, tmp_path):
+    # With scale_rewards="none" one infinite reward would turn the policy and the teacher to NaN in one step.
+    trainer = make_trainer(char_tokenizer, tmp_path, reward=overflowing_reward, max_steps=1)
+    before = parameters(trainer)
+    message = r"reward function 'overflowing_reward' returned inf \(for 1 of 8 completions .*Return None"
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+    for name, value in parameters(trainer).items():
+        assert torch.equal(value, before[name]), name
+
+
 def test_truncated_completions_masked_out_give_finite_loss(char_tokenizer, tmp_path):
     trainer = make_trainer(
         char_tokenizer, tmp_path, mask_truncated_completions=True, max_completion_length=2, max_steps=2
