@@ -20,6 +20,26 @@ def demonstration_from_completion(completion: str) -> str:
     return text.split("<think>", 1)[0].strip()
 
 
+def teacher_prompt_problem(prompt: str | list[dict]) -> str | None:
+    """Why the teacher prompt cannot be built from `prompt` (SPEC §3 rewrites the last user turn's text), or None."""
+    if isinstance(prompt, str):
+        return None
+    user_turns = [message for message in prompt if message.get("role") == "user"]
+    if not user_turns:
+        return (
+            f"SRPO's teacher prompt rewrites the last user turn, and this conversational prompt has no user turn "
+            f"(roles found: {[message.get('role') for message in prompt]}): put the question in a "
+            "{'role': 'user', 'content': ...} message, or train with routing='grpo'."
+        )
+    content = user_turns[-1].get("content")
+    if not isinstance(content, str):
+        return (
+            "SRPO's teacher prompt rewrites the last user turn's text, so its content must be a string; got "
+            f"{type(content).__name__} (multimodal content is not supported): use text prompts, or routing='grpo'."
+        )
+    return None
+
+
 def build_teacher_prompt(
     prompt: str | list[dict], demonstration: str, feedback: str | None = None
 ) -> str | list[dict]:
@@ -32,15 +52,10 @@ def build_teacher_prompt(
 
     if isinstance(prompt, str):
         return rewrite(prompt)
-    user_turns = [i for i, message in enumerate(prompt) if message.get("role") == "user"]
-    if not user_turns:
-        raise ValueError("A conversational prompt needs a user turn for the teacher prompt; found none.")
-    last = user_turns[-1]
-    if not isinstance(prompt[last]["content"], str):
-        raise ValueError(
-            "SRPO's teacher prompt needs the last user turn's content as a string; multimodal content "
-            f"({type(prompt[last]['content']).__name__}) is not supported."
-        )
+    problem = teacher_prompt_problem(prompt)
+    if problem is not None:
+        raise ValueError(problem)
+    last = [i for i, message in enumerate(prompt) if message.get("role") == "user"][-1]
     messages = copy.deepcopy(prompt)
     messages[last]["content"] = rewrite(messages[last]["content"])
     return messages

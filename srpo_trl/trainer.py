@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate.utils import gather_object
+from datasets import Dataset
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from trl import GRPOTrainer
@@ -41,13 +42,14 @@ from .losses import (
     teacher_entropy_weights,
     topk_distillation_divergence,
 )
-from .prompts import demonstration_from_completion, fit_teacher_prompt
+from .prompts import demonstration_from_completion, fit_teacher_prompt, teacher_prompt_problem
 from .routing import Routes, route_labels, route_rollouts
 from .teacher import SelfTeacher, TeacherEMACallback, backbone_and_head, causal_lm, is_peft
 from .vocab import logps_on_support, student_topk_logps, teacher_statistics
 
 TEACHER_STATE_FILE = "srpo_teacher.safetensors"
 FEEDBACK_COLUMN = "feedback"  # the `log_extra` column reward functions write feedback to (`teacher_feedback`)
+PROMPTS_CHECKED = 16  # first rows of each dataset whose prompts are checked at construction
 
 
 def _loss_mask(batch: dict) -> torch.Tensor:
@@ -115,6 +117,7 @@ class SRPOTrainer(GRPOTrainer):
         self._teacher_cache: dict[str, _TeacherCache | None] = {"train": None, "eval": None}
         if args.routing == "grpo":
             return
+        self._check_prompts()
         vocab_size = causal_lm(self.model).config.get_text_config().vocab_size
         if args.distillation_topk > vocab_size:
             raise ValueError(
@@ -128,6 +131,23 @@ class SRPOTrainer(GRPOTrainer):
             )
         self.teacher = self._build_teacher()
         self.add_callback(TeacherEMACallback(self))
+
+    def _check_prompts(self) -> None:
+        """The teacher prompt rewrites each prompt's last user turn (SPEC §3): find prompts it cannot rewrite now,
+        not when a rollout of theirs is first routed, maybe hours in. The first rows of map-style datasets only:
+        cheap, and a dataset's prompts share their format (streamed ones are met at routing)."""
+        named = {"train_dataset": self.train_dataset}
+        if isinstance(self.eval_dataset, dict):
+            named.update({f"eval_dataset[{key!r}]": dataset for key, dataset in self.eval_dataset.items()})
+        else:
+            named["eval_dataset"] = self.eval_dataset
+        for name, dataset in named.items():
+            if not isinstance(dataset, Dataset) or "prompt" not in dataset.column_names:
+                continue
+            for index, prompt in enumerate(dataset[:PROMPTS_CHECKED]["prompt"]):
+                problem = teacher_prompt_problem(prompt) if isinstance(prompt, list) else None
+                if problem is not None:
+                    raise ValueError(f"{name} row {index}: {problem}")
 
     def _build_teacher(self) -> SelfTeacher:
         # `self.model` is not wrapped yet (Accelerate/DeepSpeed wrap it in `train()`), so a PEFT teacher adapter

@@ -29,9 +29,9 @@ def test_feedback_goes_between_the_solution_and_the_closing_instruction():
 
 
 def test_bad_prompts_name_the_problem():
-    with pytest.raises(ValueError, match="user turn"):
-        build_teacher_prompt([{"role": "system", "content": "s"}], "A")
-    with pytest.raises(ValueError, match="multimodal"):
+    with pytest.raises(ValueError, match=r"no user turn \(roles found: \['system', 'assistant'\]\)"):
+        build_teacher_prompt([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}], "A")
+    with pytest.raises(ValueError, match=r"must be a string; got list \(multimodal"):
         build_teacher_prompt([{"role": "user", "content": [{"type": "text", "text": "q"}]}], "A")
 
 

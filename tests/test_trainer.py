@@ -112,6 +112,33 @@ def test_parity_with_grpo_trainer_when_nothing_is_routed(char_tokenizer, tmp_pat
         assert logged(ours, "srpo/route/fallback_frac") == [1.0, 1.0]
 
 
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        (
+            [{"role": "system", "content": "Spell a"}],
+            r"train_dataset row 0: .*no user turn \(roles found: \['system'\]\)",
+        ),
+        ([{"role": "user", "content": [{"type": "text", "text": "Spell a"}]}], r"row 0: .*got list \(multimodal"),
+    ],
+    ids=["no-user-turn", "multimodal"],
+)
+def test_prompts_the_teacher_cannot_rewrite_fail_at_construction(char_tokenizer, tmp_path, prompt, message):
+    # Not when a rollout of theirs is first routed, maybe hours into training; GRPO needs no teacher prompt.
+    prompts = Dataset.from_dict({"prompt": [prompt] * 16})
+
+    def build(routing):
+        args = make_args(tmp_path, routing=routing)
+        model = build_tiny_model(char_tokenizer)
+        return SRPOTrainer(
+            model, first_letter_reward, args=args, train_dataset=prompts, processing_class=char_tokenizer
+        )
+
+    with pytest.raises(ValueError, match=message):
+        build("srpo")
+    build("grpo")
+
+
 def count_rows(module):
     """Count the calls of `module` and the rows they carry."""
     counter = {"rows": 0, "calls": 0}
