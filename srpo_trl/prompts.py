@@ -75,16 +75,17 @@ def fit_teacher_prompt(
     tokenize: Callable[[str | list[dict]], list[int]],
     max_length: int,
     feedback: str | None = None,
-) -> tuple[list[int], bool]:
-    """Token ids of the teacher prompt, at most `max_length` long if cutting the demonstration can achieve it.
+) -> tuple[list[int], int]:
+    """Token ids of the teacher prompt, at most `max_length` long if cutting the demonstration can achieve it, and
+    how many of the demonstration's characters it kept.
 
     Only the demonstration is shortened (binary search on how many of its characters to keep, cut in the middle);
-    the question, the system turns, the feedback and the closing instruction are never cut, so a question that
-    alone exceeds `max_length` keeps its full length. Returns the ids and whether the demonstration was cut.
+    the question, the system turns, the feedback and the closing instruction are never cut. When they alone leave no
+    room, the demonstration goes entirely (0 characters kept) and the prompt keeps its full length over the limit.
     """
     ids = tokenize(build_teacher_prompt(prompt, demonstration, feedback))
     if len(ids) <= max_length:
-        return ids, False
+        return ids, len(demonstration)
     low, high = 0, len(demonstration) - 1  # invariant: keeping `low` characters fits (or low == 0)
     best = tokenize(build_teacher_prompt(prompt, "", feedback))
     while low < high:
@@ -94,4 +95,4 @@ def fit_teacher_prompt(
             low, best = keep, candidate
         else:
             high = keep - 1
-    return best, True
+    return best, low

@@ -22,7 +22,7 @@ import textwrap
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from accelerate.utils import gather_object
@@ -115,6 +115,7 @@ class SRPOTrainer(GRPOTrainer):
         super().__init__(model, reward_funcs, args=args, **kwargs)
         self.teacher = None
         self._teacher_cache: dict[str, _TeacherCache | None] = {"train": None, "eval": None}
+        self._warned: set[str] = set()  # keys of the warnings given once
         if args.routing == "grpo":
             return
         self._check_prompts()
@@ -219,10 +220,6 @@ class SRPOTrainer(GRPOTrainer):
         rewards[torch.isnan(scored.rewards_per_func).all(dim=1)] = torch.nan  # unscorable: never correct
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         routes = route_rollouts(rewards, num_generations, self.args.success_reward_threshold, self.args.routing)
-        if self.log_completions:  # extra columns of the completions table: what each rollout was trained with
-            labels, siblings = route_labels(routes, num_generations)
-            self._logs["extra"]["route"].extend(labels)
-            self._logs["extra"]["teacher_sibling"].extend(siblings)
         start = self.accelerator.process_index * len(scored.prompts)
         local = slice(start, start + len(scored.prompts))
         batch.update(self._score_with_teacher(batch, scored, routes, local, mode))
@@ -232,8 +229,9 @@ class SRPOTrainer(GRPOTrainer):
         """Teacher statistics for this process's routed rows: what the loss needs is cached on the trainer
         (`_TeacherCache`); the batch gets per-token tensors (an index into the cache, the entropy weights)."""
         mask = _loss_mask(batch)
+        teacher_prompts, truncated, routes = self._teacher_prompts(scored, routes, local, mode)
+        self._log_route_labels(routes, mode)
         rows = routes.needs_teacher[local].nonzero().squeeze(1).tolist()
-        teacher_prompts, truncated = self._teacher_prompts(scored, routes, local, rows)
         cache_index, teacher_token_logps, entropy, seconds = self._run_teacher(
             batch, mask, rows, teacher_prompts, routes, mode
         )
@@ -266,27 +264,79 @@ class SRPOTrainer(GRPOTrainer):
             "srpo_token_weights": weights,
         }
 
-    def _teacher_prompts(self, scored: _ScoredRollouts, routes: Routes, local: slice, rows: list[int]):
-        """Token ids of each routed row's teacher prompt (SPEC §3), and which rows had their demonstration cut."""
+    def _teacher_prompts(self, scored: _ScoredRollouts, routes: Routes, local: slice, mode: str):
+        """Token ids of each routed row's teacher prompt (SPEC §3), which rows had their demonstration cut, and the
+        routes, where rows whose prompt leaves no room for any of the demonstration no longer need the teacher."""
         truncated = torch.zeros(len(scored.prompts), dtype=torch.bool, device=self.accelerator.device)
+        no_room = torch.zeros_like(truncated)
         teacher_prompts = []
         if not routes.needs_teacher.any():  # nothing routed on any process (`routes` is global): no collective
-            return teacher_prompts, truncated
+            self._metrics[mode]["srpo/teacher_prompt_dropped_frac"].append(float("nan"))
+            return teacher_prompts, truncated, routes
         every_completion = gather_object(scored.completion_ids)  # siblings may sit on other processes
-        for row in rows:
+        for row in routes.needs_teacher[local].nonzero().squeeze(1).tolist():
             sibling = every_completion[routes.sibling[local][row]]
             demonstration = demonstration_from_completion(
                 self.processing_class.decode(sibling, skip_special_tokens=True)
             )
-            ids, truncated[row] = fit_teacher_prompt(
+            ids, kept = fit_teacher_prompt(
                 scored.prompts[row],
                 demonstration,
                 self._tokenize_one_prompt,
                 self.args.max_teacher_prompt_length,
                 feedback=None if scored.feedback is None else scored.feedback[row],
             )
-            teacher_prompts.append(ids)
-        return teacher_prompts, truncated
+            if kept == 0 and demonstration:
+                no_room[row] = True
+                self._warn_no_demonstration_room(len(ids))
+            else:
+                truncated[row] = kept < len(demonstration)
+                teacher_prompts.append(ids)
+        return teacher_prompts, truncated, self._without_teacher_where_no_room(routes, no_room, mode)
+
+    def _without_teacher_where_no_room(self, routes: Routes, no_room: torch.Tensor, mode: str) -> Routes:
+        """`routes` with the rows whose teacher prompt has no room for the demonstration (`no_room`, this process's
+        rows) treated as rows without a correct sibling: a teacher that never saw a correct answer has nothing to
+        teach. `routing="srpo"` trains them by GRPO instead, `"sdpo"` leaves them out (as its rows without a
+        teacher), `"advantage_mix"` gives them GRPO's advantage alone. Counted in `srpo/teacher_prompt_dropped_frac`.
+        Routes are global, so every process learns every process's rows (a collective)."""
+        dropped = self.accelerator.gather(no_room.to(torch.uint8)).bool()
+        self._metrics[mode]["srpo/teacher_prompt_dropped_frac"].append(
+            dropped.sum().item() / routes.needs_teacher.sum().item()
+        )
+        if not dropped.any():
+            return routes
+        needs_teacher = routes.needs_teacher & ~dropped
+        return replace(
+            routes,
+            sdpo=routes.sdpo & ~dropped,
+            grpo=routes.grpo | (routes.sdpo & dropped) if self.args.routing == "srpo" else routes.grpo,
+            needs_teacher=needs_teacher,
+            sibling=torch.where(needs_teacher, routes.sibling, -1),
+        )
+
+    def _warn_no_demonstration_room(self, prompt_length: int) -> None:
+        self._warn_once(
+            "no_demonstration_room",
+            f"max_teacher_prompt_length={self.args.max_teacher_prompt_length} leaves no room for the demonstration: "
+            f"a teacher prompt takes {prompt_length} tokens without it (its question, system turns and closing "
+            "instruction are never cut). Such rollouts are trained as if no sibling were correct (by GRPO under "
+            "routing='srpo'), not distilled by a teacher that never saw the correct answer (counted in "
+            "srpo/teacher_prompt_dropped_frac). Raise "
+            f"max_teacher_prompt_length above {prompt_length} by a demonstration's length, or shorten the prompts.",
+        )
+
+    def _log_route_labels(self, routes: Routes, mode: str) -> None:
+        if self.log_completions:  # extra columns of the completions table: what each rollout was trained with
+            num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+            labels, siblings = route_labels(routes, num_generations)
+            self._logs["extra"]["route"].extend(labels)
+            self._logs["extra"]["teacher_sibling"].extend(siblings)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
 
     def _run_teacher(self, batch, mask, rows: list[int], teacher_prompts, routes: Routes, mode: str):
         """Teacher passes over the routed `rows`, a few rows at a time (none when nothing is routed). Caches what the

@@ -139,6 +139,29 @@ def test_prompts_the_teacher_cannot_rewrite_fail_at_construction(char_tokenizer,
     build("grpo")
 
 
+def test_rows_without_room_for_the_demonstration_are_trained_by_grpo(char_tokenizer, tmp_path):
+    # max_teacher_prompt_length below every prompt: no teacher could see a correct answer, so SRPO is GRPO exactly
+    # (not a distillation towards a teacher without the demonstration), says so once, and counts the rows.
+    reference = make_trainer(char_tokenizer, tmp_path / "grpo", trainer_class=GRPOTrainer)
+    reference.train()
+    ours = make_trainer(char_tokenizer, tmp_path / "srpo", max_teacher_prompt_length=1, log_completions=True)
+    counter = count_rows(ours.teacher.model.model)
+    with pytest.warns(
+        UserWarning, match=r"max_teacher_prompt_length=1 leaves no room for the demonstration"
+    ) as caught:
+        ours.train()
+    assert sum("leaves no room" in str(w.message) for w in caught) == 1
+    assert counter["calls"] == 0
+    assert logged(ours, "loss") == logged(reference, "loss")
+    expected = parameters(reference)
+    for name, value in parameters(ours).items():
+        assert torch.equal(value, expected[name]), name
+    assert logged(ours, "srpo/route/sdpo_frac") == [0.0, 0.0]
+    assert logged(ours, "srpo/teacher_prompt_dropped_frac") == [1.0, 1.0]
+    assert logged(ours, "srpo/teacher_prompt_truncated_frac") == [None, None]  # no teacher prompt left: NaN
+    assert "sdpo" not in ours._logs["extra"]["route"] and "failed" in ours._logs["extra"]["route"]
+
+
 def count_rows(module):
     """Count the calls of `module` and the rows they carry."""
     counter = {"rows": 0, "calls": 0}
@@ -642,9 +665,9 @@ def test_teacher_feedback_reaches_the_teacher_prompt(char_tokenizer, tmp_path, m
     fit = srpo_trl.trainer.fit_teacher_prompt
 
     def record(prompt, demonstration, tokenize, max_length, feedback=None):
-        ids, truncated = fit(prompt, demonstration, tokenize, max_length, feedback=feedback)
+        ids, kept = fit(prompt, demonstration, tokenize, max_length, feedback=feedback)
         built.append((feedback, char_tokenizer.decode(ids)))
-        return ids, truncated
+        return ids, kept
 
     monkeypatch.setattr(srpo_trl.trainer, "fit_teacher_prompt", record)
     trainer = make_trainer(char_tokenizer, tmp_path, reward=feedback_reward, max_steps=1, teacher_feedback=True)
