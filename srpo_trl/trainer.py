@@ -16,6 +16,7 @@ the busiest one (docs/scaling.md). The math lives in `routing.py`, `prompts.py`,
 """
 
 import copy
+import math
 import os
 import re
 import textwrap
@@ -50,6 +51,7 @@ from .vocab import logps_on_support, student_topk_logps, teacher_statistics
 TEACHER_STATE_FILE = "srpo_teacher.safetensors"
 FEEDBACK_COLUMN = "feedback"  # the `log_extra` column reward functions write feedback to (`teacher_feedback`)
 PROMPTS_CHECKED = 16  # first rows of each dataset whose prompts are checked at construction
+ROUTING_WATCH_BATCHES = 5  # training generation batches after which routing that never distils is reported
 
 
 def _loss_mask(batch: dict) -> torch.Tensor:
@@ -78,6 +80,17 @@ class _ScoredRollouts:
     completion_ids: list[list[int]]
     rewards_per_func: torch.Tensor
     feedback: list[str | None] | None = None
+
+
+@dataclass
+class _RoutingWatch:
+    """What the first training batches' routing looked like (`SRPOTrainer._watch_routing`)."""
+
+    batches: int = 0
+    any_correct: bool = False
+    any_failed: bool = False
+    low: float = math.inf  # the lowest and highest reward seen
+    high: float = -math.inf
 
 
 class SRPOTrainer(GRPOTrainer):
@@ -115,6 +128,7 @@ class SRPOTrainer(GRPOTrainer):
         super().__init__(model, reward_funcs, args=args, **kwargs)
         self.teacher = None
         self._teacher_cache: dict[str, _TeacherCache | None] = {"train": None, "eval": None}
+        self._routing_watch = _RoutingWatch()
         self._warned: set[str] = set()  # keys of the warnings given once
         if args.routing == "grpo":
             return
@@ -220,6 +234,7 @@ class SRPOTrainer(GRPOTrainer):
         rewards[torch.isnan(scored.rewards_per_func).all(dim=1)] = torch.nan  # unscorable: never correct
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         routes = route_rollouts(rewards, num_generations, self.args.success_reward_threshold, self.args.routing)
+        self._watch_routing(routes, rewards, mode)
         start = self.accelerator.process_index * len(scored.prompts)
         local = slice(start, start + len(scored.prompts))
         batch.update(self._score_with_teacher(batch, scored, routes, local, mode))
@@ -332,6 +347,48 @@ class SRPOTrainer(GRPOTrainer):
             labels, siblings = route_labels(routes, num_generations)
             self._logs["extra"]["route"].extend(labels)
             self._logs["extra"]["teacher_sibling"].extend(siblings)
+
+    def _watch_routing(self, routes: Routes, rewards: torch.Tensor, mode: str) -> None:
+        """Warn once when the first training batches route nothing to the teacher because of the threshold: no
+        rollout correct (`srpo/teacher_available_frac` stays 0, SRPO is plain GRPO) or every rollout correct
+        (`srpo/route/correct_frac` stays 1). Both usually mean `success_reward_threshold` does not fit the rewards."""
+        watch = self._routing_watch
+        if mode != "train" or watch is None:
+            return
+        watch.batches += 1
+        watch.any_correct |= bool(routes.correct.any())
+        watch.any_failed |= not bool(routes.correct.all())
+        scored = rewards[~rewards.isnan()]
+        if scored.numel():
+            watch.low, watch.high = min(watch.low, scored.min().item()), max(watch.high, scored.max().item())
+        if watch.batches < ROUTING_WATCH_BATCHES:
+            return
+        self._routing_watch = None  # checked once
+        if watch.any_correct and watch.any_failed:
+            return
+        threshold = self.args.success_reward_threshold
+        seen = (
+            f"the weighted rewards ranged over [{round(watch.low, 4)}, {round(watch.high, 4)}]"
+            if watch.low <= watch.high
+            else "no rollout was scored"
+        )
+        first = f"the first {ROUTING_WATCH_BATCHES} generation batches"
+        if not watch.any_correct:
+            message = (
+                f"No rollout of {first} reached success_reward_threshold={threshold} ({seen}): "
+                "srpo/teacher_available_frac stays 0, nothing is distilled and SRPO trains as plain GRPO. Set "
+                "success_reward_threshold to the reward a correct rollout earns."
+            )
+        else:
+            message = (
+                f"Every rollout of {first} reached success_reward_threshold={threshold} ({seen}): "
+                "srpo/route/correct_frac stays 1 and nothing is distilled. The threshold applies to the weighted sum "
+                "of the reward functions, so with several of them a correct rollout earns more: two 0/1 rewards give "
+                f"up to 2.0. Set success_reward_threshold to what only a correct rollout earns (here perhaps "
+                f"{round(watch.high, 4)}), or weight the rewards with reward_weights."
+            )
+        if self.accelerator.is_main_process:  # every process sees the same global rewards
+            warnings.warn(message, stacklevel=2)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

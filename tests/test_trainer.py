@@ -3,6 +3,7 @@ metrics, degenerate groups, checkpoints."""
 
 import math
 import os
+import re
 import warnings
 from types import SimpleNamespace
 
@@ -160,6 +161,31 @@ def test_rows_without_room_for_the_demonstration_are_trained_by_grpo(char_tokeni
     assert logged(ours, "srpo/teacher_prompt_dropped_frac") == [1.0, 1.0]
     assert logged(ours, "srpo/teacher_prompt_truncated_frac") == [None, None]  # no teacher prompt left: NaN
     assert "sdpo" not in ours._logs["extra"]["route"] and "failed" in ours._logs["extra"]["route"]
+
+
+def always_one(completions, **kwargs):
+    """A 0/1 reward every completion earns (a format check, say): beside first_letter_reward the sum is 1 or 2."""
+    return [1.0] * len(completions)
+
+
+@pytest.mark.parametrize(
+    "reward, message",
+    [
+        ([first_letter_reward, always_one], r"Every rollout .* \[1\.0, 2\.0\].*correct_frac stays 1.*weighted sum"),
+        (graded_reward, r"No rollout .* \[0\.0, 0\.\d+\].*teacher_available_frac stays 0.*plain GRPO"),
+        (first_letter_reward, None),
+    ],
+    ids=["two-0/1-rewards", "never-reached", "reachable"],
+)
+def test_a_threshold_that_routes_nothing_is_reported_after_five_batches(char_tokenizer, tmp_path, reward, message):
+    trainer = make_trainer(char_tokenizer, tmp_path, reward=reward, max_steps=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in caught if "success_reward_threshold=1.0" in str(w.message)]
+    assert len(said) == (message is not None)
+    if message is not None:
+        assert re.search(message, said[0]) and "first 5 generation batches" in said[0]
 
 
 def count_rows(module):
