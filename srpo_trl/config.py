@@ -2,7 +2,7 @@
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
@@ -116,6 +116,8 @@ class SRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        # Before the range checks below, whose comparisons would fail on a wrong type without naming the field.
+        self._check_types()
         # Before GRPOConfig's own check, whose message does not name the field.
         self._check(
             "num_generations",
@@ -123,13 +125,8 @@ class SRPOConfig(GRPOConfig):
             ">= 2: routing compares each rollout with its siblings",
         )
         super().__post_init__()
-        self._check("routing", self.routing in ROUTING_MODES, f"one of {ROUTING_MODES}")
         self._check("teacher_update_rate", 0.0 < self.teacher_update_rate <= 1.0, "in (0, 1], e.g. 0.05")
-        self._check(
-            "distillation_topk",
-            isinstance(self.distillation_topk, int) and self.distillation_topk >= 1,
-            "an integer >= 1, e.g. 100",
-        )
+        self._check("distillation_topk", self.distillation_topk >= 1, "an integer >= 1, e.g. 100")
         self._check("distillation_alpha", 0.0 <= self.distillation_alpha <= 1.0, "in [0, 1], e.g. 0.5")
         self._check("distillation_is_clip", self.distillation_is_clip > 0.0, "> 0, e.g. 2.0")
         self._check("weighting_temperature", self.weighting_temperature > 0.0, "> 0, e.g. 1.0")
@@ -144,6 +141,25 @@ class SRPOConfig(GRPOConfig):
                 stacklevel=3,
             )
 
+    def _check_types(self) -> None:
+        """SRPO's own fields hold the type they are declared with: a YAML `1e-2` arrives as a string, and a string or
+        None would otherwise fail a comparison with a message that names no field (or, for a bool, pass silently)."""
+        grpo_fields = {f.name for f in fields(GRPOConfig)}
+        for spec in fields(self):
+            if spec.name in grpo_fields:
+                continue
+            value = getattr(self, spec.name)
+            if spec.type is bool:
+                self._check(spec.name, isinstance(value, bool), "True or False")
+            elif spec.type is int:
+                self._check(spec.name, isinstance(value, int) and not isinstance(value, bool), "an integer")
+            elif spec.type is float:
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                self._check(spec.name, number, "a number")
+            elif spec.type is str and "choices" in spec.metadata:
+                self._check(spec.name, value in spec.metadata["choices"], f"one of {tuple(spec.metadata['choices'])}")
+
     def _check(self, name: str, ok: bool, expected: str) -> None:
         if not ok:
-            raise ValueError(f"SRPOConfig.{name} must be {expected}; got {getattr(self, name)!r}.")
+            value = getattr(self, name)
+            raise ValueError(f"SRPOConfig.{name} must be {expected}; got {value!r} ({type(value).__name__}).")

@@ -20,6 +20,26 @@ def demonstration_from_completion(completion: str) -> str:
     return text.split("<think>", 1)[0].strip()
 
 
+def teacher_prompt_problem(prompt: str | list[dict]) -> str | None:
+    """Why the teacher prompt cannot be built from `prompt` (SPEC §3 rewrites the last user turn's text), or None."""
+    if isinstance(prompt, str):
+        return None
+    user_turns = [message for message in prompt if message.get("role") == "user"]
+    if not user_turns:
+        return (
+            f"SRPO's teacher prompt rewrites the last user turn, and this conversational prompt has no user turn "
+            f"(roles found: {[message.get('role') for message in prompt]}): put the question in a "
+            "{'role': 'user', 'content': ...} message, or train with routing='grpo'."
+        )
+    content = user_turns[-1].get("content")
+    if not isinstance(content, str):
+        return (
+            "SRPO's teacher prompt rewrites the last user turn's text, so its content must be a string; got "
+            f"{type(content).__name__} (multimodal content is not supported): use text prompts, or routing='grpo'."
+        )
+    return None
+
+
 def build_teacher_prompt(
     prompt: str | list[dict], demonstration: str, feedback: str | None = None
 ) -> str | list[dict]:
@@ -32,15 +52,10 @@ def build_teacher_prompt(
 
     if isinstance(prompt, str):
         return rewrite(prompt)
-    user_turns = [i for i, message in enumerate(prompt) if message.get("role") == "user"]
-    if not user_turns:
-        raise ValueError("A conversational prompt needs a user turn for the teacher prompt; found none.")
-    last = user_turns[-1]
-    if not isinstance(prompt[last]["content"], str):
-        raise ValueError(
-            "SRPO's teacher prompt needs the last user turn's content as a string; multimodal content "
-            f"({type(prompt[last]['content']).__name__}) is not supported."
-        )
+    problem = teacher_prompt_problem(prompt)
+    if problem is not None:
+        raise ValueError(problem)
+    last = [i for i, message in enumerate(prompt) if message.get("role") == "user"][-1]
     messages = copy.deepcopy(prompt)
     messages[last]["content"] = rewrite(messages[last]["content"])
     return messages
@@ -60,16 +75,17 @@ def fit_teacher_prompt(
     tokenize: Callable[[str | list[dict]], list[int]],
     max_length: int,
     feedback: str | None = None,
-) -> tuple[list[int], bool]:
-    """Token ids of the teacher prompt, at most `max_length` long if cutting the demonstration can achieve it.
+) -> tuple[list[int], int]:
+    """Token ids of the teacher prompt, at most `max_length` long if cutting the demonstration can achieve it, and
+    how many of the demonstration's characters it kept.
 
     Only the demonstration is shortened (binary search on how many of its characters to keep, cut in the middle);
-    the question, the system turns, the feedback and the closing instruction are never cut, so a question that
-    alone exceeds `max_length` keeps its full length. Returns the ids and whether the demonstration was cut.
+    the question, the system turns, the feedback and the closing instruction are never cut. When they alone leave no
+    room, the demonstration goes entirely (0 characters kept) and the prompt keeps its full length over the limit.
     """
     ids = tokenize(build_teacher_prompt(prompt, demonstration, feedback))
     if len(ids) <= max_length:
-        return ids, False
+        return ids, len(demonstration)
     low, high = 0, len(demonstration) - 1  # invariant: keeping `low` characters fits (or low == 0)
     best = tokenize(build_teacher_prompt(prompt, "", feedback))
     while low < high:
@@ -79,4 +95,4 @@ def fit_teacher_prompt(
             low, best = keep, candidate
         else:
             high = keep - 1
-    return best, True
+    return best, low

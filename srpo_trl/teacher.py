@@ -130,6 +130,17 @@ class SelfTeacher:
                 target.copy_(accumulator)
         refresh_persistent([weight for _, weight in self._teacher_weights()])
 
+    @torch.no_grad()
+    def restart_from(self, policy: torch.nn.Module) -> None:
+        """Make the teacher equal to `policy`'s current weights: a resume from a checkpoint without teacher state
+        restarts the EMA there, not at the initial weights the resumed policy has moved away from."""
+        for name, (teacher_weight, student_weight) in self._named_weight_pairs(policy):
+            weights = local_part(student_weight)
+            local_part(teacher_weight).copy_(weights)
+            if name in self.accumulators:
+                self.accumulators[name].copy_(weights)
+        refresh_persistent([weight for _, weight in self._teacher_weights()])
+
     @contextmanager
     def active(self):
         """Context in which `self.model` computes the teacher: the teacher's adapter (PEFT), in eval mode, so that no

@@ -1,7 +1,8 @@
 """`SRPOTrainer`: GRPOTrainer with per-rollout routing to self-distillation from an EMA self-teacher.
 
 The glue, at GRPOTrainer's extension points:
-- `_calculate_rewards` keeps what routing needs (prompts, completion ids, rewards of the whole batch);
+- `_calculate_rewards` keeps what routing needs (prompts, completion ids, rewards of the whole batch) and refuses
+  infinite rewards;
 - `_generate_and_score_completions` routes the batch, runs the teacher on the routed rows only, keeps its hidden
   states and log-normalisers of their tokens (`_TeacherCache`), and attaches per-token tensors (an index into
   that cache, the entropy weights) that GRPOTrainer then shuffles and splits into micro-batches;
@@ -9,8 +10,8 @@ The glue, at GRPOTrainer's extension points:
   then holds, so its KL, entropy bonus and entropy quantiles skip distilled rows), plus the distillation term on the
   SDPO tokens, computed from the same forward pass's hidden states (the student's top-k support is picked there, so
   the student needs no pass of its own at scoring), reduced as GRPOTrainer reduces its loss for `loss_type`;
-- `_save_checkpoint` / `_load_optimizer_and_scheduler` carry the teacher's fp32 state (per-process shards under
-  DeepSpeed ZeRO-3), and `_save` keeps it out of `save_model`/`push_to_hub`.
+- `_save_optimizer_and_scheduler` / `_load_optimizer_and_scheduler` carry the teacher's fp32 state (per-process shards
+  under DeepSpeed ZeRO-3 and FSDP2), and `_save` keeps it out of `save_model`/`push_to_hub`.
 Under ZeRO-3 weights are gathered collectively, so every process makes as many teacher passes and LM-head uses as
 the busiest one (docs/scaling.md). The math lives in `routing.py`, `prompts.py`, `losses.py` and `vocab.py`.
 """
@@ -18,19 +19,22 @@ the busiest one (docs/scaling.md). The math lives in `routing.py`, `prompts.py`,
 import copy
 import functools
 import inspect
+import math
 import os
+import re
 import textwrap
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from accelerate.utils import gather_object
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from datasets import Dataset
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp import FSDPModule
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
@@ -47,7 +51,7 @@ from .losses import (
     teacher_entropy_weights,
     topk_distillation_divergence,
 )
-from .prompts import demonstration_from_completion, fit_teacher_prompt
+from .prompts import demonstration_from_completion, fit_teacher_prompt, teacher_prompt_problem
 from .routing import Routes, route_labels, route_rollouts, siblings_to_share
 from .teacher import (
     SelfTeacher,
@@ -64,6 +68,8 @@ from .vocab import Logits, logit_scale_and_softcap, logps_on_support, student_to
 
 TEACHER_STATE_FILE = "srpo_teacher.safetensors"
 FEEDBACK_COLUMN = "feedback"  # the `log_extra` column reward functions write feedback to (`teacher_feedback`)
+PROMPTS_CHECKED = 16  # first rows of each dataset whose prompts are checked at construction
+ROUTING_WATCH_BATCHES = 5  # training generation batches after which routing that never distils is reported
 
 
 def _fsdp_version(args) -> int | None:
@@ -117,6 +123,17 @@ class _ScoredRollouts:
     feedback: list[str | None] | None = None
 
 
+@dataclass
+class _RoutingWatch:
+    """What the first training batches' routing looked like (`SRPOTrainer._watch_routing`)."""
+
+    batches: int = 0
+    any_correct: bool = False
+    any_failed: bool = False
+    low: float = math.inf  # the lowest and highest reward seen
+    high: float = -math.inf
+
+
 class SRPOTrainer(GRPOTrainer):
     """Sample-Routed Policy Optimization ([arXiv 2604.02288](https://huggingface.co/papers/2604.02288)).
 
@@ -160,8 +177,11 @@ class SRPOTrainer(GRPOTrainer):
         use_cpu_weight_sync(self)  # vLLM colocate on a CPU engine: weight sync through vLLM's reload path
         self.teacher = None
         self._teacher_cache: dict[str, _TeacherCache | None] = {"train": None, "eval": None}
+        self._routing_watch = _RoutingWatch()
+        self._warned: set[str] = set()  # keys of the warnings given once
         if args.routing == "grpo":
             return
+        self._check_prompts()
         vocab_size = causal_lm(self.model).config.get_text_config().vocab_size
         if args.distillation_topk > vocab_size:
             raise ValueError(
@@ -198,6 +218,23 @@ class SRPOTrainer(GRPOTrainer):
                     "DeepSpeed gathers the teacher from a secondary copy that SRPO's shard-local EMA does not "
                     "refresh, so the teacher would stay at its initial weights. Set zero_hpz_partition_size to 1."
                 )
+
+    def _check_prompts(self) -> None:
+        """The teacher prompt rewrites each prompt's last user turn (SPEC §3): find prompts it cannot rewrite now,
+        not when a rollout of theirs is first routed, maybe hours in. The first rows of map-style datasets only:
+        cheap, and a dataset's prompts share their format (streamed ones are met at routing)."""
+        named = {"train_dataset": self.train_dataset}
+        if isinstance(self.eval_dataset, dict):
+            named.update({f"eval_dataset[{key!r}]": dataset for key, dataset in self.eval_dataset.items()})
+        else:
+            named["eval_dataset"] = self.eval_dataset
+        for name, dataset in named.items():
+            if not isinstance(dataset, Dataset) or "prompt" not in dataset.column_names:
+                continue
+            for index, prompt in enumerate(dataset[:PROMPTS_CHECKED]["prompt"]):
+                problem = teacher_prompt_problem(prompt) if isinstance(prompt, list) else None
+                if problem is not None:
+                    raise ValueError(f"{name} row {index}: {problem}")
 
     def _build_teacher(self) -> SelfTeacher:
         # `self.model` is not wrapped yet (Accelerate/DeepSpeed wrap it in `train()`), so a PEFT teacher adapter
@@ -250,6 +287,7 @@ class SRPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._refuse_infinite_rewards(rewards_per_func)
         feedback = None
         if self.args.teacher_feedback and self.teacher is not None:
             # Logged through `log_extra` by the reward functions just called; GRPOTrainer flushes it afterwards.
@@ -264,6 +302,20 @@ class SRPOTrainer(GRPOTrainer):
         self._scored = _ScoredRollouts(prompts, completion_ids_list, rewards_per_func, feedback)
         return rewards_per_func
 
+    def _refuse_infinite_rewards(self, rewards_per_func: torch.Tensor) -> None:
+        """SPEC §12: None/NaN means unscorable; any other non-finite reward is an error. With `scale_rewards="none"`
+        an infinite reward makes its group's advantages NaN, and one step turns the policy and the teacher to NaN.
+        The rewards are every process's (gathered), so every process raises alike."""
+        infinite = torch.isinf(rewards_per_func)
+        if not infinite.any():
+            return
+        row, column = infinite.nonzero()[0].tolist()
+        raise ValueError(
+            f"The reward function '{self.reward_func_names[column]}' returned {rewards_per_func[row, column].item()} "
+            f"(for {int(infinite[:, column].sum())} of {len(rewards_per_func)} completions of this batch): SRPO needs "
+            "finite rewards. Return None for a completion that cannot be scored, or bound the reward."
+        )
+
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
         self._teacher_cache[mode] = None  # the previous batch is used up: free its memory before generating
@@ -275,10 +327,7 @@ class SRPOTrainer(GRPOTrainer):
         rewards[torch.isnan(scored.rewards_per_func).all(dim=1)] = torch.nan  # unscorable: never correct
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         routes = route_rollouts(rewards, num_generations, self.args.success_reward_threshold, self.args.routing)
-        if self.log_completions:  # extra columns of the completions table: what each rollout was trained with
-            labels, siblings = route_labels(routes, num_generations)
-            self._logs["extra"]["route"].extend(labels)
-            self._logs["extra"]["teacher_sibling"].extend(siblings)
+        self._watch_routing(routes, rewards, mode)
         start = self.accelerator.process_index * len(scored.prompts)
         local = slice(start, start + len(scored.prompts))
         batch.update(self._score_with_teacher(batch, scored, routes, local, mode))
@@ -288,8 +337,9 @@ class SRPOTrainer(GRPOTrainer):
         """Teacher statistics for this process's routed rows: what the loss needs is cached on the trainer
         (`_TeacherCache`); the batch gets per-token tensors (an index into the cache, the entropy weights)."""
         mask = _loss_mask(batch)
+        teacher_prompts, truncated, routes = self._teacher_prompts(scored, routes, local, mode)
+        self._log_route_labels(routes, mode)
         rows = routes.needs_teacher[local].nonzero().squeeze(1).tolist()
-        teacher_prompts, truncated = self._teacher_prompts(scored, routes, local, rows)
         cache_index, teacher_token_logps, entropy, seconds = self._run_teacher(
             batch, mask, rows, teacher_prompts, routes, mode
         )
@@ -323,12 +373,14 @@ class SRPOTrainer(GRPOTrainer):
             "srpo_token_weights": weights,
         }
 
-    def _teacher_prompts(self, scored: _ScoredRollouts, routes: Routes, local: slice, rows: list[int]):
-        """Token ids of each routed row's teacher prompt (SPEC §3), and which rows had their demonstration cut."""
+    def _teacher_prompts(self, scored: _ScoredRollouts, routes: Routes, local: slice, mode: str):
+        """Token ids of each routed row's teacher prompt (SPEC §3), which rows had their demonstration cut, and the
+        routes, where rows whose prompt leaves no room for any of the demonstration no longer need the teacher."""
         truncated = torch.zeros(len(scored.prompts), dtype=torch.bool, device=self.accelerator.device)
+        no_room = torch.zeros_like(truncated)
         teacher_prompts = []
         if not routes.needs_teacher.any():  # nothing routed on any process (`routes` is global): no collective
-            return teacher_prompts, truncated
+            return teacher_prompts, truncated, routes
         # A sibling may sit on another process: only those some process needs from another cross.
         shared = {}
         to_share = siblings_to_share(routes, self.accelerator.num_processes)
@@ -336,7 +388,7 @@ class SRPOTrainer(GRPOTrainer):
             mine = {i: scored.completion_ids[i - local.start] for i in to_share if local.start <= i < local.stop}
             for part in gather_object([mine]):
                 shared.update(part)
-        for row in rows:
+        for row in routes.needs_teacher[local].nonzero().squeeze(1).tolist():
             index = routes.sibling[local][row].item()
             sibling = (
                 scored.completion_ids[index - local.start] if local.start <= index < local.stop else shared[index]
@@ -344,15 +396,106 @@ class SRPOTrainer(GRPOTrainer):
             demonstration = demonstration_from_completion(
                 self.processing_class.decode(sibling, skip_special_tokens=True)
             )
-            ids, truncated[row] = fit_teacher_prompt(
+            ids, kept = fit_teacher_prompt(
                 scored.prompts[row],
                 demonstration,
                 functools.partial(self._tokenize_one_prompt, row=row),
                 self.args.max_teacher_prompt_length,
                 feedback=None if scored.feedback is None else scored.feedback[row],
             )
-            teacher_prompts.append(ids)
-        return teacher_prompts, truncated
+            if kept == 0 and demonstration:
+                no_room[row] = True
+                self._warn_no_demonstration_room(len(ids))
+            else:
+                truncated[row] = kept < len(demonstration)
+                teacher_prompts.append(ids)
+        return teacher_prompts, truncated, self._without_teacher_where_no_room(routes, no_room, mode)
+
+    def _without_teacher_where_no_room(self, routes: Routes, no_room: torch.Tensor, mode: str) -> Routes:
+        """`routes` with the rows whose teacher prompt has no room for the demonstration (`no_room`, this process's
+        rows) treated as rows without a correct sibling: a teacher that never saw a correct answer has nothing to
+        teach. `routing="srpo"` trains them by GRPO instead, `"sdpo"` leaves them out (as its rows without a
+        teacher), `"advantage_mix"` gives them GRPO's advantage alone. Counted in `srpo/teacher_prompt_dropped_frac`.
+        Routes are global, so every process learns every process's rows (a collective)."""
+        dropped = self.accelerator.gather(no_room.to(torch.uint8)).bool()
+        self._metrics[mode]["srpo/teacher_prompt_dropped_frac"].append(
+            dropped.sum().item() / routes.needs_teacher.sum().item()
+        )
+        if not dropped.any():
+            return routes
+        needs_teacher = routes.needs_teacher & ~dropped
+        return replace(
+            routes,
+            sdpo=routes.sdpo & ~dropped,
+            grpo=routes.grpo | (routes.sdpo & dropped) if self.args.routing == "srpo" else routes.grpo,
+            needs_teacher=needs_teacher,
+            sibling=torch.where(needs_teacher, routes.sibling, -1),
+        )
+
+    def _warn_no_demonstration_room(self, prompt_length: int) -> None:
+        self._warn_once(
+            "no_demonstration_room",
+            f"max_teacher_prompt_length={self.args.max_teacher_prompt_length} leaves no room for the demonstration: "
+            f"a teacher prompt takes {prompt_length} tokens without it (its question, system turns and closing "
+            "instruction are never cut). Such rollouts are trained as if no sibling were correct (by GRPO under "
+            "routing='srpo'), not distilled by a teacher that never saw the correct answer (counted in "
+            "srpo/teacher_prompt_dropped_frac). Raise "
+            f"max_teacher_prompt_length above {prompt_length} by a demonstration's length, or shorten the prompts.",
+        )
+
+    def _log_route_labels(self, routes: Routes, mode: str) -> None:
+        if self.log_completions:  # extra columns of the completions table: what each rollout was trained with
+            num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+            labels, siblings = route_labels(routes, num_generations)
+            self._logs["extra"]["route"].extend(labels)
+            self._logs["extra"]["teacher_sibling"].extend(siblings)
+
+    def _watch_routing(self, routes: Routes, rewards: torch.Tensor, mode: str) -> None:
+        """Warn once when the first training batches route nothing to the teacher because of the threshold: no
+        rollout correct (`srpo/teacher_available_frac` stays 0, SRPO is plain GRPO) or every rollout correct
+        (`srpo/route/correct_frac` stays 1). Both usually mean `success_reward_threshold` does not fit the rewards."""
+        watch = self._routing_watch
+        if mode != "train" or watch is None:
+            return
+        watch.batches += 1
+        watch.any_correct |= bool(routes.correct.any())
+        watch.any_failed |= not bool(routes.correct.all())
+        scored = rewards[~rewards.isnan()]
+        if scored.numel():
+            watch.low, watch.high = min(watch.low, scored.min().item()), max(watch.high, scored.max().item())
+        if watch.batches < ROUTING_WATCH_BATCHES:
+            return
+        self._routing_watch = None  # checked once
+        if watch.any_correct and watch.any_failed:
+            return
+        threshold = self.args.success_reward_threshold
+        seen = (
+            f"the weighted rewards ranged over [{round(watch.low, 4)}, {round(watch.high, 4)}]"
+            if watch.low <= watch.high
+            else "no rollout was scored"
+        )
+        first = f"the first {ROUTING_WATCH_BATCHES} generation batches"
+        if not watch.any_correct:
+            message = (
+                f"No rollout of {first} reached success_reward_threshold={threshold} ({seen}): "
+                "srpo/teacher_available_frac stays 0, nothing is distilled and SRPO trains as plain GRPO. Set "
+                "success_reward_threshold to the reward a correct rollout earns."
+            )
+        else:
+            message = (
+                f"Every rollout of {first} reached success_reward_threshold={threshold} ({seen}): "
+                "srpo/route/correct_frac stays 1 and nothing is distilled. The threshold applies to the weighted sum "
+                "of the reward functions, so with several of them a correct rollout earns more: two 0/1 rewards give "
+                f"up to 2.0. Set success_reward_threshold to what only a correct rollout earns (here perhaps "
+                f"{round(watch.high, 4)}), or weight the rewards with reward_weights."
+            )
+        if self.accelerator.is_main_process:  # every process sees the same global rewards
+            warnings.warn(message, stacklevel=2)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
 
     def _run_teacher(self, batch, mask, rows: list[int], teacher_prompts, routes: Routes, mode: str):
         """Teacher passes over the routed `rows` (none when nothing is routed): each distinct teacher prompt once, then
@@ -676,30 +819,113 @@ class SRPOTrainer(GRPOTrainer):
 
     # ---- the teacher is training state ----
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        # Here, not after `_save_checkpoint`: Trainer then writes trainer_state.json, pushes the checkpoint and rotates
+        # old ones away, so a checkpoint is complete only with its teacher and a failed write keeps the older ones.
+        # (`save_only_model` checkpoints hold no optimizer and no teacher: a resume restarts it from the policy.)
         # Under ZeRO-3 and FSDP2 every process holds (and saves) its own shards of the teacher.
         if self.teacher is not None and (self.args.should_save or self._sharded):
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            os.makedirs(folder, exist_ok=True)
-            save_file(self.teacher.state_dict(), self._teacher_state_path(folder))
+            self._write_teacher_state(self._teacher_state_path(output_dir))
+            if self._sharded:
+                self.accelerator.wait_for_everyone()  # every shard is on disk before process 0 rotates checkpoints
+
+    def _write_teacher_state(self, path: str) -> None:
+        """Write the teacher's state to `path` atomically: a crash mid-write leaves no file there, never a cut one."""
+        partial = f"{path}.partial"
+        try:
+            save_file(self.teacher.state_dict(), partial)
+            with open(partial, "rb") as file:
+                os.fsync(file.fileno())  # on disk before the name says the checkpoint holds it
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         self.shard_teacher_like_policy()  # before its shards are restored
-        if self.teacher is None or checkpoint is None:
-            return
+        if self.teacher is not None and checkpoint is not None:
+            self._load_teacher_state(checkpoint)
+
+    def _load_teacher_state(self, checkpoint: str) -> None:
+        """Restore the teacher from `checkpoint`, or restart it from the resumed policy (already loaded by Trainer)
+        when the checkpoint holds no teacher state; a damaged or mismatched state is an error naming its file."""
         path = self._teacher_state_path(checkpoint)
-        if not os.path.exists(path):
+        file_name = os.path.basename(path)
+        fix = (
+            f"resume from an earlier checkpoint, or delete {file_name} to restart the teacher from the resumed policy"
+        )
+        if not self._teacher_state_found(checkpoint, path):
             warnings.warn(
-                f"{checkpoint} holds no SRPO teacher state {os.path.basename(path)} (a ZeRO-3 or FSDP2 checkpoint resumes "
-                "with as many processes as saved it); the teacher keeps the initial weights of the model given to the trainer.",
+                f"{checkpoint} holds no SRPO teacher state ({file_name}): the teacher restarts from the "
+                "resumed policy and its EMA history is lost. Checkpoints written by GRPOTrainer or with "
+                "save_only_model=True hold none.",
                 stacklevel=2,
             )
+            self.teacher.restart_from(self.accelerator.unwrap_model(self.model))
             return
-        self.teacher.load_state_dict({name: t.to(self.accelerator.device) for name, t in load_file(path).items()})
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"Cannot read the SRPO teacher state {path} ({error}): the file is damaged or incomplete; {fix}."
+            ) from error
+        non_finite = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+        if non_finite:
+            more = f" and {len(non_finite) - 1} more tensors" if len(non_finite) > 1 else ""
+            raise ValueError(
+                f"The SRPO teacher state {path} holds non-finite values in {non_finite[0]}{more}: that teacher would "
+                f"turn the policy to NaN in one step; {fix}."
+            )
+        try:
+            self.teacher.load_state_dict({name: t.to(self.accelerator.device) for name, t in state.items()})
+        except ValueError as error:
+            raise ValueError(
+                f"Cannot resume the SRPO teacher from {path}: {error}. Resume with the model (and, under DeepSpeed "
+                f"ZeRO-3 or FSDP2, the number of processes) that saved it, or delete {file_name} to restart the teacher from "
+                "the resumed policy."
+            ) from error
+
+    def _teacher_state_found(self, checkpoint: str, path: str) -> bool:
+        """Whether `checkpoint` holds the teacher state at `path` (on every process under ZeRO-3, where each saves its
+        own shards). Holding only some processes' shards, or the teacher in another layout, is an error: restarting
+        from the policy would silently drop a teacher that exists."""
+        found = os.path.exists(path)
+        if self._sharded:  # every process decides alike: a restart from the policy is collective
+            everywhere = self.accelerator.gather(torch.tensor([found], device=self.accelerator.device))
+            if everywhere.any() and not everywhere.all():
+                missing = (~everywhere.bool()).nonzero().squeeze(1).tolist()
+                raise ValueError(
+                    f"{checkpoint} lacks the SRPO teacher shards of processes {missing} (DeepSpeed ZeRO-3 and FSDP2 "
+                    "save one file per process): resume from a checkpoint that holds them all, or delete every "
+                    f"{TEACHER_STATE_FILE.replace('.safetensors', '-rank*')} file there to restart the teacher from "
+                    "the resumed policy."
+                )
+            found = bool(everywhere.all())
+        if not found:
+            self._refuse_teacher_in_another_layout(checkpoint, path)
+        return found
+
+    @staticmethod
+    def _refuse_teacher_in_another_layout(checkpoint: str, path: str) -> None:
+        """An error when `checkpoint` holds teacher files other than `path`: ZeRO-3's per-process shards of another
+        number of processes, or one whole-teacher file against ZeRO-3's shards (or the other way round)."""
+        stem = TEACHER_STATE_FILE.removesuffix(".safetensors")
+        others = sorted(f for f in os.listdir(checkpoint) if f.startswith(stem) and f.endswith(".safetensors"))
+        if not others:
+            return
+        shards = re.fullmatch(rf"{stem}-rank\d+-of-(\d+)\.safetensors", others[0])
+        saved_by = (
+            f"saved by {shards.group(1)} processes under DeepSpeed ZeRO-3 or FSDP2"
+            if shards
+            else "saved whole, without ZeRO-3 or FSDP2"
+        )
+        raise ValueError(
+            f"{checkpoint} holds the SRPO teacher as {', '.join(others[:2])}{', ...' if len(others) > 2 else ''} "
+            f"({saved_by}), but this run needs {os.path.basename(path)}: resume with the launch configuration that "
+            "saved it, or delete those files to restart the teacher from the resumed policy."
+        )
 
     def _teacher_state_path(self, folder: str) -> str:
         if not self._sharded:
@@ -708,6 +934,6 @@ class SRPOTrainer(GRPOTrainer):
         return os.path.join(folder, TEACHER_STATE_FILE.replace(".safetensors", f"-rank{rank}-of-{world}.safetensors"))
 
     def _save(self, output_dir=None, state_dict=None):
-        # `save_model` and `push_to_hub` write the policy: the teacher is training state, kept by `_save_checkpoint`.
+        # `save_model` and `push_to_hub` write the policy: the teacher is training state, kept in checkpoints only.
         with self.teacher.policy_only_saving() if self.teacher is not None else nullcontext():
             super()._save(output_dir, state_dict)

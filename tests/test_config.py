@@ -41,6 +41,32 @@ def test_bad_values_name_the_field_and_the_fix(field, value, fix):
     assert f"SRPOConfig.{field}" in message and fix in message and repr(value) in message
 
 
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("success_reward_threshold", None, "a number"),
+        ("success_reward_threshold", "1.0", "a number"),  # YAML reads `1e-2`-style numbers as strings
+        ("teacher_update_rate", "0.05", "a number"),
+        ("distillation_alpha", None, "a number"),
+        ("distillation_topk", 2.5, "an integer"),
+        ("distillation_topk", True, "an integer"),
+        ("max_teacher_prompt_length", None, "an integer"),
+        ("max_teacher_prompt_length", 512.5, "an integer"),
+        ("routing", 3, "one of ('srpo', 'grpo', 'sdpo', 'advantage_mix')"),
+        ("dynamic_weighting", "false", "True or False"),
+        ("teacher_feedback", 1, "True or False"),
+    ],
+)
+def test_wrong_types_name_the_field_the_value_and_the_expected_type(field, value, expected):
+    with pytest.raises(ValueError) as error:
+        config(**{field: value})
+    assert f"SRPOConfig.{field} must be {expected}; got {value!r} ({type(value).__name__})." in str(error.value)
+
+
+def test_integers_are_numbers():
+    assert config(success_reward_threshold=2, teacher_update_rate=1).success_reward_threshold == 2
+
+
 def test_num_generations_below_two_is_rejected():
     with pytest.raises(ValueError, match="num_generations"):
         config(num_generations=1, per_device_train_batch_size=2)

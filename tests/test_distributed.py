@@ -9,6 +9,7 @@ communication op (about 45 s, cached under ~/.cache/torch_extensions).
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,9 @@ SCRIPT = Path(__file__).parent / "distributed" / "train_tiny.py"
 CONFIGS = Path(__file__).parents[1] / "accelerate_configs"
 
 
-def launch(output_dir: Path, backend: str = "none", *options: str, accelerate_config: str | None = None) -> dict:
+def run_script(output_dir: Path, backend: str = "none", *options: str, accelerate_config: str | None = None):
     """Run the tiny SRPO script on 1 process (backend "none") or 2, with `torchrun`, or with `accelerate launch` and
-    one of the repository's `accelerate_configs/`; return the final weights and the log history."""
+    one of the repository's `accelerate_configs/`."""
     command = [sys.executable]
     if accelerate_config is not None:
         config = CONFIGS / accelerate_config
@@ -36,8 +37,13 @@ def launch(output_dir: Path, backend: str = "none", *options: str, accelerate_co
     command += [str(SCRIPT), f"--output_dir={output_dir}", f"--backend={backend}"]
     command += [f"--world_size={1 if backend == 'none' else 2}", *options]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+
+
+def launch(output_dir: Path, backend: str = "none", *options: str, accelerate_config: str | None = None) -> dict:
+    """`run_script`, which must succeed; the final weights and the log history."""
+    result = run_script(output_dir, backend, *options, accelerate_config=accelerate_config)
+    assert result.returncode == 0, f"{' '.join(result.args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return {
         "policy": load_file(output_dir / "policy.safetensors"),
         "teacher": load_file(output_dir / "teacher.safetensors"),
@@ -119,17 +125,46 @@ def test_fsdp2_resume_restores_the_sharded_teacher_exactly(tmp_path):
     assert_same_run(resumed, straight, atol=0.0)
 
 
-def test_zero3_resume_restores_the_sharded_teacher_exactly(tmp_path):
-    # Launched as documented (accelerate_configs/cpu_zero3.yaml), with the model given as a path: GRPOTrainer then
-    # loads the policy already partitioned (zero.Init), and the teacher is built as its partitioned twin.
-    options = ("--from_path", "--max_steps=4")
-    straight = launch(tmp_path / "straight", "zero3", *options, "--save_steps=2", accelerate_config="cpu_zero3.yaml")
-    checkpoint = tmp_path / "straight" / "checkpoint-2"
+ZERO3_RESUME = ("--from_path", "--max_steps=4")
+
+
+@pytest.fixture(scope="module")
+def zero3_checkpointed(tmp_path_factory):
+    """A ZeRO-3 run launched as documented (accelerate_configs/cpu_zero3.yaml), with the model given as a path:
+    GRPOTrainer then loads the policy already partitioned (zero.Init), and the teacher is built as its partitioned
+    twin. It checkpoints at step 2."""
+    folder = tmp_path_factory.mktemp("zero3-straight")
+    run = launch(folder, "zero3", *ZERO3_RESUME, "--save_steps=2", accelerate_config="cpu_zero3.yaml")
+    return run, folder / "checkpoint-2"
+
+
+def test_zero3_resume_restores_the_sharded_teacher_exactly(tmp_path, zero3_checkpointed):
+    straight, checkpoint = zero3_checkpointed
     assert sorted(path.name for path in checkpoint.glob("srpo_teacher*")) == [
         "srpo_teacher-rank0-of-2.safetensors",
         "srpo_teacher-rank1-of-2.safetensors",
     ]
     resume = f"--resume_from_checkpoint={checkpoint}"
-    resumed = launch(tmp_path / "resumed", "zero3", *options, resume, accelerate_config="cpu_zero3.yaml")
+    resumed = launch(tmp_path / "resumed", "zero3", *ZERO3_RESUME, resume, accelerate_config="cpu_zero3.yaml")
     assert_same_run(resumed, straight, atol=0.0)
     assert [entry["loss"] for entry in resumed["log"]] == [entry["loss"] for entry in straight["log"]]
+
+
+def test_zero3_resume_without_teacher_shards_restarts_the_teacher_from_the_policy(tmp_path, zero3_checkpointed):
+    _, saved = zero3_checkpointed
+    # One process's shard missing: an error on every process, naming it (not a hang, not a silent restart).
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(saved, checkpoint)
+    (checkpoint / "srpo_teacher-rank1-of-2.safetensors").unlink()
+    resume = f"--resume_from_checkpoint={checkpoint}"
+    failed = run_script(tmp_path / "partial", "zero3", *ZERO3_RESUME, resume, accelerate_config="cpu_zero3.yaml")
+    assert failed.returncode != 0 and "lacks the SRPO teacher shards of processes [1]" in failed.stderr
+    # None at all: every process restarts its shards of the teacher from the resumed policy's.
+    (checkpoint / "srpo_teacher-rank0-of-2.safetensors").unlink()
+    options = (*ZERO3_RESUME, resume, "--save_start")
+    launch(tmp_path / "restarted", "zero3", *options, accelerate_config="cpu_zero3.yaml")
+    policy = load_file(tmp_path / "restarted" / "start_policy.safetensors")
+    teacher = load_file(tmp_path / "restarted" / "start_teacher.safetensors")
+    assert policy.keys() == teacher.keys()
+    for name, value in teacher.items():
+        assert torch.equal(value, policy[name]), name

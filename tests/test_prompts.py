@@ -29,9 +29,9 @@ def test_feedback_goes_between_the_solution_and_the_closing_instruction():
 
 
 def test_bad_prompts_name_the_problem():
-    with pytest.raises(ValueError, match="user turn"):
-        build_teacher_prompt([{"role": "system", "content": "s"}], "A")
-    with pytest.raises(ValueError, match="multimodal"):
+    with pytest.raises(ValueError, match=r"no user turn \(roles found: \['system', 'assistant'\]\)"):
+        build_teacher_prompt([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}], "A")
+    with pytest.raises(ValueError, match=r"must be a string; got list \(multimodal"):
         build_teacher_prompt([{"role": "user", "content": [{"type": "text", "text": "q"}]}], "A")
 
 
@@ -65,19 +65,20 @@ def test_truncation_cuts_only_the_demonstration(char_tokenizer):
         ]
 
     full = len(tokenize(build_teacher_prompt(prompt, demonstration)))
-    ids, truncated = fit_teacher_prompt(prompt, demonstration, tokenize, max_length=full - 300)
+    ids, kept = fit_teacher_prompt(prompt, demonstration, tokenize, max_length=full - 300)
     text = char_tokenizer.decode(ids)
-    assert truncated and full - 300 - 10 <= len(ids) <= full - 300  # as long as fits, to a few characters
-    for kept in ("SYSTEM", "QUESTION?", "BEGIN", "FINAL ANSWER", "Correctly solve the original question."):
-        assert kept in text
+    assert 0 < kept < len(demonstration) and full - 300 - 10 <= len(ids) <= full - 300  # as long as fits
+    for part in ("SYSTEM", "QUESTION?", "BEGIN", "FINAL ANSWER", "Correctly solve the original question."):
+        assert part in text
     assert fit_teacher_prompt(prompt, demonstration, tokenize, max_length=full) == (
         tokenize(build_teacher_prompt(prompt, demonstration)),
-        False,
+        len(demonstration),
     )
     # Feedback is kept whole, like the question: only the demonstration is cut.
-    ids, truncated = fit_teacher_prompt(prompt, demonstration, tokenize, max_length=full - 300, feedback="FEEDBACK!")
-    assert truncated and len(ids) <= full - 300
+    ids, kept = fit_teacher_prompt(prompt, demonstration, tokenize, max_length=full - 300, feedback="FEEDBACK!")
+    assert kept < len(demonstration) and len(ids) <= full - 300
     assert "FEEDBACK!" in char_tokenizer.decode(ids) and "FINAL ANSWER" in char_tokenizer.decode(ids)
     # A question longer than the limit is never cut: the demonstration goes, the question stays.
-    ids, truncated = fit_teacher_prompt(prompt, demonstration, tokenize, max_length=5)
-    assert truncated and "QUESTION?" in char_tokenizer.decode(ids) and "BEGIN" not in char_tokenizer.decode(ids)
+    ids, kept = fit_teacher_prompt(prompt, demonstration, tokenize, max_length=5)
+    assert kept == 0 and "QUESTION?" in char_tokenizer.decode(ids) and "BEGIN" not in char_tokenizer.decode(ids)
+    assert ids == tokenize(build_teacher_prompt(prompt, ""))

@@ -3,6 +3,7 @@ metrics, degenerate groups, checkpoints."""
 
 import math
 import os
+import re
 import warnings
 from types import SimpleNamespace
 
@@ -110,6 +111,81 @@ def test_parity_with_grpo_trainer_when_nothing_is_routed(char_tokenizer, tmp_pat
     if routing == "srpo":
         assert logged(ours, "srpo/route/sdpo_frac") == [0.0, 0.0]
         assert logged(ours, "srpo/route/fallback_frac") == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        (
+            [{"role": "system", "content": "Spell a"}],
+            r"train_dataset row 0: .*no user turn \(roles found: \['system'\]\)",
+        ),
+        ([{"role": "user", "content": [{"type": "text", "text": "Spell a"}]}], r"row 0: .*got list \(multimodal"),
+    ],
+    ids=["no-user-turn", "multimodal"],
+)
+def test_prompts_the_teacher_cannot_rewrite_fail_at_construction(char_tokenizer, tmp_path, prompt, message):
+    # Not when a rollout of theirs is first routed, maybe hours into training; GRPO needs no teacher prompt.
+    prompts = Dataset.from_dict({"prompt": [prompt] * 16})
+
+    def build(routing):
+        args = make_args(tmp_path, routing=routing)
+        model = build_tiny_model(char_tokenizer)
+        return SRPOTrainer(
+            model, first_letter_reward, args=args, train_dataset=prompts, processing_class=char_tokenizer
+        )
+
+    with pytest.raises(ValueError, match=message):
+        build("srpo")
+    build("grpo")
+
+
+def test_rows_without_room_for_the_demonstration_are_trained_by_grpo(char_tokenizer, tmp_path):
+    # max_teacher_prompt_length below every prompt: no teacher could see a correct answer, so SRPO is GRPO exactly
+    # (not a distillation towards a teacher without the demonstration), says so once, and counts the rows.
+    reference = make_trainer(char_tokenizer, tmp_path / "grpo", trainer_class=GRPOTrainer)
+    reference.train()
+    ours = make_trainer(char_tokenizer, tmp_path / "srpo", max_teacher_prompt_length=1, log_completions=True)
+    counter = count_rows(ours.teacher.model.model)
+    with pytest.warns(
+        UserWarning, match=r"max_teacher_prompt_length=1 leaves no room for the demonstration"
+    ) as caught:
+        ours.train()
+    assert sum("leaves no room" in str(w.message) for w in caught) == 1
+    assert counter["calls"] == 0
+    assert logged(ours, "loss") == logged(reference, "loss")
+    expected = parameters(reference)
+    for name, value in parameters(ours).items():
+        assert torch.equal(value, expected[name]), name
+    assert logged(ours, "srpo/route/sdpo_frac") == [0.0, 0.0]
+    assert logged(ours, "srpo/teacher_prompt_dropped_frac") == [1.0, 1.0]
+    assert logged(ours, "srpo/teacher_prompt_truncated_frac") == []  # no teacher prompt left: left out of the logs
+    assert "sdpo" not in ours._logs["extra"]["route"] and "failed" in ours._logs["extra"]["route"]
+
+
+def always_one(completions, **kwargs):
+    """A 0/1 reward every completion earns (a format check, say): beside first_letter_reward the sum is 1 or 2."""
+    return [1.0] * len(completions)
+
+
+@pytest.mark.parametrize(
+    "reward, message",
+    [
+        ([first_letter_reward, always_one], r"Every rollout .* \[1\.0, 2\.0\].*correct_frac stays 1.*weighted sum"),
+        (graded_reward, r"No rollout .* \[0\.0, 0\.\d+\].*teacher_available_frac stays 0.*plain GRPO"),
+        (first_letter_reward, None),
+    ],
+    ids=["two-0/1-rewards", "never-reached", "reachable"],
+)
+def test_a_threshold_that_routes_nothing_is_reported_after_five_batches(char_tokenizer, tmp_path, reward, message):
+    trainer = make_trainer(char_tokenizer, tmp_path, reward=reward, max_steps=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in caught if "success_reward_threshold=1.0" in str(w.message)]
+    assert len(said) == (message is not None)
+    if message is not None:
+        assert re.search(message, said[0]) and "first 5 generation batches" in said[0]
 
 
 def count_rows(module):
@@ -247,6 +323,21 @@ def test_degenerate_groups_give_finite_losses_and_the_right_routes(char_tokenize
     assert entry["srpo/route/fallback_frac"] == 4 / 16
     assert entry["srpo/teacher_available_frac"] == 11 / 16  # the lone correct rollout has no teacher
     assert entry["srpo/route/sdpo_frac"] == {"srpo": 4 / 16, "sdpo": 11 / 16, "advantage_mix": 0.0}[routing]
+
+
+def overflowing_reward(completions, **kwargs):
+    return [math.inf] + first_letter_reward(completions)[1:]
+
+
+def test_infinite_rewards_are_refused_naming_the_reward_function(char_tokenizer, tmp_path):
+    # With scale_rewards="none" one infinite reward would turn the policy and the teacher to NaN in one step.
+    trainer = make_trainer(char_tokenizer, tmp_path, reward=overflowing_reward, max_steps=1)
+    before = parameters(trainer)
+    message = r"reward function 'overflowing_reward' returned inf \(for 1 of 8 completions .*Return None"
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+    for name, value in parameters(trainer).items():
+        assert torch.equal(value, before[name]), name
 
 
 def test_truncated_completions_masked_out_give_finite_loss(char_tokenizer, tmp_path):
@@ -638,9 +729,9 @@ def test_teacher_feedback_reaches_the_teacher_prompt(char_tokenizer, tmp_path, m
     fit = srpo_trl.trainer.fit_teacher_prompt
 
     def record(prompt, demonstration, tokenize, max_length, feedback=None):
-        ids, truncated = fit(prompt, demonstration, tokenize, max_length, feedback=feedback)
+        ids, kept = fit(prompt, demonstration, tokenize, max_length, feedback=feedback)
         built.append((feedback, char_tokenizer.decode(ids)))
-        return ids, truncated
+        return ids, kept
 
     monkeypatch.setattr(srpo_trl.trainer, "fit_teacher_prompt", record)
     trainer = make_trainer(char_tokenizer, tmp_path, reward=feedback_reward, max_steps=1, teacher_feedback=True)

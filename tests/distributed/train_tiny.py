@@ -13,6 +13,7 @@ import os
 import sys
 
 import torch
+from transformers import TrainerCallback
 
 torch.set_num_threads(1)
 
@@ -33,6 +34,9 @@ def main():
     parser.add_argument("--max_steps", type=int, default=2)
     parser.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: no checkpoints)")
     parser.add_argument("--resume_from_checkpoint", default=None)
+    parser.add_argument(
+        "--save_start", action="store_true", help="also write the weights training begins with (after a resume)"
+    )
     parser.add_argument("--lora", action="store_true", help="train a LoRA adapter (the teacher is a second adapter)")
     parser.add_argument("--from_path", action="store_true", help="pass the model as a saved path, not an object")
     parser.add_argument(
@@ -130,6 +134,8 @@ def main():
         return gathered
 
     srpo_trl.trainer.gather_object = counting_gather
+    if args.save_start:
+        trainer.add_callback(SaveWeightsAtTrainBegin(trainer, args.output_dir))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if deepspeed and args.backend == "zero3":  # the teacher really is sharded (and, with LoRA, the adapters too)
         assert any(weight.numel() == 0 for _, weight in trainer.teacher._teacher_weights())
@@ -156,6 +162,23 @@ def main():
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+class SaveWeightsAtTrainBegin(TrainerCallback):
+    """Writes the policy's and the teacher's whole weights as training begins, after a resume loaded them, to
+    `start_policy.safetensors` and `start_teacher.safetensors`."""
+
+    def __init__(self, trainer, output_dir: str):
+        self.trainer, self.output_dir = trainer, output_dir
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from safetensors.torch import save_file
+
+        policy = whole_weights(self.trainer.accelerator.unwrap_model(self.trainer.model))  # collective under ZeRO-3
+        teacher = whole_weights(self.trainer.teacher.model)
+        if state.is_world_process_zero:
+            save_file(policy, os.path.join(self.output_dir, "start_policy.safetensors"))
+            save_file(teacher, os.path.join(self.output_dir, "start_teacher.safetensors"))
 
 
 def whole_weights(model) -> dict[str, torch.Tensor]:
