@@ -67,7 +67,10 @@ def main():
     if args.backend == "fsdp2":
         allow_fsdp_on_cpu()
         layers = ["Qwen3DecoderLayer"]
-        fsdp = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": layers})
+        # Sharded checkpoints: torch 2.13 loads a full optimizer state dict only onto an accelerator device
+        state_dict_type = "SHARDED_STATE_DICT"
+        fsdp_config = {"version": 2, "transformer_layer_cls_to_wrap": layers, "state_dict_type": state_dict_type}
+        fsdp = dict(fsdp=True, fsdp_config=fsdp_config)
     config = SRPOConfig(
         **fsdp,
         output_dir=args.output_dir,
