@@ -291,7 +291,7 @@ def set_malloc(policy: str) -> bool:
     """glibc's policy for large blocks. `"cache"`: never `mmap` them and never trim the heap, so that freed memory is
     reused rather than returned to the kernel and faulted in (zeroed) again on the next allocation, as PyTorch's
     CUDA caching allocator does; under glibc's default every block of 32 MiB or more is `mmap`ed and an LM-head
-    pass's temporaries cost more kernel time than arithmetic (1.7-2.5x slower steps, measured at commit 7cfdb26).
+    pass's temporaries cost more kernel time than arithmetic (steps 1.7-2.5x slower: RESULTS.md at commit 2b9f78e).
     Returns whether the policy could be set (glibc only)."""
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -219,7 +219,7 @@ def prefix_section(rows: list[dict], shapes) -> tuple[str, dict]:
                 if other:
                     speedups.append(teacher_forward(other[0]) / teacher_forward(shared))
                     backbone.append(timer(other[0], *TEACHER_FORWARD[:2]) / timer(shared, *TEACHER_FORWARD[:2]))
-            figures[(shape.name, k)] = speedups
+            figures[(shape.name, k)] = speedups, backbone
             cells = [
                 " / ".join(f"{median(timer(r, n) for r in runs[s]):.3f}" for n in TEACHER_FORWARD)
                 for s in ("per_row", "shared")
@@ -336,11 +336,10 @@ def targets_section(timing: list[dict], prefix: dict, memory: dict) -> str:
                 f"| {shape}: teacher forward linear in f, none at f = 0 | R² = {fit['r2']:.3f}; "
                 f"{fit['at_zero'] * 1e3:.3f} ms logged at f = 0 | {yes(ok)} |"
             )
-        speedups = prefix.get((shape, 4))
-        if speedups:
+        for part, speedups in zip(("teacher forward", "teacher backbone"), prefix.get((shape, 4), ()), strict=False):
             value = median(speedups)
             lines.append(
-                f"| {shape}: teacher forward at 4 routed rollouts per group, one prefix per row / one per group >= 1.5 "
+                f"| {shape}: {part} at 4 routed rollouts per group, one prefix per row / one per group >= 1.5 "
                 f"| {value:.2f} x (repeats {min(speedups):.2f}-{max(speedups):.2f}) | {yes(value >= 1.5)} |"
             )
     vocab = memory.get("vocab", {})
@@ -397,15 +396,19 @@ def plot(rows: list[dict], shapes, path: Path, device: str) -> None:
         ax.set_ylim(bottom=0)
         ax.legend()
     ax = axes[0][-1]
-    for shape in shapes:
+    for shape, color in zip(shapes, ("C0", "C1", "C2"), strict=False):
         runs = select(rows, kind="prefix", shape=shape.name)
         ks = sorted({r["k"] for r in runs})
-        speedup = [
-            median(teacher_forward(r) for r in runs if r["k"] == k and r["sharing"] == "per_row")
-            / median(teacher_forward(r) for r in runs if r["k"] == k and r["sharing"] == "shared")
-            for k in ks
-        ]
-        ax.plot(ks, speedup, "s-", label=shape.name)
+        for label, style, part in (
+            ("teacher forward", "s-", TEACHER_FORWARD),
+            ("backbone", "x--", TEACHER_FORWARD[:2]),
+        ):
+            speedup = [
+                median(timer(r, *part) for r in runs if r["k"] == k and r["sharing"] == "per_row")
+                / median(timer(r, *part) for r in runs if r["k"] == k and r["sharing"] == "shared")
+                for k in ks
+            ]
+            ax.plot(ks, speedup, style, color=color, label=f"{shape.name}: {label}")
     ax.axhline(1.5, color="grey", linestyle="--", label="target at k = 4")
     ax.set(title="teacher forward: one prefix per row / per group", xlabel="routed rollouts per group")
     ax.set_ylabel("speed-up (medians)")
