@@ -676,11 +676,19 @@ PROFILE_GROUPS = {
     "TRL fused LM head (GRPO rows)": ("ChunkedLogProbFunction", "ChunkedLogProbFunctionBackward"),
     "SRPO student head (distilled rows)": ("_TopKLogProbs", "_TopKLogProbsBackward"),
     "top-k": ("aten::topk",),
-    "attention": (
-        "aten::scaled_dot_product_attention",
-        "aten::_scaled_dot_product_flash_attention_for_cpu",
-        "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    # SDPA's kernels, forward and backward (not `aten::scaled_dot_product_attention`, which contains the forward's):
+    # FlashAttention takes no explicit mask, so a pass that needs one (a continuation of cached keys and values)
+    # shows up under the other kernels on GPU.
+    "attention, flash kernel": tuple(
+        f"aten::_scaled_dot_product_flash_attention{suffix}"
+        for suffix in ("", "_backward", "_for_cpu", "_for_cpu_backward")
     ),
+    "attention, other kernels": tuple(
+        f"aten::_scaled_dot_product_{kernel}_attention{suffix}"
+        for kernel in ("efficient", "cudnn", "fused")
+        for suffix in ("", "_backward")
+    )
+    + ("aten::_scaled_dot_product_attention_math",),
 }
 
 

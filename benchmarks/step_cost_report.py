@@ -321,13 +321,13 @@ def targets_section(timing: list[dict], prefix: dict, memory: dict) -> str:
             )
         f04 = near([f for f in per_f if f > 0 and per_f[f]["extra_over_teacher"]], 0.4)
         if f04 is not None:
-            extra = per_f[f04]["extra_over_teacher"]
+            extra, no_topk = per_f[f04]["extra_over_teacher"], per_f[f04]["no_topk"]
             value = median(extra)
             lines.append(
                 f"| {shape}: f = {f04:.3f}, SRPO step - GRPO step <= 1.1 x teacher forward | {value:.3f} x "
-                f"(repeats {min(extra):.3f}-{max(extra):.3f}; {median(per_f[f04]['no_topk']):.3f} x without the "
-                f"student's top-k; SRPO/GRPO {median(per_f[f04]['over_grpo']):.3f}, teacher forward "
-                f"{median(per_f[f04]['teacher']):.3f} GRPO steps) | {yes(value <= 1.1)} |"
+                f"(repeats {min(extra):.3f}-{max(extra):.3f}); without the student's top-k {median(no_topk):.3f} x "
+                f"(repeats {min(no_topk):.3f}-{max(no_topk):.3f}); SRPO/GRPO {median(per_f[f04]['over_grpo']):.3f}, teacher forward "
+                f"{median(per_f[f04]['teacher']):.3f} GRPO steps | {yes(value <= 1.1)} |"
             )
         fit = figures.get("teacher_fit")
         if fit:
