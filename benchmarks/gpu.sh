@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# The step-cost benchmark (benchmarks/step_cost.py) on one GPU: bf16, a randomly initialised Qwen3-0.6B-shaped model
-# (vocab 151,936, hidden 1024, 28 layers, tied embeddings), nothing downloaded. Timing on the wall clock with CUDA
-# synchronisation, peak memory from torch.cuda.max_memory_allocated, one fresh process per memory configuration.
+# The step-cost benchmark (benchmarks/step_cost.py) on one GPU, and the GPU block of benchmarks/RESULTS.md written
+# from it (with the PNG and the JSON of every record): bf16, a randomly initialised Qwen3-0.6B-shaped model (vocab
+# 151,936, hidden 1024, 28 layers, tied embeddings), nothing downloaded. Step time of GRPO/SRPO/SDPO against the routed
+# fraction f (wall clock, CUDA-synchronised), the teacher forward with and without one prefix per group (1-7 routed
+# rollouts per group), a profile, and peak memory (torch.cuda.max_memory_allocated, one fresh process per
+# configuration) as the vocabulary and the completion length grow. What the block must show: RESULTS.md, "Findings".
 #
-#   benchmarks/gpu.sh                    # full: f in {0, .25, .4, .5, 1}, 5 repeats, vocab and length sweeps
-#   benchmarks/gpu.sh --quick            # a few minutes
-#   benchmarks/gpu.sh --write-results    # also rewrite the GPU block of benchmarks/RESULTS.md (+ step_time_vs_f_cuda.png)
+#   benchmarks/gpu.sh                    # full: f in {0, .25, .4, .5, 1}, 5 repeats, k = 1..7, vocab and length sweeps
+#   benchmarks/gpu.sh --quick            # f in {0, .4, 1}, 3 repeats, k in {1, 4, 7}, 2 + 2 sweep points
+#   benchmarks/gpu.sh --quick --skip-memory   # the shortest run that still fills the timing and prefix tables
 #
-# Offline GPU machines: the script needs torch with CUDA plus this repository's pins (trl 1.16, transformers 5.23,
-# accelerate, datasets, peft) and matplotlib. Where some are missing, build a wheelhouse on a connected machine of
-# the same platform and Python, put it in benchmarks/wheels/ (or point WHEELS at it), and this script installs from it
+# The block is rewritten on every run (it names the mode it was measured in); re-report saved records with
+#   python benchmarks/step_cost.py --report benchmarks/results-cuda-full.json --write-results
+#
+# Offline GPU machines: the script needs torch with CUDA plus this repository's pins (trl 1.16, transformers,
+# accelerate, datasets, peft) and matplotlib. Where some are missing, build a wheelhouse on a connected machine of the
+# same platform and Python, put it in benchmarks/wheels/ (or point WHEELS at it), and this script installs from it
 # without the network:
-#   pip download --only-binary=:all: -d benchmarks/wheels \
-#       trl==1.16.0 transformers==5.23.0 accelerate==1.15.0 "datasets>=4,<6" peft==0.21.2 matplotlib
+#   pip download --only-binary=:all: -d benchmarks/wheels "trl>=1.16,<1.17" "transformers>=5.10.4,<6" \
+#       "accelerate>=1.15,<2" "datasets>=4.7,<6" "peft>=0.21,<0.22" matplotlib   # setup.cfg's ranges
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,10 +40,8 @@ if [[ -n "$missing" ]]; then
         exit 1
     fi
 fi
-if ! "$PYTHON" -c "import srpo_trl" 2>/dev/null; then
-    "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . \
-        || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+# The benchmark imports this checkout's srpo_trl, installed or not.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 "$PYTHON" - <<'EOF'
 import sys, torch
@@ -47,4 +51,4 @@ props = torch.cuda.get_device_properties(0)
 print(f"{props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}")
 EOF
 
-exec "$PYTHON" benchmarks/step_cost.py --device cuda "$@"
+exec "$PYTHON" benchmarks/step_cost.py --device cuda --write-results "$@"

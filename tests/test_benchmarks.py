@@ -1,7 +1,8 @@
 """`benchmarks/step_cost.py` at toy size, so that the benchmark keeps running against the trainers it measures.
 
-It checks that the script runs end to end (timing, profile, memory, report, plot), not any timing: the figures live
-in `benchmarks/RESULTS.md`. It also fails when SRPOTrainer's internals that the benchmark times stop being called.
+It checks that the script runs end to end (timing, prefix sharing, profile, memory, report, plot) and that the report
+is reproduced from the saved records, not any timing: the figures live in `benchmarks/RESULTS.md`. It also fails when
+SRPOTrainer's internals that the benchmark times stop being called.
 """
 
 from pathlib import Path
@@ -18,10 +19,11 @@ def step_cost():
 
 
 def test_routing_control(step_cost):
-    assert step_cost.failures_per_group(0.0, 5, 8) == [0] * 5
-    assert step_cost.failures_per_group(0.4, 5, 8) == [4, 3, 3, 3, 3]
-    assert step_cost.failures_per_group(1.0, 2, 8) == [7, 7]  # every group keeps a correct rollout
-    reward = step_cost.PositionalReward(group=4)
+    harness = step_cost.harness
+    assert harness.failures_per_group(0.0, 5, 8) == [0] * 5
+    assert harness.failures_per_group(0.4, 5, 8) == [4, 3, 3, 3, 3]
+    assert harness.failures_per_group(1.0, 2, 8) == [7, 7]  # every group keeps a correct rollout
+    reward = harness.PositionalReward(group=4)
     reward.failures = [1, 3]
     assert reward([None] * 8) == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
 
@@ -41,18 +43,28 @@ def test_step_cost_benchmark_runs_at_toy_size(step_cost, tmp_path):
     assert routed
     timed = (
         "score_with_teacher",
-        "teacher_backbone",
+        "teacher_prompts",
+        "teacher_prefix",
+        "teacher_continuation",
         "teacher_statistics",
         "distillation_forward",
+        "student_topk",
     )
     for name in timed:
         assert all(r["timers"].get(name, 0.0) > 0 for r in routed), f"SRPOTrainer no longer calls {name}"
-    assert {r["kind"] for r in result["timing"]} >= {"f0_overhead", "profile"}
+
+    prefix = [r for r in result["timing"] if r.get("kind") == "prefix"]
+    assert {(r["k"], r["sharing"]) for r in prefix} == {(k, s) for k in (1, 2) for s in ("shared", "per_row")}
+    assert all(r["log_normalizer_max_diff"] <= 1e-5 for r in prefix)  # sharing the prefix changes no teacher figure
+    assert all(r["timers"]["teacher_prefix"] > 0 and r["timers"]["teacher_continuation"] > 0 for r in prefix)
+    assert {r["arm"] for r in result["timing"] if r.get("kind") == "profile"} == {"grpo", "srpo", "sdpo"}
 
     memory = result["memory"]
     assert memory and all("phases" in r for r in memory), [r.get("error") for r in memory]
-    assert {r["kind"] for r in memory} == {"arms", "vocab", "length"}
+    assert {r["kind"] for r in memory} == {"vocab", "length"}
 
-    assert "**Targets**" in result["report"]
+    assert "**Targets**" in result["report"] and "One teacher prefix per group" in result["report"]
     assert (tmp_path / "step_time_vs_f_cpu_toy.png").stat().st_size > 0
-    assert (tmp_path / "results-cpu-toy.json").exists()
+    saved = tmp_path / "results-cpu-toy.json"
+    again = step_cost.main(["--report", str(saved), "--out", str(tmp_path / "again")])
+    assert again["report"] == result["report"]  # RESULTS.md's blocks are reproduced from the saved records

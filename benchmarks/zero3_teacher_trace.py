@@ -1,0 +1,60 @@
+"""Under DeepSpeed ZeRO-3, does SRPO's teacher forward follow DeepSpeed's parameter trace (and so prefetch)?
+
+DeepSpeed ZeRO-3 records the order in which a model's submodules run, starting at the top-level module's forward
+(`_start_of_forward_hook` resets the step), and prefetches the next layers' parameters along that trace once it is
+complete. A forward that enters below the top-level module never resets the step: the trace is invalidated and never
+recorded again, and every layer's parameters are gathered on demand, not prefetched. This script runs
+`tests/distributed/train_tiny.py` (2 processes, ZeRO-3, CPU) and prints the teacher engine's trace state after each
+teacher pass, then after direct backbone calls (how the teacher ran before issue 14):
+
+    DS_ACCELERATOR=cpu python -m torch.distributed.run --standalone --nproc_per_node=2 \
+        benchmarks/zero3_teacher_trace.py --output_dir=/tmp/zero3-trace --backend=zero3 --world_size=2 --max_steps=3
+"""
+
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import srpo_trl.trainer as srpo_trainer  # noqa: E402
+from srpo_trl.teacher import backbone_and_head  # noqa: E402
+
+
+def trace_state(trainer) -> str:
+    """The teacher engine's trace: mode (RECORD, COMPLETE, INVALID), submodules in it, whether the LM head is."""
+    coordinator = trainer._teacher_engine.optimizer.get_param_coordinator()
+    order = coordinator._PartitionedParameterCoordinator__submodule_order
+    mode = coordinator._PartitionedParameterCoordinator__trace_mode.name
+    head = backbone_and_head(trainer.teacher.model)[1]
+    return f"{mode}, {len(order)} submodules{', LM head included' if any(m is head for m in order) else ''}"
+
+
+def report(name, method):
+    def wrapper(self, *args, **kwargs):
+        out = method(self, *args, **kwargs)
+        print(f"rank {torch.distributed.get_rank()} after {name}: {trace_state(self)}", flush=True)
+        return out
+
+    return wrapper
+
+
+def train(self, *args, **kwargs):
+    out = TRAIN(self, *args, **kwargs)
+    backbone, _ = backbone_and_head(self.teacher.model)
+    with torch.no_grad():
+        for call in range(2):
+            backbone(input_ids=torch.tensor([[5, 6, 7, 8]]))
+            print(f"rank {torch.distributed.get_rank()} after direct backbone call {call + 1}: {trace_state(self)}")
+    return out
+
+
+TRAIN = srpo_trainer.SRPOTrainer.train
+srpo_trainer.SRPOTrainer.train = train
+for name in ("_prefix_pass", "_continuation_hidden"):
+    setattr(srpo_trainer.SRPOTrainer, name, report(name, getattr(srpo_trainer.SRPOTrainer, name)))
+sys.argv = [str(ROOT / "tests" / "distributed" / "train_tiny.py"), *sys.argv[1:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
