@@ -22,13 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 CPU_ZERO3 = ROOT / "accelerate_configs" / "cpu_zero3.yaml"
 
 
-def answering_tiny_model(tokenizer, hidden_size: int = 64, num_heads: int = 2):
-    """A tiny Qwen3 that, after the generation prompt (which ends in a newline), samples one of A-D and ends its
-    turn: a bigram model carried by the embeddings and the LM head, the layers scaled down to a small perturbation
-    (so a teacher prompt still moves the distribution a little)."""
+def answering_tiny_model(tokenizer, hidden_size=64, num_heads=2, num_layers=2, vocab_size: int | None = None):
+    """A Qwen3 (tiny by default) that, after the generation prompt (which ends in a newline), samples one of A-D and
+    ends its turn: a bigram model carried by the embeddings and the LM head, the layers scaled down to a small
+    perturbation (so a teacher prompt still moves the distribution a little). `vocab_size` pads the vocabulary (to a
+    real model's LM-head cost) with rows it practically never samples."""
     from srpo_trl.testbed.model import build_tiny_model
 
-    model = build_tiny_model(tokenizer, hidden_size=hidden_size, num_heads=num_heads, seed=0)
+    model = build_tiny_model(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, seed=0)
+    if vocab_size is not None:
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
     model.config.max_position_embeddings = 8192  # a vLLM engine refuses prompts longer than this (characters here)
     newline, letters = tokenizer.convert_tokens_to_ids("\n"), tokenizer.convert_tokens_to_ids(list("ABCD"))
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """The user-facing entry points: recipes parse, and `accelerate launch examples/train_chemistry.py` trains."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,9 +86,13 @@ def test_accelerate_configs_load(path):
         "multi_gpu": ("MULTI_GPU", 8),
         "single_gpu": ("NO", 1),
         "fsdp2": ("FSDP", 8),
+        "zero3_2nodes": ("DEEPSPEED", 16),
+        "fsdp2_2nodes": ("FSDP", 16),
         "cpu_zero2": ("DEEPSPEED", 2),
         "cpu_zero3": ("DEEPSPEED", 2),
     }[path.stem]
     assert (str(config.distributed_type).split(".")[-1], config.num_processes) == expected
     if config.distributed_type == "DEEPSPEED":
-        assert config.deepspeed_config["zero_stage"] == int(path.stem[-1])
+        assert config.deepspeed_config["zero_stage"] == int(re.search(r"zero(\d)", path.stem).group(1))
+    if path.stem.endswith("2nodes"):
+        assert config.num_machines == 2 and config.main_process_port
