@@ -388,21 +388,30 @@ class SRPOTrainer(GRPOTrainer):
             mine = {i: scored.completion_ids[i - local.start] for i in to_share if local.start <= i < local.stop}
             for part in gather_object([mine]):
                 shared.update(part)
+        # A group's routed rows share one teacher prompt (the question, the same sibling): built once. Not with
+        # feedback (each row's own) nor tool environments (each row's own tools and observation).
+        built = {}
         for row in routes.needs_teacher[local].nonzero().squeeze(1).tolist():
             index = routes.sibling[local][row].item()
-            sibling = (
-                scored.completion_ids[index - local.start] if local.start <= index < local.stop else shared[index]
-            )
-            demonstration = demonstration_from_completion(
-                self.processing_class.decode(sibling, skip_special_tokens=True)
-            )
-            ids, kept = fit_teacher_prompt(
-                scored.prompts[row],
-                demonstration,
-                functools.partial(self._tokenize_one_prompt, row=row),
-                self.args.max_teacher_prompt_length,
-                feedback=None if scored.feedback is None else scored.feedback[row],
-            )
+            key = index if scored.feedback is None and self.environment_factories is None else (index, row)
+            if key not in built:
+                sibling = (
+                    scored.completion_ids[index - local.start] if local.start <= index < local.stop else shared[index]
+                )
+                demonstration = demonstration_from_completion(
+                    self.processing_class.decode(sibling, skip_special_tokens=True)
+                )
+                built[key] = (
+                    demonstration,
+                    *fit_teacher_prompt(
+                        scored.prompts[row],
+                        demonstration,
+                        functools.partial(self._tokenize_one_prompt, row=row),
+                        self.args.max_teacher_prompt_length,
+                        feedback=None if scored.feedback is None else scored.feedback[row],
+                    ),
+                )
+            demonstration, ids, kept = built[key]
             if kept == 0 and demonstration:
                 no_room[row] = True
                 self._warn_no_demonstration_room(len(ids))
