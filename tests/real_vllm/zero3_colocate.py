@@ -5,8 +5,11 @@ process's engine-policy gaps around each weight sync and the log history to `--o
 import argparse
 import json
 import os
+import sys
 
 import torch
+
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # tests/: the shared helpers
 
 torch.set_num_threads(1)
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -19,16 +22,14 @@ def main():
     args = parser.parse_args()
 
     from accelerate.utils import gather_object
-    from datasets import Dataset
     from engine_probe import record_syncs
+    from test_trainer import PROMPTS, first_letter_reward, make_args  # the main suite's settings, tiny model, reward
 
-    from srpo_trl import SRPOConfig, SRPOTrainer
+    from srpo_trl import SRPOTrainer
     from srpo_trl.testbed.tokenizer import build_char_tokenizer
 
-    config = SRPOConfig(
-        output_dir=args.output_dir,
-        report_to=[],
-        use_cpu=True,  # with DS_ACCELERATOR=cpu
+    config = make_args(
+        args.output_dir,
         ddp_backend="gloo",
         deepspeed={
             # A threshold below the tiny model's matrices, so ZeRO-3 really shards them (as tests/distributed does)
@@ -36,33 +37,17 @@ def main():
             "train_micro_batch_size_per_gpu": "auto",
             "gradient_accumulation_steps": "auto",
         },
-        bf16=False,
         per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=6,
-        max_steps=2,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        learning_rate=1e-2,
-        distillation_topk=8,
-        chat_template_kwargs={"enable_thinking": False},
-        disable_tqdm=True,
         use_vllm=True,
         vllm_mode="colocate",
         vllm_enable_sleep_mode=False,
         vllm_max_model_length=128,
     )
-
-    def reward(completions, **kwargs):  # about half the random model's completions: mixed groups
-        return [1.0 if c[0]["content"][:1].islower() else 0.0 for c in completions]
-
-    prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Spell {c}"}] for c in "abcdefghijklmnop"]})
     trainer = SRPOTrainer(
         model=args.model_dir,
-        reward_funcs=reward,
+        reward_funcs=first_letter_reward,
         args=config,
-        train_dataset=prompts,
+        train_dataset=PROMPTS,
         processing_class=build_char_tokenizer(),
     )
     assert trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
