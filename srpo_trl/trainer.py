@@ -10,10 +10,10 @@ The glue, at GRPOTrainer's extension points:
   then holds, so its KL, entropy bonus and entropy quantiles skip distilled rows), plus the distillation term on the
   SDPO tokens, computed from the same forward pass's hidden states (the student's top-k support is picked there, so
   the student needs no pass of its own at scoring), reduced as GRPOTrainer reduces its loss for `loss_type`;
-- `_save_optimizer_and_scheduler` / `_load_optimizer_and_scheduler` carry the teacher's fp32 state (per-process shards
-  under DeepSpeed ZeRO-3 and FSDP2), and `_save` keeps it out of `save_model`/`push_to_hub`.
-Under ZeRO-3 weights are gathered collectively, so every process makes as many teacher passes and LM-head uses as
-the busiest one (docs/scaling.md). The math lives in `routing.py`, `prompts.py`, `losses.py` and `vocab.py`.
+- checkpoints carry the teacher's fp32 state (`checkpointing.TeacherCheckpointing`: per-process shards under DeepSpeed
+  ZeRO-3 and FSDP2), and `_save` keeps it out of `save_model`/`push_to_hub`.
+Under ZeRO-3 and FSDP2 weights are gathered collectively, so every process makes as many teacher passes and LM-head
+uses as the busiest one (docs/scaling.md). The math lives in `routing.py`, `prompts.py`, `losses.py` and `vocab.py`.
 """
 
 import copy
@@ -21,7 +21,6 @@ import functools
 import inspect
 import math
 import os
-import re
 import textwrap
 import time
 import warnings
@@ -32,8 +31,6 @@ import torch
 from accelerate.utils import gather_object
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from datasets import Dataset
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp import FSDPModule
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed
@@ -41,6 +38,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import utils as trl_utils
 from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
 
+from .checkpointing import TeacherCheckpointing
 from .config import SRPOConfig
 from .losses import (
     LOCAL_TOKEN_LOSS_TYPES,
@@ -66,7 +64,6 @@ from .teacher import (
 from .vllm_cpu import check_cpu_vllm_settings, use_cpu_weight_sync
 from .vocab import Logits, logit_scale_and_softcap, logps_on_support, student_topk_logps, teacher_statistics
 
-TEACHER_STATE_FILE = "srpo_teacher.safetensors"
 FEEDBACK_COLUMN = "feedback"  # the `log_extra` column reward functions write feedback to (`teacher_feedback`)
 PROMPTS_CHECKED = 16  # first rows of each dataset whose prompts are checked at construction
 ROUTING_WATCH_BATCHES = 5  # training generation batches after which routing that never distils is reported
@@ -134,7 +131,7 @@ class _RoutingWatch:
     high: float = -math.inf
 
 
-class SRPOTrainer(GRPOTrainer):
+class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
     """Sample-Routed Policy Optimization ([arXiv 2604.02288](https://huggingface.co/papers/2604.02288)).
 
     Takes exactly [`~trl.GRPOTrainer`]'s arguments, with an [`SRPOConfig`] as `args`. Correct rollouts (and failed
@@ -826,121 +823,7 @@ class SRPOTrainer(GRPOTrainer):
             normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
         return normalizer
 
-    # ---- the teacher is training state ----
-
-    def _save_optimizer_and_scheduler(self, output_dir):
-        super()._save_optimizer_and_scheduler(output_dir)
-        # Here, not after `_save_checkpoint`: Trainer then writes trainer_state.json, pushes the checkpoint and rotates
-        # old ones away, so a checkpoint is complete only with its teacher and a failed write keeps the older ones.
-        # (`save_only_model` checkpoints hold no optimizer and no teacher: a resume restarts it from the policy.)
-        # Under ZeRO-3 and FSDP2 every process holds (and saves) its own shards of the teacher.
-        if self.teacher is not None and (self.args.should_save or self._sharded):
-            self._write_teacher_state(self._teacher_state_path(output_dir))
-            if self._sharded:
-                self.accelerator.wait_for_everyone()  # every shard is on disk before process 0 rotates checkpoints
-
-    def _write_teacher_state(self, path: str) -> None:
-        """Write the teacher's state to `path` atomically: a crash mid-write leaves no file there, never a cut one."""
-        partial = f"{path}.partial"
-        try:
-            save_file(self.teacher.state_dict(), partial)
-            with open(partial, "rb") as file:
-                os.fsync(file.fileno())  # on disk before the name says the checkpoint holds it
-            os.replace(partial, path)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        self.shard_teacher_like_policy()  # before its shards are restored
-        if self.teacher is not None and checkpoint is not None:
-            self._load_teacher_state(checkpoint)
-
-    def _load_teacher_state(self, checkpoint: str) -> None:
-        """Restore the teacher from `checkpoint`, or restart it from the resumed policy (already loaded by Trainer)
-        when the checkpoint holds no teacher state; a damaged or mismatched state is an error naming its file."""
-        path = self._teacher_state_path(checkpoint)
-        file_name = os.path.basename(path)
-        fix = (
-            f"resume from an earlier checkpoint, or delete {file_name} to restart the teacher from the resumed policy"
-        )
-        if not self._teacher_state_found(checkpoint, path):
-            warnings.warn(
-                f"{checkpoint} holds no SRPO teacher state ({file_name}): the teacher restarts from the "
-                "resumed policy and its EMA history is lost. Checkpoints written by GRPOTrainer or with "
-                "save_only_model=True hold none.",
-                stacklevel=2,
-            )
-            self.teacher.restart_from(self.accelerator.unwrap_model(self.model))
-            return
-        try:
-            state = load_file(path)
-        except (SafetensorError, OSError) as error:
-            raise ValueError(
-                f"Cannot read the SRPO teacher state {path} ({error}): the file is damaged or incomplete; {fix}."
-            ) from error
-        non_finite = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
-        if non_finite:
-            more = f" and {len(non_finite) - 1} more tensors" if len(non_finite) > 1 else ""
-            raise ValueError(
-                f"The SRPO teacher state {path} holds non-finite values in {non_finite[0]}{more}: that teacher would "
-                f"turn the policy to NaN in one step; {fix}."
-            )
-        try:
-            self.teacher.load_state_dict({name: t.to(self.accelerator.device) for name, t in state.items()})
-        except ValueError as error:
-            raise ValueError(
-                f"Cannot resume the SRPO teacher from {path}: {error}. Resume with the model (and, under DeepSpeed "
-                f"ZeRO-3 or FSDP2, the number of processes) that saved it, or delete {file_name} to restart the teacher from "
-                "the resumed policy."
-            ) from error
-
-    def _teacher_state_found(self, checkpoint: str, path: str) -> bool:
-        """Whether `checkpoint` holds the teacher state at `path` (on every process under ZeRO-3, where each saves its
-        own shards). Holding only some processes' shards, or the teacher in another layout, is an error: restarting
-        from the policy would silently drop a teacher that exists."""
-        found = os.path.exists(path)
-        if self._sharded:  # every process decides alike: a restart from the policy is collective
-            everywhere = self.accelerator.gather(torch.tensor([found], device=self.accelerator.device))
-            if everywhere.any() and not everywhere.all():
-                missing = (~everywhere.bool()).nonzero().squeeze(1).tolist()
-                raise ValueError(
-                    f"{checkpoint} lacks the SRPO teacher shards of processes {missing} (DeepSpeed ZeRO-3 and FSDP2 "
-                    "save one file per process): resume from a checkpoint that holds them all, or delete every "
-                    f"{TEACHER_STATE_FILE.replace('.safetensors', '-rank*')} file there to restart the teacher from "
-                    "the resumed policy."
-                )
-            found = bool(everywhere.all())
-        if not found:
-            self._refuse_teacher_in_another_layout(checkpoint, path)
-        return found
-
-    @staticmethod
-    def _refuse_teacher_in_another_layout(checkpoint: str, path: str) -> None:
-        """An error when `checkpoint` holds teacher files other than `path`: ZeRO-3's per-process shards of another
-        number of processes, or one whole-teacher file against ZeRO-3's shards (or the other way round)."""
-        stem = TEACHER_STATE_FILE.removesuffix(".safetensors")
-        others = sorted(f for f in os.listdir(checkpoint) if f.startswith(stem) and f.endswith(".safetensors"))
-        if not others:
-            return
-        shards = re.fullmatch(rf"{stem}-rank\d+-of-(\d+)\.safetensors", others[0])
-        saved_by = (
-            f"saved by {shards.group(1)} processes under DeepSpeed ZeRO-3 or FSDP2"
-            if shards
-            else "saved whole, without ZeRO-3 or FSDP2"
-        )
-        raise ValueError(
-            f"{checkpoint} holds the SRPO teacher as {', '.join(others[:2])}{', ...' if len(others) > 2 else ''} "
-            f"({saved_by}), but this run needs {os.path.basename(path)}: resume with the launch configuration that "
-            "saved it, or delete those files to restart the teacher from the resumed policy."
-        )
-
-    def _teacher_state_path(self, folder: str) -> str:
-        if not self._sharded:
-            return os.path.join(folder, TEACHER_STATE_FILE)
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        return os.path.join(folder, TEACHER_STATE_FILE.replace(".safetensors", f"-rank{rank}-of-{world}.safetensors"))
+    # ---- saving: the policy alone (the teacher is training state, in checkpoints: `TeacherCheckpointing`) ----
 
     def _save(self, output_dir=None, state_dict=None):
         # `save_model` and `push_to_hub` write the policy: the teacher is training state, kept in checkpoints only.

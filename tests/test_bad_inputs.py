@@ -284,10 +284,10 @@ class DiskFull(OSError):
 def teacher_write_fails_at_the_second_save(tokenizer, tmp_path):
     """The teacher write raises at checkpoint-2 with `save_total_limit=1`: checkpoint-1 must survive with its
     teacher, no complete checkpoint may lack one, and checkpoint-1 resumes."""
-    import srpo_trl.trainer
+    import srpo_trl.checkpointing
 
     saves = []
-    real_save_file = srpo_trl.trainer.save_file
+    real_save_file = srpo_trl.checkpointing.save_file
 
     def failing_save_file(tensors, path, *args, **kwargs):
         saves.append(path)
@@ -295,13 +295,13 @@ def teacher_write_fails_at_the_second_save(tokenizer, tmp_path):
             raise DiskFull("No space left on device")
         return real_save_file(tensors, path, *args, **kwargs)
 
-    srpo_trl.trainer.save_file = failing_save_file
+    srpo_trl.checkpointing.save_file = failing_save_file
     try:
         args = dict(save_strategy="steps", save_steps=1, save_total_limit=1, max_steps=2)
         with pytest.raises(DiskFull):
             trained(tokenizer, tmp_path / "run", **args)
     finally:
-        srpo_trl.trainer.save_file = real_save_file
+        srpo_trl.checkpointing.save_file = real_save_file
     run = tmp_path / "run"
     assert (run / "checkpoint-1" / TEACHER_FILE).exists(), "the previous checkpoint was rotated away"
     for checkpoint in run.glob("checkpoint-*"):

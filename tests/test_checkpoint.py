@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from test_trainer import logged, make_trainer, parameters
 from transformers import TrainerCallback
 
-import srpo_trl.trainer
+import srpo_trl.checkpointing
+from srpo_trl.checkpointing import TEACHER_STATE_FILE
 from srpo_trl.teacher import TEACHER_ADAPTER
-from srpo_trl.trainer import TEACHER_STATE_FILE
 
 LORA = dict(r=4, target_modules=["q_proj", "v_proj"])
 
@@ -53,7 +53,7 @@ def test_a_crash_writing_the_teacher_keeps_the_previous_checkpoint(char_tokenize
                 file.truncate(os.path.getsize(path) // 2)
             raise OSError("No space left on device")
 
-    monkeypatch.setattr(srpo_trl.trainer, "save_file", crash_on_second_write)
+    monkeypatch.setattr(srpo_trl.checkpointing, "save_file", crash_on_second_write)
     with pytest.raises(OSError, match="No space left"):
         make_trainer(char_tokenizer, tmp_path / "run", **saving).train()
     monkeypatch.undo()
