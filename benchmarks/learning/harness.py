@@ -72,10 +72,8 @@ class Settings:
     max_completion_length: int = 24
     distillation_topk: int = 16
     probe_every: int = 10  # RL steps between gradient probes (0: none)
+    ability_problems: int = 100  # test problems `measure_testbed_abilities` probes the final policy and teacher on
     testbed: dict = dataclasses.field(default_factory=dict)  # PretrainConfig overrides ({}: the family's default)
-
-
-ABILITY_PROBLEMS = 100  # test problems `measure_testbed_abilities` probes each trained policy (and teacher) on
 
 
 def run_name(method: str, lr: float, seed: int) -> str:
@@ -198,7 +196,8 @@ def run_one(method: str, lr: float, seed: int, settings: Settings, path: Path) -
     trainer.train()
     # What training did to the two abilities: the policy's own, and (arms with a teacher) the EMA teacher's, whose
     # reading of a correct solution is the distillation signal.
-    probe_set = make_testbed_dataset(num_train=0, num_test=ABILITY_PROBLEMS, seed=0, task=settings.task)["test"]
+    probe_set = make_testbed_dataset(num_train=0, num_test=settings.ability_problems, seed=0, task=settings.task)
+    probe_set = probe_set["test"]
     abilities = {"policy": measure_testbed_abilities(trainer.model, tokenizer, probe_set)}
     if trainer.teacher is not None:
         with trainer.teacher.active() as teacher_model:
@@ -374,7 +373,7 @@ def cached_record(path: Path, settings: Settings) -> dict | None:
         return None
     record = json.loads(path.read_text())
     same = (
-        record.get("settings") == dataclasses.asdict(settings)
+        Settings(**record["settings"]) == settings  # a field added since then takes its default
         and record.get("testbed", {}).get("config_hash") == testbed_identity(settings)["config_hash"]
         and record.get("code") == code_identity()
     )
@@ -397,7 +396,8 @@ def run_all(arms: list[tuple[str, float, int]], settings: Settings, runs_dir: Pa
             (method, lr, seed), path = queue.pop(0)
             path.unlink(missing_ok=True)
             log = open(path.with_suffix(".log"), "w")
-            command = [sys.executable, str(HERE / "run.py"), "--worker", method, repr(lr), str(seed),
+            script = HERE if package_root is None else package_root / "benchmarks" / "learning"
+            command = [sys.executable, str(script / "run.py"), "--worker", method, repr(lr), str(seed),
                        str(settings_path), str(path)]  # fmt: skip
             if package_root is not None:
                 command += ["--package-root", str(package_root)]

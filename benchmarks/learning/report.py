@@ -390,7 +390,7 @@ def pretrained_abilities(settings: harness.Settings) -> dict[str, float]:
     from srpo_trl.testbed import make_testbed_dataset, measure_testbed_abilities
 
     model, tokenizer = harness.load_testbed(settings)
-    problems = make_testbed_dataset(num_train=0, num_test=harness.ABILITY_PROBLEMS, seed=0, task=settings.task)
+    problems = make_testbed_dataset(num_train=0, num_test=settings.ability_problems, seed=0, task=settings.task)
     return measure_testbed_abilities(model, tokenizer, problems["test"])
 
 
@@ -425,7 +425,7 @@ def family_block(task: str, stage: dict, out: Path, with_abilities: bool) -> tup
         lines += [f"**Warning**: runs from {len(codes)} versions of `srpo_trl`: rerun.", ""]
     if abilities:
         lines += [
-            f"Pre-trained model (`measure_testbed_abilities`, {harness.ABILITY_PROBLEMS} test problems): greedy "
+            f"Pre-trained model (`measure_testbed_abilities`, {settings.ability_problems} test problems): greedy "
             f"{abilities['student/accuracy_greedy'] * 100:.1f}%, sampled at T=1 "
             f"{abilities['student/accuracy_sampled'] * 100:.1f}%, groups of 8 with mixed rewards "
             f"{abilities['student/mixed_group_frac'] * 100:.1f}%; with a correct solution in the prompt (the teacher "
@@ -452,7 +452,7 @@ def family_block(task: str, stage: dict, out: Path, with_abilities: bool) -> tup
         "",
         diagnosis_table(grouped),
         "",
-        f"### After training (`measure_testbed_abilities`, {harness.ABILITY_PROBLEMS} test problems; %)",
+        f"### After training (`measure_testbed_abilities`, {settings.ability_problems} test problems; %)",
         "",
         abilities_table(grouped, abilities),
         "",

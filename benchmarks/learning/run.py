@@ -41,14 +41,14 @@ os.environ.setdefault("TRACKIO_DIR", tempfile.gettempdir())
 import harness  # noqa: E402  (after the path set-up above)
 import report  # noqa: E402
 
-LEARNING_RATES = (1e-4, 3e-4, 1e-3)
+LEARNING_RATES = (3e-5, 1e-4, 3e-4, 1e-3)
 SWEPT = ("grpo", "sdpo", "srpo", "srpo_routed_grpo")
 # The sharpening family is evaluated as its rollouts are sampled (T=1): at the paper's T=0.6 its pre-trained model
 # already scores 84% and SRPO reached 100% within 40 steps in a trial run, leaving nothing to compare.
 FAMILY_SETTINGS = {"reversal": {"eval_temperature": 1.0, "eval_top_p": 1.0}}
 AT_SRPO_RATE = ("srpo_no_dw", "advantage_mix")  # SRPO's ablations, at SRPO's best rate
 PAPER_RATIO = 5  # the paper's SRPO : GRPO learning rates (5e-6 : 1e-6), GRPO with 4 optimizer steps per batch
-QUICK = {"steps": 10, "eval_every": 5, "num_test": 100, "probe_every": 5}
+QUICK = {"steps": 10, "eval_every": 5, "num_test": 100, "probe_every": 5, "ability_problems": 20}
 
 
 def plan(records_of, rates, seeds) -> dict:
@@ -129,14 +129,18 @@ def load_records(arms, runs_dir: Path) -> list[dict]:
 
 def snapshot_package() -> Path | None:
     """
-    Copy `srpo_trl` to a temporary folder and import it from there, in this process and the workers: a run takes
-    hours, and edits to the package meanwhile (the testbed's prompts, the trainer) would otherwise reach only the
-    runs started after them. None (no snapshot) when `srpo_trl` is already imported, e.g. under pytest.
+    Copy `srpo_trl` and these scripts to a temporary folder laid out like the repository, and run from there, in
+    this process and the workers: the runs take hours, and edits meanwhile (the trainer, the testbed, the harness)
+    would otherwise reach only the runs started after them. None (no snapshot) when `srpo_trl` is already imported,
+    e.g. under pytest.
     """
     if "srpo_trl" in sys.modules:
         return None
     root = Path(tempfile.mkdtemp(prefix="srpo-learning-package-"))
     shutil.copytree(harness.REPO / "srpo_trl", root / "srpo_trl", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        HERE, root / "benchmarks" / "learning", ignore=shutil.ignore_patterns("__pycache__", "runs", "*.png")
+    )
     sys.path.insert(0, str(root))
     return root
 
