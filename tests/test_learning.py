@@ -120,9 +120,9 @@ def test_report_from_saved_runs(learning, tmp_path):
 
 @pytest.mark.slow
 def test_learning_benchmark_runs_end_to_end(learning, tmp_path):
-    # One family, one rate, one comparison seed, three RL steps per run, in worker processes as `make bench-learning`
-    # runs them.
-    argv = ["--tasks", "reversal", "--learning-rates", "3e-4", "--seeds", "1", "--steps", "3", "--eval-every", "1",
+    # `--quick` (one comparison seed, a short ability probe) at one family and one rate, three RL steps per run, in
+    # worker processes as `make bench-learning` runs them.
+    argv = ["--quick", "--tasks", "reversal", "--learning-rates", "3e-4", "--steps", "3", "--eval-every", "1",
             "--num-test", "20", "--jobs", "2", "--out", str(tmp_path)]  # fmt: skip
     result = learning.main(argv)
 

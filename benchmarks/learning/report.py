@@ -19,28 +19,32 @@ import harness
 MARK_BEGIN, MARK_END = "<!-- learning:begin -->", "<!-- learning:end -->"
 COLORS = {"grpo": "tab:blue", "sdpo": "tab:orange", "srpo": "tab:green", "grpo_4steps": "tab:cyan",
           "srpo_no_dw": "tab:olive", "advantage_mix": "tab:purple", "srpo_routed_grpo": "tab:red"}  # fmt: skip
+FIGURE_METHODS = ("grpo", "sdpo", "srpo", "grpo_4steps", "srpo_routed_grpo")  # the ablations are in the tables only
 # (a, b): rows of the paired-difference table, a - b.
 PAIRS = (("srpo", "grpo"), ("sdpo", "grpo"), ("srpo", "sdpo"), ("srpo", "grpo_4steps"),
          ("srpo_no_dw", "srpo"), ("advantage_mix", "srpo"),
          ("srpo_routed_grpo", "srpo"), ("srpo_routed_grpo", "grpo"))  # fmt: skip
-# Logged by the trainer once per generation batch: (key, label), shown per half of training.
-TRAINING_METRICS = (
-    ("reward", "train reward"),
-    ("srpo/route/sdpo_frac", "routed to SDPO"),
-    ("srpo/teacher_rejects_sampled_frac", "teacher rejects sampled token"),
-    ("srpo/loss/sdpo", "distillation loss"),
-    ("srpo/teacher_entropy/mean", "teacher entropy"),
+# The diagnosis, first half → second half of training. What the routed tokens look like: (key, label, source), where
+# "log" is a metric the trainer logs once per generation batch and "probe" a `harness.gradient_probe` measurement.
+ROUTED_TOKENS = (
+    ("reward", "train reward", "log"),
+    ("srpo/route/sdpo_frac", "rollouts routed", "log"),
+    ("srpo/teacher_rejects_sampled_frac", "teacher gives sampled token < ½ (logged)", "log"),
+    ("teacher_top1_differs_frac", "teacher top-1 ≠ sampled (probe)", "probe"),
+    ("divergence_mean", "JSD per routed token", "probe"),
+    ("divergence_where_top1_differs", "JSD where top-1 ≠ sampled", "probe"),
+    ("srpo/teacher_entropy/mean", "teacher entropy", "log"),
 )
-# Measured by `harness.gradient_probe` every few steps: (key, label).
-PROBE_METRICS = (
-    ("total", "‖g‖ total"),
-    ("grpo", "‖g‖ GRPO term"),
-    ("distillation", "‖g‖ distillation"),
-    ("grpo_on_routed", "‖g‖ GRPO on the routed rows (replaced)"),
-    ("cosine_distillation_grpo_on_routed", "cos(distillation, replaced)"),
-    ("negative", "‖g‖ negative advantages"),
-    ("teacher_top1_differs_frac", "teacher top-1 ≠ sampled"),
-    ("divergence_mean", "JSD per routed token"),
+# Each part's gradient norm, before clipping.
+GRADIENTS = (
+    ("total", "‖g‖ step", "probe"),
+    ("grpo", "‖g‖ GRPO term", "probe"),
+    ("distillation", "‖g‖ distillation", "probe"),
+    ("grpo_on_routed", "‖g‖ GRPO's term on the routed rows (what routing replaces)", "probe"),
+    ("distillation_to_replaced", "distillation / replaced", "probe"),
+    ("cosine_distillation_grpo_on_routed", "cos(distillation, replaced)", "probe"),
+    ("positive", "GRPO: ‖g‖ positive advantages", "probe"),
+    ("negative", "GRPO: ‖g‖ negative advantages", "probe"),
 )
 
 
@@ -88,7 +92,16 @@ def metric_series(record: dict, key: str) -> dict[int, float]:
 
 
 def probe_series(record: dict, key: str) -> dict[int, float]:
-    return {p["step"]: p[key] for p in record["probes"] if p.get(key) is not None and not math.isnan(p[key])}
+    """`{RL step: value}` of a probe measurement; `distillation_to_replaced` is the ratio of two of them."""
+    out = {}
+    for probe in record["probes"]:
+        if key == "distillation_to_replaced":
+            value = probe["distillation"] / probe["grpo_on_routed"] if probe.get("grpo_on_routed") else None
+        else:
+            value = probe.get(key)
+        if value is not None and not math.isnan(value):
+            out[probe["step"]] = value
+    return out
 
 
 def best_rates(sweep: list[dict]) -> dict[str, float]:
@@ -218,20 +231,17 @@ def halves_cell(records: list[dict], series_of) -> str:
     return " → ".join(f"{statistics.fmean(h):.3g}" if h else "–" for h in (first, second))
 
 
-def diagnosis_table(grouped) -> str:
-    """The late-phase diagnosis: logged training metrics and probe measurements, first half → second half."""
-    keys = [(key, name, metric_series) for key, name in TRAINING_METRICS]
-    keys += [(key, name, probe_series) for key, name in PROBE_METRICS]
-    header, rows = ["method"], []
-    present = []
-    for key, name, series in keys:
-        cells = [halves_cell(records, lambda r, k=key, f=series: f(r, k)) for records in grouped.values()]
-        if any(cell != "–" for cell in cells):
-            present.append(cells)
+def diagnosis_table(grouped, columns) -> str:
+    """Mean over seeds and steps of each of `columns` (`ROUTED_TOKENS` or `GRADIENTS`), first half → second half of
+    training; a column no method has is left out."""
+    sources = {"log": metric_series, "probe": probe_series}
+    header, cells = ["method"], []
+    for key, name, source in columns:
+        column = [halves_cell(records, lambda r, k=key, s=sources[source]: s(r, k)) for records in grouped.values()]
+        if any(cell != "–" for cell in column):
             header.append(name)
-    for i, method in enumerate(grouped):
-        rows.append([label(method)] + [cells[i] for cells in present])
-    return table(header, rows)
+            cells.append(column)
+    return table(header, [[label(m)] + [c[i] for c in cells] for i, m in enumerate(grouped)])
 
 
 def abilities_table(grouped, pretrained: dict | None) -> str:
@@ -298,19 +308,16 @@ def plot_family(task: str, grouped, out: Path) -> list[Path]:
 
     settings = next(iter(grouped.values()))[0]["settings"]
     figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for method, records in grouped.items():
-        band(
-            by_step,
-            method,
-            [p["step"] for p in records[0]["curve"]],
-            [[p["accuracy"] for p in r["curve"]] for r in records],
-        )
-        for i, record in enumerate(records):
-            by_time.plot([p["cpu_seconds"] for p in record["curve"]], [p["accuracy"] for p in record["curve"]],
-                         color=COLORS[method], alpha=0.6, label=label(method) if i == 0 else None)  # fmt: skip
-    by_step.set(xlabel="RL step (generation batch)", ylabel=f"held-out avg@{settings['eval_k']} (T={settings['eval_temperature']})",
-                title=f"{task}: mean ± std over {len(next(iter(grouped.values())))} seeds")  # fmt: skip
-    by_time.set(xlabel="training CPU seconds (one thread, evaluation excluded)", title=f"{task}: one line per seed")
+    for method in (m for m in FIGURE_METHODS if m in grouped):
+        records = grouped[method]
+        accuracies = [[p["accuracy"] for p in r["curve"]] for r in records]
+        band(by_step, method, [p["step"] for p in records[0]["curve"]], accuracies)
+        # Every seed evaluates at the same steps: x is the seeds' mean CPU time at each evaluation.
+        seconds = np.mean([[p["cpu_seconds"] for p in r["curve"]] for r in records], axis=0)
+        band(by_time, method, seconds, accuracies)
+    accuracy = f"held-out avg@{settings['eval_k']} (T={settings['eval_temperature']}), mean ± std over seeds"
+    by_step.set(xlabel="RL step (generation batch)", ylabel=accuracy, title=task)
+    by_time.set(xlabel="training CPU seconds (one thread, evaluation excluded)", title=task)
     for ax in (by_step, by_time):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -344,7 +351,7 @@ def plot_family(task: str, grouped, out: Path) -> list[Path]:
                     label=name,
                     linestyle=style,
                 )
-        ax.set(xlabel="RL step", title=title)
+        ax.set(xlabel="RL step", title=title, yscale="log" if title.startswith("‖") else "linear")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -450,7 +457,15 @@ def family_block(task: str, stage: dict, out: Path, with_abilities: bool) -> tup
         "",
         "### Diagnosis (mean over seeds and steps, first half → second half of training)",
         "",
-        diagnosis_table(grouped),
+        "The routed tokens: how many, and how far the teacher is from the policy on them.",
+        "",
+        diagnosis_table(grouped, ROUTED_TOKENS),
+        "",
+        f"Gradient norms (before clipping) of each part of the loss, on the generation batch of step 1 and every "
+        f"{settings.probe_every}th step; `replaced` is GRPO's term on the routed rollouts with the advantage GRPO would "
+        "have given them.",
+        "",
+        diagnosis_table(grouped, GRADIENTS),
         "",
         f"### After training (`measure_testbed_abilities`, {settings.ability_problems} test problems; %)",
         "",
