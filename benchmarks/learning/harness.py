@@ -47,6 +47,8 @@ METHODS = {
     "grpo_4steps": Method("GRPO, 4 optimizer steps per batch", "grpo", steps_per_generation=4),
     "srpo_no_dw": Method("SRPO w/o dynamic weighting", "srpo", dynamic_weighting=False),
     "advantage_mix": Method("advantage mix", "advantage_mix"),
+    # The paper's knob on the teacher: a slower EMA keeps more of the pre-trained model's reading of a solution.
+    "srpo_slow_teacher": Method("SRPO, teacher_update_rate 0.01", "srpo", config=(("teacher_update_rate", 0.01),)),
     # Beyond the paper: routed rollouts also keep their GRPO advantage (`SRPOConfig.routed_grpo_weight`).
     "srpo_routed_grpo": Method(
         "SRPO, routed rows keep GRPO's advantage", "srpo", config=(("routed_grpo_weight", 1.0),)

@@ -48,7 +48,7 @@ SWEPT = ("grpo", "sdpo", "srpo", "srpo_routed_grpo")
 # The sharpening family is evaluated as its rollouts are sampled (T=1): at the paper's T=0.6 its pre-trained model
 # already scores 84% and SRPO reached 100% within 40 steps in a trial run, leaving nothing to compare.
 FAMILY_SETTINGS = {"reversal": {"eval_temperature": 1.0, "eval_top_p": 1.0}}
-AT_SRPO_RATE = ("srpo_no_dw", "advantage_mix")  # SRPO's ablations, at SRPO's best rate
+AT_SRPO_RATE = ("srpo_no_dw", "advantage_mix", "srpo_slow_teacher")  # SRPO's ablations, at SRPO's best rate
 PAPER_RATIO = 5  # the paper's SRPO : GRPO learning rates (5e-6 : 1e-6), GRPO with 4 optimizer steps per batch
 QUICK = {"steps": 10, "eval_every": 5, "num_test": 100, "probe_every": 5, "ability_problems": 20}
 
@@ -116,8 +116,7 @@ def main(argv=None) -> dict:
                 )
             rates = args.learning_rates or (LEARNING_RATES[task][1:2] if args.quick else LEARNING_RATES[task])
             stages[task] = plan(records_of, rates, seeds)
-        elapsed = None if args.report_only else time.monotonic() - started
-        path = report.write_report(stages, out, command, elapsed, with_abilities=not args.no_abilities)
+        path = report.write_report(stages, out, command, args.report_only, with_abilities=not args.no_abilities)
     finally:
         if snapshot is not None:
             shutil.rmtree(snapshot, ignore_errors=True)
