@@ -62,6 +62,12 @@ class SRPOConfig(GRPOConfig):
             weighting" ablation (`w_t = 1`).
         weighting_temperature (`float`, *optional*, defaults to `1.0`):
             Temperature `τ` of the entropy-aware weights.
+        routed_grpo_weight (`float`, *optional*, defaults to `0.0`):
+            Beyond the paper (`routing="srpo"` only): the fraction of its GRPO advantage a routed rollout keeps,
+            trained beside its distillation term. `0.0` is SRPO as published. Where the policy already knows the
+            answer and only samples it noisily, a failed rollout's distillation term pulls far less than the
+            negative advantage it replaces; `1.0` keeps that advantage whole. "Does it learn?" in the README says
+            when it helps.
         advantage_mix_lambda (`float`, *optional*, defaults to `0.9`):
             `λ` of `routing="advantage_mix"`, the weight of GRPO's sequence advantage against the teacher's
             token-level log-ratio, after the combined-advantage baseline of the SDPO paper
@@ -100,6 +106,10 @@ class SRPOConfig(GRPOConfig):
         default=True, metadata={"help": "Weight distillation tokens by the teacher's confidence exp(-H/τ)."}
     )
     weighting_temperature: float = field(default=1.0, metadata={"help": "Temperature τ of the entropy weights."})
+    routed_grpo_weight: float = field(
+        default=0.0,
+        metadata={"help": "Beyond the paper: fraction of its GRPO advantage a routed rollout keeps (0: the paper's)."},
+    )
     advantage_mix_lambda: float = field(
         default=0.9, metadata={"help": "λ of routing='advantage_mix' (weight of GRPO's advantage)."}
     )
@@ -131,6 +141,11 @@ class SRPOConfig(GRPOConfig):
         self._check("distillation_is_clip", self.distillation_is_clip > 0.0, "> 0, e.g. 2.0")
         self._check("weighting_temperature", self.weighting_temperature > 0.0, "> 0, e.g. 1.0")
         self._check("advantage_mix_lambda", 0.0 <= self.advantage_mix_lambda <= 1.0, "in [0, 1]")
+        self._check(
+            "routed_grpo_weight",
+            0.0 <= self.routed_grpo_weight <= 1.0 and (self.routed_grpo_weight == 0.0 or self.routing == "srpo"),
+            "in [0, 1], and 0 unless routing='srpo'",
+        )
         self._check("max_teacher_prompt_length", self.max_teacher_prompt_length >= 1, "a positive token count")
         self._check("success_reward_threshold", math.isfinite(self.success_reward_threshold), "a finite number")
         if self.routing != "grpo" and self.steps_per_generation != self.gradient_accumulation_steps:

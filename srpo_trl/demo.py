@@ -14,7 +14,7 @@ from transformers import PrinterCallback, TrainerCallback
 from . import SRPOConfig, SRPOTrainer
 from .evaluation import avg_at_k
 from .testbed.pretrain import pretrained_testbed_model
-from .testbed.task import make_arithmetic_dataset, reward
+from .testbed.task import make_testbed_dataset, reward
 
 COLUMNS = (
     ("step", "{:>4}", None),
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
     started = time.monotonic()
     print("Loading the testbed model (pre-trained on CPU on the first run, then cached) ...", flush=True)
     model, tokenizer = pretrained_testbed_model()
-    data = make_arithmetic_dataset(num_train=1000, num_test=100, seed=args.seed)
+    data = make_testbed_dataset(num_train=1000, num_test=100, seed=args.seed)
     config = SRPOConfig(
         output_dir=args.output_dir,
         routing=args.routing,

@@ -348,6 +348,7 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         else:
             weights = sdpo_tokens.float()
         self._log_routing(mode, routes, mask, sdpo_tokens, teacher_tokens, entropy, weights, truncated, seconds)
+        self._log_teacher_disagreement(mode, sdpo_tokens, teacher_token_logps)
 
         if self.args.routing == "advantage_mix":
             old_token_logps = batch.get("old_per_token_logps")
@@ -361,14 +362,20 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
                 self.args.advantage_mix_lambda,
             )
             return {"advantages": advantages * mask}
+        grpo_weights = self._grpo_weights(routes, local)
         return {
-            # GRPOTrainer's loss then trains exactly the GRPO rows: the others carry no advantage.
-            "advantages": batch["advantages"] * routes.grpo[local],
-            "srpo_grpo_mask": routes.grpo[local],
+            # GRPOTrainer's loss then trains exactly the rows with a GRPO weight: the others carry no advantage.
+            "advantages": batch["advantages"] * grpo_weights,
+            "srpo_grpo_mask": grpo_weights > 0,
             "srpo_sdpo_mask": routes.sdpo[local],
             "srpo_teacher_index": cache_index,
             "srpo_token_weights": weights,
         }
+
+    def _grpo_weights(self, routes: Routes, local: slice) -> torch.Tensor:
+        """The share of its GRPO advantage each of this process's rows trains with: 1 on GRPO's branch, and
+        `routed_grpo_weight` on the routed rows (0, the paper's: they carry the distillation term alone)."""
+        return routes.grpo[local].float() + self.args.routed_grpo_weight * routes.sdpo[local].float()
 
     def _teacher_prompts(self, scored: _ScoredRollouts, routes: Routes, local: slice, mode: str):
         """Token ids of each routed row's teacher prompt (SPEC §3), which rows had their demonstration cut, and the
@@ -697,6 +704,18 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
             metrics["srpo/weight/max"].append(extremes[1])
         metrics["srpo/time/teacher_s"].append(
             self.accelerator.gather(torch.tensor([seconds], device=mask.device)).max().item()
+        )
+
+    def _log_teacher_disagreement(self, mode, sdpo_tokens: torch.Tensor, teacher_token_logps: torch.Tensor) -> None:
+        """`srpo/teacher_rejects_sampled_frac`: the share of distilled tokens to which the teacher gives less than half
+        its probability. Elsewhere the sampled token is the teacher's top-1 and the distillation mostly sharpens what
+        the student already does; these tokens are where it moves the student off what it sampled (for a teacher as
+        confident as the paper's, about where its top-1 differs from the sampled token). From the teacher's
+        log-probs of the sampled tokens, which scoring computes anyway."""
+        rejected = sdpo_tokens & (teacher_token_logps < math.log(0.5))
+        counts = self._all_reduce(torch.stack([rejected.sum(), sdpo_tokens.sum()]).float(), "sum").tolist()
+        self._metrics[mode]["srpo/teacher_rejects_sampled_frac"].append(
+            counts[0] / counts[1] if counts[1] else float("nan")
         )
 
     # ---- loss time: one per-token loss, GRPO's term on GRPO rows and the distillation term on SDPO rows ----

@@ -1,4 +1,5 @@
 import math
+import random
 
 import pytest
 import torch
@@ -7,11 +8,12 @@ from srpo_trl.testbed import pretrain as pretrain_module
 from srpo_trl.testbed.abilities import measure_testbed_abilities
 from srpo_trl.testbed.pretrain import PretrainConfig, config_hash, pretrained_testbed_model
 from srpo_trl.testbed.task import (
-    SYSTEM_PROMPT,
+    TASK_FAMILIES,
     format_completion,
-    make_arithmetic_dataset,
+    make_testbed_dataset,
     problem_pool,
     reward,
+    task_family,
     teacher_prompt,
 )
 from srpo_trl.testbed.tokenizer import build_char_tokenizer
@@ -26,31 +28,63 @@ def _questions(dataset) -> set[str]:
     return {prompt[-1]["content"] for prompt in dataset["prompt"]}
 
 
-def test_dataset_is_deterministic_and_seeded():
-    first, second = make_arithmetic_dataset(seed=0), make_arithmetic_dataset(seed=0)
+@pytest.mark.parametrize("task", TASK_FAMILIES)
+def test_dataset_is_deterministic_and_seeded(task):
+    first, second = make_testbed_dataset(seed=0, task=task), make_testbed_dataset(seed=0, task=task)
     assert first["train"].to_list() == second["train"].to_list()
     assert first["test"].to_list() == second["test"].to_list()
-    assert first["test"].to_list() != make_arithmetic_dataset(seed=1)["test"].to_list()
+    assert first["test"].to_list() != make_testbed_dataset(seed=1, task=task)["test"].to_list()
 
 
-def test_dataset_rows_are_well_formed():
-    dataset = make_arithmetic_dataset(num_train=300, num_test=100)
+def _operands(task: str, question: str) -> tuple[str, str]:
+    """The operands of a question and the answer they imply, read back from the text."""
+    if task == "addition":
+        a, b = question.removesuffix("=?").split("+")
+        assert 10 <= int(a) <= 99 and 10 <= int(b) <= 99
+        return question, str(int(a) + int(b))
+    digits = question.removesuffix(" reversed=?")
+    assert len(digits) == 4 and digits.isdigit()
+    return question, digits[::-1]
+
+
+@pytest.mark.parametrize("task", TASK_FAMILIES)
+def test_dataset_rows_are_well_formed(task):
+    dataset = make_testbed_dataset(num_train=300, num_test=100, task=task)
     assert (len(dataset["train"]), len(dataset["test"])) == (300, 100)
     for row in dataset["train"].to_list() + dataset["test"].to_list():
         system, user = row["prompt"]
-        assert system == {"role": "system", "content": SYSTEM_PROMPT}
+        assert system == {"role": "system", "content": task_family(task).system_prompt}
         assert user["role"] == "user"
         assert len(system["content"]) + len(user["content"]) <= 60
-        assert len(format_completion(row["answer"])) <= 20
-        a, b = user["content"].removesuffix("=?").split("+")
-        assert 10 <= int(a) <= 99 and 10 <= int(b) <= 99
-        assert row["answer"] == str(int(a) + int(b))
+        assert len(format_completion(row["answer"])) <= 21
+        assert row["answer"] == _operands(task, user["content"])[1]
 
 
-def test_pools_are_disjoint_whatever_the_seed():
-    pretrain_questions = {question for question, _ in problem_pool("pretrain")}
-    tests = _questions(make_arithmetic_dataset(num_train=0, num_test=800, seed=3)["test"])
-    trains = _questions(make_arithmetic_dataset(num_train=1600, num_test=0, seed=4)["train"])
+def test_families_differ():
+    addition, reversal = (make_testbed_dataset(num_train=0, num_test=5, task=t)["test"] for t in TASK_FAMILIES)
+    assert addition["prompt"][0][0] != reversal["prompt"][0][0]
+    with pytest.raises(ValueError, match="Unknown testbed task"):
+        make_testbed_dataset(task="subtraction")
+
+
+@pytest.mark.parametrize("task", TASK_FAMILIES)
+def test_near_misses_are_wrong_answers_of_the_same_shape(task):
+    rng = random.Random(0)
+    for _, answer in problem_pool("test", task)[:200]:
+        miss = task_family(task).near_miss(answer, rng)
+        assert miss != answer and miss.isdigit()
+        assert reward([format_completion(miss)], [answer]) == [0.0]
+        if task == "reversal":  # one digit off by one
+            assert len(miss) == len(answer)
+            assert sum(m != a for m, a in zip(miss, answer, strict=True)) == 1
+
+
+@pytest.mark.parametrize("task", TASK_FAMILIES)
+def test_pools_are_disjoint_whatever_the_seed(task):
+    pretrain_questions = {question for question, _ in problem_pool("pretrain", task)}
+    test_size, train_size = len(problem_pool("test", task)), len(problem_pool("train", task))
+    tests = _questions(make_testbed_dataset(num_train=0, num_test=test_size, seed=3, task=task)["test"])
+    trains = _questions(make_testbed_dataset(num_train=train_size, num_test=0, seed=4, task=task)["train"])
     assert not tests & trains
     assert not tests & pretrain_questions
     assert not trains & pretrain_questions
@@ -58,11 +92,12 @@ def test_pools_are_disjoint_whatever_the_seed():
 
 def test_oversized_split_is_refused():
     with pytest.raises(ValueError, match="test pool"):
-        make_arithmetic_dataset(num_test=10**6)
+        make_testbed_dataset(num_test=10**6)
 
 
-def test_reward_on_oracle_and_wrong_answers():
-    dataset = make_arithmetic_dataset(num_train=0, num_test=50)["test"]
+@pytest.mark.parametrize("task", TASK_FAMILIES)
+def test_reward_on_oracle_and_wrong_answers(task):
+    dataset = make_testbed_dataset(num_train=0, num_test=50, task=task)["test"]
     answers = dataset["answer"]
     oracle = [[{"role": "assistant", "content": format_completion(a)}] for a in answers]
     assert reward(oracle, answers) == [1.0] * len(answers)
@@ -116,7 +151,7 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(loaded_model.state_dict()[name], tensor, rtol=0, atol=0)
     # The loaded tokenizer renders and tokenizes prompts exactly like a freshly built one.
-    messages = make_arithmetic_dataset(num_train=0, num_test=1)["test"][0]["prompt"]
+    messages = make_testbed_dataset(num_train=0, num_test=1)["test"][0]["prompt"]
     render = dict(tokenize=True, add_generation_prompt=True, enable_thinking=False, return_dict=False)
     assert loaded_tokenizer.apply_chat_template(messages, **render) == tokenizer.apply_chat_template(
         messages, **render
@@ -132,16 +167,30 @@ def test_cache_dir_from_environment_and_config_hash(tmp_path, monkeypatch):
     assert config_hash(TINY_CONFIG) != config_hash(PretrainConfig(**{**vars(TINY_CONFIG), "seed": 1}))
 
 
+def test_cache_key_of_a_task_family():
+    reversal = PretrainConfig(task="reversal")
+    # The family's own label noise is the default, and spelling it out is the same checkpoint.
+    assert reversal.label_noise == task_family("reversal").label_noise != PretrainConfig().label_noise
+    assert config_hash(reversal) == config_hash(PretrainConfig(task="reversal", label_noise=reversal.label_noise))
+    assert config_hash(reversal) != config_hash(PretrainConfig(task="reversal", label_noise=0.5))
+    assert config_hash(reversal) != config_hash(PretrainConfig(task="addition", label_noise=reversal.label_noise))
+    with pytest.raises(ValueError, match="Unknown testbed task"):
+        PretrainConfig(task="subtraction")
+
+
 @pytest.mark.slow
-def test_default_testbed_model_has_both_abilities():
+@pytest.mark.parametrize("task", TASK_FAMILIES)
+def test_default_testbed_model_has_both_abilities(task):
     # The default cache, so that later tests of the same run (and later runs) load this checkpoint.
-    model, tokenizer = pretrained_testbed_model()
-    metrics = measure_testbed_abilities(model, tokenizer)
+    model, tokenizer = pretrained_testbed_model(PretrainConfig(task=task))
+    metrics = measure_testbed_abilities(model, tokenizer, task=task)
     print(metrics)
     # (a) Sometimes right, often wrong: GRPO groups of 8 mix rewards.
     assert 0.1 <= metrics["student/accuracy_sampled"] <= 0.6
-    assert metrics["student/accuracy_greedy"] >= 0.3
     assert metrics["student/mixed_group_frac"] >= 0.6
+    # The family's regime: a skill partly learnt (greedy decoding often right), or known and sampled noisily
+    # (greedy decoding always right).
+    assert metrics["student/accuracy_greedy"] >= {"addition": 0.3, "reversal": 0.95}[task]
     # (b) A correct solution in the prompt makes the right answer much more likely.
     assert metrics["teacher/accuracy_greedy"] >= 0.9
     assert metrics["teacher/accuracy_sampled"] >= metrics["student/accuracy_sampled"] + 0.3

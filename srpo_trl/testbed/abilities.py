@@ -13,14 +13,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .pretrain import collate_completions
 from .task import (
     format_completion,
-    make_arithmetic_dataset,
+    make_testbed_dataset,
     render_completion,
     render_prompts,
     reward,
     teacher_prompt,
 )
 
-# The longest completion is `<answer>198</answer>` (20 characters) plus EOS; a little slack shows overlong ones.
+# The longest completion is `<answer>1234</answer>` (21 characters) plus EOS; a little slack shows overlong ones.
 MAX_COMPLETION_TOKENS = 24
 
 
@@ -31,6 +31,7 @@ def measure_testbed_abilities(
     dataset: Dataset | None = None,
     num_samples: int = 8,
     seed: int = 0,
+    task: str = "addition",
 ) -> dict[str, float]:
     """
     Accuracy and likelihood of the right answer, with and without a correct solution in the prompt.
@@ -50,17 +51,19 @@ def measure_testbed_abilities(
         tokenizer (`PreTrainedTokenizerBase`):
             Its tokenizer, with a chat template.
         dataset (`Dataset`, *optional*):
-            Rows with `prompt` and `answer`; defaults to 200 problems of the test split.
+            Rows with `prompt` and `answer`; defaults to 200 problems of `task`'s test split.
         num_samples (`int`, *optional*, defaults to `8`):
             Samples per problem at temperature 1 (a GRPO group).
         seed (`int`, *optional*, defaults to `0`):
             Seeds the sampling; the global RNG state is left untouched.
+        task (`str`, *optional*, defaults to `"addition"`):
+            The task family of the default dataset.
 
     Returns:
         `dict[str, float]`: the metrics above, keyed `student/<name>` and `teacher/<name>`.
     """
     if dataset is None:
-        dataset = make_arithmetic_dataset(num_train=0, num_test=200)["test"]
+        dataset = make_testbed_dataset(num_train=0, num_test=200, task=task)["test"]
     answers = list(dataset["answer"])
     prompts = {
         "student": list(dataset["prompt"]),

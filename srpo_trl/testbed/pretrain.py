@@ -2,7 +2,7 @@
 
 An RL algorithm can only be checked on a model that sometimes solves its problems (so groups of rollouts mix
 rewards) and, for the self-distillation branch, that reads a correct solution put in its prompt. The pre-training
-mix teaches both on the arithmetic task of `task.py`:
+mix teaches both on one task family of `task.py`:
 
 - student examples, the prompt the policy sees, with a fraction of the labels replaced by near misses: the model
   learns the format and the skill, but spreads its probability over wrong answers, so sampling at temperature 1
@@ -35,13 +35,10 @@ from .task import (
     render_completion,
     render_prompts,
     student_prompt,
+    task_family,
     teacher_prompt,
 )
 from .tokenizer import build_char_tokenizer
-
-# A near miss is the answer plus one of these: a slip in the units digit. Slips in the tens digit would blur the
-# carry, the hard part of the skill, and the model then takes several times longer to learn it.
-NEAR_MISS_OFFSETS = (-2, -1, 1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +47,8 @@ class PretrainConfig:
     What the testbed model is and how it is pre-trained; the checkpoint cache is keyed by a hash of these values.
 
     Args:
+        task (`str`, *optional*, defaults to `"addition"`):
+            The task family (a key of `task.TASK_FAMILIES`) pre-trained on.
         hidden_size (`int`, *optional*, defaults to `64`):
             Width of the tiny Qwen3 model.
         num_layers (`int`, *optional*, defaults to `2`):
@@ -62,23 +61,30 @@ class PretrainConfig:
             Sequences per optimizer step.
         learning_rate (`float`, *optional*, defaults to `3e-3`):
             Peak AdamW learning rate (linear warm-up, cosine decay).
-        label_noise (`float`, *optional*, defaults to `0.4`):
-            Fraction of student examples whose label is a near miss instead of the answer.
+        label_noise (`float`, *optional*):
+            Fraction of student examples whose label is a near miss instead of the answer; defaults to the task
+            family's (`TaskFamily.label_noise`), which puts the model in that family's regime.
         teacher_fraction (`float`, *optional*, defaults to `0.4`):
             Fraction of steps that train on teacher-prompt examples instead of student ones.
         seed (`int`, *optional*, defaults to `0`):
             Seeds the initial weights and the data stream.
     """
 
+    task: str = "addition"
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
     max_steps: int = 1000
     batch_size: int = 64
     learning_rate: float = 3e-3
-    label_noise: float = 0.4
+    label_noise: float | None = None
     teacher_fraction: float = 0.4
     seed: int = 0
+
+    def __post_init__(self):
+        # Resolved here, so that the cache key of the default and of the same value spelt out is one.
+        if self.label_noise is None:
+            object.__setattr__(self, "label_noise", task_family(self.task).label_noise)
 
 
 def config_hash(config: PretrainConfig) -> str:
@@ -195,9 +201,10 @@ class _ExampleSource:
         self.tokenizer = tokenizer
         self.config = config
         self.rng = random.Random(config.seed)
-        self.problems = problem_pool("pretrain")
+        self.family = task_family(config.task)
+        self.problems = problem_pool("pretrain", config.task)
         # Rendering every prompt once up front is far cheaper than running the chat template on every example.
-        prompts = [student_prompt(question) for question, _ in self.problems]
+        prompts = [student_prompt(question, config.task) for question, _ in self.problems]
         student_ids = render_prompts(tokenizer, prompts)
         teacher_ids = render_prompts(
             tokenizer,
@@ -208,9 +215,6 @@ class _ExampleSource:
         self.shared_prefix = torch.tensor(prefix)
         self.student_prompt_ids = [ids[len(prefix) :] for ids in student_ids]
         self.teacher_prompt_ids = [ids[len(prefix) :] for ids in teacher_ids]
-
-    def _near_miss(self, answer: str) -> str:
-        return str(int(answer) + self.rng.choice(NEAR_MISS_OFFSETS))
 
     def batch(self) -> dict[str, torch.Tensor]:
         # A batch is all teacher or all student examples: teacher prompts are much longer, so mixing them would
@@ -224,7 +228,7 @@ class _ExampleSource:
             else:
                 prompt_ids = self.student_prompt_ids[index]
                 if self.rng.random() < self.config.label_noise:
-                    answer = self._near_miss(answer)
+                    answer = self.family.near_miss(answer, self.rng)
             sequences.append((prompt_ids, render_completion(self.tokenizer, answer)))
         return collate_completions(sequences, self.tokenizer.pad_token_id)
 
