@@ -47,4 +47,4 @@ bench:
 	$(PYTHON) benchmarks/step_cost.py --write-results
 
 bench-learning:
-	$(PYTHON) benchmarks/learning/run.py
+	$(PYTHON) benchmarks/learning/run.py --jobs 2

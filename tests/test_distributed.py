@@ -1,5 +1,6 @@
 """Multi-process SRPO on CPU: 2 processes with DDP, DeepSpeed ZeRO-2 and ZeRO-3 end with the single-process weights
-(policy and teacher), LoRA included, and a ZeRO-3 run resumes exactly from its sharded checkpoint.
+(policy and teacher), LoRA included, bf16 steps under ZeRO-3 and FSDP2 compute the single-process objective, and
+ZeRO-3 and FSDP2 runs resume exactly from their sharded checkpoints.
 
 Each case launches `tests/distributed/train_tiny.py` (with `torchrun --standalone`, or `accelerate launch` and a config
 of `accelerate_configs/`; gloo, `DS_ACCELERATOR=cpu`); the script asserts that the launcher really started the
@@ -78,6 +79,33 @@ def test_two_processes_end_with_the_single_process_weights(single_process, tmp_p
     # ZeRO-3 by torchrun: the script's own DeepSpeed config shards even this tiny model's small matrices.
     assert single_process["log"][0]["srpo/loss/sdpo"] > 0.01, "the distillation term must weigh in the comparison"
     assert_same_run(launch(tmp_path, backend, accelerate_config=accelerate_config), single_process)
+
+
+@pytest.fixture(scope="module")
+def single_process_bf16(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("single-bf16"), "none", "--bf16", "--max_steps=1")
+
+
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+def test_bf16_sharded_step_computes_the_single_process_objective(single_process_bf16, tmp_path, backend):
+    # The shipped recipes' precision (bf16 weights, bf16=True; under FSDP2 Accelerate's bf16 compute over fp32 master
+    # weights): the first step's routing, teacher statistics and both branches' losses are those of one process. Later
+    # steps are not compared: one process updates bf16 weights in place, the sharded engines fp32 masters.
+    ours = launch(tmp_path, backend, "--bf16", "--max_steps=1")
+    expected = single_process_bf16["log"][0]
+    assert expected["srpo/loss/sdpo"] > 0.01
+    for key in ("loss", "srpo/loss/grpo", "srpo/loss/sdpo", "srpo/route/sdpo_frac", "srpo/teacher_entropy/mean"):
+        assert ours["log"][0][key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
+
+
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+def test_bf16_sharded_identical_teacher_distils_nothing(tmp_path, backend):
+    # Step 1 with attention zeroed: the teacher is the student, so the distillation term must vanish. Under FSDP2 it was
+    # 4.3e-6 while the CPU test ran without Accelerate's mixed-precision policy (an fp32 student against a bf16
+    # teacher); one process and ZeRO-3 give 4e-10.
+    ours = launch(tmp_path, backend, "--bf16", "--identical_teacher", "--max_steps=1")
+    assert ours["log"][0]["srpo/route/sdpo_frac"] > 0
+    assert abs(ours["log"][0]["srpo/loss/sdpo"]) <= 1e-6
 
 
 def test_groups_over_two_processes_move_only_the_demonstrations_they_need(tmp_path):

@@ -43,6 +43,12 @@ def main():
         "--steps_per_generation", type=int, default=None, help="default: one optimizer step per generation batch"
     )
     parser.add_argument("--num_generations", type=int, default=4, help="16: one group over both processes")
+    parser.add_argument("--bf16", action="store_true", help="bf16 weights and compute, as the shipped recipes")
+    parser.add_argument(
+        "--identical_teacher",
+        action="store_true",
+        help="attention outputs zeroed: a teacher prompt then changes nothing, and at step 1 the teacher is the student",
+    )
     args = parser.parse_args()
 
     from datasets import Dataset
@@ -78,7 +84,7 @@ def main():
         use_cpu=True,  # also under DeepSpeed (with DS_ACCELERATOR=cpu): Accelerate then counts every process
         ddp_backend="gloo" if args.world_size > 1 else None,
         deepspeed=deepspeed,
-        bf16=False,
+        bf16=args.bf16,
         per_device_train_batch_size=8 // args.world_size,
         gradient_accumulation_steps=2,
         steps_per_generation=args.steps_per_generation,
@@ -106,6 +112,11 @@ def main():
     model = build_tiny_model(tokenizer, seed=0)
     with torch.no_grad():  # peaked next-token distributions: the teacher differs visibly from the student
         model.lm_head.weight.mul_(40.0)
+        for name, weight in model.named_parameters():
+            if args.identical_teacher and "o_proj" in name:
+                weight.zero_()
+    if args.bf16:
+        model.to(torch.bfloat16)
     if args.from_path:  # loaded by GRPOTrainer itself (under ZeRO-3: partitioned as it loads)
         path = os.path.join(args.output_dir, "initial_model")
         if state.is_main_process:
@@ -200,7 +211,8 @@ def whole_weights(model) -> dict[str, torch.Tensor]:
 def allow_fsdp_on_cpu():
     """Accelerate 1.15 turns FSDP on for accelerator devices only: CPU processes stay MULTI_CPU and the FSDP plugin is
     dropped. FSDP2 itself (`fully_shard`, `DTensor` weights, gloo collectives) runs on CPU, so for this test a CPU
-    state given an FSDP plugin takes Accelerate's FSDP branch; nothing else is changed."""
+    state given an FSDP plugin takes Accelerate's FSDP branch, with the mixed-precision policy that branch sets (bf16
+    compute over fp32 master weights, as `accelerate_configs/fsdp2.yaml` runs on GPUs); nothing else is changed."""
     import accelerate.state as state
     from accelerate.utils import DistributedType
 
@@ -211,6 +223,8 @@ def allow_fsdp_on_cpu():
         if kwargs.get("fsdp_plugin") is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = state.PartialState().distributed_type = DistributedType.FSDP
             self.fsdp_plugin = kwargs["fsdp_plugin"]
+            if self._mixed_precision != "no":
+                self.fsdp_plugin.set_mixed_precision(self._mixed_precision)
 
     state.AcceleratorState.__init__ = take_the_fsdp_branch
 
