@@ -32,6 +32,7 @@ from accelerate.utils import gather_object
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from datasets import Dataset
 from torch.distributed.fsdp import FSDPModule
+from transformers import DynamicCache, cache_utils
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
@@ -522,7 +523,8 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         entropy = torch.zeros_like(teacher_token_logps)
         prefixes, prefix_of_row = unique_prefixes(teacher_prompts)
         plan = shared_prefix_plan(prefix_of_row, self._rows_per_pass(mode))
-        passes = sum(1 + len(row_chunks) for _, row_chunks in plan)
+        shares = self._teacher_continues_from_cache
+        passes = sum(int(shares) + len(row_chunks) for _, row_chunks in plan)
         # ZeRO-3 gathers each layer's weights from all processes as it runs them (and the LM head for the
         # statistics): every process makes as many passes as the busiest one, agreed on before any, and one
         # statistics call. `routes` is global: every process agrees whether anything is routed.
@@ -532,7 +534,7 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         started = time.perf_counter()
         with torch.no_grad(), self.teacher.active() as model, self.accelerator.autocast():
             for prefix_batch, row_chunks in plan:
-                prefix = self._prefix_pass(model, [prefixes[p] for p in prefix_batch])
+                prefix = self._prefix_pass(model, [prefixes[p] for p in prefix_batch]) if shares else None
                 for chunk in row_chunks:
                     index = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device)
                     continues = [prefix_batch.index(prefix_of_row[i]) for i in chunk]
@@ -541,7 +543,13 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
                     cache_index[index[chunk_rows], positions] = torch.arange(
                         start, start + len(positions), dtype=torch.int32, device=device
                     )
-                    hidden.append(self._continuation_hidden(model, prefix, continues, batch, index)[mask[index]])
+                    if prefix is None:
+                        chunk_hidden = self._whole_sequence_hidden(
+                            model, [prefixes[prefix_of_row[i]] for i in chunk], batch, index
+                        )
+                    else:
+                        chunk_hidden = self._continuation_hidden(model, prefix, continues, batch, index)
+                    hidden.append(chunk_hidden[mask[index]])
                     tokens.append(batch["completion_ids"][index][mask[index]])
             for _ in range(most - passes):  # a one-token dummy prompt; its empty result keeps the cache's shapes
                 hidden.append(self._prefix_pass(model, [[self._tokenizer.pad_token_id]]).last_hidden[:0])
@@ -615,15 +623,32 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
     def _rows_per_pass(self, mode: str) -> int:
         return self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
 
+    @functools.cached_property
+    def _teacher_continues_from_cache(self) -> bool:
+        """Whether the teacher can continue several completions from one teacher prompt's cached keys and values:
+        every layer of the model's cache must be attention whose rows can be selected. Linear-attention and recurrent
+        layers (hybrid models such as Nemotron-H) keep a running state instead; their teacher scores each teacher
+        prompt with its completion in one pass."""
+        try:
+            layers = DynamicCache(config=self.model.config).layers
+        except Exception:  # a cache transformers cannot build from the config: one pass per row is always right
+            return False
+        linear = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())  # transformers >= 5.18
+        return all(hasattr(layer, "batch_select_indices") and not isinstance(layer, linear) for layer in layers)
+
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.accelerator.device
+        ids = [torch.tensor(prompt) for prompt in prompts]
+        input_ids = pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
+        attention_mask = pad([torch.ones_like(i) for i in ids], padding_value=0, padding_side="left").to(device)
+        return input_ids, attention_mask
+
     def _prefix_pass(self, model, prefixes: list[list[int]]) -> _Prefix:
         """The teacher over `prompts` (left-padded), keeping its keys and values for the completions that follow.
 
         It goes through the model's top-level forward (under ZeRO-3, DeepSpeed's prefetching follows the top-level
         module's hooks) and projects no logits: hidden states are taken at the backbone's output."""
-        device = self.accelerator.device
-        ids = [torch.tensor(prefix) for prefix in prefixes]
-        input_ids = pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
-        attention_mask = pad([torch.ones_like(i) for i in ids], padding_value=0, padding_side="left").to(device)
+        input_ids, attention_mask = self._left_padded(prefixes)
         with self._capture_hidden_states(model) as captured:
             output = model(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=_NO_LOGITS
@@ -648,6 +673,21 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
             )
         # Completion token t is predicted from position t - 1: the first one from the prompt's last position.
         return torch.cat([prefix.last_hidden[at].unsqueeze(1), captured[-1][:, :-1]], dim=1)
+
+    def _whole_sequence_hidden(self, model, prompts: list[list[int]], batch, index) -> torch.Tensor:
+        """The teacher's final hidden states predicting each completion token `(rows, C, hidden)` of the batch rows
+        `index`, each after its own teacher prompt, in one pass without a cache (models that cannot continue one)."""
+        prompt_ids, prompt_mask = self._left_padded(prompts)
+        with self._capture_hidden_states(model) as captured:
+            model(
+                input_ids=torch.cat([prompt_ids, batch["completion_ids"][index]], dim=1),
+                attention_mask=torch.cat([prompt_mask, batch["completion_mask"][index]], dim=1),
+                use_cache=False,
+                logits_to_keep=_NO_LOGITS,
+            )
+        # Completion token t is predicted from position t - 1: the first one from the prompt's last position.
+        start = prompt_ids.size(1) - 1
+        return captured[-1][:, start : start + batch["completion_ids"].size(1)]
 
     def _logits(self, hidden: torch.Tensor) -> Logits:
         """How GRPOTrainer's fused LM head turns this model's `hidden` states into the sampling distribution's logits

@@ -353,3 +353,68 @@ def test_teacher_prefix_plan():
     assert prefixes == [[1, 2], [3], [4, 5]] and prefix_of_row == [0, 1, 0, 2, 1, 0]
     assert shared_prefix_plan(prefix_of_row, 2) == [([0, 1], [[0, 1], [2, 4], [5]]), ([2], [[3]])]
     assert shared_prefix_plan([], 2) == []
+
+
+def tiny_hybrid_model(tokenizer):
+    """A tiny Nemotron-H (Mamba, attention and MoE blocks): its cache keeps a running state, not rows of keys."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    config = NemotronHConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        layers_block_type=["mamba", "attention", "moe"],
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        mamba_num_heads=8,
+        mamba_head_dim=4,
+        mamba_n_groups=1,
+        ssm_state_size=16,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        moe_shared_expert_intermediate_size=32,
+        use_mamba_kernels=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(0)
+    return NemotronHForCausalLM(config)
+
+
+def test_hybrid_model_teacher_scores_each_row_in_one_pass(char_tokenizer, tmp_path):
+    # Nemotron-H's cache cannot select rows (its Mamba layers keep a running state): the teacher scores each teacher
+    # prompt with its completion in one pass, equal to the model's own forward; before, the first routed step failed
+    # in `batch_select_indices` (TRL's own test_train[tiny-NemotronHForCausalLM-nano], with SRPOTrainer bound).
+    trainer = make_trainer(
+        char_tokenizer,
+        tmp_path,
+        model=tiny_hybrid_model(char_tokenizer),
+        reward=patterned_reward,
+        per_device_train_batch_size=16,
+        max_steps=1,
+    )
+    assert not trainer._teacher_continues_from_cache
+    generator = torch.Generator().manual_seed(1)
+    batch = {
+        "completion_ids": torch.randint(5, 90, (3, 9), generator=generator),
+        "completion_mask": (torch.arange(9) < torch.tensor([9, 4, 7])[:, None]).long(),
+    }
+    prompts = [char_tokenizer.encode("the question and a correct solution"), char_tokenizer.encode("short")]
+    rows = [0, 1, 0]
+    mask = batch["completion_mask"].bool()
+    with torch.no_grad(), trainer.teacher.active() as model:
+        scored = trainer._whole_sequence_hidden(model, [prompts[p] for p in rows], batch, torch.arange(3))
+        for row, prompt in enumerate(rows):
+            ids = torch.tensor(prompts[prompt] + batch["completion_ids"][row].tolist())[None]
+            alone = model.model(input_ids=ids).last_hidden_state[0, len(prompts[prompt]) - 1 : -1]
+            torch.testing.assert_close(scored[row][mask[row]], alone[mask[row]], rtol=1e-5, atol=1e-5)
+    trainer.train()
+    assert logged(trainer, "srpo/route/sdpo_frac")[0] > 0 and logged(trainer, "srpo/loss/sdpo")[0] != 0
+
+
+def test_attention_models_share_teacher_prefixes(char_tokenizer, tmp_path):
+    assert make_trainer(char_tokenizer, tmp_path)._teacher_continues_from_cache
