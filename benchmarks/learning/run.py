@@ -16,7 +16,7 @@ Runs are cached: a run whose record (`<out>/runs/<task>/<method>-lr<rate>-seed<k
 testbed checkpoint and `srpo_trl` code is not run again. `report.py` writes the tables, figures and RESULTS.md.
 
 Usage:
-    python benchmarks/learning/run.py                 # everything (about 3 hours on one core), writes RESULTS.md
+    python benchmarks/learning/run.py --jobs 2        # everything (51 minutes on 2 cores: make bench-learning)
     python benchmarks/learning/run.py --quick         # a few minutes, writes benchmarks/learning/quick/
     python benchmarks/learning/run.py --report-only   # rebuild RESULTS.md and the figures from the saved runs
 """
