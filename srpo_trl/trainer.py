@@ -754,9 +754,8 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         log-probs of the sampled tokens, which scoring computes anyway."""
         rejected = sdpo_tokens & (teacher_token_logps < math.log(0.5))
         counts = self._all_reduce(torch.stack([rejected.sum(), sdpo_tokens.sum()]).float(), "sum").tolist()
-        self._metrics[mode]["srpo/teacher_rejects_sampled_frac"].append(
-            counts[0] / counts[1] if counts[1] else float("nan")
-        )
+        if counts[1]:  # left out of steps without distilled tokens, like the teacher's other statistics
+            self._metrics[mode]["srpo/teacher_rejects_sampled_frac"].append(counts[0] / counts[1])
 
     # ---- loss time: one per-token loss, GRPO's term on GRPO rows and the distillation term on SDPO rows ----
 
