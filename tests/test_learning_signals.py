@@ -18,16 +18,30 @@ def test_teacher_rejects_sampled_frac_counts_distilled_tokens_the_teacher_gives_
     assert trainer._metrics["train"]["srpo/teacher_rejects_sampled_frac"] == [pytest.approx(2 / 4)]
 
 
-def test_routed_grpo_weight_adds_grpo_s_term_on_routed_rollouts(char_tokenizer, tmp_path):
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {},
+        {"loss_type": "grpo"},
+        {"loss_type": "bnpo"},
+        {"loss_type": "dr_grpo"},
+        {"loss_type": "luspo"},
+        {"bf16": True},
+    ],
+    ids=["dapo", "grpo", "bnpo", "dr_grpo", "luspo", "dapo-bf16"],
+)
+def test_routed_grpo_weight_adds_grpo_s_term_on_routed_rollouts(char_tokenizer, tmp_path, setting):
     """One step on the same rollouts: with `routed_grpo_weight=1` the GRPO term is GRPO's own loss over every
-    rollout, and the distillation term is SRPO's."""
+    rollout, and the distillation term is SRPO's, whatever the loss type's aggregation (and in bf16)."""
     runs = {}
     for name, overrides in {
         "grpo": {"routing": "grpo"},
         "srpo": {},
         "srpo_routed_grpo": {"routed_grpo_weight": 1.0},
     }.items():
-        trainer = make_trainer(char_tokenizer, tmp_path / name, reward=first_letter_reward, max_steps=1, **overrides)
+        trainer = make_trainer(
+            char_tokenizer, tmp_path / name, reward=first_letter_reward, max_steps=1, **setting, **overrides
+        )
         trainer.train()
         runs[name] = trainer
     assert logged(runs["srpo"], "srpo/route/sdpo_frac")[0] > 0  # something was routed
