@@ -10,6 +10,7 @@ Memory: with vLLM (`use_vllm`), the evaluation samples with the run's own engine
 a batch of 8 problems x 16 samples x 8k tokens of Qwen3-8B would need about 150 GB of KV cache (docs/scaling.md).
 """
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -151,7 +152,9 @@ class BestWithinBudgetsCallback(TrainerCallback):
     def __init__(self, trainer, eval_dataset, eval_steps: int = 5, budgets_hours=(1.0, 5.0, 10.0), **avg_at_k_kwargs):
         self.trainer, self.eval_dataset, self.eval_steps = trainer, eval_dataset, eval_steps
         self.budgets_hours = tuple(budgets_hours)
+        defaults = inspect.signature(avg_at_k).parameters  # the sampling settings, also for the vLLM sampler
         self.kwargs = {
+            **{name: defaults[name].default for name in ("k", "temperature", "top_p", "max_new_tokens")},
             "chat_template_kwargs": trainer.args.chat_template_kwargs,
             "show_progress": not trainer.args.disable_tqdm,
             "sequences_per_generate": trainer.args.per_device_eval_batch_size,
@@ -170,11 +173,11 @@ class BestWithinBudgetsCallback(TrainerCallback):
         self._training_seconds += time.monotonic() - self._since
         value = self.evaluate()
         self.history.append((state.global_step, self._training_seconds, value))
-        logs = {f"eval_avg@{self.kwargs.get('k', 16)}": value}
+        logs = {f"eval_avg@{self.kwargs['k']}": value}
         for hours in self.budgets_hours:
             if self._training_seconds <= hours * 3600:
                 self.best[hours] = max(self.best[hours], value)
-            logs[f"best_avg@{self.kwargs.get('k', 16)}_within_{hours:g}h"] = self.best[hours]
+            logs[f"best_avg@{self.kwargs['k']}_within_{hours:g}h"] = self.best[hours]
         # Trainer's own log, not GRPOTrainer's: the latter would flush the step's pending training metrics into
         # this row. Logging clears `should_log`, which Trainer has set for the step's training row: kept.
         should_log = control.should_log
@@ -198,12 +201,12 @@ class BestWithinBudgetsCallback(TrainerCallback):
         sleep/wake), with the evaluation's sampling parameters in place of training's for the call."""
         trainer, generation = self.trainer, self.trainer.vllm_generation
         sampling = {
-            "temperature": self.kwargs.get("temperature", 0.6),
-            "top_p": self.kwargs.get("top_p", 0.95),
+            "temperature": self.kwargs["temperature"],
+            "top_p": self.kwargs["top_p"],
             "top_k": 0,
             "min_p": 0.0,
             "repetition_penalty": 1.0,
-            "max_completion_length": self.kwargs.get("max_new_tokens", 8192),
+            "max_completion_length": self.kwargs["max_new_tokens"],
         }
 
         def generate(prompt_ids):
