@@ -219,7 +219,7 @@ def char_tokenizer():
 
 def replay_completions(tokenizer, shape: Shape, seed: int = 0) -> list[list[int]]:
     """`batch` completions of exactly `completion_len` tokens: random letters, digits and spaces, then EOS. Only ids
-    the character tokenizer round-trips, so that a demonstration (a correct sibling, SPEC §3) re-encodes to the same
+    the character tokenizer round-trips, so that a demonstration (a correct sibling, method §3) re-encodes to the same
     length: the teacher prompt holds a demonstration as long as the completion it scores."""
     alphabet = [tokenizer.convert_tokens_to_ids(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789 "]
     generator = torch.Generator().manual_seed(seed)
@@ -418,7 +418,7 @@ def trainer_classes():
                 return super()._teacher_prompts(*args, **kwargs)
 
         def _distillation_token_losses(self, *args, **kwargs):
-            # The student's top-k support (SPEC §5): work GRPO's loss does not have, and SDPO's does.
+            # The student's top-k support (method §5): work GRPO's loss does not have, and SDPO's does.
             with self.bench_timers("distillation_forward"), patched(torch.Tensor, "topk", timed(self, "student_topk")):
                 return super()._distillation_token_losses(*args, **kwargs)
 
@@ -495,7 +495,7 @@ class _StepEnd(TrainerCallback):
 
 
 def build_trainer(arm: str, shape: Shape, model_dir: str, tokenizer, reward, completions, device: str, work: str):
-    """The arm's trainer with the settings every arm shares: SRPO's paper defaults where GRPOConfig's differ (SPEC
+    """The arm's trainer with the settings every arm shares: SRPO's paper defaults where GRPOConfig's differ (method
     §10), one optimizer step per generation batch."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM

@@ -1,4 +1,4 @@
-"""The self-teacher is training state (SPEC §4): every checkpoint holds it, `resume_from_checkpoint` restores it.
+"""The self-teacher is training state (method §4): every checkpoint holds it, `resume_from_checkpoint` restores it.
 
 `TeacherCheckpointing` is mixed into `SRPOTrainer` ahead of `GRPOTrainer`, at Trainer's two checkpoint hooks: the
 teacher is written with the optimizer (before Trainer writes `trainer_state.json`, pushes and rotates checkpoints),

@@ -1,4 +1,4 @@
-"""`SRPOConfig`: GRPOConfig plus the routing, self-teacher and distillation knobs of SPEC §2-§8."""
+"""`SRPOConfig`: GRPOConfig plus the routing, self-teacher and distillation knobs of method §2-§8."""
 
 import math
 import warnings
@@ -16,7 +16,7 @@ class SRPOConfig(GRPOConfig):
     ([arXiv 2604.02288](https://huggingface.co/papers/2604.02288)).
 
     Only the SRPO parameters are listed; every [`~trl.GRPOConfig`] parameter works as in GRPO, every `loss_type`
-    included: the distillation term joins GRPO's per-token loss and is reduced with it (SPEC §12). Defaults that differ
+    included: the distillation term joins GRPO's per-token loss and is reduced with it (method §12). Defaults that differ
     from `GRPOConfig`'s follow the paper (Table 3): `learning_rate=5e-6`, `scale_rewards="none"`,
     `epsilon_high=0.28`, and token-level truncated vLLM importance sampling capped at 2
     (`vllm_importance_sampling_mode="token_truncate"`, `vllm_importance_sampling_clip_max=2.0`).
@@ -114,7 +114,7 @@ class SRPOConfig(GRPOConfig):
         default=0.9, metadata={"help": "λ of routing='advantage_mix' (weight of GRPO's advantage)."}
     )
 
-    # GRPOConfig fields whose defaults SRPO's paper sets differently (SPEC §10)
+    # GRPOConfig fields whose defaults SRPO's paper sets differently (method §10)
     learning_rate: float = field(default=5e-6, metadata={"help": "The initial learning rate for AdamW."})
     scale_rewards: str = field(default="none", metadata={"help": "Reward scaling: 'none' (SRPO), 'group' or 'batch'."})
     epsilon_high: float | None = field(default=0.28, metadata={"help": "Upper clipping epsilon (DAPO's 0.28)."})

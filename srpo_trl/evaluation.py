@@ -1,4 +1,4 @@
-"""The paper's evaluation protocol (SPEC §10): avg@k on a test split, and the best avg@k within wall-clock budgets.
+"""The paper's evaluation protocol (method §10): avg@k on a test split, and the best avg@k within wall-clock budgets.
 
 `avg_at_k` samples `k` completions per problem (temperature 0.6, top-p 0.95 by default) and averages their rewards;
 with 0/1 rewards that is the mean accuracy over all samples. `BestWithinBudgetsCallback` runs it every few steps

@@ -1,4 +1,4 @@
-"""The SRPO math on tensors (SPEC §5-§6): divergences, weights and the two branches' per-token terms.
+"""The SRPO math on tensors (method §5-§6): divergences, weights and the two branches' per-token terms.
 
 Shapes: `n` tokens, `k` support size. Everything is a pure function of its inputs; the trainer only gathers the
 tensors and calls these. The GRPO branch is GRPOTrainer's own clipped surrogate and is not re-implemented here.
@@ -19,7 +19,7 @@ def add_tail_bucket(support_logps: torch.Tensor) -> torch.Tensor:
 
 
 def generalized_jsd(student_logps: torch.Tensor, teacher_logps: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Generalised Jensen-Shannon divergence over the last dimension (SPEC §5).
+    """Generalised Jensen-Shannon divergence over the last dimension (method §5).
 
     `M = (1-α) p + α q`, `D = (1-α) KL(p || M) + α KL(q || M)`. As in the SDPO reference, the end points are
     the plain KLs rather than the (vanishing) limits: `α = 0` gives `KL(q || p)`, `α = 1` gives `KL(p || q)`.
@@ -52,7 +52,7 @@ def teacher_entropy_weights(
     temperature: float,
     all_reduce: Callable[[torch.Tensor, str], torch.Tensor] = lambda tensor, op: tensor,
 ) -> torch.Tensor:
-    """Entropy-aware token weights `w_t = |S| exp(-H_t/τ) / Σ_{s∈S} exp(-H_s/τ)` (SPEC §5), zero off `mask`.
+    """Entropy-aware token weights `w_t = |S| exp(-H_t/τ) / Σ_{s∈S} exp(-H_s/τ)` (method §5), zero off `mask`.
 
     `S` is every masked token on every process: `all_reduce(tensor, op)` with `op` in {"max", "sum"} combines
     the local statistics (identity on one process). Shifting by the global minimum entropy keeps `exp` from
@@ -81,17 +81,17 @@ def mixed_token_advantages(
 def sdpo_token_losses(
     divergence: torch.Tensor, token_weights: torch.Tensor, importance_ratio: torch.Tensor
 ) -> torch.Tensor:
-    """`w_t · IS_t · D_t` per SDPO token: the SDPO branch's per-token loss, aggregated with GRPO's (SPEC §6, §12)."""
+    """`w_t · IS_t · D_t` per SDPO token: the SDPO branch's per-token loss, aggregated with GRPO's (method §6, §12)."""
     return token_weights * importance_ratio * divergence
 
 
 # How GRPOTrainer (TRL 1.16) turns a per-token loss into a micro-batch loss, by `loss_type`: the normaliser is the
-# one thing SRPO's two branches must share (SPEC §6, §12).
+# one thing SRPO's two branches must share (method §6, §12).
 SEQUENCE_MEAN_LOSS_TYPES = ("grpo", "sapo")  # mean over sequences of each sequence's token mean
 SEQUENCE_SUM_LOSS_TYPES = ("luspo",)  # mean over sequences of each sequence's token sum
 LOCAL_TOKEN_LOSS_TYPES = ("bnpo",)  # the micro-batch's own token count
 CONSTANT_LOSS_TYPES = ("dr_grpo",)  # sequences x max_completion_length
-GLOBAL_TOKEN_LOSS_TYPES = ("dapo", "cispo", "vespo")  # the generation batch's token count (SPEC §6's N)
+GLOBAL_TOKEN_LOSS_TYPES = ("dapo", "cispo", "vespo")  # the generation batch's token count (method §6's N)
 LOSS_TYPES = (
     SEQUENCE_MEAN_LOSS_TYPES + SEQUENCE_SUM_LOSS_TYPES + LOCAL_TOKEN_LOSS_TYPES + CONSTANT_LOSS_TYPES
 ) + GLOBAL_TOKEN_LOSS_TYPES

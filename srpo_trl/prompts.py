@@ -1,4 +1,4 @@
-"""The self-teacher's prompt (SPEC §3): the student's question plus a correct sibling's answer."""
+"""The self-teacher's prompt (method §3): the student's question plus a correct sibling's answer."""
 
 import copy
 import re
@@ -8,7 +8,7 @@ THINK_BLOCK = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
 SOLUTION_TEMPLATE = (
     "{question}\nCorrect solution:\n\n{demonstration}\n{feedback}\nCorrectly solve the original question."
 )
-# SPEC §3's optional block, between the solution and the closing instruction (empty without feedback).
+# method §3's optional block, between the solution and the closing instruction (empty without feedback).
 FEEDBACK_TEMPLATE = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback}\n"
 ELISION = "\n...\n"
 
@@ -21,7 +21,7 @@ def demonstration_from_completion(completion: str) -> str:
 
 
 def teacher_prompt_problem(prompt: str | list[dict]) -> str | None:
-    """Why the teacher prompt cannot be built from `prompt` (SPEC §3 rewrites the last user turn's text), or None."""
+    """Why the teacher prompt cannot be built from `prompt` (method §3 rewrites the last user turn's text), or None."""
     if isinstance(prompt, str):
         return None
     user_turns = [message for message in prompt if message.get("role") == "user"]
@@ -43,7 +43,7 @@ def teacher_prompt_problem(prompt: str | list[dict]) -> str | None:
 def build_teacher_prompt(
     prompt: str | list[dict], demonstration: str, feedback: str | None = None
 ) -> str | list[dict]:
-    """Replace the last user turn's text `U` (or a plain-text prompt) by the SPEC §3 template; system turns stay.
+    """Replace the last user turn's text `U` (or a plain-text prompt) by the method §3 template; system turns stay.
     A non-empty `feedback` (on the rollout being distilled) goes between the solution and the closing instruction."""
     block = FEEDBACK_TEMPLATE.format(feedback=feedback) if feedback else ""
 

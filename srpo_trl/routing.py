@@ -1,4 +1,4 @@
-"""Sample routing (SPEC §2): which rollouts get GRPO's advantage and which get self-distillation.
+"""Sample routing (method §2): which rollouts get GRPO's advantage and which get self-distillation.
 
 Everything here works on the *global* generation batch (all processes), in the order GRPOTrainer gathers rewards:
 the `num_generations` rollouts of one prompt are contiguous, so groups are rows of a `(num_groups, G)` view.
@@ -58,7 +58,7 @@ def first_correct_sibling(correct: torch.Tensor, num_generations: int) -> torch.
 def route_rollouts(
     rewards: torch.Tensor, num_generations: int, success_reward_threshold: float, routing: str = "srpo"
 ) -> Routes:
-    """Route every rollout of the global batch (SPEC §2 and the modes of §8).
+    """Route every rollout of the global batch (method §2 and the modes of §8).
 
     Args:
         rewards: `(N,)` weighted rewards as GRPOTrainer computes them; NaN marks an unscorable rollout.
@@ -74,7 +74,7 @@ def route_rollouts(
     sibling = first_correct_sibling(correct, num_generations)
     teacher_available = sibling >= 0
     # An unscorable rollout (NaN: no reward function scored it) is neither a demonstration nor distilled; it stays on
-    # GRPO's branch, where GRPOTrainer gives it a zero advantage (SPEC §12).
+    # GRPO's branch, where GRPOTrainer gives it a zero advantage (method §12).
     distillable = teacher_available & ~torch.isnan(rewards)
     none = torch.zeros_like(correct)
     sdpo = {"srpo": ~correct & distillable, "sdpo": distillable}.get(routing, none)

@@ -1,4 +1,4 @@
-"""The self-teacher (SPEC §4): an EMA of the policy, accumulated in fp32, used only to re-score completions.
+"""The self-teacher (method §4): an EMA of the policy, accumulated in fp32, used only to re-score completions.
 
 Two layouts, one interface:
 - full fine-tuning: a frozen copy of the policy, plus fp32 accumulators for its non-fp32 weights;
@@ -144,7 +144,7 @@ class SelfTeacher:
     @contextmanager
     def active(self):
         """Context in which `self.model` computes the teacher: the teacher's adapter (PEFT), in eval mode, so that no
-        dropout (the adapter's `lora_dropout`, the model's own) makes its targets random (SPEC §12)."""
+        dropout (the adapter's `lora_dropout`, the model's own) makes its targets random (method §12)."""
         was_training = self.model.training
         self.model.eval()
         try:

@@ -218,7 +218,7 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
                 )
 
     def _check_prompts(self) -> None:
-        """The teacher prompt rewrites each prompt's last user turn (SPEC §3): find prompts it cannot rewrite now,
+        """The teacher prompt rewrites each prompt's last user turn (method §3): find prompts it cannot rewrite now,
         not when a rollout of theirs is first routed, maybe hours in. The first rows of map-style datasets only:
         cheap, and a dataset's prompts share their format (streamed ones are met at routing)."""
         named = {"train_dataset": self.train_dataset}
@@ -301,7 +301,7 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         return rewards_per_func
 
     def _refuse_infinite_rewards(self, rewards_per_func: torch.Tensor) -> None:
-        """SPEC §12: None/NaN means unscorable; any other non-finite reward is an error. With `scale_rewards="none"`
+        """method §12: None/NaN means unscorable; any other non-finite reward is an error. With `scale_rewards="none"`
         an infinite reward makes its group's advantages NaN, and one step turns the policy and the teacher to NaN.
         The rewards are every process's (gathered), so every process raises alike."""
         infinite = torch.isinf(rewards_per_func)
@@ -379,7 +379,7 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         return routes.grpo[local].float() + self.args.routed_grpo_weight * routes.sdpo[local].float()
 
     def _teacher_prompts(self, scored: _ScoredRollouts, routes: Routes, local: slice, mode: str):
-        """Token ids of each routed row's teacher prompt (SPEC §3), which rows had their demonstration cut, and the
+        """Token ids of each routed row's teacher prompt (method §3), which rows had their demonstration cut, and the
         routes, where rows whose prompt leaves no room for any of the demonstration no longer need the teacher."""
         truncated = torch.zeros(len(scored.prompts), dtype=torch.bool, device=self.accelerator.device)
         no_room = torch.zeros_like(truncated)
@@ -515,7 +515,7 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         """Teacher passes over the routed `rows` (none when nothing is routed): each distinct teacher prompt once, then
         the rows' completions from its cached keys and values, a few sequences per pass. Caches what the loss needs;
         returns, per token of the batch, the cache index (-1 off the routed rows), the teacher's sampled-token
-        log-prob and entropy, and the seconds the passes took (SPEC §9's `srpo/time/teacher_s`). Per-token tensors
+        log-prob and entropy, and the seconds the passes took (method §9's `srpo/time/teacher_s`). Per-token tensors
         survive GRPOTrainer's shuffle and split of the batch; the cache holds routed tokens only."""
         device = mask.device
         cache_index = torch.full(mask.shape, -1, dtype=torch.int32, device=device)
@@ -768,14 +768,14 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         grpo_tokens = mask & grpo_rows.unsqueeze(1)
         # GRPOTrainer's loss sees GRPO tokens only (through its `tool_mask`), so that its other per-token terms (the
         # reference KL, the entropy bonus) and the statistics that choose tokens (entropy quantiles) act on GRPO
-        # tokens alone: a routed rollout carries one signal, the distillation term (SPEC §12).
+        # tokens alone: a routed rollout carries one signal, the distillation term (method §12).
         grpo_inputs = {**inputs, "tool_mask": grpo_tokens.to(inputs["completion_mask"].dtype)}
         policy = self.accelerator.unwrap_model(model)
         with self._capture_hidden_states(policy) as captured, self._head_scores_only(policy, grpo_rows):
             grpo_loss = super()._compute_loss(model, grpo_inputs)
         if self.loss_type in LOCAL_TOKEN_LOSS_TYPES:  # bnpo divided by the GRPO tokens; SRPO shares all of them
             grpo_loss = grpo_loss * (grpo_tokens.sum().clamp(min=1) / mask.sum().clamp(min=1))
-        scale = self.current_gradient_accumulation_steps if mode == "train" else 1  # per-step share, see SPEC §9
+        scale = self.current_gradient_accumulation_steps if mode == "train" else 1  # per-step share, see method §9
         self._metrics[mode]["srpo/loss/grpo"].append(self.accelerator.gather(grpo_loss.detach()).mean().item() * scale)
         # Under ZeRO-3 the distillation gathers the LM heads, a collective: every process joins, routed rows or not
         # (the cache exists on every process or on none: routing is global).
@@ -843,7 +843,7 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
             handle.remove()
 
     def _distillation_token_losses(self, policy, hidden, inputs, sdpo_tokens, cache: _TeacherCache) -> torch.Tensor:
-        """`w_t · IS_t · D_t` at this micro-batch's SDPO tokens, in row-major order (SPEC §5), differentiable through
+        """`w_t · IS_t · D_t` at this micro-batch's SDPO tokens, in row-major order (method §5), differentiable through
         `hidden`."""
         start = inputs["prompt_ids"].size(1) - 1
         hidden = hidden[:, start : start + inputs["completion_ids"].size(1)][sdpo_tokens]

@@ -1,10 +1,10 @@
-"""Vocabulary-sized work in chunks of positions (SPEC §7): hidden states in, only what the loss needs out.
+"""Vocabulary-sized work in chunks of positions (method §7): hidden states in, only what the loss needs out.
 
 `[tokens, vocab]` float32 logits exist for one chunk at a time (about 64 MiB); the student's differentiable pass
 recomputes its chunk's logits in backward instead of keeping them. Inputs are the final hidden states of the valid
 completion positions, flattened to `(n, hidden)`, and the LM head's weight/bias.
 
-One distribution, one set of logits (SPEC §12). `Logits` turns hidden states into logits the way TRL's fused LM head
+One distribution, one set of logits (method §12). `Logits` turns hidden states into logits the way TRL's fused LM head
 does, so SRPO's log-probs are GRPOTrainer's: the head's product rounded to the compute dtype (bf16 in a bf16 run),
 then, in fp32, the model's logit scaling and soft-capping and the sampling temperature. A teacher's log-normaliser,
 entropy and log-probs on a support all come from those same rounded logits, so an identical teacher and student give
@@ -14,7 +14,7 @@ The split between scoring and loss time: when the teacher scores a completion, i
 log-normaliser and its entropy (`teacher_statistics`); in the loss the student picks its top-k support from the
 logits it computes anyway (`student_topk_logps`), and the teacher's log-probs on that support are a k-row dot
 product (`logps_on_support`), rounded like the full product. No extra student pass, and the support is the current
-policy's (SPEC §5). TRL 1.16's `ChunkedLogProbFunction` returns log-probs and entropy but no top-k, so only its
+policy's (method §5). TRL 1.16's `ChunkedLogProbFunction` returns log-probs and entropy but no top-k, so only its
 head gathering (`maybe_gather_lm_head_ctx`) and its fp32 gradient accumulation (`_addmm_fp32`) are used here.
 
 Under DeepSpeed ZeRO-3 the head is partitioned outside its module's forward: each function gathers it once per call

@@ -1,4 +1,4 @@
-"""SRPO in the configurations TRL users run (SPEC §12): bf16, PEFT with dropout, logit-scaled and soft-capped model
+"""SRPO in the configurations TRL users run (method §12): bf16, PEFT with dropout, logit-scaled and soft-capped model
 families, GRPO's extra loss terms, unscorable rollouts, tool environments, and the setups SRPO refuses."""
 
 import math

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_trainer import make_trainer
 
-SPEC_METRICS = (
+DOCUMENTED_METRICS = (
     "srpo/route/sdpo_frac",
     "srpo/route/correct_frac",
     "srpo/route/fallback_frac",
@@ -45,6 +45,6 @@ def test_srpo_metrics_reach_trackio(char_tokenizer, tmp_path):
     logged = {}
     for (metrics,) in database.execute("SELECT metrics FROM metrics"):
         logged.update(json.loads(metrics))
-    missing = [name for name in SPEC_METRICS if f"train/{name}" not in logged]
+    missing = [name for name in DOCUMENTED_METRICS if f"train/{name}" not in logged]
     assert not missing, f"not in trackio: {missing}"
     assert logged["train/srpo/route/sdpo_frac"] == 0.5

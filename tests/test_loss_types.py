@@ -1,4 +1,4 @@
-"""Every GRPO `loss_type` under SRPO (SPEC §12): `routing="grpo"` and "nothing routed" are GRPOTrainer bit for bit,
+"""Every GRPO `loss_type` under SRPO (method §12): `routing="grpo"` and "nothing routed" are GRPOTrainer bit for bit,
 and with rows routed the loss is the one per-token loss (GRPO's term on GRPO rows, `w_t D_t` on distilled rows)
 aggregated as that loss type aggregates, checked against a float64 reference built from full logits."""
 

@@ -1,4 +1,4 @@
-"""The SRPO math against independent float64 references written out from SPEC §5-§8."""
+"""The SRPO math against independent float64 references written out from method §5-§8."""
 
 import math
 
@@ -23,7 +23,7 @@ def kl(a, b):
 
 
 def reference_divergence(p, q, alpha):
-    """SPEC §5 on plain Python floats: the end points are the KLs, the interior the generalised JSD."""
+    """method §5 on plain Python floats: the end points are the KLs, the interior the generalised JSD."""
     if alpha == 0.0:
         return kl(q, p)
     if alpha == 1.0:

@@ -8,7 +8,7 @@ from srpo_trl.routing import ROUTING_MODES, first_correct_sibling, route_labels,
 
 
 def brute_force_routes(rewards, group_size, threshold, routing):
-    """SPEC §2, §8 and §12, one rollout at a time."""
+    """method §2, §8 and §12, one rollout at a time."""
     rewards = rewards.tolist()
     out = {"correct": [], "available": [], "sdpo": [], "grpo": [], "teacher": [], "sibling": []}
     for i, reward in enumerate(rewards):

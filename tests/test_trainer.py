@@ -571,7 +571,7 @@ def sharp_tiny_model(tokenizer):
 
 def reference_rows(trainer, prompts, batch, routing):
     """For every rollout, its completion's full-vocabulary log-probs `(T, V)` in float64 under the student prompt, and
-    under the teacher prompt (SPEC §3) when it has a teacher in `routing` (SPEC §2, §8; else None), from a fresh copy
+    under the teacher prompt (method §3) when it has a teacher in `routing` (method §2, §8; else None), from a fresh copy
     of the initial model (the policy and the teacher at step 0). One generation batch on one process, unshuffled,
     groups of 4, rewarded by `first_letter_reward`."""
     tokenizer = trainer.processing_class
@@ -608,7 +608,7 @@ def reference_teacher_rows(trainer, prompts, batch, routing):
 
 
 def reference_distillation_terms(trainer, teacher_rows) -> dict[int, torch.Tensor]:
-    """SPEC §5's `w_t D_t` per token of each distilled row: top-k + tail JSD, entropy weights over all of them."""
+    """method §5's `w_t D_t` per token of each distilled row: top-k + tail JSD, entropy weights over all of them."""
     k, alpha = trainer.args.distillation_topk, trainer.args.distillation_alpha
     divergences, entropies = {}, {}
     for row, student, teacher in teacher_rows:
@@ -625,7 +625,7 @@ def reference_distillation_terms(trainer, teacher_rows) -> dict[int, torch.Tenso
 
 
 def reference_distillation_loss(trainer, prompts, batch, routing):
-    """SPEC §6's distillation sum over all valid tokens (loss_type="dapo")."""
+    """method §6's distillation sum over all valid tokens (loss_type="dapo")."""
     terms = reference_distillation_terms(trainer, reference_teacher_rows(trainer, prompts, batch, routing))
     return (sum(t.sum() for t in terms.values()) / batch["completion_mask"].sum()).item()
 

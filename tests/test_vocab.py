@@ -88,7 +88,7 @@ def peaked_bf16_head(n=64, hidden=32, vocab_size=512, seed=0):
 
 @pytest.mark.parametrize("softcap", [None, 30.0], ids=["plain", "softcapped"])
 def test_identical_bf16_teacher_and_student_have_zero_divergence(softcap):
-    # SPEC §12: q's normaliser, entropy and support log-probs come from the same rounded logits, so the teacher's
+    # method §12: q's normaliser, entropy and support log-probs come from the same rounded logits, so the teacher's
     # top-k mass never exceeds 1 and D(p, q) is zero when the teacher is the student.
     h, w, tokens = peaked_bf16_head()
     logits = Logits(torch.bfloat16, softcap=softcap)

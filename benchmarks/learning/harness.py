@@ -67,7 +67,7 @@ class Settings:
     warmup_steps: int = 5  # RL steps of linear warm-up (then constant)
     eval_every: int = 10  # RL steps between held-out evaluations (they cost more CPU than training)
     eval_k: int = 4
-    eval_temperature: float = 0.6  # the paper's evaluation sampling (SPEC §10)
+    eval_temperature: float = 0.6  # the paper's evaluation sampling (method §10)
     eval_top_p: float = 0.95
     num_train: int = 1500
     num_test: int = 400

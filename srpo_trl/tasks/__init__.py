@@ -3,7 +3,7 @@
 ```python
 from srpo_trl.tasks import get_reward_funcs, load_task_dataset
 
-train_dataset = load_task_dataset("chemistry", "train", data_path="../shared/data")
+train_dataset = load_task_dataset("chemistry", "train", data_path="SDPO/datasets")
 reward_funcs = get_reward_funcs("chemistry")  # pass both to the trainer
 ```
 """

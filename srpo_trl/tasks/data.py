@@ -101,7 +101,7 @@ def load_task_dataset(
 
     ```python
     >>> from srpo_trl.tasks import get_reward_funcs, load_task_dataset
-    >>> train_dataset = load_task_dataset("chemistry", "train", data_path="../shared/data")
+    >>> train_dataset = load_task_dataset("chemistry", "train", data_path="SDPO/datasets")
     >>> train_dataset[0]["prompt"][1]["role"], train_dataset[0]["answer"]
     ('user', 'A')
     >>> reward_funcs = get_reward_funcs("chemistry")

@@ -2,7 +2,7 @@
 
 1. Solving held-out problems sometimes but not always: groups of rollouts then mix correct and wrong answers, so
    GRPO has advantages to follow and failed rollouts have correct siblings to learn from.
-2. Using a correct solution put in the prompt (the SPEC section 3 teacher prompt): then the self-teacher knows
+2. Using a correct solution put in the prompt (the method §3 teacher prompt): then the self-teacher knows
    better than the student, and distilling from it helps.
 """
 

@@ -7,7 +7,7 @@ mix teaches both on one task family of `task.py`:
 - student examples, the prompt the policy sees, with a fraction of the labels replaced by near misses: the model
   learns the format and the skill, but spreads its probability over wrong answers, so sampling at temperature 1
   often fails and RL has something to sharpen;
-- teacher examples, the SPEC section 3 teacher prompt holding a correct demonstration, always labelled correctly:
+- teacher examples, the method §3 teacher prompt holding a correct demonstration, always labelled correctly:
   the model learns that the answer in the demonstration is the answer.
 """
 

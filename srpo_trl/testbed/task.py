@@ -115,7 +115,7 @@ def format_completion(answer: str) -> str:
 
 
 def teacher_prompt(prompt: list[dict[str, str]], demonstration: str) -> list[dict[str, str]]:
-    """The self-teacher's prompt (SPEC section 3) exactly as `SRPOTrainer` builds it, for pre-training on it."""
+    """The self-teacher's prompt (method §3) exactly as `SRPOTrainer` builds it, for pre-training on it."""
     return build_teacher_prompt(prompt, demonstration)
 
 
