@@ -55,13 +55,18 @@ def teacher_entropy_weights(
     """Entropy-aware token weights `w_t = |S| exp(-H_t/τ) / Σ_{s∈S} exp(-H_s/τ)` (method §5), zero off `mask`.
 
     `S` is every masked token on every process: `all_reduce(tensor, op)` with `op` in {"max", "sum"} combines
-    the local statistics (identity on one process). Shifting by the global minimum entropy keeps `exp` from
-    underflowing at small `τ` without changing the normalised weights.
+    the local statistics (identity on one process). The exponent is `-(H_t - H_min)/τ` over the global minimum
+    entropy: shifting *before* dividing keeps it finite-or-`-inf` for any positive `τ` (`-H/τ` itself overflows to
+    `-inf` at a tiny `τ`, and `-inf - (-inf)` is NaN), so the minimum-entropy tokens always weigh `exp(0) = 1` and
+    `τ -> 0` puts all the weight on them, as the limit does.
     """
     mask = mask.bool()
-    scaled = torch.where(mask, -entropy.float() / temperature, -torch.inf)
-    peak = all_reduce(scaled.max().reshape(1), "max")
-    unnormalised = torch.where(mask, torch.exp(scaled - peak), 0.0)
+    entropy = entropy.float()
+    lowest = -all_reduce(torch.where(mask, -entropy, -torch.inf).max().reshape(1), "max")
+    gap = torch.where(mask, entropy - lowest, 0.0)
+    # 0/τ is 0 even where τ rounds to 0 in float32 (no 0/0); a positive gap over a tiny τ is +inf, exp(-inf) = 0.
+    scaled = torch.where(gap > 0, -gap / temperature, 0.0)
+    unnormalised = torch.where(mask, torch.exp(scaled), 0.0)
     totals = all_reduce(torch.stack([unnormalised.sum(), mask.sum().to(unnormalised.dtype)]), "sum")
     return unnormalised * (totals[1] / totals[0].clamp(min=torch.finfo(totals.dtype).tiny))
 

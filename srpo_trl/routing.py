@@ -9,6 +9,14 @@ from dataclasses import dataclass
 import torch
 
 ROUTING_MODES = ("srpo", "grpo", "sdpo", "advantage_mix")
+# Rewards within this fraction of the threshold's magnitude below it count as reaching it: weights that sum to 1
+# (0.35 + 0.45 + 0.2) land at 0.99999994 in float32, and a fully correct rollout must not fail by rounding.
+THRESHOLD_RELATIVE_TOLERANCE = 1e-6
+
+
+def reaches_threshold(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
+    """`rewards >= threshold` up to float rounding (`THRESHOLD_RELATIVE_TOLERANCE`); NaN never reaches it."""
+    return rewards >= threshold - THRESHOLD_RELATIVE_TOLERANCE * abs(threshold)
 
 
 @dataclass
@@ -16,7 +24,7 @@ class Routes:
     """Per-rollout routing decisions, all of shape `(N,)` over the global batch.
 
     Attributes:
-        correct: `r_i >= success_reward_threshold`.
+        correct: `r_i >= success_reward_threshold` (up to float rounding: `reaches_threshold`).
         teacher_available: some *other* rollout of the group is correct.
         sdpo: rows trained by self-distillation (the SDPO branch).
         grpo: rows trained by GRPO's surrogate; rows in neither branch (`routing="sdpo"`'s rest) add no loss.
@@ -41,14 +49,16 @@ def first_correct_sibling(correct: torch.Tensor, num_generations: int) -> torch.
     """Global index of the first correct rollout in each rollout's group other than itself, or `-1`.
 
     The reference code's rule (deterministic, group order). A correct rollout's own index is skipped, so it is
-    taught by the next correct sibling; a lone correct rollout has none.
+    taught by the next correct sibling; a lone correct rollout has none, nor has any rollout of a group of one.
     """
     groups = correct.view(-1, num_generations)
     num_groups = groups.size(0)
     position = torch.arange(num_generations, device=correct.device).expand(num_groups, -1)
     # Rank correct rollouts by position; wrong ones go past the end so they sort last.
     order = torch.where(groups, position, num_generations).sort(dim=1).values
-    first, second = order[:, :1], order[:, 1:2] if num_generations > 1 else order[:, :1]
+    # A past-the-end column: a group of one has a first correct rollout (maybe itself) but never a second.
+    order = torch.cat([order, torch.full_like(order[:, :1], num_generations)], dim=1)
+    first, second = order[:, :1], order[:, 1:2]
     sibling = torch.where(position == first, second, first)  # never the rollout itself
     sibling = torch.where(sibling < num_generations, sibling, -1)
     offset = (torch.arange(num_groups, device=correct.device) * num_generations).unsqueeze(1)
@@ -70,7 +80,7 @@ def route_rollouts(
         raise ValueError(f"`routing` must be one of {ROUTING_MODES}, got {routing!r}.")
     if rewards.numel() % num_generations:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of num_generations={num_generations}.")
-    correct = rewards >= success_reward_threshold  # NaN compares False
+    correct = reaches_threshold(rewards, success_reward_threshold)
     sibling = first_correct_sibling(correct, num_generations)
     teacher_available = sibling >= 0
     # An unscorable rollout (NaN: no reward function scored it) is neither a demonstration nor distilled; it stays on

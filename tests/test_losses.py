@@ -105,14 +105,14 @@ def test_entropy_weights_normalise_across_processes():
     joint = teacher_entropy_weights(entropy, mask, tau)
 
     def all_reduce_with(other_entropy, other_mask):
-        other_scaled = torch.where(other_mask.bool(), -other_entropy / tau, -torch.inf)
+        other_negated = torch.where(other_mask.bool(), -other_entropy, -torch.inf)  # the max is of -H
         seen = {}
 
         def all_reduce(tensor, op):
             if op == "max":
-                seen["peak"] = torch.maximum(tensor, other_scaled.max().reshape(1))
+                seen["peak"] = torch.maximum(tensor, other_negated.max().reshape(1))
                 return seen["peak"]
-            other_sum = torch.where(other_mask.bool(), torch.exp(other_scaled - seen["peak"]), 0.0).sum()
+            other_sum = torch.where(other_mask.bool(), torch.exp((other_negated - seen["peak"]) / tau), 0.0).sum()
             return tensor + torch.stack([other_sum, other_mask.sum().float()])
 
         return all_reduce
@@ -123,6 +123,17 @@ def test_entropy_weights_normalise_across_processes():
             entropy[rank : rank + 1], mask[rank : rank + 1], tau, all_reduce_with(entropy[other], mask[other])
         )
         assert torch.allclose(local, joint[rank : rank + 1], atol=1e-6)
+
+
+@pytest.mark.parametrize("tau", [1e-39, 1e-45, 5e-324, 1e-30])
+def test_entropy_weights_at_a_tiny_temperature_are_finite_and_pick_the_least_uncertain_tokens(tau):
+    # -H/τ overflows to -inf (or τ rounds to 0 in float32): the weights must still be finite, with the limit τ -> 0,
+    # all the weight shared by the minimum-entropy tokens.
+    entropy = torch.tensor([[1.5, 1.2, 2.0, 1.2], [3.0, 0.0, 1.7, 0.0]])  # every H/τ overflows
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 0]])
+    weights = teacher_entropy_weights(entropy, mask, tau)
+    assert torch.isfinite(weights).all()
+    assert weights.tolist() == [[0.0, 3.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0]]
 
 
 def test_entropy_weights_without_tokens_are_zero_not_nan():

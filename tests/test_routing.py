@@ -59,6 +59,25 @@ def test_sibling_is_first_correct_other_rollout():
     assert first_correct_sibling(correct, 6).tolist() == [1, 3, 1, 1, 1, 1]
 
 
+def test_a_group_of_one_has_no_sibling():
+    # num_generations_eval=1: a correct rollout must not teach itself.
+    correct = torch.tensor([True, False, True])
+    assert first_correct_sibling(correct, 1).tolist() == [-1, -1, -1]
+    for routing in ROUTING_MODES:
+        routes = route_rollouts(torch.tensor([1.0, 0.0, 1.0]), 1, 1.0, routing)
+        assert not routes.teacher_available.any() and not routes.needs_teacher.any() and not routes.sdpo.any()
+
+
+def test_rewards_that_reach_the_threshold_up_to_rounding_count_as_correct():
+    # reward_weights [0.35, 0.45, 0.2] of three rewards of 1 sum to 0.99999994 in float32.
+    weighted = (torch.ones(1, 3) * torch.tensor([0.35, 0.45, 0.2])).sum(dim=1)
+    assert weighted.item() < 1.0
+    rewards = torch.cat([weighted, torch.tensor([0.999, 0.0, 0.65])])
+    assert route_rollouts(rewards, 4, 1.0).correct.tolist() == [True, False, False, False]
+    assert route_rollouts(torch.tensor([-2.0000001, -2.1]), 2, -2.0).correct.tolist() == [True, False]
+    assert route_rollouts(torch.tensor([0.0, -1e-9]), 2, 0.0).correct.tolist() == [True, False]
+
+
 def test_threshold_and_bad_shapes():
     rewards = torch.tensor([0.7, 0.2, 0.9, 0.1])
     assert route_rollouts(rewards, 2, 0.5).correct.tolist() == [True, False, True, False]
