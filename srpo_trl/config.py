@@ -1,9 +1,11 @@
 """`SRPOConfig`: GRPOConfig plus the routing, self-teacher and distillation knobs of method §2-§8."""
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field, fields
 
+import numpy
 from trl import GRPOConfig
 
 from .routing import ROUTING_MODES
@@ -164,13 +166,15 @@ class SRPOConfig(GRPOConfig):
             if spec.name in grpo_fields:
                 continue
             value = getattr(self, spec.name)
+            is_bool = isinstance(value, (bool, numpy.bool_))
             if spec.type is bool:
-                self._check(spec.name, isinstance(value, bool), "True or False")
+                self._check(spec.name, is_bool, "True or False")
             elif spec.type is int:
-                self._check(spec.name, isinstance(value, int) and not isinstance(value, bool), "an integer")
+                self._check(spec.name, isinstance(value, numbers.Integral) and not is_bool, "an integer")
             elif spec.type is float:
-                number = isinstance(value, (int, float)) and not isinstance(value, bool)
-                self._check(spec.name, number, "a number")
+                self._check(spec.name, isinstance(value, numbers.Real) and not is_bool, "a number")
+            if spec.type in (bool, int, float):  # numpy scalars (np.int64(8)) become the Python number, as in JSON
+                setattr(self, spec.name, spec.type(value))
             elif spec.type is str and "choices" in spec.metadata:
                 self._check(spec.name, value in spec.metadata["choices"], f"one of {tuple(spec.metadata['choices'])}")
 

@@ -67,6 +67,25 @@ def test_integers_are_numbers():
     assert config(success_reward_threshold=2, teacher_update_rate=1).success_reward_threshold == 2
 
 
+def test_numpy_scalars_are_accepted_as_python_numbers():
+    # GRPOConfig accepts them (a sweep over np.arange, a value read with numpy); SRPO's fields hold Python types.
+    import numpy as np
+
+    args = config(
+        distillation_topk=np.int64(8), teacher_update_rate=np.float32(0.25), dynamic_weighting=np.bool_(False)
+    )
+    assert (args.distillation_topk, args.teacher_update_rate, args.dynamic_weighting) == (8, 0.25, False)
+    assert [type(v) for v in (args.distillation_topk, args.teacher_update_rate, args.dynamic_weighting)] == [
+        int,
+        float,
+        bool,
+    ]
+    with pytest.raises(ValueError, match=r"SRPOConfig\.distillation_topk must be an integer.*float64"):
+        config(distillation_topk=np.float64(8.0))
+    with pytest.raises(ValueError, match=r"SRPOConfig\.distillation_topk must be an integer.*bool"):
+        config(distillation_topk=np.bool_(True))
+
+
 def test_num_generations_below_two_is_rejected():
     with pytest.raises(ValueError, match="num_generations"):
         config(num_generations=1, per_device_train_batch_size=2)
