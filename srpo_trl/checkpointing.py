@@ -2,20 +2,51 @@
 
 `TeacherCheckpointing` is mixed into `SRPOTrainer` ahead of `GRPOTrainer`, at Trainer's two checkpoint hooks: the
 teacher is written with the optimizer (before Trainer writes `trainer_state.json`, pushes and rotates checkpoints),
-atomically, one file per process when weights are sharded (DeepSpeed ZeRO-3, FSDP2); on resume it is read back,
-checked (damaged, non-finite, another layout: errors naming the file and the fix), or restarted from the resumed
-policy when the checkpoint holds none.
+atomically, one file per process when weights are sharded (DeepSpeed ZeRO-3, FSDP2), with the step it belongs to;
+on resume it is read back, checked (damaged, non-finite, another layout, another step: errors naming the file and
+the fix), or restarted from the resumed policy when the checkpoint holds none. `train(resume_from_checkpoint=True)`
+resumes the newest *complete* checkpoint.
 """
 
+import math
 import os
 import re
 import warnings
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 TEACHER_STATE_FILE = "srpo_teacher.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"  # Trainer writes it last: a checkpoint without it is incomplete
+STEP_KEY = "global_step"  # the teacher file's metadata: the optimizer step whose teacher it holds
+
+
+def last_complete_checkpoint(folder: str) -> tuple[str | None, list[str]]:
+    """The newest `checkpoint-N` in `folder` that Trainer finished writing (it holds `trainer_state.json`), and the
+    newer incomplete ones passed over (a run stopped while writing them), newest first."""
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    steps = {}
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        match = pattern.match(name)
+        if match and os.path.isdir(os.path.join(folder, name)):
+            steps[int(match.group(1))] = os.path.join(folder, name)
+    skipped = []
+    for step in sorted(steps, reverse=True):
+        if os.path.exists(os.path.join(steps[step], TRAINER_STATE_FILE)):
+            return steps[step], skipped
+        skipped.append(steps[step])
+    return None, skipped
+
+
+def generation_batch_period(gradient_accumulation_steps: int, steps_per_generation: int, num_iterations: int) -> int:
+    """Every how many optimizer steps GRPOTrainer's rollout buffer starts a new generation batch at a step boundary:
+    a checkpoint written then resumes exactly; one written between holds no buffered rollouts (TRL does not save
+    them), so its resume generates a new batch where the straight run reused the old one."""
+    generate_every = steps_per_generation * num_iterations  # micro-batches per generation batch
+    return math.lcm(generate_every, gradient_accumulation_steps) // gradient_accumulation_steps
 
 
 class TeacherCheckpointing:
@@ -28,28 +59,84 @@ class TeacherCheckpointing:
         # old ones away, so a checkpoint is complete only with its teacher and a failed write keeps the older ones.
         # (`save_only_model` checkpoints hold no optimizer and no teacher: a resume restarts it from the policy.)
         # Under ZeRO-3 and FSDP2 every process holds (and saves) its own shards of the teacher.
+        self._warn_if_mid_generation_batch(output_dir)
         if self.teacher is not None and (self.args.should_save or self._sharded):
             self._write_teacher_state(self._teacher_state_path(output_dir))
             if self._sharded:
                 self.accelerator.wait_for_everyone()  # every shard is on disk before process 0 rotates checkpoints
 
+    def _warn_if_mid_generation_batch(self, output_dir: str) -> None:
+        """Once per run: this checkpoint falls inside a generation batch, and its resume will not be exact."""
+        args = self.args
+        period = generation_batch_period(
+            args.gradient_accumulation_steps, args.steps_per_generation, self.num_iterations
+        )
+        if self.state.global_step % period == 0 or getattr(self, "_warned_mid_generation_batch", False):
+            return
+        self._warned_mid_generation_batch = True
+        if self.args.should_save:
+            warnings.warn(
+                f"{output_dir} is written in the middle of a generation batch (one spans {period} optimizer steps: "
+                f"steps_per_generation={args.steps_per_generation}, num_iterations={self.num_iterations}, "
+                f"gradient_accumulation_steps={args.gradient_accumulation_steps}). Checkpoints do not hold the "
+                "buffered rollouts (as in GRPOTrainer), so a resume from it generates a new batch and does not "
+                f"reproduce the run exactly; resume is exact from checkpoints at multiples of {period} steps. Set "
+                f"save_steps to a multiple of {period} for exact resumes.",
+                stacklevel=3,
+            )
+
     def _write_teacher_state(self, path: str) -> None:
-        """Write the teacher's state to `path` atomically: a crash mid-write leaves no file there, never a cut one."""
+        """Write the teacher's state to `path` atomically, with the step it belongs to: a crash mid-write leaves no
+        file there, never a cut one; a failed write (a full disk) is an error naming the file and the fix."""
         partial = f"{path}.partial"
         try:
-            save_file(self.teacher.state_dict(), partial)
+            save_file(self.teacher.state_dict(), partial, metadata={STEP_KEY: str(self.state.global_step)})
             with open(partial, "rb") as file:
                 os.fsync(file.fileno())  # on disk before the name says the checkpoint holds it
             os.replace(partial, path)
+        except (SafetensorError, OSError) as error:
+            raise OSError(
+                f"Cannot write the SRPO teacher state {path} ({type(error).__name__}: {error}). The checkpoint is "
+                "incomplete (no trainer_state.json) and the older ones were kept: free disk space where output_dir "
+                "is (or lower save_total_limit, or set output_dir elsewhere), then resume with "
+                "resume_from_checkpoint=True, which takes the newest complete checkpoint."
+            ) from error
         finally:
             if os.path.exists(partial):
                 os.remove(partial)
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # Trainer resolves True to the newest checkpoint folder, complete or not: a run stopped while writing one
+        # (Ctrl-C, a full disk) leaves one without trainer_state.json, on which the resume fails.
+        if resume_from_checkpoint is True:
+            checkpoint, skipped = last_complete_checkpoint(self.args.output_dir)
+            if checkpoint is not None:
+                resume_from_checkpoint = checkpoint
+            if skipped:
+                warnings.warn(
+                    f"resume_from_checkpoint=True: {', '.join(skipped)} lacks {TRAINER_STATE_FILE} (the run stopped "
+                    f"while writing it), so it is incomplete and skipped; resuming from "
+                    f"{checkpoint or 'nothing (no complete checkpoint)'}. Delete the incomplete folder.",
+                    stacklevel=2,
+                )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         self.shard_teacher_like_policy()  # before its shards are restored
-        if self.teacher is not None and checkpoint is not None:
+        if checkpoint is None:
+            return
+        if self.teacher is not None:
             self._load_teacher_state(checkpoint)
+            return
+        saved = self._teacher_files(checkpoint)
+        if saved and self.args.should_save:
+            warnings.warn(
+                f"{checkpoint} holds an SRPO teacher state ({saved[0]}), but routing={self.args.routing!r} trains "
+                "without a teacher: it is ignored, and the checkpoints this run writes hold none (a later SRPO resume "
+                "from them restarts the teacher from the policy). Resume with the routing that saved it to keep it.",
+                stacklevel=2,
+            )
 
     def _load_teacher_state(self, checkpoint: str) -> None:
         """Restore the teacher from `checkpoint`, or restart it from the resumed policy (already loaded by Trainer)
@@ -70,10 +157,13 @@ class TeacherCheckpointing:
             return
         try:
             state = load_file(path)
+            with safe_open(path, framework="pt") as file:
+                metadata = file.metadata() or {}
         except (SafetensorError, OSError) as error:
             raise ValueError(
                 f"Cannot read the SRPO teacher state {path} ({error}): the file is damaged or incomplete; {fix}."
             ) from error
+        self._check_teacher_step(checkpoint, path, metadata.get(STEP_KEY))
         non_finite = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
         if non_finite:
             more = f" and {len(non_finite) - 1} more tensors" if len(non_finite) > 1 else ""
@@ -89,6 +179,33 @@ class TeacherCheckpointing:
                 f"ZeRO-3 or FSDP2, the number of processes) that saved it, or delete {file_name} to restart the teacher from "
                 "the resumed policy."
             ) from error
+
+    @staticmethod
+    def _check_teacher_step(checkpoint: str, path: str, saved_step: str | None) -> None:
+        """The teacher file belongs to the checkpoint's step: a teacher file copied from another checkpoint would
+        resume the policy with a stale teacher. Files written before the step was recorded are loaded, with a
+        warning."""
+        state_file = os.path.join(checkpoint, TRAINER_STATE_FILE)
+        if not os.path.exists(state_file):
+            return  # an explicitly chosen incomplete checkpoint: Trainer's own state loading decides
+        step = TrainerState.load_from_json(state_file).global_step
+        if saved_step is None:
+            warnings.warn(
+                f"The SRPO teacher state {path} records no step (written by an older srpo_trl): it is loaded as the "
+                f"teacher of step {step} without a check that it is.",
+                stacklevel=3,
+            )
+        elif int(saved_step) != step:
+            raise ValueError(
+                f"The SRPO teacher state {path} is the teacher of step {saved_step}, but {checkpoint} resumes step "
+                f"{step} ({TRAINER_STATE_FILE}): it was copied from another checkpoint. Put back the teacher file "
+                f"saved with this checkpoint, resume from the checkpoint of step {saved_step}, or delete "
+                f"{os.path.basename(path)} to restart the teacher from the resumed policy."
+            )
+
+    def _teacher_files(self, checkpoint: str) -> list[str]:
+        stem = TEACHER_STATE_FILE.removesuffix(".safetensors")
+        return sorted(f for f in os.listdir(checkpoint) if f.startswith(stem) and f.endswith(".safetensors"))
 
     def _teacher_state_found(self, checkpoint: str, path: str) -> bool:
         """Whether `checkpoint` holds the teacher state at `path` (on every process under ZeRO-3, where each saves its
@@ -110,12 +227,11 @@ class TeacherCheckpointing:
             self._refuse_teacher_in_another_layout(checkpoint, path)
         return found
 
-    @staticmethod
-    def _refuse_teacher_in_another_layout(checkpoint: str, path: str) -> None:
+    def _refuse_teacher_in_another_layout(self, checkpoint: str, path: str) -> None:
         """An error when `checkpoint` holds teacher files other than `path`: ZeRO-3's per-process shards of another
         number of processes, or one whole-teacher file against ZeRO-3's shards (or the other way round)."""
         stem = TEACHER_STATE_FILE.removesuffix(".safetensors")
-        others = sorted(f for f in os.listdir(checkpoint) if f.startswith(stem) and f.endswith(".safetensors"))
+        others = self._teacher_files(checkpoint)
         if not others:
             return
         shards = re.fullmatch(rf"{stem}-rank\d+-of-(\d+)\.safetensors", others[0])

@@ -4,16 +4,19 @@ offline."""
 
 import math
 import os
+import shutil
+import warnings
 
 import pytest
 import torch
 from peft import LoraConfig
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from test_trainer import logged, make_trainer, parameters
 from transformers import TrainerCallback
 
 import srpo_trl.checkpointing
-from srpo_trl.checkpointing import TEACHER_STATE_FILE
+from srpo_trl.checkpointing import TEACHER_STATE_FILE, generation_batch_period, last_complete_checkpoint
 from srpo_trl.teacher import TEACHER_ADAPTER
 
 LORA = dict(r=4, target_modules=["q_proj", "v_proj"])
@@ -45,9 +48,9 @@ def test_a_crash_writing_the_teacher_keeps_the_previous_checkpoint(char_tokenize
     saving = dict(teacher_update_rate=0.3, save_strategy="steps", save_steps=1, save_total_limit=1)
     writes = []
 
-    def crash_on_second_write(tensors, path):
+    def crash_on_second_write(tensors, path, metadata=None):
         writes.append(path)
-        save_file(tensors, path)
+        save_file(tensors, path, metadata)
         if len(writes) == 2:
             with open(path, "r+b") as file:
                 file.truncate(os.path.getsize(path) // 2)
@@ -185,3 +188,76 @@ def test_push_to_hub_uploads_the_policy_with_an_srpo_model_card(char_tokenizer, 
     assert "@article{li2026srpo" in card
     for tag in ("trl", "srpo"):
         assert f"- {tag}\n" in card, tag
+
+
+def test_a_teacher_file_copied_from_another_checkpoint_is_refused(char_tokenizer, tmp_path):
+    make_trainer(char_tokenizer, tmp_path, max_steps=2, save_strategy="steps", save_steps=1).train()
+    first, second = tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"
+    with safe_open(second / TEACHER_STATE_FILE, framework="pt") as file:
+        assert file.metadata() == {"global_step": "2"}
+    shutil.copy(first / TEACHER_STATE_FILE, second / TEACHER_STATE_FILE)  # step 1's teacher beside step 2's policy
+    with pytest.raises(ValueError, match=r"checkpoint-2/srpo_teacher\.safetensors is the teacher of step 1.*step 2"):
+        resume(char_tokenizer, tmp_path, second)
+
+
+def test_a_teacher_file_without_a_step_loads_with_a_warning(char_tokenizer, tmp_path):
+    checkpoint = saved_checkpoint(char_tokenizer, tmp_path)
+    path = checkpoint / TEACHER_STATE_FILE
+    saved = load_file(path)
+    save_file(saved, path)  # as written before the step was recorded
+    with pytest.warns(UserWarning, match=r"srpo_teacher\.safetensors records no step"):
+        resumed = resume(char_tokenizer, tmp_path, checkpoint)
+    assert all(torch.equal(resumed.teacher[name], value) for name, value in saved.items())
+
+
+def test_a_checkpoint_inside_a_generation_batch_warns_that_its_resume_is_not_exact(char_tokenizer, tmp_path):
+    # steps_per_generation=2 over gradient_accumulation_steps=1: a generation batch spans 2 optimizer steps, whose
+    # buffered rollouts no checkpoint holds: checkpoint-1 resumes inexactly, checkpoint-2 exactly.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(
+            char_tokenizer, tmp_path, max_steps=3, save_strategy="steps", save_steps=1, steps_per_generation=2
+        ).train()
+    said = [str(w.message) for w in caught if "middle of a generation batch" in str(w.message)]
+    assert len(said) == 1 and "checkpoint-1" in said[0] and "multiples of 2 steps" in said[0], said
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(char_tokenizer, tmp_path / "aligned", max_steps=2, save_strategy="steps", save_steps=1).train()
+    assert not [w for w in caught if "middle of a generation batch" in str(w.message)]
+
+
+def test_generation_batch_period():
+    assert generation_batch_period(1, 1, 1) == 1
+    assert generation_batch_period(1, 2, 1) == 2
+    assert generation_batch_period(4, 2, 1) == 1  # two generation batches per optimizer step
+    assert generation_batch_period(2, 2, 2) == 2  # each batch reused twice: 4 micro-batches, 2 optimizer steps
+    assert generation_batch_period(4, 6, 1) == 3
+
+
+def test_resume_true_takes_the_newest_complete_checkpoint(char_tokenizer, tmp_path):
+    make_trainer(char_tokenizer, tmp_path, max_steps=1, save_strategy="steps", save_steps=1).train()
+    incomplete = tmp_path / "checkpoint-2"  # a run stopped while writing it (Ctrl-C inside the teacher write)
+    incomplete.mkdir()
+    (incomplete / "model.safetensors").write_bytes(b"")
+    trainer = make_trainer(char_tokenizer, tmp_path, max_steps=2, save_strategy="no")
+    with pytest.warns(UserWarning, match=r"checkpoint-2 lacks trainer_state\.json.*resuming from .*checkpoint-1"):
+        trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 2
+    assert last_complete_checkpoint(str(tmp_path / "none")) == (None, [])
+
+
+def test_resume_with_routing_grpo_says_the_teacher_is_dropped(char_tokenizer, tmp_path):
+    checkpoint = saved_checkpoint(char_tokenizer, tmp_path)
+    trainer = make_trainer(char_tokenizer, tmp_path, max_steps=2, routing="grpo")
+    with pytest.warns(UserWarning, match=r"checkpoint-1 holds an SRPO teacher state \(srpo_teacher\.safetensors\).*"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_a_failed_teacher_write_names_the_file_and_the_fix(char_tokenizer, tmp_path, monkeypatch):
+    def disk_full(tensors, path, metadata=None):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, message: "No space left" })')
+
+    monkeypatch.setattr(srpo_trl.checkpointing, "save_file", disk_full)
+    with pytest.raises(OSError, match=r"Cannot write the SRPO teacher state .*checkpoint-1/srpo_teacher\.safetensors"
+                       r".*No space left.*free disk space.*resume_from_checkpoint=True"):  # fmt: skip
+        make_trainer(char_tokenizer, tmp_path, max_steps=1, save_strategy="steps", save_steps=1).train()
