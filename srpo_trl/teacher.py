@@ -60,6 +60,15 @@ def backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     return lm.base_model, lm.get_output_embeddings()
 
 
+def save_student_adapter_only(policy, student_adapter: str) -> None:
+    """Make the PEFT `policy`'s `save_pretrained` write `student_adapter` alone by default, wherever it is called
+    (`trainer.save_model`, `push_to_hub`, or the user's own `trainer.model.save_pretrained(...)`): PEFT's default
+    saves every adapter, which would publish the teacher's, training state. An explicit `selected_adapters` wins."""
+    policy.save_pretrained = functools.partial(
+        type(policy).save_pretrained, policy, selected_adapters=[student_adapter]
+    )
+
+
 class SelfTeacher:
     """EMA self-teacher of `policy` (an unwrapped model, before Accelerate/DeepSpeed wrapping).
 
@@ -75,7 +84,15 @@ class SelfTeacher:
         self.peft = is_peft(policy)
         if self.peft:
             self.student_adapter = policy.active_adapter
+            if self.student_adapter == TEACHER_ADAPTER:
+                raise ValueError(
+                    f"The PEFT model's active adapter is {TEACHER_ADAPTER!r}, the name SRPO gives its teacher: "
+                    "activate the adapter to train (model.set_adapter(name)) before passing the model."
+                )
+            if TEACHER_ADAPTER in policy.peft_config:  # a model an earlier SRPOTrainer trained: a fresh teacher
+                policy.delete_adapter(TEACHER_ADAPTER)
             policy.add_adapter(TEACHER_ADAPTER, copy.deepcopy(policy.peft_config[self.student_adapter]))
+            save_student_adapter_only(policy, self.student_adapter)
             self.model = policy
             with torch.no_grad():
                 for teacher_weight, student_weight in self._weight_pairs(policy):
@@ -152,21 +169,6 @@ class SelfTeacher:
                 yield self.model
         finally:
             self.model.train(was_training)
-
-    @contextmanager
-    def policy_only_saving(self):
-        """Context in which the PEFT policy's `save_pretrained` writes its own adapter, not every adapter (PEFT's
-        default, which would publish the teacher). A no-op for full fine-tuning: the teacher is a separate model."""
-        if not self.peft:
-            yield
-            return
-        self.model.save_pretrained = functools.partial(
-            self.model.save_pretrained, selected_adapters=[self.student_adapter]
-        )
-        try:
-            yield
-        finally:
-            del self.model.save_pretrained  # back to the class's method
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The teacher's weights (this process's shards under ZeRO-3) at full fp32 precision, by parameter name."""

@@ -11,7 +11,7 @@ The glue, at GRPOTrainer's extension points:
   SDPO tokens, computed from the same forward pass's hidden states (the student's top-k support is picked there, so
   the student needs no pass of its own at scoring), reduced as GRPOTrainer reduces its loss for `loss_type`;
 - checkpoints carry the teacher's fp32 state (`checkpointing.TeacherCheckpointing`: per-process shards under DeepSpeed
-  ZeRO-3 and FSDP2), and `_save` keeps it out of `save_model`/`push_to_hub`.
+  ZeRO-3 and FSDP2); a PEFT policy's `save_pretrained` writes the student's adapter alone (`save_model`, `push_to_hub`).
 Under ZeRO-3 and FSDP2 weights are gathered collectively, so every process makes as many teacher passes and LM-head
 uses as the busiest one (docs/scaling.md). The math lives in `routing.py`, `prompts.py`, `losses.py` and `vocab.py`.
 """
@@ -24,7 +24,7 @@ import os
 import textwrap
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -880,10 +880,3 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         if mode == "train":
             normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
         return normalizer
-
-    # ---- saving: the policy alone (the teacher is training state, in checkpoints: `TeacherCheckpointing`) ----
-
-    def _save(self, output_dir=None, state_dict=None):
-        # `save_model` and `push_to_hub` write the policy: the teacher is training state, kept in checkpoints only.
-        with self.teacher.policy_only_saving() if self.teacher is not None else nullcontext():
-            super()._save(output_dir, state_dict)

@@ -261,3 +261,27 @@ def test_a_failed_teacher_write_names_the_file_and_the_fix(char_tokenizer, tmp_p
     with pytest.raises(OSError, match=r"Cannot write the SRPO teacher state .*checkpoint-1/srpo_teacher\.safetensors"
                        r".*No space left.*free disk space.*resume_from_checkpoint=True"):  # fmt: skip
         make_trainer(char_tokenizer, tmp_path, max_steps=1, save_strategy="steps", save_steps=1).train()
+
+
+def test_lora_save_pretrained_writes_the_policy_adapter_only(char_tokenizer, tmp_path):
+    # The user's own `trainer.model.save_pretrained(...)`, not only Trainer's `save_model`.
+    trainer = make_trainer(char_tokenizer, tmp_path / "run", peft_config=LoraConfig(**LORA), max_steps=1)
+    trainer.train()
+    trainer.model.save_pretrained(str(tmp_path / "saved"))
+    saved = load_file(tmp_path / "saved" / "adapter_model.safetensors")
+    assert saved and not any(TEACHER_ADAPTER in key for key in saved)
+    assert not (tmp_path / "saved" / TEACHER_ADAPTER).exists()
+    trainer.model.save_pretrained(str(tmp_path / "both"), selected_adapters=["default", TEACHER_ADAPTER])
+    assert (tmp_path / "both" / TEACHER_ADAPTER).exists(), "an explicit choice of adapters is the user's"
+
+
+def test_a_lora_model_trained_by_one_trainer_trains_in_another(char_tokenizer, tmp_path):
+    first = make_trainer(char_tokenizer, tmp_path / "first", peft_config=LoraConfig(**LORA), max_steps=1)
+    first.train()
+    second = make_trainer(char_tokenizer, tmp_path / "second", model=first.model, max_steps=1)
+    names = second.teacher.weight_names()
+    student = dict(second.model.named_parameters())
+    for name in names:  # a fresh teacher, at the student's weights (not the first run's EMA)
+        assert torch.equal(student[name], student[name.replace(TEACHER_ADAPTER, "default")]), name
+    second.train()
+    assert list(second.model.peft_config) == ["default", TEACHER_ADAPTER]
