@@ -776,7 +776,8 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         if self.loss_type in LOCAL_TOKEN_LOSS_TYPES:  # bnpo divided by the GRPO tokens; SRPO shares all of them
             grpo_loss = grpo_loss * (grpo_tokens.sum().clamp(min=1) / mask.sum().clamp(min=1))
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1  # per-step share, see method §9
-        self._metrics[mode]["srpo/loss/grpo"].append(self.accelerator.gather(grpo_loss.detach()).mean().item() * scale)
+        grpo_value = self.accelerator.gather(grpo_loss.detach()).mean().item() * scale
+        self._metrics[mode]["srpo/loss/grpo"].append(grpo_value)
         # Under ZeRO-3 the distillation gathers the LM heads, a collective: every process joins, routed rows or not
         # (the cache exists on every process or on none: routing is global).
         cache = self._teacher_cache[mode]
@@ -796,10 +797,24 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
             )
         if mode == "eval":  # one loss per scored eval batch: do not hold its teacher states through training
             self._teacher_cache["eval"] = None
-        self._metrics[mode]["srpo/loss/sdpo"].append(
-            self.accelerator.gather(distillation_loss.detach().float()).mean().item() * scale
-        )
+        distillation_value = self.accelerator.gather(distillation_loss.detach().float()).mean().item() * scale
+        self._metrics[mode]["srpo/loss/sdpo"].append(distillation_value)
+        self._refuse_non_finite_loss(mode, grpo_value, distillation_value)
         return grpo_loss + distillation_loss
+
+    def _refuse_non_finite_loss(self, mode: str, grpo_value: float, distillation_value: float) -> None:
+        """Stop at the first non-finite loss (from the values logged anyway: no extra synchronisation). One backward
+        of it turns the policy and, through the EMA, the teacher to NaN, while Trainer's `logging_nan_inf_filter`
+        would log the step's loss as 0.0. The values are gathered: every process raises alike."""
+        for term, value in (("GRPO", grpo_value), ("distillation", distillation_value)):
+            if not math.isfinite(value):
+                where = f"training step {self.state.global_step + 1}" if mode == "train" else "evaluation"
+                raise FloatingPointError(
+                    f"The SRPO loss's {term} term is {value} at {where}, stopped before the optimizer used it: the "
+                    f"policy{' or the teacher' if term == 'distillation' else ''} has diverged or a reward is "
+                    "extreme. Lower learning_rate (or bound the rewards), and resume from a checkpoint before this "
+                    "step, whose weights are finite."
+                )
 
     @contextmanager
     def _capture_hidden_states(self, model):

@@ -1,0 +1,52 @@
+"""SRPOTrainer at the edges a user meets: groups of one, reward scales, tiny temperatures, short contexts, reused
+models, rewards and prompts of the wrong shape. Tiny local models, a step or two each."""
+
+import math
+
+import pytest
+import torch
+from test_trainer import PROMPTS, first_letter_reward, logged, make_trainer
+
+import srpo_trl.trainer
+
+
+def finite(trainer) -> bool:
+    weights = [*trainer.model.parameters(), *trainer.teacher.model.parameters()]
+    return all(torch.isfinite(w).all() for w in weights)
+
+
+def test_eval_groups_of_one_never_teach_themselves(char_tokenizer, tmp_path):
+    trainer = make_trainer(
+        char_tokenizer,
+        tmp_path,
+        routing="sdpo",
+        max_steps=1,
+        eval_dataset=PROMPTS.select(range(8)),
+        num_generations_eval=1,
+        per_device_eval_batch_size=4,
+        eval_strategy="steps",
+        eval_steps=1,
+    )
+    trainer.train()
+    assert logged(trainer, "eval_srpo/route/correct_frac")[0] > 0, "some eval rollouts are correct"
+    assert logged(trainer, "eval_srpo/teacher_available_frac") == [0.0]
+    assert logged(trainer, "eval_srpo/route/sdpo_frac") == [0.0]
+
+
+def test_a_tiny_weighting_temperature_trains_finite(char_tokenizer, tmp_path):
+    trainer = make_trainer(char_tokenizer, tmp_path, weighting_temperature=1e-39, max_steps=2)
+    trainer.train()
+    assert logged(trainer, "srpo/route/sdpo_frac")[0] > 0, "something is distilled"
+    assert all(math.isfinite(v) for v in logged(trainer, "srpo/loss/sdpo"))
+    assert finite(trainer)
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_the_term(char_tokenizer, tmp_path, monkeypatch):
+    divergence = srpo_trl.trainer.topk_distillation_divergence
+    monkeypatch.setattr(
+        srpo_trl.trainer, "topk_distillation_divergence", lambda *args: divergence(*args) * math.nan
+    )
+    trainer = make_trainer(char_tokenizer, tmp_path, max_steps=2)
+    with pytest.raises(FloatingPointError, match=r"distillation term is nan at training step 1\b"):
+        trainer.train()
+    assert finite(trainer), "the optimizer never applied the NaN gradient"
