@@ -25,7 +25,7 @@ import textwrap
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from accelerate.utils import gather_object
@@ -41,6 +41,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
 
 from .checkpointing import TeacherCheckpointing
 from .config import SRPOConfig
+from .diagnostics import threshold_misfit
 from .losses import (
     LOCAL_TOKEN_LOSS_TYPES,
     aggregate_token_loss,
@@ -123,13 +124,11 @@ class _ScoredRollouts:
 
 @dataclass
 class _RoutingWatch:
-    """What the first training batches' routing looked like (`SRPOTrainer._watch_routing`)."""
+    """What the first training batches' routing saw (`SRPOTrainer._watch_routing`): the rewards it compared and which
+    counted as correct, batch by batch."""
 
-    batches: int = 0
-    any_correct: bool = False
-    any_failed: bool = False
-    low: float = math.inf  # the lowest and highest reward seen
-    high: float = -math.inf
+    rewards: list[torch.Tensor] = field(default_factory=list)
+    correct: list[torch.Tensor] = field(default_factory=list)
 
 
 class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
@@ -465,45 +464,20 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
             self._logs["extra"]["teacher_sibling"].extend(siblings)
 
     def _watch_routing(self, routes: Routes, rewards: torch.Tensor, mode: str) -> None:
-        """Warn once when the first training batches route nothing to the teacher because of the threshold: no
-        rollout correct (`srpo/teacher_available_frac` stays 0, SRPO is plain GRPO) or every rollout correct
-        (`srpo/route/correct_frac` stays 1). Both usually mean `success_reward_threshold` does not fit the rewards."""
+        """Warn once when the first training batches show that `success_reward_threshold` does not fit the rewards
+        (`diagnostics.threshold_misfit`: nothing correct, everything correct, or a threshold on another scale)."""
         watch = self._routing_watch
         if mode != "train" or watch is None:
             return
-        watch.batches += 1
-        watch.any_correct |= bool(routes.correct.any())
-        watch.any_failed |= not bool(routes.correct.all())
-        scored = rewards[~rewards.isnan()]
-        if scored.numel():
-            watch.low, watch.high = min(watch.low, scored.min().item()), max(watch.high, scored.max().item())
-        if watch.batches < ROUTING_WATCH_BATCHES:
+        watch.rewards.append(rewards.detach().cpu())
+        watch.correct.append(routes.correct.cpu())
+        if len(watch.rewards) < ROUTING_WATCH_BATCHES:
             return
         self._routing_watch = None  # checked once
-        if watch.any_correct and watch.any_failed:
-            return
-        threshold = self.args.success_reward_threshold
-        seen = (
-            f"the weighted rewards ranged over [{round(watch.low, 4)}, {round(watch.high, 4)}]"
-            if watch.low <= watch.high
-            else "no rollout was scored"
+        message = threshold_misfit(
+            torch.cat(watch.rewards), torch.cat(watch.correct), self.args.success_reward_threshold, len(watch.rewards)
         )
-        first = f"the first {ROUTING_WATCH_BATCHES} generation batches"
-        if not watch.any_correct:
-            message = (
-                f"No rollout of {first} reached success_reward_threshold={threshold} ({seen}): "
-                "srpo/teacher_available_frac stays 0, nothing is distilled and SRPO trains as plain GRPO. Set "
-                "success_reward_threshold to the reward a correct rollout earns."
-            )
-        else:
-            message = (
-                f"Every rollout of {first} reached success_reward_threshold={threshold} ({seen}): "
-                "srpo/route/correct_frac stays 1 and nothing is distilled. The threshold applies to the weighted sum "
-                "of the reward functions, so with several of them a correct rollout earns more: two 0/1 rewards give "
-                f"up to 2.0. Set success_reward_threshold to what only a correct rollout earns (here perhaps "
-                f"{round(watch.high, 4)}), or weight the rewards with reward_weights."
-            )
-        if self.accelerator.is_main_process:  # every process sees the same global rewards
+        if message is not None and self.accelerator.is_main_process:  # every process sees the same global rewards
             warnings.warn(message, stacklevel=2)
 
     def _warn_once(self, key: str, message: str) -> None:

@@ -43,10 +43,38 @@ def test_a_tiny_weighting_temperature_trains_finite(char_tokenizer, tmp_path):
 
 def test_a_non_finite_loss_stops_training_naming_the_step_and_the_term(char_tokenizer, tmp_path, monkeypatch):
     divergence = srpo_trl.trainer.topk_distillation_divergence
-    monkeypatch.setattr(
-        srpo_trl.trainer, "topk_distillation_divergence", lambda *args: divergence(*args) * math.nan
-    )
+    monkeypatch.setattr(srpo_trl.trainer, "topk_distillation_divergence", lambda *args: divergence(*args) * math.nan)
     trainer = make_trainer(char_tokenizer, tmp_path, max_steps=2)
     with pytest.raises(FloatingPointError, match=r"distillation term is nan at training step 1\b"):
         trainer.train()
     assert finite(trainer), "the optimizer never applied the NaN gradient"
+
+
+def percent_reward(completions, **kwargs):
+    """Partial credit on 0-100: most completions earn some, few earn it all."""
+    return [100.0 * (len(set(c[0]["content"])) % 5) / 4 for c in completions]
+
+
+def test_a_reward_scale_the_threshold_does_not_fit_warns_once(char_tokenizer, tmp_path):
+    trainer = make_trainer(char_tokenizer, tmp_path, reward=percent_reward, max_steps=6)
+    with pytest.warns(UserWarning, match=r"success_reward_threshold=1\.0 looks low.*\[0\.0, 100\.0\].*\d+%") as said:
+        trainer.train()
+    assert len([w for w in said if "looks low" in str(w.message)]) == 1
+
+
+def correct_reward(completions, **kwargs):
+    return first_letter_reward(completions)
+
+
+def test_reward_weights_that_sum_to_one_reach_the_threshold(char_tokenizer, tmp_path):
+    # 0.35 + 0.45 + 0.2 of three rewards of 1 is 0.99999994 in float32: a fully correct rollout, not a failure.
+    trainer = make_trainer(
+        char_tokenizer,
+        tmp_path,
+        reward=[first_letter_reward, correct_reward, correct_reward],
+        reward_weights=[0.35, 0.45, 0.2],
+        max_steps=1,
+    )
+    trainer.train()
+    assert logged(trainer, "srpo/route/correct_frac")[0] > 0
+    assert logged(trainer, "srpo/route/sdpo_frac")[0] > 0
