@@ -69,6 +69,17 @@ def save_student_adapter_only(policy, student_adapter: str) -> None:
     )
 
 
+def context_length(model) -> int | None:
+    """How many positions `model` scores (`max_position_embeddings`, GPT-2's `n_positions`), None when its
+    configuration names no limit."""
+    config = causal_lm(model).config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 class SelfTeacher:
     """EMA self-teacher of `policy` (an unwrapped model, before Accelerate/DeepSpeed wrapping).
 

@@ -58,6 +58,7 @@ from .teacher import (
     SelfTeacherCallback,
     backbone_and_head,
     causal_lm,
+    context_length,
     is_peft,
     local_part,
     shared_prefix_plan,
@@ -186,6 +187,16 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
                 f"({vocab_size}); set distillation_topk <= {vocab_size}."
             )
         self._refuse_inexact_setups()
+        self._context_length = context_length(self.model)
+        if self._context_length is not None and args.max_teacher_prompt_length > self._context_length:
+            warnings.warn(
+                f"SRPOConfig.max_teacher_prompt_length={args.max_teacher_prompt_length} exceeds the model's context "
+                f"({self._context_length} positions): a teacher prompt gets at most the context minus its batch's "
+                "completion length, its demonstration cut to fit, and rollouts whose teacher prompt cannot fit are "
+                "trained as if no sibling were correct. Set max_teacher_prompt_length <= "
+                f"{self._context_length - args.max_completion_length} to say so explicitly.",
+                stacklevel=2,
+            )
         self._logit_scale_and_softcap = logit_scale_and_softcap(causal_lm(self.model).config)
         # transformers 5.18 renamed the forward's `past_key_values` to `cache`
         forward = inspect.signature(type(causal_lm(self.model)).forward).parameters
@@ -395,6 +406,7 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         # A group's routed rows share one teacher prompt (the question, the same sibling): built once. Not with
         # feedback (each row's own) nor tool environments (each row's own tools and observation).
         built = {}
+        budget = self._teacher_prompt_budget(max(map(len, scored.completion_ids), default=0))
         for row in routes.needs_teacher[local].nonzero().squeeze(1).tolist():
             index = routes.sibling[local][row].item()
             key = index if scored.feedback is None and self.environment_factories is None else (index, row)
@@ -411,14 +423,17 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
                         scored.prompts[row],
                         demonstration,
                         functools.partial(self._tokenize_one_prompt, row=row),
-                        self.args.max_teacher_prompt_length,
+                        budget,
                         feedback=None if scored.feedback is None else scored.feedback[row],
                     ),
                 )
             demonstration, ids, kept = built[key]
-            if kept == 0 and demonstration:
+            # Over the setting, a prompt without its demonstration is a teacher that never saw the answer; over the
+            # context, the model cannot score it at all.
+            past_context = budget < self.args.max_teacher_prompt_length and len(ids) > budget
+            if (kept == 0 and demonstration) or past_context:
                 no_room[row] = True
-                self._warn_no_demonstration_room(len(ids))
+                self._warn_no_demonstration_room(len(ids), budget)
             else:
                 truncated[row] = kept < len(demonstration)
                 teacher_prompts.append(ids)
@@ -445,14 +460,33 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
             sibling=torch.where(needs_teacher, routes.sibling, -1),
         )
 
-    def _warn_no_demonstration_room(self, prompt_length: int) -> None:
+    def _teacher_prompt_budget(self, completion_length: int) -> int:
+        """The longest teacher prompt of a batch whose completions are `completion_length` tokens long (padded): the
+        setting, or less where the teacher prompt and the completion would pass the model's context."""
+        if self._context_length is None:
+            return self.args.max_teacher_prompt_length
+        return min(self.args.max_teacher_prompt_length, self._context_length - completion_length)
+
+    def _warn_no_demonstration_room(self, prompt_length: int, budget: int) -> None:
+        consequence = (
+            "Such rollouts are trained as if no sibling were correct (by GRPO under routing='srpo'), not distilled by "
+            "a teacher that never saw the correct answer (counted in srpo/teacher_prompt_dropped_frac)."
+        )
+        if budget < self.args.max_teacher_prompt_length:
+            self._warn_once(
+                "no_context_room",
+                f"The model's context ({self._context_length} positions) minus this batch's completions "
+                f"({self._context_length - budget} tokens) leaves {budget} tokens for the teacher prompt, which takes "
+                f"{prompt_length} tokens without its demonstration (its question, system turns and closing "
+                f"instruction are never cut). {consequence} Use a model with a longer context, a shorter "
+                "max_completion_length, or shorter prompts.",
+            )
+            return
         self._warn_once(
             "no_demonstration_room",
             f"max_teacher_prompt_length={self.args.max_teacher_prompt_length} leaves no room for the demonstration: "
             f"a teacher prompt takes {prompt_length} tokens without it (its question, system turns and closing "
-            "instruction are never cut). Such rollouts are trained as if no sibling were correct (by GRPO under "
-            "routing='srpo'), not distilled by a teacher that never saw the correct answer (counted in "
-            "srpo/teacher_prompt_dropped_frac). Raise "
+            f"instruction are never cut). {consequence} Raise "
             f"max_teacher_prompt_length above {prompt_length} by a demonstration's length, or shorten the prompts.",
         )
 

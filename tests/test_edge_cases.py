@@ -78,3 +78,66 @@ def test_reward_weights_that_sum_to_one_reach_the_threshold(char_tokenizer, tmp_
     trainer.train()
     assert logged(trainer, "srpo/route/correct_frac")[0] > 0
     assert logged(trainer, "srpo/route/sdpo_frac")[0] > 0
+
+
+def widest_teacher_pass(trainer) -> list[int]:
+    """Records the positions each teacher forward pass spans (its attention mask's width: cache plus input)."""
+    widths = []
+
+    def record(module, args, kwargs):
+        widths.append(kwargs["attention_mask"].size(1))
+
+    trainer.teacher.model.register_forward_pre_hook(record, with_kwargs=True)
+    return widths
+
+
+def tiny_gpt2(tokenizer, positions):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=positions,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("positions", [48, 100, 110])
+def test_a_gpt2_with_a_short_context_trains(char_tokenizer, tmp_path, positions):
+    # The teacher prompt without its demonstration is 92 tokens here, the completions 6: at 48 positions no teacher
+    # prompt fits, at 100 none with a demonstration (GRPO, with a warning); at 110 they fit. No pass exceeds the
+    # context (GPT-2's position embeddings end there: an IndexError before).
+    with pytest.warns(
+        UserWarning, match=rf"max_teacher_prompt_length=10240 exceeds the model's context \({positions}"
+    ):
+        trainer = make_trainer(char_tokenizer, tmp_path, model=tiny_gpt2(char_tokenizer, positions), max_steps=1)
+    widths = widest_teacher_pass(trainer)
+    if positions < 110:
+        left = positions - 6
+        with pytest.warns(UserWarning, match=rf"context \({positions} positions\).*leaves {left} tokens.*takes 92"):
+            trainer.train()
+        assert logged(trainer, "srpo/teacher_prompt_dropped_frac") == [1.0]
+    else:
+        trainer.train()
+        assert logged(trainer, "srpo/route/sdpo_frac")[0] > 0
+    assert max(widths, default=0) <= positions
+
+
+def test_a_qwen3_with_a_short_context_scores_within_it(char_tokenizer, tmp_path):
+    from srpo_trl.testbed.model import build_tiny_model
+
+    model = build_tiny_model(char_tokenizer, seed=0)
+    model.config.max_position_embeddings = 110  # RoPE computes any position: nothing but the check stops at 110
+    with pytest.warns(UserWarning, match=r"max_teacher_prompt_length=200 exceeds the model's context \(110 "):
+        trainer = make_trainer(
+            char_tokenizer, tmp_path, model=model, max_steps=1, max_teacher_prompt_length=200, max_completion_length=12
+        )
+    widths = widest_teacher_pass(trainer)
+    trainer.train()
+    assert widths and max(widths) <= 110

@@ -21,7 +21,7 @@ def build_tiny_model(
         num_attention_heads=num_heads,
         num_key_value_heads=max(1, num_heads // 2),
         head_dim=hidden_size // num_heads,
-        max_position_embeddings=2048,
+        max_position_embeddings=16384,  # past SRPOConfig.max_teacher_prompt_length (10240): no context warning
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
