@@ -4,6 +4,10 @@ import copy
 import re
 from collections.abc import Callable
 
+import numpy
+import pyarrow as pa
+import pyarrow.compute as pc
+
 THINK_BLOCK = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
 SOLUTION_TEMPLATE = (
     "{question}\nCorrect solution:\n\n{demonstration}\n{feedback}\nCorrectly solve the original question."
@@ -38,6 +42,65 @@ def teacher_prompt_problem(prompt: str | list[dict]) -> str | None:
             f"{type(content).__name__} (multimodal content is not supported): use text prompts, or routing='grpo'."
         )
     return None
+
+
+def empty_prompt_problem(prompt) -> str | None:
+    """Why GRPOTrainer cannot render `prompt` at all (an empty text or conversation), or None."""
+    if prompt is None or len(prompt) == 0:
+        return (
+            f"the prompt is {prompt!r}: every row needs a question, as a non-empty string or a non-empty list of "
+            "{'role': ..., 'content': ...} messages; drop such rows (dataset.filter(lambda row: row['prompt']))."
+        )
+    return None
+
+
+def prompt_column_problem(column: pa.ChunkedArray, teacher: bool) -> tuple[int, str] | None:
+    """The first row of a dataset's `prompt` column that cannot be trained (empty), or, with `teacher`, that the
+    teacher prompt cannot be built from (`teacher_prompt_problem`), with why; None when every row is fine.
+
+    Column-wise on the Arrow data (fast on millions of rows): the vectorised tests only find candidate rows, and
+    the row-level functions decide on those, in order, so the answer is exactly theirs."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = pc.fill_null(pc.utf8_length(column) if _is_text(column.type) else _list_lengths(column), 0)
+    candidates = numpy.flatnonzero(lengths.to_numpy(zero_copy_only=False) == 0)
+    if teacher and _is_list(column.type):
+        candidates = numpy.union1d(candidates, _rows_whose_user_turn_may_not_be_text(column))
+    for row in candidates.tolist():
+        prompt = column[row].as_py()
+        problem = empty_prompt_problem(prompt) or (teacher_prompt_problem(prompt) if teacher else None)
+        if problem is not None:
+            return row, problem
+    return None
+
+
+def _is_text(arrow_type) -> bool:
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+
+
+def _is_list(arrow_type) -> bool:
+    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
+
+
+def _list_lengths(column: pa.Array) -> pa.Array:
+    if _is_list(column.type):
+        return pc.list_value_length(column)
+    return pa.array(numpy.ones(len(column), dtype=numpy.int64))  # another type: GRPOTrainer's to judge
+
+
+def _rows_whose_user_turn_may_not_be_text(column: pa.Array) -> numpy.ndarray:
+    """Rows without a `user` message, or with a user message whose content is not a string: a superset of the rows
+    `teacher_prompt_problem` refuses (it looks at the last user turn only)."""
+    messages = pc.list_flatten(column)
+    parents = pc.list_parent_indices(column).to_numpy()
+    every_row = numpy.arange(len(column))
+    if not pa.types.is_struct(messages.type) or messages.type.get_field_index("role") < 0:
+        return every_row
+    is_user = pc.fill_null(pc.equal(messages.field("role"), "user"), False).to_numpy(zero_copy_only=False)
+    without_user = numpy.setdiff1d(every_row, parents[is_user])
+    if messages.type.get_field_index("content") < 0 or not _is_text(messages.field("content").type):
+        return every_row  # multimodal content (a list of parts) in every row
+    untext = pc.is_null(messages.field("content")).to_numpy(zero_copy_only=False) & is_user
+    return numpy.union1d(without_user, parents[untext])
 
 
 def build_teacher_prompt(

@@ -51,7 +51,8 @@ from .losses import (
     teacher_entropy_weights,
     topk_distillation_divergence,
 )
-from .prompts import demonstration_from_completion, fit_teacher_prompt, teacher_prompt_problem
+from .prompts import demonstration_from_completion, fit_teacher_prompt, prompt_column_problem
+from .rewards import checked_reward_function
 from .routing import Routes, route_labels, route_rollouts, siblings_to_share
 from .teacher import (
     SelfTeacher,
@@ -68,7 +69,6 @@ from .vllm_cpu import check_cpu_vllm_settings, use_cpu_weight_sync
 from .vocab import Logits, logit_scale_and_softcap, logps_on_support, student_topk_logps, teacher_statistics
 
 FEEDBACK_COLUMN = "feedback"  # the `log_extra` column reward functions write feedback to (`teacher_feedback`)
-PROMPTS_CHECKED = 16  # first rows of each dataset whose prompts are checked at construction
 ROUTING_WATCH_BATCHES = 5  # training generation batches after which routing that never distils is reported
 
 
@@ -177,9 +177,13 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         self._teacher_cache: dict[str, _TeacherCache | None] = {"train": None, "eval": None}
         self._routing_watch = _RoutingWatch()
         self._warned: set[str] = set()  # keys of the warnings given once
+        self.reward_funcs = [
+            checked_reward_function(func, name)
+            for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True)
+        ]
+        self._check_prompts(teacher=args.routing != "grpo")
         if args.routing == "grpo":
             return
-        self._check_prompts()
         vocab_size = causal_lm(self.model).config.get_text_config().vocab_size
         if args.distillation_topk > vocab_size:
             raise ValueError(
@@ -227,22 +231,30 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
                     "refresh, so the teacher would stay at its initial weights. Set zero_hpz_partition_size to 1."
                 )
 
-    def _check_prompts(self) -> None:
-        """The teacher prompt rewrites each prompt's last user turn (method §3): find prompts it cannot rewrite now,
-        not when a rollout of theirs is first routed, maybe hours in. The first rows of map-style datasets only:
-        cheap, and a dataset's prompts share their format (streamed ones are met at routing)."""
+    def _check_prompts(self, teacher: bool) -> None:
+        """Every row of map-style datasets has a prompt GRPOTrainer can render and, with a `teacher`, one the teacher
+        prompt can rewrite (method §3 rewrites the last user turn): found now, column-wise (fast on millions of
+        rows), not when a rollout of theirs is first met, maybe hours in. Streamed datasets are met at routing."""
         named = {"train_dataset": self.train_dataset}
         if isinstance(self.eval_dataset, dict):
             named.update({f"eval_dataset[{key!r}]": dataset for key, dataset in self.eval_dataset.items()})
         else:
             named["eval_dataset"] = self.eval_dataset
         for name, dataset in named.items():
-            if not isinstance(dataset, Dataset) or "prompt" not in dataset.column_names:
+            columns = getattr(dataset, "column_names", None)  # None: a stream that does not know them
+            if columns is not None and "prompt" not in columns:
+                raise ValueError(
+                    f"{name} has no 'prompt' column (its columns: {columns}): GRPOTrainer and SRPO read each row's "
+                    "question from it. Rename the question's column (dataset.rename_column('question', 'prompt')) "
+                    "or map each row to a 'prompt'."
+                )
+            if not isinstance(dataset, Dataset):
                 continue
-            for index, prompt in enumerate(dataset[:PROMPTS_CHECKED]["prompt"]):
-                problem = teacher_prompt_problem(prompt) if isinstance(prompt, list) else None
-                if problem is not None:
-                    raise ValueError(f"{name} row {index}: {problem}")
+            found = prompt_column_problem(
+                dataset.select_columns(["prompt"]).with_format("arrow")[:]["prompt"], teacher
+            )
+            if found is not None:
+                raise ValueError(f"{name} row {found[0]}: {found[1]}")
 
     def _build_teacher(self) -> SelfTeacher:
         # `self.model` is not wrapped yet (Accelerate/DeepSpeed wrap it in `train()`), so a PEFT teacher adapter
