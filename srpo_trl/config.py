@@ -130,6 +130,7 @@ class SRPOConfig(GRPOConfig):
     def __post_init__(self):
         # Before the range checks below, whose comparisons would fail on a wrong type without naming the field.
         self._check_types()
+        self._check_reward_weights()
         # Before GRPOConfig's own check, whose message does not name the field.
         self._check(
             "num_generations",
@@ -177,6 +178,23 @@ class SRPOConfig(GRPOConfig):
                 setattr(self, spec.name, spec.type(value))
             elif spec.type is str and "choices" in spec.metadata:
                 self._check(spec.name, value in spec.metadata["choices"], f"one of {tuple(spec.metadata['choices'])}")
+
+    def _check_reward_weights(self) -> None:
+        """GRPOConfig's `reward_weights` reach the rewards unchecked: a NaN weight makes every weighted reward NaN,
+        which GRPOTrainer's `nansum` turns into 0 (nothing trains, nothing is said); a YAML string fails in torch."""
+        if self.reward_weights is None:
+            return
+        weights = list(self.reward_weights) if isinstance(self.reward_weights, (list, tuple)) else None
+        self._check(
+            "reward_weights",
+            weights is not None
+            and all(
+                isinstance(w, numbers.Real) and not isinstance(w, (bool, numpy.bool_)) and math.isfinite(w)
+                for w in weights
+            ),
+            "a list of finite numbers, one per reward function (e.g. [1.0, 0.5])",
+        )
+        self.reward_weights = [float(w) for w in weights]
 
     def _check(self, name: str, ok: bool, expected: str) -> None:
         if not ok:

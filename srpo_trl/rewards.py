@@ -30,11 +30,11 @@ def _describe(value) -> str:
 
 
 def reward_output_problem(output, completions: int) -> str | None:
-    """What is wrong with a reward function's `output` for `completions` completions, or None. (A wrong length is
-    GRPOTrainer's own, clear, error.)"""
+    """What is wrong with a reward function's `output` (a sequence, as `as_sequence` leaves it) for `completions`
+    completions, or None. (A wrong length is GRPOTrainer's own, clear, error.)"""
     if isinstance(output, (torch.Tensor, numpy.ndarray)):
         return None if output.ndim == 1 else f"returned {_describe(output)}; expected {EXPECTED} ({completions} here)"
-    if isinstance(output, (str, bytes, dict)) or not isinstance(output, (list, tuple)):
+    if not isinstance(output, (list, tuple)):
         return f"returned {_describe(output)}; expected {EXPECTED} ({completions} here)"
     for index, value in enumerate(output):
         if not _is_reward(value):
@@ -45,10 +45,24 @@ def reward_output_problem(output, completions: int) -> str | None:
     return None
 
 
-def _raise_on_problem(name: str, output, completions) -> None:
+def as_sequence(output):
+    """A reward function's output as GRPOTrainer may iterate it more than once: other iterables (a generator, a
+    pandas Series) become a list, as GRPOTrainer's own iteration makes them; text, mappings and scalars stay, to be
+    refused."""
+    if isinstance(output, (list, tuple, torch.Tensor, numpy.ndarray, str, bytes, dict)):
+        return output
+    try:
+        return list(output)
+    except TypeError:  # not iterable: a bare number, None
+        return output
+
+
+def _checked_output(name: str, output, completions):
+    output = as_sequence(output)
     problem = reward_output_problem(output, len(completions))
     if problem is not None:
         raise TypeError(f"The reward function '{name}' {problem}.")
+    return output
 
 
 def checked_reward_function(func, name: str):
@@ -60,16 +74,12 @@ def checked_reward_function(func, name: str):
 
         @functools.wraps(func)
         async def checked_async(*args, **kwargs):
-            output = await func(*args, **kwargs)
-            _raise_on_problem(name, output, kwargs["completions"])
-            return output
+            return _checked_output(name, await func(*args, **kwargs), kwargs["completions"])
 
         return checked_async
 
     @functools.wraps(func)
     def checked(*args, **kwargs):
-        output = func(*args, **kwargs)
-        _raise_on_problem(name, output, kwargs["completions"])
-        return output
+        return _checked_output(name, func(*args, **kwargs), kwargs["completions"])
 
     return checked

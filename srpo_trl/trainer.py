@@ -250,6 +250,8 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
                 )
             if not isinstance(dataset, Dataset):
                 continue
+            if len(dataset) == 0:
+                raise ValueError(f"{name} has no rows: check the split and any filter applied to it.")
             found = prompt_column_problem(
                 dataset.select_columns(["prompt"]).with_format("arrow")[:]["prompt"], teacher
             )

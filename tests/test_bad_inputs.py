@@ -11,6 +11,7 @@ gave 21 clear errors, 1 warning, 19 fine, 11 unclear errors, 24 silent. Since th
 """
 
 import contextlib
+import copy
 import io
 import math
 import re
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from datasets import Dataset, IterableDataset
@@ -298,7 +300,7 @@ def teacher_write_fails_at_the_second_save(tokenizer, tmp_path):
     srpo_trl.checkpointing.save_file = failing_save_file
     try:
         args = dict(save_strategy="steps", save_steps=1, save_total_limit=1, max_steps=2)
-        with pytest.raises(DiskFull):
+        with pytest.raises(OSError, match=r"Cannot write the SRPO teacher state .*checkpoint-2.*No space left"):
             trained(tokenizer, tmp_path / "run", **args)
     finally:
         srpo_trl.checkpointing.save_file = real_save_file
@@ -326,6 +328,292 @@ def resume_restores_the_teacher(tokenizer, tmp_path):
 
 def grpo_config_given(tokenizer, tmp_path):
     SRPOTrainer(build_tiny_model(tokenizer), first_letter_reward, args=make_args(tmp_path, GRPOConfig))
+
+
+# ---- the second sweep (issue 22): groups of one, reward scales, contexts, stale files, reused models, shapes ----
+
+
+def logged_after(key, check):
+    """`check(values)` on the logged values of `key`."""
+    return lambda trainer: check(logged(trainer, key))
+
+
+def eval_groups_of_one(tokenizer, tmp_path):
+    trainer = trained(
+        tokenizer, tmp_path, routing="sdpo", eval_dataset=PROMPTS.select(range(8)), num_generations_eval=1,
+        per_device_eval_batch_size=4, eval_strategy="steps", eval_steps=1,
+    )  # fmt: skip
+    assert logged(trainer, "eval_srpo/route/sdpo_frac") == [0.0], "a group of one has no sibling to teach it"
+
+
+def percent_reward(completions, **kwargs):
+    return [100.0 * (len(set(c[0]["content"])) % 5) / 4 for c in completions]
+
+
+def returns(value):
+    """A reward function named after what it returns."""
+
+    def reward(completions, **kwargs):
+        return value(completions) if callable(value) else value
+
+    return reward
+
+
+def named(function, name):
+    function.__name__ = name
+    return function
+
+
+async def async_float_reward(completions, **kwargs):
+    return 0.5
+
+
+def generator_reward(completions, **kwargs):
+    return (r for r in first_letter_reward(completions))
+
+
+def no_prompt_column(routing="srpo"):
+    return build(dataset=PROMPTS.rename_column("prompt", "question"), routing=routing)
+
+
+def rows_with(bad_row, at, count=40, text=False):
+    good = (lambda i: f"Spell {i}") if text else (lambda i: [{"role": "user", "content": f"Spell {i}"}])
+    return Dataset.from_dict({"prompt": [bad_row if i == at else good(i) for i in range(count)]})
+
+
+def without_system_turns(tokenizer):
+    stripped = copy.deepcopy(tokenizer)  # not the shared fixture
+    stripped.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'system' %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return stripped
+
+
+def with_tokenizer(change, **settings):
+    """Trained with `change(tokenizer)` instead of the shared tokenizer."""
+
+    def run(tokenizer, tmp_path):
+        model = build_tiny_model(tokenizer, seed=0)
+        args = make_args(tmp_path, **dict(dict(max_steps=1), **settings.pop("args", {})))
+        SRPOTrainer(model, first_letter_reward, args=args, processing_class=change(tokenizer), **settings).train()
+
+    return run
+
+
+def without_pad_token(tokenizer):
+    stripped = copy.deepcopy(tokenizer)
+    stripped.pad_token = None
+    return stripped
+
+
+def short_context(kind, positions):
+    """An SRPOTrainer over a model of `positions` positions (GPT-2's `n_positions`, Qwen3's
+    `max_position_embeddings`), trained one step; no teacher pass may span more positions."""
+
+    def run(tokenizer, tmp_path):
+        if kind == "gpt2":
+            from transformers import GPT2Config, GPT2LMHeadModel
+
+            config = GPT2Config(
+                vocab_size=len(tokenizer), n_positions=positions, n_embd=32, n_layer=2, n_head=2,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )  # fmt: skip
+            torch.manual_seed(0)
+            model = GPT2LMHeadModel(config)
+        else:
+            model = build_tiny_model(tokenizer, seed=0)
+            model.config.max_position_embeddings = positions
+        args = make_args(tmp_path, max_steps=1, max_completion_length=12)
+        trainer = SRPOTrainer(model, first_letter_reward, args=args, train_dataset=PROMPTS, processing_class=tokenizer)
+        widths = []
+        trainer.teacher.model.register_forward_pre_hook(
+            lambda module, args, kwargs: widths.append(kwargs["attention_mask"].size(1)), with_kwargs=True
+        )
+        trainer.train()
+        assert max(widths, default=0) <= positions, f"a teacher pass spans {max(widths)} > {positions} positions"
+
+    return run
+
+
+def copy_teacher_from_first_checkpoint(tokenizer, tmp_path):
+    trained(tokenizer, tmp_path / "run", save_strategy="steps", save_steps=1, max_steps=2)
+    run = tmp_path / "run"
+    shutil.copy(run / "checkpoint-1" / TEACHER_FILE, run / "checkpoint-2" / TEACHER_FILE)
+    resume(tokenizer, run, run / "checkpoint-2")
+
+
+def drop_teacher_step(checkpoint):
+    save_file(load_file(checkpoint / TEACHER_FILE), checkpoint / TEACHER_FILE)  # no metadata, as older files
+
+
+def checkpoint_mid_generation_batch(tokenizer, tmp_path):
+    trained(tokenizer, tmp_path, save_strategy="steps", save_steps=1, max_steps=2, steps_per_generation=2)
+
+
+def resume_true_after_a_cut_checkpoint(tokenizer, tmp_path):
+    checkpoint = checkpointed(tokenizer, tmp_path)
+    cut = checkpoint.parent / "checkpoint-2"
+    cut.mkdir()
+    (cut / "model.safetensors").write_bytes(b"")
+    trainer = built(tokenizer, checkpoint.parent, max_steps=2)
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 2
+
+
+def resume_srpo_checkpoint_as_grpo(tokenizer, tmp_path):
+    checkpoint = checkpointed(tokenizer, tmp_path)
+    built(tokenizer, checkpoint.parent, max_steps=2, routing="grpo").train(resume_from_checkpoint=str(checkpoint))
+
+
+def teacher_write_without_space(tokenizer, tmp_path):
+    from safetensors import SafetensorError
+
+    import srpo_trl.checkpointing
+
+    def no_space(tensors, path, metadata=None):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, message: "No space left on device" })')
+
+    real_save_file, srpo_trl.checkpointing.save_file = srpo_trl.checkpointing.save_file, no_space
+    try:
+        trained(tokenizer, tmp_path, save_strategy="steps", save_steps=1)
+    finally:
+        srpo_trl.checkpointing.save_file = real_save_file
+
+
+def lora_model_reused(tokenizer, tmp_path):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    first = SRPOTrainer(
+        build_tiny_model(tokenizer, seed=0), first_letter_reward, args=make_args(tmp_path / "a", max_steps=1),
+        train_dataset=PROMPTS, processing_class=tokenizer, peft_config=lora,
+    )  # fmt: skip
+    first.train()
+    second = SRPOTrainer(
+        first.model, first_letter_reward, args=make_args(tmp_path / "b", max_steps=1), train_dataset=PROMPTS,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    second.train()
+    second.model.save_pretrained(str(tmp_path / "saved"))
+    saved = load_file(tmp_path / "saved" / "adapter_model.safetensors")
+    assert not any("srpo_teacher" in key for key in saved), "save_pretrained published the teacher adapter"
+
+
+def finite_weights(trainer):
+    finite_loss(trainer)
+    assert all(torch.isfinite(p).all() for p in trainer.teacher.model.parameters()), "the teacher is non-finite"
+
+
+SECOND_SWEEP = [
+    # ---- SRPOConfig: numpy scalars, reward weights, extreme values ----
+    Case("distillation_topk=np.int64(8)", "fine", "", config(distillation_topk=numpy.int64(8))),
+    Case("teacher_update_rate=np.float32(0.5)", "fine", "", config(teacher_update_rate=numpy.float32(0.5))),
+    Case("dynamic_weighting=np.bool_(False)", "fine", "", config(dynamic_weighting=numpy.bool_(False))),
+    Case("distillation_topk=np.float64(8)", "error", r"SRPOConfig\.distillation_topk must be an integer",
+         config(distillation_topk=numpy.float64(8))),
+    Case("reward_weights=[nan]", "error", r"SRPOConfig\.reward_weights must be a list of finite numbers.*nan",
+         config(reward_weights=[math.nan])),
+    Case("reward_weights=[inf, 1]", "error", r"SRPOConfig\.reward_weights must be .*inf",
+         config(reward_weights=[math.inf, 1.0])),
+    Case("reward_weights=['0.5'] (YAML)", "error", r"SRPOConfig\.reward_weights must be .*'0\.5'",
+         config(reward_weights=["0.5"])),
+    Case("reward_weights=0.5 (not a list)", "error", r"SRPOConfig\.reward_weights must be a list",
+         config(reward_weights=0.5)),
+    Case("reward_weights of the wrong length", "error", r"reward weights \(2\) must match .* reward functions \(1\)",
+         train(reward_weights=[1.0, 2.0])),
+    Case("reward_weights negative", "fine", "", train(reward_weights=[-1.0], check=finite_loss)),
+    Case("reward_weights summing to 1", "fine", "",
+         train(reward=[first_letter_reward, named(returns(first_letter_reward), "same"),
+                       named(returns(first_letter_reward), "again")], reward_weights=[0.35, 0.45, 0.2],
+               check=logged_after("srpo/route/sdpo_frac", lambda v: v[0] > 0))),
+    Case("weighting_temperature=1e-39", "fine", "", train(weighting_temperature=1e-39, check=finite_weights)),
+    Case("weighting_temperature=5e-324", "fine", "", train(weighting_temperature=5e-324, check=finite_weights)),
+    Case("weighting_temperature=1e300", "fine", "", train(weighting_temperature=1e300, check=finite_weights)),
+    Case("num_generations=3, batch 8", "error", r"divisible by num_generations \(3\)", config(num_generations=3)),
+    Case("threshold below every reward", "warning", r"Every rollout .*success_reward_threshold=-1\.0",
+         train(success_reward_threshold=-1.0, max_steps=5)),
+    # ---- routing: groups of one, scales ----
+    Case("num_generations_eval=1", "fine", "", eval_groups_of_one),
+    Case("rewards on 0-100, threshold 1", "warning", r"success_reward_threshold=1\.0 looks low.*\[0\.0, 100\.0\]",
+         train(reward=percent_reward, max_steps=5)),
+    Case("rewards on 0-100, threshold 100", "fine", r"success_reward_threshold",
+         train(reward=percent_reward, max_steps=5, success_reward_threshold=100.0)),
+    # ---- datasets ----
+    Case("no prompt column", "error", r"train_dataset has no 'prompt' column \(its columns: \['question'\]\)",
+         no_prompt_column()),
+    Case("no prompt column, routing=grpo", "error", r"train_dataset has no 'prompt' column",
+         no_prompt_column("grpo")),
+    Case("eval_dataset without prompt column", "error", r"eval_dataset has no 'prompt' column",
+         build(eval_dataset=PROMPTS.rename_column("prompt", "q"))),
+    Case("zero rows", "error", r"train_dataset has no rows", build(dataset=PROMPTS.select([]))),
+    Case("empty plain-text prompt, row 30", "error", r"train_dataset row 30: the prompt is ''",
+         build(dataset=rows_with("", 30, text=True), reward=plain_first_letter_reward)),
+    Case("empty plain-text prompt, routing=grpo", "error", r"row 30: the prompt is ''",
+         build(dataset=rows_with("", 30, text=True), routing="grpo")),
+    Case("empty conversation", "error", r"train_dataset row 3: the prompt is \[\]", build(dataset=rows_with([], 3))),
+    Case("prompt None", "error", r"train_dataset row 5: the prompt is None",
+         build(dataset=rows_with(None, 5, text=True))),
+    Case("system-only row past row 16", "error", r"train_dataset row 33: .*no user turn.*\['system'\]",
+         build(dataset=rows_with([{"role": "system", "content": "Spell a"}], 33))),
+    Case("user content None, row 20", "error", r"train_dataset row 20: .*must be a string; got NoneType",
+         build(dataset=rows_with([{"role": "user", "content": None}], 20))),
+    Case("bad row after a shuffle", "error", r"train_dataset row \d+: .*no user turn",
+         build(dataset=rows_with([{"role": "system", "content": "Spell a"}], 33).shuffle(seed=1))),
+    Case("eval_dataset dict, one bad", "error", r"eval_dataset\['b'\] row 0: .*no user turn",
+         build(eval_dataset={"a": PROMPTS, "b": SYSTEM_ONLY})),
+    Case("prompt of 3000 characters", "fine", "",
+         train(dataset=Dataset.from_dict({"prompt": [[{"role": "user", "content": "Spell " + "x" * 3000}]] * 16}),
+               check=finite_loss)),
+    Case("tokenizer without pad token", "fine", "", with_tokenizer(without_pad_token, train_dataset=PROMPTS)),
+    Case("chat template dropping system turns", "fine", "",
+         with_tokenizer(without_system_turns, train_dataset=WITH_SYSTEM)),
+    Case("the same reward function twice", "fine", "", train(reward=[first_letter_reward, first_letter_reward])),
+    # ---- rewards of the wrong shape ----
+    Case("reward bare float", "error", r"'float_reward' returned 0\.5 \(float\); expected a list",
+         train(reward=named(returns(0.5), "float_reward"))),
+    Case("reward bare None", "error", r"'none_reward' returned None \(NoneType\)",
+         train(reward=named(returns(None), "none_reward"))),
+    Case("reward strings", "error", r"'strings_reward' returned a list whose element 0 is '1' \(str\)",
+         train(reward=named(returns(lambda cs: ["1"] * len(cs)), "strings_reward"))),
+    Case("reward one string", "error", r"'text_reward' returned '1\.0' \(str\)",
+         train(reward=named(returns("1.0"), "text_reward"))),
+    Case("reward (n, 1) array", "error", r"'column_reward' returned a ndarray of shape \(8, 1\)",
+         train(reward=named(returns(lambda cs: numpy.ones((len(cs), 1))), "column_reward"))),
+    Case("reward list of lists", "error", r"'nested_reward' returned a list whose element 0 is \[1\.0\]",
+         train(reward=named(returns(lambda cs: [[1.0]] * len(cs)), "nested_reward"))),
+    Case("reward dict", "error", r"'dict_reward' returned \{.*\(dict\)",
+         train(reward=named(returns(lambda cs: {"score": [1.0] * len(cs)}), "dict_reward"))),
+    Case("reward async bare float", "error", r"'async_float_reward' returned 0\.5", train(reward=async_float_reward)),
+    Case("reward generator", "fine", "", train(reward=generator_reward, check=finite_loss)),
+    Case("reward numpy array", "fine", "",
+         train(reward=named(returns(lambda cs: numpy.array(first_letter_reward(cs))), "array"), check=finite_loss)),
+    Case("reward torch tensor", "fine", "",
+         train(reward=named(returns(lambda cs: torch.tensor(first_letter_reward(cs))), "tensor"), check=finite_loss)),
+    Case("reward numpy scalars", "fine", "",
+         train(reward=named(returns(lambda cs: [numpy.float32(r) for r in first_letter_reward(cs)]), "np"),
+               check=finite_loss)),
+    Case("reward all None", "fine", "", train(reward=named(returns(lambda cs: [None] * len(cs)), "none"))),
+    # ---- the model's context ----
+    Case("GPT-2 of 48 positions", "warning", r"max_teacher_prompt_length=10240 exceeds the model's context \(48",
+         short_context("gpt2", 48)),
+    Case("GPT-2 of 120 positions", "warning", r"exceeds the model's context \(120", short_context("gpt2", 120)),
+    Case("Qwen3 of 110 positions", "warning", r"exceeds the model's context \(110", short_context("qwen3", 110)),
+    # ---- checkpoints ----
+    Case("teacher file from another step", "error", r"checkpoint-2/srpo_teacher\.safetensors is the teacher of step 1",
+         copy_teacher_from_first_checkpoint),
+    Case("teacher file without a step", "warning", r"srpo_teacher\.safetensors records no step",
+         resume_after(drop_teacher_step)),
+    Case("checkpoint inside a generation batch", "warning", r"checkpoint-1 is written in the middle of a generation",
+         checkpoint_mid_generation_batch),
+    Case("resume=True after a cut checkpoint", "warning", r"checkpoint-2 lacks trainer_state\.json.*checkpoint-1",
+         resume_true_after_a_cut_checkpoint),
+    Case("SRPO checkpoint resumed as GRPO", "warning", r"holds an SRPO teacher state.*routing='grpo'",
+         resume_srpo_checkpoint_as_grpo),
+    Case("teacher write: no space left", "error", r"Cannot write the SRPO teacher state .*checkpoint-1.*No space left"
+         r".*free disk space", teacher_write_without_space),
+    Case("LoRA model reused, saved", "fine", "", lora_model_reused),
+]  # fmt: skip
 
 
 CASES = [
@@ -470,6 +758,7 @@ CASES = [
     Case("GRPOTrainer checkpoint", "warning", r"restarts from the resumed policy", resume_from_grpo_checkpoint),
     Case("ZeRO-3 teacher files, one process", "error", r"srpo_teacher-rank0-of-2\.safetensors.*2 processes.*ZeRO-3",
          resume_after(rename_teacher_file("srpo_teacher-rank0-of-2.safetensors"))),
+    *SECOND_SWEEP,
 ]  # fmt: skip
 
 
