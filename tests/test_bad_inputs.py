@@ -418,6 +418,7 @@ def short_context(kind, positions):
             config = GPT2Config(
                 vocab_size=len(tokenizer), n_positions=positions, n_embd=32, n_layer=2, n_head=2,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.eos_token_id,
             )  # fmt: skip
             torch.manual_seed(0)
             model = GPT2LMHeadModel(config)

@@ -7,6 +7,7 @@ import numpy
 import pytest
 import torch
 from datasets import Dataset
+from test_bad_inputs import built
 from test_trainer import PROMPTS, first_letter_reward, logged, make_trainer
 
 import srpo_trl.trainer
@@ -145,26 +146,11 @@ def test_a_qwen3_with_a_short_context_scores_within_it(char_tokenizer, tmp_path)
     assert widths and max(widths) <= 110
 
 
-def build(char_tokenizer, tmp_path, dataset=PROMPTS, reward=first_letter_reward, **overrides):
-    from test_trainer import make_args
-
-    from srpo_trl import SRPOTrainer
-    from srpo_trl.testbed.model import build_tiny_model
-
-    return SRPOTrainer(
-        build_tiny_model(char_tokenizer, seed=0),
-        reward_funcs=reward,
-        args=make_args(tmp_path, **dict(dict(max_steps=1), **overrides)),
-        train_dataset=dataset,
-        processing_class=char_tokenizer,
-    )
-
-
 @pytest.mark.parametrize("routing", ["srpo", "grpo"])
 def test_a_dataset_without_a_prompt_column_fails_at_construction(char_tokenizer, tmp_path, routing):
     questions = PROMPTS.rename_column("prompt", "question")
     with pytest.raises(ValueError, match=r"train_dataset has no 'prompt' column \(its columns: \['question'\]\)"):
-        build(char_tokenizer, tmp_path, dataset=questions, routing=routing)
+        built(char_tokenizer, tmp_path, dataset=questions, routing=routing)
 
 
 @pytest.mark.parametrize("routing", ["srpo", "grpo"])
@@ -172,15 +158,15 @@ def test_an_empty_prompt_fails_at_construction_naming_its_row(char_tokenizer, tm
     texts = Dataset.from_dict({"prompt": [f"Spell {i}" for i in range(200)]})
     texts = texts.map(lambda row, i: {"prompt": "" if i == 150 else row["prompt"]}, with_indices=True)
     with pytest.raises(ValueError, match=r"train_dataset row 150: the prompt is ''"):
-        build(char_tokenizer, tmp_path, dataset=texts, routing=routing)
+        built(char_tokenizer, tmp_path, dataset=texts, routing=routing)
 
 
 def test_a_prompt_without_a_user_turn_far_into_the_dataset_fails_at_construction(char_tokenizer, tmp_path):
     rows = [[{"role": "user", "content": f"Spell {i}"}] for i in range(300)]
     rows[250] = [{"role": "system", "content": "Spell it"}]
     with pytest.raises(ValueError, match=r"train_dataset row 250: .*no user turn \(roles found: \['system'\]\)"):
-        build(char_tokenizer, tmp_path, dataset=Dataset.from_dict({"prompt": rows}))
-    build(char_tokenizer, tmp_path, dataset=Dataset.from_dict({"prompt": rows}), routing="grpo")
+        built(char_tokenizer, tmp_path, dataset=Dataset.from_dict({"prompt": rows}))
+    built(char_tokenizer, tmp_path, dataset=Dataset.from_dict({"prompt": rows}), routing="grpo")
 
 
 def bare_float_reward(completions, **kwargs):
@@ -222,8 +208,8 @@ def test_a_reward_of_the_wrong_shape_names_the_function_and_what_it_returned(
     char_tokenizer, tmp_path, reward, message
 ):
     with pytest.raises(TypeError, match=message):
-        build(char_tokenizer, tmp_path, reward=reward).train()
+        built(char_tokenizer, tmp_path, reward=reward).train()
 
 
 def test_rewards_as_arrays_and_numpy_numbers_train(char_tokenizer, tmp_path):
-    build(char_tokenizer, tmp_path, reward=array_reward).train()
+    built(char_tokenizer, tmp_path, reward=array_reward).train()
