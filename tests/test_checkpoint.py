@@ -16,7 +16,7 @@ from test_trainer import logged, make_trainer, parameters
 from transformers import TrainerCallback
 
 import srpo_trl.checkpointing
-from srpo_trl.checkpointing import TEACHER_STATE_FILE, generation_batch_period, last_complete_checkpoint
+from srpo_trl.checkpointing import TEACHER_STATE_FILE
 from srpo_trl.teacher import TEACHER_ADAPTER
 
 LORA = dict(r=4, target_modules=["q_proj", "v_proj"])
@@ -227,11 +227,14 @@ def test_a_checkpoint_inside_a_generation_batch_warns_that_its_resume_is_not_exa
 
 
 def test_generation_batch_period():
-    assert generation_batch_period(1, 1, 1) == 1
-    assert generation_batch_period(1, 2, 1) == 2
-    assert generation_batch_period(4, 2, 1) == 1  # two generation batches per optimizer step
-    assert generation_batch_period(2, 2, 2) == 2  # each batch reused twice: 4 micro-batches, 2 optimizer steps
-    assert generation_batch_period(4, 6, 1) == 3
+    period = (
+        srpo_trl.checkpointing.generation_batch_period
+    )  # (gradient accumulation, steps per generation, iterations)
+    assert period(1, 1, 1) == 1
+    assert period(1, 2, 1) == 2
+    assert period(4, 2, 1) == 1  # two generation batches per optimizer step
+    assert period(2, 2, 2) == 2  # each batch reused twice: 4 micro-batches, 2 optimizer steps
+    assert period(4, 6, 1) == 3
 
 
 def test_resume_true_takes_the_newest_complete_checkpoint(char_tokenizer, tmp_path):
@@ -243,7 +246,7 @@ def test_resume_true_takes_the_newest_complete_checkpoint(char_tokenizer, tmp_pa
     with pytest.warns(UserWarning, match=r"checkpoint-2 lacks trainer_state\.json.*resuming from .*checkpoint-1"):
         trainer.train(resume_from_checkpoint=True)
     assert trainer.state.global_step == 2
-    assert last_complete_checkpoint(str(tmp_path / "none")) == (None, [])
+    assert srpo_trl.checkpointing.last_complete_checkpoint(str(tmp_path / "none")) == (None, [])
 
 
 def test_resume_with_routing_grpo_says_the_teacher_is_dropped(char_tokenizer, tmp_path):
