@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
+from .compat import adopt_activation_checkpointing_name
 from .routing import ROUTING_MODES
 
 
@@ -126,6 +127,7 @@ class SRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        adopt_activation_checkpointing_name(self)
         # Before the range checks below, whose comparisons would fail on a wrong type without naming the field.
         self._check_types()
         # Before GRPOConfig's own check, whose message does not name the field.

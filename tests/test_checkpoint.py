@@ -10,11 +10,12 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from test_trainer import logged, make_trainer, parameters
-from transformers import TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 import srpo_trl.checkpointing
 from srpo_trl.checkpointing import TEACHER_STATE_FILE
 from srpo_trl.teacher import TEACHER_ADAPTER
+from srpo_trl.testbed.model import build_tiny_model
 
 LORA = dict(r=4, target_modules=["q_proj", "v_proj"])
 
@@ -185,3 +186,16 @@ def test_push_to_hub_uploads_the_policy_with_an_srpo_model_card(char_tokenizer, 
     assert "@article{li2026srpo" in card
     for tag in ("trl", "srpo"):
         assert f"- {tag}\n" in card, tag
+
+
+def test_save_model_writes_a_model_card_that_names_a_local_base_model(char_tokenizer, tmp_path):
+    base = tmp_path / "base"
+    build_tiny_model(char_tokenizer, seed=0).save_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    trainer = make_trainer(char_tokenizer, tmp_path / "run", model=model, max_steps=1)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "Sample-Routed Policy Optimization" in card
+    assert f"a fine-tuned version of the local model `{base}`" in card
+    assert "[None]" not in card
