@@ -161,8 +161,9 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
             args = SRPOConfig(f"{str(name).split('/')[-1]}-SRPO")
         elif not isinstance(args, SRPOConfig):
             raise TypeError(
-                f"SRPOTrainer needs an SRPOConfig, got {type(args).__name__}; build one with "
-                "SRPOConfig(**your_config.to_dict()) or pass routing='grpo' for plain GRPO."
+                f"SRPOTrainer needs an SRPOConfig, got {type(args).__name__}; convert it with "
+                "SRPOConfig.from_grpo_config(your_config), which keeps what you set and takes SRPO's defaults for "
+                "the rest (pass routing='grpo' for plain GRPO)."
             )
         if args.routing != "grpo" and _fsdp_version(args) == 1:  # before the model loads and vLLM starts
             raise NotImplementedError(
