@@ -95,7 +95,6 @@ def main(script_args: SRPOScriptArguments, training_args: SRPOConfig, model_args
         test_dataset = _first(load_task_dataset(script_args.task, "test", **load), script_args.max_eval_samples)
         trainer.add_callback(
             BestWithinBudgetsCallback(
-                trainer,
                 test_dataset,
                 eval_steps=script_args.eval_every_steps,
                 budgets_hours=script_args.eval_budgets_hours,

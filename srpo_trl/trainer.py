@@ -41,6 +41,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
 
 from .checkpointing import TeacherCheckpointing
 from .config import SRPOConfig
+from .evaluation import bind_evaluation_callbacks
 from .losses import (
     LOCAL_TOKEN_LOSS_TYPES,
     aggregate_token_loss,
@@ -173,6 +174,7 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
             )
         check_cpu_vllm_settings(args)  # before GRPOTrainer starts vLLM: the CPU backend has no sleep mode
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        bind_evaluation_callbacks(self)  # evaluation callbacks given in `callbacks=[...]` need the trainer
         use_cpu_weight_sync(self)  # vLLM colocate on a CPU engine: weight sync through vLLM's reload path
         self.teacher = None
         self._teacher_cache: dict[str, _TeacherCache | None] = {"train": None, "eval": None}
@@ -194,6 +196,10 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         self._cache_argument = "cache" if "cache" in forward else "past_key_values"
         self.teacher = self._build_teacher()
         self.add_callback(SelfTeacherCallback(self))
+
+    def add_callback(self, callback) -> None:
+        super().add_callback(callback)
+        bind_evaluation_callbacks(self)
 
     def _refuse_inexact_setups(self) -> None:
         """Settings under which SRPO's objective would be silently wrong, refused before anything trains."""
