@@ -132,7 +132,12 @@ class SRPOParser(TrlParser):
     """`TrlParser` over [`SRPOScriptArguments`], [`SRPOConfig`] and `ModelConfig`, its `--help` in titled groups:
     data and rewards, SRPO, model, then GRPO and the `Trainer`'s (about 200 fields) last."""
 
-    GROUPS = ("Data, rewards and evaluation", "SRPO (SRPOConfig)", "Model (trl.ModelConfig)", "GRPO and training")
+    GROUPS = (
+        "Data, rewards and evaluation",
+        "SRPO (SRPOConfig)",
+        "Model (trl.ModelConfig)",
+        "GRPO and training (trl.GRPOConfig)",
+    )
 
     def __init__(self):
         super().__init__(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from srpo_trl.cli import SRPOParser, parse_args, resolve_reward_funcs
+from srpo_trl.cli import parse_args, resolve_reward_funcs
 from srpo_trl.tasks import multiple_choice_reward, tool_use_reward
 from srpo_trl.train import cli, main
 
@@ -36,9 +36,14 @@ def test_help_starts_with_a_description_and_an_example_and_lists_srpo_before_grp
         < text.index("python -m srpo_trl.train --config")
         < text.index("  -h, --help")
     )
-    groups = ["Data, rewards and evaluation:", "SRPO (SRPOConfig):", "Model (trl.ModelConfig):", "GRPO and training:"]
+    groups = [
+        "Data, rewards and evaluation:",
+        "SRPO (SRPOConfig):",
+        "Model (trl.ModelConfig):",
+        "GRPO and training (trl.GRPOConfig):",
+    ]
     assert [text.index(group) for group in groups] == sorted(text.index(group) for group in groups)
-    srpo, grpo = text.index("SRPO (SRPOConfig):"), text.index("GRPO and training:")
+    srpo, grpo = text.index("SRPO (SRPOConfig):"), text.index("GRPO and training (trl.GRPOConfig):")
     for name in ("--routing", "--success_reward_threshold", "--learning_rate", "--scale_rewards"):
         assert srpo < text.index(f"  {name} ") < grpo  # the paper's defaults of GRPO fields sit with SRPO's
     assert text.index("  --num_generations ") > grpo and text.index("  --dataset_name ") < srpo
@@ -136,10 +141,15 @@ def test_a_missing_test_split_turns_avg_at_k_off_unless_asked_for(tmp_path, monk
     assert not any("eval_avg@16" in row for row in trainer.state.log_history)
 
 
-def test_srpo_parser_is_what_the_example_scripts_use():
+def test_example_scripts_default_task_and_the_cpu_recipe_parse():
     script_args, training_args, _ = parse_args(["--use_cpu", "true", "--bf16", "false"], task="physics")
     assert script_args.task == "physics" and training_args.routing == "srpo"
-    assert isinstance(SRPOParser().format_help(), str)
+    script_args, training_args, model_args = parse_args(
+        ["--config", str(ROOT / "recipes" / "cpu_tiny.yaml"), "--model_name_or_path", "tiny", "--dataset_name", "d"]
+    )
+    assert (training_args.use_cpu, training_args.bf16, model_args.dtype) == (True, False, "float32")
+    assert training_args.per_device_train_batch_size // training_args.num_generations == 4  # prompts per step
+    assert (script_args.eval_every_steps, script_args.eval_k, script_args.max_eval_samples) == (10, 4, 32)
 
 
 def _readme_own_task() -> str:
