@@ -110,9 +110,8 @@ def avg_at_k(
             completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
             columns = {key: [row[key] for row in batch for _ in range(k)] for key in batch[0] if key != "prompt"}
             prompts = [row["prompt"] for row in batch for _ in range(k)]
-            scores = _scores(
-                reward_funcs, prompts=prompts, completions=completions, completion_ids=completion_ids, **columns
-            )
+            inputs = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns}
+            scores = _scores(reward_funcs, **inputs, log_extra=_discard, log_metric=_discard)
             rewards = weighted_rewards(scores, weights)
             scorable = ~torch.isnan(rewards)
             correct = rewards >= success_reward_threshold  # NaN compares False: unscorable is not correct
@@ -123,6 +122,10 @@ def avg_at_k(
         total = reduce(total.to(state.device), reduction="sum").cpu()
     correct, reward_sum, scorable, samples = total.tolist()
     return AvgAtK(correct / samples if samples else math.nan, reward_sum / scorable if scorable else math.nan)
+
+
+def _discard(*args, **kwargs) -> None:
+    """What a reward function's `log_extra` / `log_metric` (which `GRPOTrainer` passes) log during avg@k: nothing."""
 
 
 def _scores(reward_funcs: Sequence[Callable], **inputs) -> torch.Tensor:

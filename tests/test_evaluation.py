@@ -27,7 +27,8 @@ def test_avg_at_k_is_the_fraction_of_samples_that_reach_the_threshold(char_token
     def fixed(prompt_ids):  # another engine: every completion is "ab" + EOS
         return [char_tokenizer("ab")["input_ids"] + [char_tokenizer.eos_token_id] for _ in prompt_ids]
 
-    def right(completions, answer, **kwargs):  # 1.0 on the first problem only
+    def right(completions, answer, log_extra, log_metric, **kwargs):  # 1.0 on the first problem only
+        log_extra("feedback", ["..."] * len(completions))  # as under GRPOTrainer: accepted, not logged
         return [1.0 if a == "x" else 0.0 for a in answer]
 
     def formatted(completions, **kwargs):  # every sample is well formatted
