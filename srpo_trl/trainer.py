@@ -43,6 +43,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
 from .checkpointing import TeacherCheckpointing
 from .compat import quiet_trl_checkpointing_calls
 from .config import SRPOConfig
+from .evaluation import bind_evaluation_callbacks
 from .losses import (
     LOCAL_TOKEN_LOSS_TYPES,
     aggregate_token_loss,
@@ -163,8 +164,9 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
             args = SRPOConfig(f"{str(name).split('/')[-1]}-SRPO")
         elif not isinstance(args, SRPOConfig):
             raise TypeError(
-                f"SRPOTrainer needs an SRPOConfig, got {type(args).__name__}; build one with "
-                "SRPOConfig(**your_config.to_dict()) or pass routing='grpo' for plain GRPO."
+                f"SRPOTrainer needs an SRPOConfig, got {type(args).__name__}; convert it with "
+                "SRPOConfig.from_grpo_config(your_config), which keeps what you set and takes SRPO's defaults for "
+                "the rest (pass routing='grpo' for plain GRPO)."
             )
         if args.routing != "grpo" and _fsdp_version(args) == 1:  # before the model loads and vLLM starts
             raise NotImplementedError(
@@ -175,6 +177,7 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         check_cpu_vllm_settings(args)  # before GRPOTrainer starts vLLM: the CPU backend has no sleep mode
         quiet_trl_checkpointing_calls()
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        bind_evaluation_callbacks(self)  # evaluation callbacks given in `callbacks=[...]` need the trainer
         use_cpu_weight_sync(self)  # vLLM colocate on a CPU engine: weight sync through vLLM's reload path
         self.teacher = None
         self._teacher_cache: dict[str, _TeacherCache | None] = {"train": None, "eval": None}
@@ -196,6 +199,10 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         self._cache_argument = "cache" if "cache" in forward else "past_key_values"
         self.teacher = self._build_teacher()
         self.add_callback(SelfTeacherCallback(self))
+
+    def add_callback(self, callback) -> None:
+        super().add_callback(callback)
+        bind_evaluation_callbacks(self)
 
     def _refuse_inexact_setups(self) -> None:
         """Settings under which SRPO's objective would be silently wrong, refused before anything trains."""
