@@ -20,7 +20,7 @@ from trl import ModelConfig, get_peft_config, get_quantization_config
 from .cli import SRPOScriptArguments, parse_args, resolve_reward_funcs
 from .config import SRPOConfig
 from .evaluation import BestWithinBudgetsCallback
-from .tasks import SCIENCE_TASKS, SCIKNOWEVAL_HUB_REPO, get_reward_funcs, load_task_dataset
+from .tasks import get_reward_funcs, get_task, load_task_dataset
 from .trainer import SRPOTrainer
 
 __all__ = ["SRPOScriptArguments", "cli", "main"]
@@ -120,7 +120,7 @@ class _Splits:
         self.args = script_args
         if script_args.dataset_name is None:
             self.has_test = True
-            self.hub_name = SCIKNOWEVAL_HUB_REPO if script_args.task in SCIENCE_TASKS else None
+            self.hub_name = get_task(script_args.task).hub_dataset
             return
         self.dataset = load_dataset(
             script_args.dataset_name,
