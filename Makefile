@@ -9,7 +9,7 @@ install:
 	DS_BUILD_OPS=0 $(PYTHON) -m pip install -q -e ".[deepspeed,test]"
 
 install-gpu:
-	$(PYTHON) -m pip install -e ".[deepspeed,vllm,test]"
+	$(PYTHON) -m pip install -e ".[gpu,test]"
 
 demo:
 	$(PYTHON) -m srpo_trl.demo
