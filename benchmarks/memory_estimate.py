@@ -117,17 +117,19 @@ def training_activations(model: Model, rows: int, tokens: int, layers: int | Non
     }
 
 
-def teacher_pass(model: Model, layout: Layout, layers: int | None = None) -> dict[str, int]:
-    """No gradient: one layer's working set over a micro-batch of teacher rows (teacher prompt + completion), the
-    shared prefix's KV cache (one group's teacher prompt), and what scoring keeps until the loss: 8 KiB for Qwen3-8B
+def teacher_working_set(model: Model, rows: int, completion: int, teacher_prompt: int, layers: int) -> int:
+    """No gradient: the larger of the prefix pass (one group's teacher prompt) and the continuation (the routed rows'
+    completions over the prefix's cached keys and values), plus that KV cache."""
+    passes = max(layer_working_set(model, 1, teacher_prompt), layer_working_set(model, rows, completion))
+    return passes + teacher_prompt * model.kv_bytes_per_token(layers)
+
+
+def teacher_pass(model: Model, layout: Layout) -> dict[str, int]:
+    """The teacher's scoring over a micro-batch of routed rows, and what it keeps until the loss: 8 KiB for Qwen3-8B
     per routed token (final hidden state, bf16; log-normaliser and weight, fp32) over the generation batch."""
-    layers = model.layers if layers is None else layers
     routed_tokens = layout.routed_fraction * layout.sequences_per_gpu * layout.completion
-    return {
-        "layer working set": layer_working_set(model, layout.micro_batch, layout.completion),
-        "prefix KV cache": layout.teacher_prompt * model.kv_bytes_per_token(layers),
-        "kept for the loss": int(routed_tokens * (BF16 * model.hidden + 2 * FP32)),
-    }
+    pass_bytes = teacher_working_set(model, layout.micro_batch, layout.completion, layout.teacher_prompt, model.layers)
+    return {"teacher forward": pass_bytes, "kept for the loss": int(routed_tokens * (BF16 * model.hidden + 2 * FP32))}
 
 
 def per_gpu_table(model: Model, layout: Layout = Layout()) -> list[tuple[str, float]]:
@@ -167,14 +169,15 @@ def markdown(layout: Layout = Layout()) -> str:
     return "\n".join(lines)
 
 
-def probe_estimate(model: Model, rows: int, completion: int, teacher_tokens: int, layers: int) -> dict[str, int]:
-    """The estimate for `benchmarks/memory_probe.py`'s layout (one GPU, nothing sharded, AdamW on bf16 weights):
-    each phase's peak over the memory allocated when it starts. The forward/backward phase also allocates the whole
-    bf16 gradient (ZeRO-3 would reduce-scatter it), and the prepare phase's teacher rows are `teacher_tokens` long."""
+def probe_estimate(model: Model, layers: int, rows: int, tokens: int, routed_rows: int, teacher_prompt: int):
+    """The estimate for `benchmarks/memory_probe.py`'s layout (one GPU, nothing sharded, `layers` layers, a
+    micro-batch of `rows` rows of `tokens` tokens, `routed_rows` of them taught through a `teacher_prompt`-token
+    prefix): each phase's peak over the memory allocated when it starts, in bytes. The forward/backward phase also
+    allocates the whole bf16 gradient (ZeRO-3 would reduce-scatter it)."""
     params = layers * model.layer_params + model.outer_params
-    train = sum(training_activations(model, rows, completion, layers).values()) + BF16 * params
-    prepare = layer_working_set(model, rows, teacher_tokens) + teacher_tokens * model.kv_bytes_per_token(layers)
-    return {"prepare": prepare, "forward_backward": train}
+    train = sum(training_activations(model, rows, tokens, layers).values()) + BF16 * params
+    teacher = teacher_working_set(model, routed_rows, tokens, teacher_prompt, layers) if routed_rows else 0
+    return {"prepare": teacher, "forward_backward": train}
 
 
 if __name__ == "__main__":
