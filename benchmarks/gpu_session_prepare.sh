@@ -15,9 +15,10 @@ LIMIT_MIB=60
 rm -rf .gpu/wheels .gpu/data
 mkdir -p .gpu/wheels .gpu/data/sciknoweval
 read -ra pins <<<"$("$PYTHON" benchmarks/gpu_session.py pins)"  # gpu_session.NEEDED, at the versions here
-# Pure-Python wheels match any platform; multiprocess has one per Python version (py312).
+# All four are py3-none-any or py312-none-any wheels, which pip takes for any --platform named; the platforms are the
+# machine's (x86-64, glibc 2.28+), for a package with compiled wheels added later.
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .gpu/wheels "${pins[@]}"
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .gpu/wheels "${pins[@]}"
 cp -r "$DATA_SOURCE/sciknoweval/chemistry" .gpu/data/sciknoweval/
 
 size_kib=$(du -sk .gpu/wheels .gpu/data | awk '{s += $1} END {print s}')
