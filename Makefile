@@ -2,14 +2,14 @@
 PYTHON ?= python
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install install-gpu demo test test-fast test-vllm lint bench bench-learning
+.PHONY: install install-gpu demo test test-fast test-vllm lint bench bench-learning gpu-session-prepare
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH_CPU)"
 	DS_BUILD_OPS=0 $(PYTHON) -m pip install -q -e ".[deepspeed,test]"
 
 install-gpu:
-	$(PYTHON) -m pip install -e ".[deepspeed,vllm,test]"
+	$(PYTHON) -m pip install -e ".[gpu,test]"
 
 demo:
 	$(PYTHON) -m srpo_trl.demo
@@ -48,3 +48,8 @@ bench:
 
 bench-learning:
 	$(PYTHON) benchmarks/learning/run.py --jobs 2
+
+# What the first GPU session carries (.gpu/: the wheels that machine lacks, the data; <= 60 MiB); then run
+# benchmarks/gpu_session.sh there (its header says how).
+gpu-session-prepare:
+	PYTHON=$(PYTHON) benchmarks/gpu_session_prepare.sh

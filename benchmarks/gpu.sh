@@ -23,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WHEELS="${WHEELS:-benchmarks/wheels}"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-python3}"
 
 missing=$("$PYTHON" - <<'EOF'
 import importlib.util

@@ -342,7 +342,7 @@ class Probe:
         if base is not None:
             top = torch.cuda.max_memory_allocated() if self.device == "cuda" else _proc_status_bytes("VmHWM")
             peak = max(top - base, 0)
-        self.records[name] = {"s": seconds, "peak_bytes": peak}
+        self.records[name] = {"s": seconds, "peak_bytes": peak, "start_bytes": base}
 
 
 class Timers:
@@ -494,9 +494,13 @@ class _StepEnd(TrainerCallback):
         self.trainer.bench_probe.end("optimizer")
 
 
-def build_trainer(arm: str, shape: Shape, model_dir: str, tokenizer, reward, completions, device: str, work: str):
+def build_trainer(
+    arm: str, shape: Shape, model_dir: str, tokenizer, reward, completions, device: str, work: str, model=None,
+    **overrides,
+):  # fmt: skip
     """The arm's trainer with the settings every arm shares: SRPO's paper defaults where GRPOConfig's differ (method
-    §10), one optimizer step per generation batch."""
+    §10), one optimizer step per generation batch. `model` (a built model) replaces loading `model_dir`; `overrides`
+    replace or add config fields (benchmarks/memory_probe.py: gradient checkpointing, routing)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig
@@ -526,6 +530,7 @@ def build_trainer(arm: str, shape: Shape, model_dir: str, tokenizer, reward, com
         loss_type="dapo",
         beta=0.0,
     )
+    settings.update(overrides)
     if arm == "grpo":
         args = GRPOConfig(**settings)
     elif arm == "srpo":
@@ -544,9 +549,10 @@ def build_trainer(arm: str, shape: Shape, model_dir: str, tokenizer, reward, com
             success_reward_threshold=1.0,
             max_prompt_length=None,
         )
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16 if device == "cuda" else torch.float32
-    )
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.bfloat16 if device == "cuda" else torch.float32
+        )
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": prompt_text(shape)}]] * shape.num_prompts})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -3,11 +3,12 @@
 import math
 import numbers
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 import numpy
 from trl import GRPOConfig
 
+from .compat import adopt_activation_checkpointing_name
 from .routing import ROUTING_MODES
 
 
@@ -128,6 +129,7 @@ class SRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        adopt_activation_checkpointing_name(self)
         # Before the range checks below, whose comparisons would fail on a wrong type without naming the field.
         self._check_types()
         self._check_reward_weights()
@@ -158,6 +160,39 @@ class SRPOConfig(GRPOConfig):
                 "batch, which then spans more or less than one optimizer step.",
                 stacklevel=3,
             )
+
+    @classmethod
+    def from_grpo_config(cls, config: GRPOConfig, **changes) -> "SRPOConfig":
+        """
+        An `SRPOConfig` from a `GRPOConfig`: what its user set is kept, everything else takes SRPO's defaults.
+
+        A field "set" is one whose value differs from `GRPOConfig`'s default (a field set to GRPO's own default
+        therefore reads as unset). So `learning_rate`, `scale_rewards`, `epsilon_high` and the vLLM
+        importance-sampling fields take the paper's values unless the GRPO config changed them (method §10). The
+        generation batch (`generation_batch_size` or `steps_per_generation`, both filled in once a config is built)
+        is carried over as `steps_per_generation`, so that the same number of rollouts is generated per batch.
+
+        Args:
+            config (`GRPOConfig`):
+                The GRPO configuration to convert.
+            **changes:
+                Further fields to set, SRPO's own included (e.g. `success_reward_threshold=2.0`).
+
+        Example:
+
+        ```python
+        >>> from trl import GRPOConfig
+        >>> from srpo_trl import SRPOConfig
+        >>> grpo = GRPOConfig("out", use_cpu=True, bf16=False, num_generations=4, per_device_train_batch_size=8)
+        >>> srpo = SRPOConfig.from_grpo_config(grpo, success_reward_threshold=2.0)
+        >>> srpo.num_generations, srpo.learning_rate, srpo.scale_rewards
+        (4, 5e-06, 'none')
+        ```
+        """
+        kept = {name: value for name, value in _fields_set(config).items() if name not in _GENERATION_BATCH}
+        if config.steps_per_generation != config.gradient_accumulation_steps and not _GENERATION_BATCH & set(changes):
+            kept["steps_per_generation"] = config.steps_per_generation
+        return cls(**{**kept, **changes})
 
     def _check_types(self) -> None:
         """SRPO's own fields hold the type they are declared with: a YAML `1e-2` arrives as a string, and a string or
@@ -200,3 +235,21 @@ class SRPOConfig(GRPOConfig):
         if not ok:
             value = getattr(self, name)
             raise ValueError(f"SRPOConfig.{name} must be {expected}; got {value!r} ({type(value).__name__}).")
+
+
+# GRPOConfig derives one of these from the other and refuses both: the converted config gets one of them.
+_GENERATION_BATCH = {"generation_batch_size", "steps_per_generation"}
+
+
+def _fields_set(config: GRPOConfig) -> dict:
+    """The init fields of `config` whose value differs from their declared default in `GRPOConfig`. A value filled in
+    by `__post_init__` (`report_to=[]` for `"none"`, `bf16` on a CPU) also differs; built again, it gives itself."""
+    changed = {}
+    for spec in fields(GRPOConfig):
+        if not spec.init:
+            continue
+        default = spec.default if spec.default_factory is MISSING else spec.default_factory()
+        value = getattr(config, spec.name)
+        if value != default:
+            changed[spec.name] = value
+    return changed

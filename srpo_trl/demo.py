@@ -94,6 +94,7 @@ def main(argv=None) -> None:
             max_new_tokens=24,
             batch_size=50,
             chat_template_kwargs=config.chat_template_kwargs,
+            success_reward_threshold=config.success_reward_threshold,  # correct as training counts it
         )
 
     torch.manual_seed(args.seed)

@@ -1,9 +1,10 @@
 """The paper's evaluation protocol (method §10): avg@k on a test split, and the best avg@k within wall-clock budgets.
 
-`avg_at_k` samples `k` completions per problem (temperature 0.6, top-p 0.95 by default) and averages their rewards;
-with 0/1 rewards that is the mean accuracy over all samples. `BestWithinBudgetsCallback` runs it every few steps
-during training and keeps, for each budget (1 h, 5 h, 10 h by default), the best value reached before the budget
-ran out: the numbers of the paper's Table 1.
+`avg_at_k` samples `k` completions per problem (temperature 0.6, top-p 0.95 by default) and returns the fraction of
+them that are correct, by the rule training routes with: the reward functions' outputs weighted by `reward_weights`
+and summed (as `GRPOTrainer` does), at least `success_reward_threshold`. The mean weighted reward comes beside it.
+`BestWithinBudgetsCallback` runs it every few steps during training and keeps, for each budget (1 h, 5 h, 10 h by
+default), the best value reached before the budget ran out: the numbers of the paper's Table 1.
 
 Memory: with vLLM (`use_vllm`), the evaluation samples with the run's own engine, whose KV cache is already reserved
 (TRL's weight sync and sleep/wake included); without it, `model.generate` runs on bounded batches of sequences, since
@@ -23,6 +24,27 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase, Trainer, Tra
 from trl.data_utils import is_conversational
 from trl.models import unwrap_model_for_generation
 
+from .routing import reaches_threshold
+
+
+class AvgAtK(float):
+    """avg@k, a float: the fraction of the samples whose weighted reward reaches the success threshold (unscorable
+    samples, every reward `None`, count as wrong). `mean_reward` is the mean weighted reward of the scorable samples
+    (NaN if there are none)."""
+
+    mean_reward: float
+
+    def __new__(cls, accuracy: float, mean_reward: float):
+        value = super().__new__(cls, accuracy)
+        value.mean_reward = mean_reward
+        return value
+
+    def __getnewargs__(self):
+        return float(self), self.mean_reward
+
+    def __repr__(self) -> str:
+        return f"AvgAtK(accuracy={float(self)!r}, mean_reward={self.mean_reward!r})"
+
 
 @torch.no_grad()
 def avg_at_k(
@@ -39,16 +61,22 @@ def avg_at_k(
     generate: Callable | None = None,
     show_progress: bool = True,
     sequences_per_generate: int | None = None,
-) -> float:
-    """Mean reward of `k` samples per problem of `dataset` (a `prompt` column plus the reward functions' columns).
+    reward_weights: Sequence[float] | None = None,
+    success_reward_threshold: float = 1.0,
+) -> AvgAtK:
+    """avg@k of `model` on `dataset` (a `prompt` column plus the reward functions' columns): the fraction of its `k`
+    samples per problem whose weighted reward, `sum_j reward_weights[j] * reward_j` (`None` rewards skipped, as in
+    `GRPOTrainer`), is at least `success_reward_threshold`; returned as an [`AvgAtK`], with the mean weighted reward.
 
     Problems are split across processes and the sums gathered, so every process returns the same value. Problems are
     scored `batch_size` at a time; every process makes the same number of batches (possibly empty), so a `generate`
     that is a collective (vLLM in server mode) stays in step. Pass `generate(prompt_ids: list[list[int]]) ->
     list[list[int]]` to sample with another engine (e.g. vLLM); the default samples with `model.generate`, at most
     `sequences_per_generate` sequences at a time (all of a batch's when None). A progress bar (one tick per batch of
-    problems) shows on the main process unless `show_progress=False`.
+    problems) shows on the main process unless `show_progress=False`. `reward_weights` defaults to one per reward
+    function.
     """
+    weights = _reward_weights(reward_funcs, reward_weights)
     state = PartialState()
     rows = [dataset[i] for i in range(state.process_index, len(dataset), state.num_processes)]
     config = GenerationConfig(
@@ -70,7 +98,7 @@ def avg_at_k(
                 for completion in _hf_generate(model, prompt_ids[start : start + step], config, tokenizer.pad_token_id)
             ]
 
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(4, dtype=torch.float64)  # correct samples, sum of scorable rewards, scorable samples, samples
     batches = range(0, math.ceil(len(dataset) / state.num_processes / batch_size) * batch_size, batch_size)
     with eval_mode(model):  # generating in train mode (gradient checkpointing, no KV cache) gives garbage
         for start in tqdm(batches, desc=f"avg@{k}", disable=not (show_progress and state.is_main_process)):
@@ -84,18 +112,48 @@ def avg_at_k(
             completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
             columns = {key: [row[key] for row in batch for _ in range(k)] for key in batch[0] if key != "prompt"}
             prompts = [row["prompt"] for row in batch for _ in range(k)]
-            rewards = torch.zeros(len(texts), dtype=torch.float64)
-            for reward_func in reward_funcs:
-                scores = reward_func(
-                    prompts=prompts, completions=completions, completion_ids=completion_ids, **columns
-                )
-                rewards += torch.tensor([0.0 if s is None else s for s in scores], dtype=torch.float64)
-            total += torch.tensor([rewards.sum().item(), len(texts)], dtype=torch.float64)
+            inputs = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns}
+            scores = _scores(reward_funcs, **inputs, log_extra=_discard, log_metric=_discard)
+            rewards = weighted_rewards(scores, weights)
+            scorable = ~torch.isnan(rewards)
+            correct = reaches_threshold(rewards, success_reward_threshold)  # training's rule; NaN never reaches it
+            total += torch.tensor([correct.sum(), rewards[scorable].sum(), scorable.sum(), len(texts)])
     if state.num_processes > 1:
         from accelerate.utils import reduce
 
         total = reduce(total.to(state.device), reduction="sum").cpu()
-    return (total[0] / total[1]).item() if total[1] else math.nan
+    correct, reward_sum, scorable, samples = total.tolist()
+    return AvgAtK(correct / samples if samples else math.nan, reward_sum / scorable if scorable else math.nan)
+
+
+def _discard(*args, **kwargs) -> None:
+    """What a reward function's `log_extra` / `log_metric` (which `GRPOTrainer` passes) log during avg@k: nothing."""
+
+
+def _scores(reward_funcs: Sequence[Callable], **inputs) -> torch.Tensor:
+    """`(samples, reward functions)` scores, NaN where a function returned `None`."""
+    columns = [[math.nan if s is None else s for s in reward_func(**inputs)] for reward_func in reward_funcs]
+    return torch.tensor(columns, dtype=torch.float64).T
+
+
+def weighted_rewards(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`(samples, reward functions)` scores, NaN where a function returned `None`, to one weighted reward per sample,
+    as `GRPOTrainer` sums them: NaN scores are skipped, and a sample no function scored is NaN (unscorable)."""
+    rewards = (scores * weights).nansum(dim=1)
+    rewards[torch.isnan(scores).all(dim=1)] = math.nan
+    return rewards
+
+
+def _reward_weights(reward_funcs: Sequence[Callable], reward_weights: Sequence[float] | None) -> torch.Tensor:
+    if reward_weights is None:
+        return torch.ones(len(reward_funcs), dtype=torch.float64)
+    weights = torch.as_tensor(reward_weights, dtype=torch.float64).flatten()
+    if len(weights) != len(reward_funcs):
+        raise ValueError(
+            f"avg_at_k got {len(weights)} reward_weights for {len(reward_funcs)} reward functions; give one weight "
+            "per reward function (or none: weight 1 each)."
+        )
+    return weights
 
 
 @contextmanager
@@ -135,36 +193,80 @@ def _hf_generate(model, prompt_ids: list[list[int]], config: GenerationConfig, p
 class BestWithinBudgetsCallback(TrainerCallback):
     """Evaluate avg@k every `eval_steps` optimizer steps and keep the best value reached within each time budget.
 
-    Results are logged as `eval_avg@{k}` and `best_avg@{k}_within_{h}h`, in log rows of their own, and kept in
-    `self.best` (`{hours: value}`). Evaluation time does not count towards the budgets: they measure training time,
-    as the paper's "best avg@16 within 1 h, 5 h, 10 h of training" does. With `use_vllm`, samples come from the run's
-    vLLM engine (synced to the policy first); otherwise from `model.generate`, `per_device_eval_batch_size`
-    sequences at a time.
+    Results are logged as `eval_avg@{k}` (the accuracy of [`avg_at_k`]), `eval_mean_reward@{k}` (the mean weighted
+    reward) and `best_avg@{k}_within_{h}h`, in log rows of their own, and kept in `self.best` (`{hours: accuracy}`)
+    and `self.history` (`(step, training seconds, AvgAtK)`). Evaluation time does not count towards the budgets:
+    they measure training time, as the paper's "best avg@16 within 1 h, 5 h, 10 h of training" does. A sample is
+    correct by the trainer's own rule: `trainer.reward_weights` and `trainer.args.success_reward_threshold`. With
+    `use_vllm`, samples come from the run's vLLM engine (synced to the policy first); otherwise from
+    `model.generate`, `per_device_eval_batch_size` sequences at a time.
+
+    The callback needs the trainer it evaluates. [`SRPOTrainer`] gives it itself, whichever way it is added:
+
+    ```python
+    trainer = SRPOTrainer(..., callbacks=[BestWithinBudgetsCallback(test_dataset, eval_steps=5, k=16)])
+    # or
+    trainer.add_callback(BestWithinBudgetsCallback(test_dataset, eval_steps=5, k=16))
+    ```
+
+    With a plain `GRPOTrainer`, pass it: `trainer.add_callback(BestWithinBudgetsCallback(test_dataset,
+    trainer=trainer))`.
 
     Args:
-        trainer: the [`SRPOTrainer`] (or any `GRPOTrainer`) being trained.
         eval_dataset: test split with a `prompt` column and the reward functions' columns.
         eval_steps: evaluate every this many optimizer steps (the paper: 5).
         budgets_hours: training-time budgets.
-        **avg_at_k_kwargs: forwarded to [`avg_at_k`] (`k`, `temperature`, `top_p`, `max_new_tokens`, ...).
+        trainer: the `GRPOTrainer` being trained; [`SRPOTrainer`] sets it.
+        **avg_at_k_kwargs: forwarded to [`avg_at_k`] (`k`, `temperature`, `top_p`, `max_new_tokens`, ...); they
+            take precedence over what the trainer gives (its reward weights, threshold and chat template kwargs).
     """
 
-    def __init__(self, trainer, eval_dataset, eval_steps: int = 5, budgets_hours=(1.0, 5.0, 10.0), **avg_at_k_kwargs):
-        self.trainer, self.eval_dataset, self.eval_steps = trainer, eval_dataset, eval_steps
+    def __init__(
+        self, eval_dataset, eval_steps: int = 5, budgets_hours=(1.0, 5.0, 10.0), trainer=None, **avg_at_k_kwargs
+    ):
+        if isinstance(eval_dataset, Trainer):
+            raise TypeError(
+                "BestWithinBudgetsCallback takes the test dataset first; give the trainer as trainer=..., or leave "
+                "it out with SRPOTrainer (callbacks=[...] or add_callback), which sets it."
+            )
+        self.eval_dataset, self.eval_steps = eval_dataset, eval_steps
         self.budgets_hours = tuple(budgets_hours)
         defaults = inspect.signature(avg_at_k).parameters  # the sampling settings, also for the vLLM sampler
+        sampling = {name: defaults[name].default for name in ("k", "temperature", "top_p", "max_new_tokens")}
+        self._requested = {**sampling, **avg_at_k_kwargs}
+        self.kwargs = dict(self._requested)
+        self.best = {hours: -math.inf for hours in self.budgets_hours}
+        self.history: list[tuple[int, float, AvgAtK]] = []
+        self._training_seconds, self._since = 0.0, None
+        self.trainer = None
+        if trainer is not None:
+            self.bind(trainer)
+
+    def bind(self, trainer) -> None:
+        """Evaluate `trainer`, scoring and prompting as it trains (called by [`SRPOTrainer`])."""
+        pairs = zip(trainer.reward_func_names, trainer.reward_funcs, strict=True)
+        models = [name for name, func in pairs if isinstance(func, torch.nn.Module)]
+        if models:
+            raise ValueError(
+                f"BestWithinBudgetsCallback scores with reward functions; the reward model(s) {models} cannot score "
+                "avg@k. Evaluate with eval_strategy='steps' (the trainer's own evaluation) instead."
+            )
+        self.trainer = trainer
         self.kwargs = {
-            **{name: defaults[name].default for name in ("k", "temperature", "top_p", "max_new_tokens")},
+            "reward_weights": trainer.reward_weights.tolist(),
+            "success_reward_threshold": getattr(trainer.args, "success_reward_threshold", 1.0),
             "chat_template_kwargs": trainer.args.chat_template_kwargs,
             "show_progress": not trainer.args.disable_tqdm,
             "sequences_per_generate": trainer.args.per_device_eval_batch_size,
-            **avg_at_k_kwargs,
+            **self._requested,
         }
-        self.best = {hours: -math.inf for hours in self.budgets_hours}
-        self.history: list[tuple[int, float, float]] = []  # (step, training seconds, avg@k)
-        self._training_seconds, self._since = 0.0, None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer is None:
+            raise ValueError(
+                "BestWithinBudgetsCallback has no trainer to evaluate: add it to an SRPOTrainer (callbacks=[...] or "
+                "add_callback), or build it with trainer=your_trainer."
+            )
         self._since = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -173,11 +275,12 @@ class BestWithinBudgetsCallback(TrainerCallback):
         self._training_seconds += time.monotonic() - self._since
         value = self.evaluate()
         self.history.append((state.global_step, self._training_seconds, value))
-        logs = {f"eval_avg@{self.kwargs['k']}": value}
+        k = self.kwargs["k"]
+        logs = {f"eval_avg@{k}": float(value), f"eval_mean_reward@{k}": value.mean_reward}
         for hours in self.budgets_hours:
             if self._training_seconds <= hours * 3600:
-                self.best[hours] = max(self.best[hours], value)
-            logs[f"best_avg@{self.kwargs['k']}_within_{hours:g}h"] = self.best[hours]
+                self.best[hours] = max(self.best[hours], float(value))
+            logs[f"best_avg@{k}_within_{hours:g}h"] = self.best[hours]
         # Trainer's own log, not GRPOTrainer's: the latter would flush the step's pending training metrics into
         # this row. Logging clears `should_log`, which Trainer has set for the step's training row: kept.
         should_log = control.should_log
@@ -185,7 +288,7 @@ class BestWithinBudgetsCallback(TrainerCallback):
         control.should_log = should_log
         self._since = time.monotonic()
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> AvgAtK:
         trainer = self.trainer
         if getattr(trainer, "use_vllm", False):
             kwargs = {**self.kwargs, "batch_size": len(self.eval_dataset)}  # vLLM schedules its own batches
@@ -221,3 +324,10 @@ class BestWithinBudgetsCallback(TrainerCallback):
             return [list(ids) for ids in completion_ids]
 
         return generate
+
+
+def bind_evaluation_callbacks(trainer) -> None:
+    """Give `trainer` to the [`BestWithinBudgetsCallback`]s among its callbacks that have none yet."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, BestWithinBudgetsCallback) and callback.trainer is None:
+            callback.bind(trainer)

@@ -21,6 +21,7 @@ import functools
 import inspect
 import math
 import os
+import shutil
 import textwrap
 import time
 import warnings
@@ -40,8 +41,10 @@ from trl.trainer import utils as trl_utils
 from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
 
 from .checkpointing import TeacherCheckpointing
+from .compat import quiet_trl_checkpointing_calls
 from .config import SRPOConfig
 from .diagnostics import threshold_misfit
+from .evaluation import bind_evaluation_callbacks
 from .losses import (
     LOCAL_TOKEN_LOSS_TYPES,
     aggregate_token_loss,
@@ -161,8 +164,9 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
             args = SRPOConfig(f"{str(name).split('/')[-1]}-SRPO")
         elif not isinstance(args, SRPOConfig):
             raise TypeError(
-                f"SRPOTrainer needs an SRPOConfig, got {type(args).__name__}; build one with "
-                "SRPOConfig(**your_config.to_dict()) or pass routing='grpo' for plain GRPO."
+                f"SRPOTrainer needs an SRPOConfig, got {type(args).__name__}; convert it with "
+                "SRPOConfig.from_grpo_config(your_config), which keeps what you set and takes SRPO's defaults for "
+                "the rest (pass routing='grpo' for plain GRPO)."
             )
         if args.routing != "grpo" and _fsdp_version(args) == 1:  # before the model loads and vLLM starts
             raise NotImplementedError(
@@ -171,7 +175,9 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
                 "(accelerate_configs/zero3.yaml)."
             )
         check_cpu_vllm_settings(args)  # before GRPOTrainer starts vLLM: the CPU backend has no sleep mode
+        quiet_trl_checkpointing_calls()
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        bind_evaluation_callbacks(self)  # evaluation callbacks given in `callbacks=[...]` need the trainer
         use_cpu_weight_sync(self)  # vLLM colocate on a CPU engine: weight sync through vLLM's reload path
         self.teacher = None
         self._teacher_cache: dict[str, _TeacherCache | None] = {"train": None, "eval": None}
@@ -207,6 +213,10 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         self._cache_argument = "cache" if "cache" in forward else "past_key_values"
         self.teacher = self._build_teacher()
         self.add_callback(SelfTeacherCallback(self))
+
+    def add_callback(self, callback) -> None:
+        super().add_callback(callback)
+        bind_evaluation_callbacks(self)
 
     def _refuse_inexact_setups(self) -> None:
         """Settings under which SRPO's objective would be silently wrong, refused before anything trains."""
@@ -505,11 +515,20 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         )
 
     def _log_route_labels(self, routes: Routes, mode: str) -> None:
-        if self.log_completions:  # extra columns of the completions table: what each rollout was trained with
-            num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-            labels, siblings = route_labels(routes, num_generations)
-            self._logs["extra"]["route"].extend(labels)
-            self._logs["extra"]["teacher_sibling"].extend(siblings)
+        """The completions table (`log_completions`): `route` and `teacher_sibling` columns say what each rollout
+        was trained with (README, "Metrics"), and its `advantage` column keeps only the advantage a GRPO term trained
+        with: NaN for a rollout with none (distilled, or in no branch)."""
+        if not self.log_completions:
+            return
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        labels, siblings = route_labels(routes, num_generations)
+        self._logs["extra"]["route"].extend(labels)
+        self._logs["extra"]["teacher_sibling"].extend(siblings)
+        advantages = self._logs["advantages"]  # GRPOTrainer's, for this batch's rows last, in `routes`' order
+        offset = len(advantages) - len(labels)
+        for row, weight in enumerate(self._grpo_weights(routes, slice(None)).tolist()):
+            if weight != 1.0:
+                advantages[offset + row] = advantages[offset + row] * weight if weight else math.nan
 
     def _watch_routing(self, routes: Routes, rewards: torch.Tensor, mode: str) -> None:
         """Warn once when the first training batches show that `success_reward_threshold` does not fit the rewards
@@ -917,3 +936,29 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         if mode == "train":
             normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
         return normalizer
+
+    # ---- saving: the policy alone (the teacher is training state, in checkpoints: `TeacherCheckpointing`) ----
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        # A user's save gets the model card too (GRPOTrainer writes one with each checkpoint and push only).
+        if not _internal_call and self.is_world_process_zero():
+            output_dir = output_dir or self.args.output_dir
+            self.create_model_card(model_name=os.path.basename(os.path.normpath(output_dir)))
+            card = os.path.join(self.args.output_dir, "README.md")
+            if os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir):
+                shutil.copyfile(card, os.path.join(output_dir, "README.md"))
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        super().create_model_card(model_name, dataset_name, tags)
+        # TRL names a base model by its Hub id only; one loaded from a local folder read "a fine-tuned version of
+        # [None](https://huggingface.co/None)".
+        card = os.path.join(self.args.output_dir, "README.md")
+        if not (self.is_world_process_zero() and os.path.isfile(card)):
+            return
+        source = causal_lm(self.model).config._name_or_path
+        named = f"the local model `{source}`" if source and os.path.isdir(source) else "a model without a Hub id"
+        with open(card, encoding="utf-8") as file:
+            text = file.read()
+        with open(card, "w", encoding="utf-8") as file:
+            file.write(text.replace("[None](https://huggingface.co/None)", named))

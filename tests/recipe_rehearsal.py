@@ -32,7 +32,8 @@ def answering_tiny_model(tokenizer, hidden_size=64, num_heads=2, num_layers=2, v
     model = build_tiny_model(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, seed=0)
     if vocab_size is not None:
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
-    model.config.max_position_embeddings = 8192  # a vLLM engine refuses prompts longer than this (characters here)
+    # the recipes' vllm_max_model_length: a vLLM engine refuses a context longer than the model's (characters here)
+    model.config.max_position_embeddings = 10240
     newline, letters = tokenizer.convert_tokens_to_ids("\n"), tokenizer.convert_tokens_to_ids(list("ABCD"))
     with torch.no_grad():
         for name, weight in model.named_parameters():

@@ -674,7 +674,7 @@ CASES = [
     Case("steps_per_generation=2", "warning", r"steps_per_generation=2 != gradient_accumulation_steps=1",
          config(steps_per_generation=2)),
     # ---- SRPOTrainer's construction ----
-    Case("GRPOConfig given", "error", r"TypeError: SRPOTrainer needs an SRPOConfig.*SRPOConfig\(\*\*",
+    Case("GRPOConfig given", "error", r"TypeError: SRPOTrainer needs an SRPOConfig.*SRPOConfig\.from_grpo_config\(your_config\)",
          grpo_config_given),
     Case("topk > vocabulary", "error", r"distillation_topk=500 exceeds .*\(102\); set distillation_topk <= 102",
          train(distillation_topk=500)),

@@ -13,11 +13,12 @@ from peft import LoraConfig
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from test_trainer import logged, make_trainer, parameters
-from transformers import TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 import srpo_trl.checkpointing
 from srpo_trl.checkpointing import TEACHER_STATE_FILE
 from srpo_trl.teacher import TEACHER_ADAPTER
+from srpo_trl.testbed.model import build_tiny_model
 
 LORA = dict(r=4, target_modules=["q_proj", "v_proj"])
 
@@ -227,9 +228,8 @@ def test_a_checkpoint_inside_a_generation_batch_warns_that_its_resume_is_not_exa
 
 
 def test_generation_batch_period():
-    period = (
-        srpo_trl.checkpointing.generation_batch_period
-    )  # (gradient accumulation, steps per generation, iterations)
+    # (gradient accumulation steps, steps per generation, iterations) -> optimizer steps per generation batch
+    period = srpo_trl.checkpointing.generation_batch_period
     assert period(1, 1, 1) == 1
     assert period(1, 2, 1) == 2
     assert period(4, 2, 1) == 1  # two generation batches per optimizer step
@@ -288,3 +288,16 @@ def test_a_lora_model_trained_by_one_trainer_trains_in_another(char_tokenizer, t
         assert torch.equal(student[name], student[name.replace(TEACHER_ADAPTER, "default")]), name
     second.train()
     assert list(second.model.peft_config) == ["default", TEACHER_ADAPTER]
+
+
+def test_save_model_writes_a_model_card_that_names_a_local_base_model(char_tokenizer, tmp_path):
+    base = tmp_path / "base"
+    build_tiny_model(char_tokenizer, seed=0).save_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    trainer = make_trainer(char_tokenizer, tmp_path / "run", model=model, max_steps=1)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "Sample-Routed Policy Optimization" in card
+    assert f"a fine-tuned version of the local model `{base}`" in card
+    assert "[None]" not in card

@@ -99,17 +99,44 @@ def test_generation_batch_spanning_several_steps_warns():
         config(routing="grpo", steps_per_generation=2, gradient_accumulation_steps=1, per_device_train_batch_size=8)
 
 
-def test_trainer_rejects_a_plain_grpo_config(char_tokenizer):
+def test_trainer_rejects_a_plain_grpo_config_and_its_hint_works(char_tokenizer, tmp_path):
+    # A GRPO user's config, with some fields changed: the TypeError's hint converts it, keeping what was set.
+    from test_trainer import PROMPTS, first_letter_reward
     from trl import GRPOConfig
 
     from srpo_trl.testbed.model import build_tiny_model
 
-    with pytest.raises(TypeError, match="SRPOConfig"):
-        SRPOTrainer(
-            build_tiny_model(char_tokenizer),
-            reward_funcs=lambda completions, **kw: [0.0] * len(completions),
-            args=GRPOConfig(output_dir="/tmp/srpo-config-test", report_to=[], use_cpu=True, bf16=False),
-        )
+    grpo = GRPOConfig(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, per_device_train_batch_size=8,
+        num_generations=4, max_completion_length=6, learning_rate=3e-6, steps_per_generation=2,
+        gradient_accumulation_steps=2, temperature=0.7, max_steps=1, activation_checkpointing=False,
+    )  # fmt: skip
+    build = dict(reward_funcs=first_letter_reward, train_dataset=PROMPTS, processing_class=char_tokenizer)
+    with pytest.raises(TypeError, match=r"SRPOConfig\.from_grpo_config\(your_config\)"):
+        SRPOTrainer(build_tiny_model(char_tokenizer), args=grpo, **build)
+
+    args = SRPOConfig.from_grpo_config(grpo, distillation_topk=8)
+    kept = ("learning_rate", "num_generations", "temperature", "max_completion_length", "activation_checkpointing")
+    assert {name: getattr(args, name) for name in kept} == {name: getattr(grpo, name) for name in kept}
+    assert (args.steps_per_generation, args.generation_batch_size) == (2, grpo.generation_batch_size)
+    # GRPO's defaults where SRPO's differ are not "set": the paper's apply.
+    assert (args.scale_rewards, args.epsilon_high) == ("none", 0.28) != (grpo.scale_rewards, grpo.epsilon_high)
+    assert (args.vllm_importance_sampling_mode, args.vllm_importance_sampling_clip_max) == ("token_truncate", 2.0)
+    assert (args.routing, args.distillation_topk) == ("srpo", 8)
+    assert SRPOConfig.from_grpo_config(GRPOConfig(use_cpu=True, bf16=False)).learning_rate == 5e-6
+    trainer = SRPOTrainer(build_tiny_model(char_tokenizer), args=args, **build)
+    trainer.train()
+    assert any("srpo/route/sdpo_frac" in row for row in trainer.state.log_history)
+
+
+def test_from_grpo_config_carries_a_generation_batch_size_over():
+    from trl import GRPOConfig
+
+    grpo = GRPOConfig(use_cpu=True, bf16=False, per_device_train_batch_size=8, generation_batch_size=16)
+    args = SRPOConfig.from_grpo_config(grpo, routing="grpo")
+    assert (args.generation_batch_size, args.steps_per_generation) == (16, 2)
+    changed = SRPOConfig.from_grpo_config(grpo, routing="grpo", generation_batch_size=32)
+    assert (changed.generation_batch_size, changed.steps_per_generation) == (32, 4)
 
 
 def test_topk_larger_than_the_vocabulary_is_rejected(char_tokenizer):

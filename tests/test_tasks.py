@@ -543,3 +543,16 @@ def test_tool_use_from_hub(monkeypatch):
         ValueError, match=r"someone/tools@v1 \(tooluse, test split\), row 0: field 'kind' should be str"
     ):
         load_task_dataset("tooluse", "test", revision="v1", hub_repo="someone/tools")
+
+
+def test_each_task_is_one_registry_entry_that_the_loader_reads(shared_data):
+    from srpo_trl.tasks import get_task
+
+    for name in TASKS:
+        task = get_task(name)
+        assert (shared_data / task.local_folder / "test.json").is_file(), task
+        assert get_reward_funcs(name) == list(task.reward_funcs)
+        assert task.hub_dataset == (SCIKNOWEVAL_HUB_REPO if name in SCIENCE_TASKS else None)
+        assert (task.sciknoweval_domain is None) == (task.missing_hub_copy is not None)
+    with pytest.raises(ValueError, match="Unknown task 'nope'; expected one of: chemistry"):
+        get_task("nope")

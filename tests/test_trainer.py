@@ -558,6 +558,9 @@ def test_completion_log_shows_each_rollouts_route(char_tokenizer, tmp_path):
     ]
     siblings = table["teacher_sibling"].tolist()  # parquet stores the missing siblings as NaN
     assert siblings[8:12] == [2, 2, pytest.approx(math.nan, nan_ok=True), 2] and siblings[14] == 0
+    # The advantage column shows what a GRPO term trained with: none for distilled rows.
+    distilled = table["route"] == "sdpo"
+    assert table["advantage"][distilled].isna().all() and table["advantage"][~distilled].notna().all()
 
 
 def sharp_tiny_model(tokenizer):

@@ -8,8 +8,18 @@ reward_funcs = get_reward_funcs("chemistry")  # pass both to the trainer
 ```
 """
 
-from .data import SCIKNOWEVAL_HUB_REPO, SPLITS, TOOLUSE_SOURCE, load_task_dataset, sciknoweval_to_sdpo
-from .registry import SCIENCE_TASKS, TASKS, check_task, get_reward_funcs, task_kind
+from .data import SPLITS, load_task_dataset, sciknoweval_to_sdpo
+from .registry import (
+    SCIENCE_TASKS,
+    SCIKNOWEVAL_HUB_REPO,
+    TASKS,
+    TOOLUSE_SOURCE,
+    Task,
+    check_task,
+    get_reward_funcs,
+    get_task,
+    task_kind,
+)
 from .rewards import (
     completion_text,
     extract_choice,
@@ -26,10 +36,12 @@ __all__ = [
     "SPLITS",
     "TASKS",
     "TOOLUSE_SOURCE",
+    "Task",
     "check_task",
     "completion_text",
     "extract_choice",
     "get_reward_funcs",
+    "get_task",
     "load_task_dataset",
     "multiple_choice_reward",
     "parse_gold_tool_calls",

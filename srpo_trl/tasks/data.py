@@ -13,17 +13,10 @@ from typing import Any
 
 import datasets
 
-from .registry import SCIENCE_TASKS, task_kind
+from .registry import SCIKNOWEVAL_HUB_REPO, Task, get_task
 from .rewards import parse_gold_tool_calls
 
 SPLITS = ("train", "test")
-
-SCIKNOWEVAL_HUB_REPO = "hicai-zju/SciKnowEval"
-"""Hub dataset the SciKnowEval tasks are built from when no `data_path` is given."""
-
-TOOLUSE_SOURCE = "lasgroup/SDPO at commit 0e6d510, datasets/tooluse/{train,test}.json"
-"""Where the tool-use splits live: the ToolAlpaca splits as SDPO committed them (Apache-2.0). There is no canonical Hub
-copy in the SDPO row format, so the tool-use task loads from `data_path` (or an explicit `hub_repo`)."""
 
 # The reference filters (lasgroup/SDPO, data/format/sciknoweval.py) and split (data/split_tasks.py, test ratio 0.1,
 # seed 42). The split depends only on the number of rows left after filtering and on their order.
@@ -107,18 +100,18 @@ def load_task_dataset(
     >>> reward_funcs = get_reward_funcs("chemistry")
     ```
     """
-    kind = task_kind(task)
+    entry = get_task(task)
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; expected one of: {', '.join(SPLITS)}.")
     if data_path is None:
-        source, rows = _hub_rows(task, split, revision, hub_repo)
+        source, rows = _hub_rows(entry, split, revision, hub_repo)
     elif revision is not None or hub_repo is not None:
         raise ValueError("`revision` and `hub_repo` select Hub data; they cannot be combined with `data_path`.")
     else:
-        source, rows = _local_rows(task, split, Path(data_path).expanduser())
+        source, rows = _local_rows(entry, split, Path(data_path).expanduser())
     if not rows:
         raise ValueError(f"{source}: no rows.")
-    return datasets.Dataset.from_list([_to_trainer_row(_validated(row, where, kind)) for where, row in rows])
+    return datasets.Dataset.from_list([_to_trainer_row(_validated(row, where, entry.kind)) for where, row in rows])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -171,7 +164,7 @@ def _to_trainer_row(row: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _local_rows(task: str, split: str, path: Path) -> tuple[str, list[_LocatedRow]]:
+def _local_rows(task: Task, split: str, path: Path) -> tuple[str, list[_LocatedRow]]:
     if not path.exists():
         raise FileNotFoundError(f"data_path {path} does not exist.")
     if path.is_dir():
@@ -188,18 +181,17 @@ def _local_rows(task: str, split: str, path: Path) -> tuple[str, list[_LocatedRo
     )
 
 
-def _split_file(directory: Path, task: str, split: str) -> Path:
-    sdpo_subdirectory = "tooluse" if task == "tooluse" else f"sciknoweval/{task}"
+def _split_file(directory: Path, task: Task, split: str) -> Path:
     candidates = [
         base / f"{split}{suffix}"
-        for base in (directory, directory / sdpo_subdirectory)
+        for base in (directory, directory / task.local_folder)
         for suffix in (".json", ".jsonl", ".parquet")
     ]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
-        f"No {split!r} file for task {task!r} under {directory}; looked for: {', '.join(map(str, candidates))}."
+        f"No {split!r} file for task {task.name!r} under {directory}; looked for: {', '.join(map(str, candidates))}."
     )
 
 
@@ -251,19 +243,20 @@ def _dataset_rows(dataset: datasets.Dataset, source: str) -> list[_LocatedRow]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _hub_rows(task: str, split: str, revision: str | None, hub_repo: str | None) -> tuple[str, list[_LocatedRow]]:
-    if task in SCIENCE_TASKS:
+def _hub_rows(task: Task, split: str, revision: str | None, hub_repo: str | None) -> tuple[str, list[_LocatedRow]]:
+    if task.sciknoweval_domain:
         repo_id = hub_repo or SCIKNOWEVAL_HUB_REPO
         rows = _sciknoweval_split(repo_id, task, split, revision)
     elif hub_repo is None:
         raise ValueError(
-            f"The {task} task has no Hub copy in the SDPO row format: pass data_path (--data_path) pointing at "
-            f"{TOOLUSE_SOURCE} (or at the directory above `tooluse/`), or hub_repo for a copy of your own."
+            f"The {task.name} task has no Hub copy in the SDPO row format: pass data_path (--data_path) pointing at "
+            f"{task.missing_hub_copy} (or at the directory above `{task.local_folder}/`), or hub_repo for a copy of "
+            "your own."
         )
     else:
         repo_id = hub_repo
         rows = _from_hub(datasets.load_dataset, repo_id, split=split, revision=revision).to_list()
-    source = f"{repo_id}@{revision or 'default revision'} ({task}, {split} split)"
+    source = f"{repo_id}@{revision or 'default revision'} ({task.name}, {split} split)"
     return source, [(f"{source}, row {index}", row) for index, row in enumerate(rows)]
 
 
@@ -280,14 +273,14 @@ def _from_hub(load, repo_id: str, **kwargs):
         ) from error
 
 
-def _sciknoweval_split(repo_id: str, task: str, split: str, revision: str | None) -> list[dict]:
+def _sciknoweval_split(repo_id: str, task: Task, split: str, revision: str | None) -> list[dict]:
     if revision is None:
         warnings.warn(
-            f"Building the {task} split from {repo_id} at its latest revision: an upstream re-upload can change the "
+            f"Building the {task.name} split from {repo_id} at its latest revision: an upstream re-upload can change the "
             "rows and so shift the train/test split away from SDPO's. Pass `revision` to pin it.",
             stacklevel=4,  # the caller of `load_task_dataset`
         )
-    domain = task.capitalize()  # SciKnowEval spells its domains "Chemistry", "Physics", ...
+    domain = task.sciknoweval_domain
     # SciKnowEval publishes everything as one "test" split; train/test are carved out of it below.
     published = _from_hub(datasets.load_dataset, repo_id, split="test", revision=revision)
     items = [row for row in published if _is_sdpo_item(row, domain)]

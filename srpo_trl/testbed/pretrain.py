@@ -28,6 +28,7 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
+from ..compat import cache_argument, output_cache
 from .model import build_tiny_model
 from .task import (
     format_completion,
@@ -186,9 +187,9 @@ def _completion_loss(
     once and its key/value cache is repeated over the batch: the loss and gradients are those of the full sequences
     for about a third less compute.
     """
-    cache = model(input_ids=shared_prefix[None], use_cache=True).past_key_values
+    cache = output_cache(model(input_ids=shared_prefix[None], use_cache=True))
     cache.batch_repeat_interleave(batch["input_ids"].shape[0])
-    return model(**batch, past_key_values=cache).loss
+    return model(**batch, **{cache_argument(type(model)): cache}).loss
 
 
 class _ExampleSource:
