@@ -441,16 +441,19 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
                 demonstration = demonstration_from_completion(
                     self.processing_class.decode(sibling, skip_special_tokens=True)
                 )
-                built[key] = (
-                    demonstration,
-                    *fit_teacher_prompt(
+                try:
+                    fitted = fit_teacher_prompt(
                         scored.prompts[row],
                         demonstration,
                         functools.partial(self._tokenize_one_prompt, row=row),
                         budget,
                         feedback=None if scored.feedback is None else scored.feedback[row],
-                    ),
-                )
+                    )
+                except ValueError as error:  # a streamed dataset's prompt: its rows are met here, not at construction
+                    raise ValueError(
+                        f"A prompt of the {mode} dataset, {scored.prompts[row]!r:.200}: {error}"
+                    ) from error
+                built[key] = (demonstration, *fitted)
             demonstration, ids, kept = built[key]
             # Over the setting, a prompt without its demonstration is a teacher that never saw the answer; over the
             # context, the model cannot score it at all.

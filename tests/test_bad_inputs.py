@@ -690,7 +690,7 @@ CASES = [
          build(dataset=MULTIMODAL)),
     Case("eval prompt: system only", "error", r"eval_dataset.*no user turn.*roles found: \['system'\]",
          build(eval_dataset=SYSTEM_ONLY)),
-    Case("streamed prompt: system only", "error", r"no user turn.*roles found: \['system'\]",
+    Case("streamed prompt: system only", "error", r"prompt of the train dataset, \[\{'role': 'system'.*no user turn.*roles found: \['system'\]",
          train(dataset=streamed(SYSTEM_ONLY))),
     Case("prompt: system only, routing=grpo", "fine", "", train(dataset=SYSTEM_ONLY, routing="grpo")),
     Case("prompt: system + user", "fine", "", train(dataset=WITH_SYSTEM, check=finite_loss)),
