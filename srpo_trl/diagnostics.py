@@ -11,7 +11,9 @@ def _number(value: float) -> str:
     return str(numpy.float32(value))
 
 
-def threshold_misfit(rewards: torch.Tensor, correct: torch.Tensor, threshold: float, batches: int) -> str | None:
+def threshold_misfit(
+    rewards: torch.Tensor, correct: torch.Tensor, threshold: float, batches: int, distilled: torch.Tensor | None = None
+) -> str | None:
     """Why `success_reward_threshold` does not fit the rewards of the first `batches` generation batches, or None.
 
     Args:
@@ -19,6 +21,8 @@ def threshold_misfit(rewards: torch.Tensor, correct: torch.Tensor, threshold: fl
         correct: routing's decision for each (`reaches_threshold`).
         threshold: `success_reward_threshold`.
         batches: how many generation batches `rewards` covers (for the message).
+        distilled: which rollouts routing sent to the teacher (default: none). A mode that also distils correct
+            rollouts (`routing="sdpo"`) distils when every rollout is correct: no misfit then.
 
     Three misfits: no rollout correct (nothing is ever distilled: SRPO is GRPO), every rollout correct (nothing is
     distilled), and a threshold on another scale than the rewards: most rollouts count as correct although the
@@ -36,10 +40,10 @@ def threshold_misfit(rewards: torch.Tensor, correct: torch.Tensor, threshold: fl
     if not correct.any():
         return (
             f"No rollout of {first} reached success_reward_threshold={threshold} ({seen}): "
-            "srpo/teacher_available_frac stays 0, nothing is distilled and SRPO trains as plain GRPO. Set "
-            "success_reward_threshold to the reward a correct rollout earns."
+            "srpo/teacher_available_frac stays 0 and nothing is distilled (routing='srpo' trains as plain GRPO, "
+            "routing='sdpo' trains nothing). Set success_reward_threshold to the reward a correct rollout earns."
         )
-    if correct.all():
+    if correct.all() and (distilled is None or not distilled.any()):
         return (
             f"Every rollout of {first} reached success_reward_threshold={threshold} ({seen}): "
             "srpo/route/correct_frac stays 1 and nothing is distilled. The threshold applies to the weighted sum "

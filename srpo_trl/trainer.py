@@ -133,6 +133,7 @@ class _RoutingWatch:
 
     rewards: list[torch.Tensor] = field(default_factory=list)
     correct: list[torch.Tensor] = field(default_factory=list)
+    distilled: list[torch.Tensor] = field(default_factory=list)
 
 
 class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
@@ -541,11 +542,16 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
             return
         watch.rewards.append(rewards.detach().cpu())
         watch.correct.append(routes.correct.cpu())
+        watch.distilled.append(routes.sdpo.cpu())
         if len(watch.rewards) < ROUTING_WATCH_BATCHES:
             return
         self._routing_watch = None  # checked once
         message = threshold_misfit(
-            torch.cat(watch.rewards), torch.cat(watch.correct), self.args.success_reward_threshold, len(watch.rewards)
+            torch.cat(watch.rewards),
+            torch.cat(watch.correct),
+            self.args.success_reward_threshold,
+            len(watch.rewards),
+            torch.cat(watch.distilled),
         )
         if message is not None and self.accelerator.is_main_process:  # every process sees the same global rewards
             warnings.warn(message, stacklevel=2)

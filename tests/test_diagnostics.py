@@ -40,3 +40,10 @@ def test_the_message_shows_the_values_compared():
     assert misfit([0.99999994, 0.99999994]).startswith("Every rollout")
     message = misfit([0.65, 0.9999])
     assert "No rollout" in message and "[0.65, 0.9999]" in message
+
+
+def test_every_rollout_correct_is_no_misfit_where_correct_rollouts_are_distilled():
+    rewards = torch.ones(8)
+    correct = reaches_threshold(rewards, 1.0)
+    assert "nothing is distilled" in threshold_misfit(rewards, correct, 1.0, 5, distilled=torch.zeros(8, dtype=bool))
+    assert threshold_misfit(rewards, correct, 1.0, 5, distilled=torch.ones(8, dtype=bool)) is None  # routing="sdpo"

@@ -174,11 +174,13 @@ def always_one(completions, **kwargs):
         ([first_letter_reward, always_one], r"Every rollout .* \[1\.0, 2\.0\].*correct_frac stays 1.*weighted sum"),
         (graded_reward, r"No rollout .* \[0\.0, 0\.\d+\].*teacher_available_frac stays 0.*plain GRPO"),
         (first_letter_reward, None),
+        (always_one, None),  # under routing="sdpo", which distils correct rollouts too
     ],
-    ids=["two-0/1-rewards", "never-reached", "reachable"],
+    ids=["two-0/1-rewards", "never-reached", "reachable", "sdpo-all-correct"],
 )
 def test_a_threshold_that_routes_nothing_is_reported_after_five_batches(char_tokenizer, tmp_path, reward, message):
-    trainer = make_trainer(char_tokenizer, tmp_path, reward=reward, max_steps=6)
+    routing = "sdpo" if reward is always_one else "srpo"
+    trainer = make_trainer(char_tokenizer, tmp_path, reward=reward, max_steps=6, routing=routing)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
