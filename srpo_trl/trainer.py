@@ -57,8 +57,10 @@ from .teacher import (
     SelfTeacherCallback,
     backbone_and_head,
     causal_lm,
+    has_length_dependent_rope,
     is_peft,
     local_part,
+    reset_dynamic_rope,
     shared_prefix_plan,
     unique_prefixes,
 )
@@ -108,6 +110,17 @@ class _Prefix:
 
 
 _NO_LOGITS = torch.empty(0, dtype=torch.long)  # `logits_to_keep` that projects no position
+
+
+def cache_rows(cache, rows: torch.Tensor):
+    """A cache holding the batch `rows` of `cache`, which stays as it was (for the next chunk of continuations).
+    Shallow copies of the cache and its layers: selecting rows makes new key/value tensors (advanced indexing) and a
+    continuation appends to the copy's, so only the selected rows are copied, never the whole prefix cache (a deep
+    copy was ~5.6 GiB per chunk at the Qwen3-8B recipe's sizes)."""
+    selected = copy.copy(cache)
+    selected.layers = [copy.copy(layer) for layer in cache.layers]
+    selected.batch_select_indices(rows)
+    return selected
 
 
 @dataclass
@@ -522,7 +535,7 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         teacher_token_logps = torch.zeros(mask.shape, device=device)
         entropy = torch.zeros_like(teacher_token_logps)
         prefixes, prefix_of_row = unique_prefixes(teacher_prompts)
-        plan = shared_prefix_plan(prefix_of_row, self._rows_per_pass(mode))
+        plan = shared_prefix_plan(prefix_of_row, self._teacher_rows_per_pass(mode))
         shares = self._teacher_continues_from_cache
         passes = sum(int(shares) + len(row_chunks) for _, row_chunks in plan)
         # ZeRO-3 gathers each layer's weights from all processes as it runs them (and the LM head for the
@@ -623,12 +636,24 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
     def _rows_per_pass(self, mode: str) -> int:
         return self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
 
+    def _teacher_rows_per_pass(self, mode: str) -> int:
+        # Length-dependent RoPE: a row gets the frequencies of its own length only in a pass of its own.
+        return 1 if self._length_dependent_rope else self._rows_per_pass(mode)
+
+    @functools.cached_property
+    def _length_dependent_rope(self) -> bool:
+        return has_length_dependent_rope(causal_lm(self.model).config)
+
     @functools.cached_property
     def _teacher_continues_from_cache(self) -> bool:
-        """Whether the teacher can continue several completions from one teacher prompt's cached keys and values:
-        every layer of the model's cache must be attention whose rows can be selected. Linear-attention and recurrent
-        layers (hybrid models such as Nemotron-H) keep a running state instead; their teacher scores each teacher
-        prompt with its completion in one pass."""
+        """Whether the teacher can continue several completions from one teacher prompt's cached keys and values,
+        equal to scoring each row in one pass. Every layer of the model's cache must be attention whose rows can be
+        selected: linear-attention and recurrent layers (hybrid models such as Nemotron-H) keep a running state
+        instead. And the RoPE frequencies must not depend on the length of each call (dynamic NTK, LongRoPE:
+        `has_length_dependent_rope`), or the prefix and its continuation would use different ones. Other models'
+        teacher scores each teacher prompt with its completion in one pass."""
+        if self._length_dependent_rope:
+            return False
         try:
             layers = DynamicCache(config=self.model.config).layers
         except Exception:  # a cache transformers cannot build from the config: one pass per row is always right
@@ -660,8 +685,7 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         """The teacher's final hidden states predicting each completion token `(rows, C, hidden)` of the batch rows
         `index`, each continuing the prompt `continues[i]` of `prefix` from its cached keys and values."""
         at = torch.tensor(continues, device=index.device)
-        cache = copy.deepcopy(prefix.cache)
-        cache.batch_select_indices(at)
+        cache = cache_rows(prefix.cache, at)
         attention_mask = torch.cat([prefix.attention_mask[at], batch["completion_mask"][index]], dim=1)
         with self._capture_hidden_states(model) as captured:
             model(
@@ -676,18 +700,24 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
 
     def _whole_sequence_hidden(self, model, prompts: list[list[int]], batch, index) -> torch.Tensor:
         """The teacher's final hidden states predicting each completion token `(rows, C, hidden)` of the batch rows
-        `index`, each after its own teacher prompt, in one pass without a cache (models that cannot continue one)."""
+        `index`, each after its own teacher prompt, in one pass without a cache (models that cannot continue one).
+        The passes end at the rows' last completion token: a row alone is then exactly its prompt and completion (what
+        length-dependent RoPE needs); the positions past it are zeros."""
         prompt_ids, prompt_mask = self._left_padded(prompts)
+        completion_mask = batch["completion_mask"][index]
+        length = int(completion_mask.any(0).nonzero().max()) + 1 if completion_mask.any() else 1
+        if self._length_dependent_rope:
+            reset_dynamic_rope(model)
         with self._capture_hidden_states(model) as captured:
             model(
-                input_ids=torch.cat([prompt_ids, batch["completion_ids"][index]], dim=1),
-                attention_mask=torch.cat([prompt_mask, batch["completion_mask"][index]], dim=1),
+                input_ids=torch.cat([prompt_ids, batch["completion_ids"][index, :length]], dim=1),
+                attention_mask=torch.cat([prompt_mask, completion_mask[:, :length]], dim=1),
                 use_cache=False,
                 logits_to_keep=_NO_LOGITS,
             )
         # Completion token t is predicted from position t - 1: the first one from the prompt's last position.
-        start = prompt_ids.size(1) - 1
-        return captured[-1][:, start : start + batch["completion_ids"].size(1)]
+        hidden = captured[-1][:, prompt_ids.size(1) - 1 : -1]
+        return torch.nn.functional.pad(hidden, (0, 0, 0, completion_mask.size(1) - length))
 
     def _logits(self, hidden: torch.Tensor) -> Logits:
         """How GRPOTrainer's fused LM head turns this model's `hidden` states into the sampling distribution's logits
