@@ -112,6 +112,11 @@ class _Prefix:
 _NO_LOGITS = torch.empty(0, dtype=torch.long)  # `logits_to_keep` that projects no position
 
 
+def is_grpo_token_statistic(key: str) -> bool:
+    """Whether GRPOTrainer 1.16 logs metric `key` as a statistic over the tokens of its loss mask."""
+    return key in ("entropy", "kl", "cispo_clip_ratio") or key.startswith(("clip_ratio/", "vespo/"))
+
+
 def cache_rows(cache, rows: torch.Tensor):
     """A cache holding the batch `rows` of `cache`, which stays as it was (for the next chunk of continuations).
     Shallow copies of the cache and its layers: selecting rows makes new key/value tensors (advanced indexing) and a
@@ -801,7 +806,11 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         # tokens alone: a routed rollout carries one signal, the distillation term (method §12).
         grpo_inputs = {**inputs, "tool_mask": grpo_tokens.to(inputs["completion_mask"].dtype)}
         policy = self.accelerator.unwrap_model(model)
-        with self._capture_hidden_states(policy) as captured, self._head_scores_only(policy, grpo_rows):
+        with (
+            self._capture_hidden_states(policy) as captured,
+            self._head_scores_only(policy, grpo_rows),
+            self._token_statistics_need_grpo_tokens(mode, grpo_tokens),
+        ):
             grpo_loss = super()._compute_loss(model, grpo_inputs)
         if self.loss_type in LOCAL_TOKEN_LOSS_TYPES:  # bnpo divided by the GRPO tokens; SRPO shares all of them
             grpo_loss = grpo_loss * (grpo_tokens.sum().clamp(min=1) / mask.sum().clamp(min=1))
@@ -842,6 +851,21 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
             yield captured
         finally:
             handle.remove()
+
+    @contextmanager
+    def _token_statistics_need_grpo_tokens(self, mode: str, grpo_tokens: torch.Tensor):
+        """GRPOTrainer's statistics over its loss mask (`entropy`, `kl`, `clip_ratio/*`, ...) are averages over the
+        GRPO tokens of all processes: with none (every row distilled) they come out 0 or NaN, logged as 0 or None.
+        They are left out of those micro-batches, as SRPO leaves out its own statistics of empty selections."""
+        metrics = self._metrics[mode]
+        before = {key: len(values) for key, values in metrics.items()}
+        yield
+        if self._all_reduce(grpo_tokens.sum().float().reshape(1), "sum").item():  # every process joins
+            return
+        for key in [key for key in metrics if is_grpo_token_statistic(key)]:
+            del metrics[key][before.get(key, 0) :]
+            if not metrics[key]:
+                del metrics[key]
 
     @contextmanager
     def _head_scores_only(self, policy, rows: torch.Tensor):

@@ -108,6 +108,16 @@ def test_bf16_sharded_identical_teacher_distils_nothing(tmp_path, backend):
     assert abs(ours["log"][0]["srpo/loss/sdpo"]) <= 1e-6
 
 
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+def test_fp32_lm_head_under_sharding_is_the_teachers_own(tmp_path, backend):
+    # TRL's cast_lm_head_to_fp32 patches `lm_head.forward` with a closure over the policy's head: the teacher's copy
+    # called the policy's head, and its prefix pass failed on the policy's shards ("size mismatch, got input (0)").
+    options = ("--cast_lm_head_to_fp32", "--max_steps=1")
+    reference = launch(tmp_path / "single", "none", *options)
+    assert reference["log"][0]["srpo/loss/sdpo"] > 0.01
+    assert_same_run(launch(tmp_path / backend, backend, *options), reference)
+
+
 def test_groups_over_two_processes_move_only_the_demonstrations_they_need(tmp_path):
     # One group of 16 over both processes: the failed rollouts of one process are taught by a correct sibling on the
     # other. Only that sibling's completion crosses (before: every process received all 16 completions).

@@ -49,6 +49,9 @@ def main():
         action="store_true",
         help="attention outputs zeroed: a teacher prompt then changes nothing, and at step 1 the teacher is the student",
     )
+    parser.add_argument(
+        "--cast_lm_head_to_fp32", action="store_true", help="TRL's fp32 LM head (a patched `lm_head.forward`)"
+    )
     args = parser.parse_args()
 
     from datasets import Dataset
@@ -85,6 +88,7 @@ def main():
         ddp_backend="gloo" if args.world_size > 1 else None,
         deepspeed=deepspeed,
         bf16=args.bf16,
+        cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
         per_device_train_batch_size=8 // args.world_size,
         gradient_accumulation_steps=2,
         steps_per_generation=args.steps_per_generation,
