@@ -50,6 +50,7 @@ def launch(output_dir: Path, backend: str = "none", *options: str, accelerate_co
         "teacher": load_file(output_dir / "teacher.safetensors"),
         "log": [entry for entry in json.loads((output_dir / "log_history.json").read_text()) if "loss" in entry],
         "exchanged": json.loads((output_dir / "exchanged.json").read_text()),
+        "teacher_head_calls": json.loads((output_dir / "teacher_head_calls.json").read_text()),
     }
 
 
@@ -115,7 +116,11 @@ def test_fp32_lm_head_under_sharding_is_the_teachers_own(tmp_path, backend):
     options = ("--cast_lm_head_to_fp32", "--max_steps=1")
     reference = launch(tmp_path / "single", "none", *options)
     assert reference["log"][0]["srpo/loss/sdpo"] > 0.01
-    assert_same_run(launch(tmp_path / backend, backend, *options), reference)
+    ours = launch(tmp_path / backend, backend, *options)
+    assert_same_run(ours, reference)
+    # The teacher's passes project no logits and never call its head's module, which under ZeRO-3 gathered the whole
+    # head (all 6528 weights here) from both processes for each pass (before: 2 per process in this one step).
+    assert ours["teacher_head_calls"] == reference["teacher_head_calls"] == []
 
 
 def test_groups_over_two_processes_move_only_the_demonstrations_they_need(tmp_path):

@@ -162,3 +162,20 @@ def test_teacher_has_its_own_lm_head_under_cast_lm_head_to_fp32(char_tokenizer, 
     fresh = build_tiny_model(char_tokenizer, seed=0)
     torch.testing.assert_close(trainer.teacher.model.model(torch.tensor([[5, 6, 7]])).last_hidden_state,
                                fresh.model(torch.tensor([[5, 6, 7]])).last_hidden_state)  # fmt: skip
+
+
+def test_teacher_passes_never_call_the_lm_head(char_tokenizer, tmp_path):
+    # The passes project no logits, but the head's module call alone made ZeRO-3 gather the whole head for each one.
+    trainer = make_trainer(char_tokenizer, tmp_path)
+    head = trainer.teacher.model.get_output_embeddings()
+    calls = []
+    head.register_forward_pre_hook(lambda module, inputs: calls.append(inputs))
+    batch, prompts = routed_batch(char_tokenizer)
+    mask = batch["completion_mask"].bool()
+    _, teacher_logps, _, _ = trainer._run_teacher(batch, mask, [0, 1, 2, 3], prompts, None, "train")
+    assert calls == [] and trainer.teacher.model.get_output_embeddings() is head
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):
+            length = int(mask[row].sum())
+            expected = own_forward_logps(trainer.teacher.model, prompt, batch["completion_ids"][row, :length])
+            torch.testing.assert_close(teacher_logps[row, :length], expected, rtol=1e-5, atol=1e-5)

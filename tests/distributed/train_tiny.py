@@ -152,6 +152,10 @@ def main():
         return gathered
 
     srpo_trl.trainer.gather_object = counting_gather
+    head_calls = []  # the sizes of the teacher's LM head weight seen by its module calls (gathered: its whole size)
+    if not args.lora:  # the teacher is its own model, whose head only the teacher's passes could call
+        teacher_head = trainer.teacher.model.get_output_embeddings()
+        teacher_head.register_forward_pre_hook(lambda module, inputs: head_calls.append(module.weight.numel()))
     if args.save_start:
         trainer.add_callback(SaveWeightsAtTrainBegin(trainer, args.output_dir))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
@@ -172,6 +176,8 @@ def main():
             json.dump(trainer.state.log_history, f)
         with open(os.path.join(args.output_dir, "exchanged.json"), "w") as f:
             json.dump(exchanged, f)
+        with open(os.path.join(args.output_dir, "teacher_head_calls.json"), "w") as f:
+            json.dump(head_calls, f)
     state.wait_for_everyone()
     # Everything is written: leave without the interpreter's teardown, where the native threads of gloo / DeepSpeed's
     # CPU communication op sometimes abort a run that succeeded ("terminate called without an active exception").
