@@ -82,7 +82,8 @@ def has_length_dependent_rope(config) -> bool:
 def reset_dynamic_rope(model: torch.nn.Module) -> None:
     """Return dynamic-NTK rotary embeddings to their original frequencies. transformers keeps the frequencies of
     the longest call so far and only recomputes them for a longer one (or resets below the original length): a
-    row's scores would depend on the rows scored before it. A one-position call is below the original length."""
+    row's scores would depend on the rows scored before it. A one-position call is below the original length; it
+    calls the class's forward, not the module, so that no hook runs (ZeRO-3 would record it in its prefetch trace)."""
     for module in model.modules():
         if not hasattr(module, "original_inv_freq") or not hasattr(module, "max_seq_len_cached"):
             continue
@@ -90,7 +91,8 @@ def reset_dynamic_rope(model: torch.nn.Module) -> None:
         layer_types = list(module.rope_type) if isinstance(module.rope_type, dict) else [None]
         for layer_type in layer_types:
             kwargs = {} if layer_type is None else {"layer_type": layer_type}
-            module(torch.zeros(1, device=device), torch.zeros(1, 1, dtype=torch.long, device=device), **kwargs)
+            one_position = torch.zeros(1, 1, dtype=torch.long, device=device)
+            type(module).forward(module, torch.zeros(1, device=device), one_position, **kwargs)
 
 
 def _closure_values(function: types.FunctionType) -> list:
