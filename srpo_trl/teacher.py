@@ -10,6 +10,7 @@ The EMA itself is `ema_update_`, a pure in-place function; `state_dict` is what 
 
 import copy
 import functools
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -80,6 +81,74 @@ def context_length(model) -> int | None:
     return None
 
 
+def rope_types(config) -> set[str]:
+    """The RoPE types of a model (one per layer type where a model mixes them), read as transformers 5 reads them:
+    `rope_parameters`, or the older `rope_scaling`; "default" without either."""
+    text = config.get_text_config()
+    parameters = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    per_layer_type = parameters and all(isinstance(value, dict) for value in parameters.values())
+    groups = parameters.values() if per_layer_type else [parameters]
+    return {str(group.get("rope_type", group.get("type", "default"))) for group in groups}
+
+
+def has_length_dependent_rope(config) -> bool:
+    """Whether a model's RoPE frequencies depend on the longest position of each forward call: transformers'
+    `dynamic_rope_update` rescales them for dynamic NTK (any "dynamic" type) and switches LongRoPE (Phi-3,
+    Phi-4-mini) to its long factors past `original_max_position_embeddings`. A cached prefix and its continuation
+    (or a row padded to a longer one) would then be scored with other frequencies than the row alone."""
+    return any("dynamic" in rope_type or rope_type == "longrope" for rope_type in rope_types(config))
+
+
+def reset_dynamic_rope(model: torch.nn.Module) -> None:
+    """Return dynamic-NTK rotary embeddings to their original frequencies. transformers keeps the frequencies of
+    the longest call so far and only recomputes them for a longer one (or resets below the original length): a
+    row's scores would depend on the rows scored before it. A one-position call is below the original length; it
+    calls the class's forward, not the module, so that no hook runs (ZeRO-3 would record it in its prefetch trace)."""
+    for module in model.modules():
+        if not hasattr(module, "original_inv_freq") or not hasattr(module, "max_seq_len_cached"):
+            continue
+        device = module.original_inv_freq.device
+        layer_types = list(module.rope_type) if isinstance(module.rope_type, dict) else [None]
+        for layer_type in layer_types:
+            kwargs = {} if layer_type is None else {"layer_type": layer_type}
+            one_position = torch.zeros(1, 1, dtype=torch.long, device=device)
+            type(module).forward(module, torch.zeros(1, device=device), one_position, **kwargs)
+
+
+def _closure_values(function: types.FunctionType) -> list:
+    values = []
+    for cell in function.__closure__ or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # a free variable not yet assigned
+            values.append(cell)
+    return values
+
+
+def rebind_forwards(copied: torch.nn.Module, original: torch.nn.Module) -> None:
+    """Point the instance-level `forward` patches of `copied`'s submodules at `copied`'s own modules. A deep copy
+    keeps functions as they are, so a patch closing over `original`'s modules goes on computing with the original's
+    weights: TRL's `cast_lm_head_to_fp32` replaces `lm_head.forward` by a closure over the policy's head, which
+    under ZeRO-3 and FSDP2 then met the policy's shards (`size mismatch, got input (0)`)."""
+    name_of = {id(module): name for name, module in original.named_modules()}
+    twins = dict(copied.named_modules())
+    for module in copied.modules():
+        forward = module.__dict__.get("forward")
+        if not isinstance(forward, types.FunctionType):
+            continue
+        values = _closure_values(forward)
+        if not any(id(value) in name_of for value in values):
+            continue
+        cells = tuple(
+            types.CellType(twins[name_of[id(value)]]) if id(value) in name_of else forward.__closure__[i]
+            for i, value in enumerate(values)
+        )
+        rebound = types.FunctionType(
+            forward.__code__, forward.__globals__, forward.__name__, forward.__defaults__, cells
+        )
+        module.forward = functools.update_wrapper(rebound, forward)
+
+
 class SelfTeacher:
     """EMA self-teacher of `policy` (an unwrapped model, before Accelerate/DeepSpeed wrapping).
 
@@ -113,6 +182,7 @@ class SelfTeacher:
             # GRPOTrainer patched the policy's `forward` (TRL's fused LM head) with a closure whose plain path calls
             # the *policy's* original forward; a copy must run its own, its class's.
             self.model.__dict__.pop("forward", None)
+            rebind_forwards(self.model, policy)
             self.model.eval()
         for _, weight in self._teacher_weights():
             weight.requires_grad_(False)

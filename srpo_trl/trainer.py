@@ -63,8 +63,10 @@ from .teacher import (
     backbone_and_head,
     causal_lm,
     context_length,
+    has_length_dependent_rope,
     is_peft,
     local_part,
+    reset_dynamic_rope,
     shared_prefix_plan,
     unique_prefixes,
 )
@@ -113,6 +115,52 @@ class _Prefix:
 
 
 _NO_LOGITS = torch.empty(0, dtype=torch.long)  # `logits_to_keep` that projects no position
+
+
+class _NoPositions(torch.nn.Module):
+    """Stands in for a causal LM's head in passes that project no position (`logits_to_keep=_NO_LOGITS`): `(…, 0,
+    vocab)` logits, without the head's module call. Under ZeRO-3 that call alone gathers the whole head from every
+    process (its forward hook does, whatever the number of positions: 1.24 GB for Qwen3-8B in bf16, per teacher pass)."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.new_zeros(()).expand(*hidden.shape[:-1], self.vocab_size)  # no memory, whatever the positions
+
+
+@contextmanager
+def _head_not_called(model):
+    """`model`'s LM head replaced by `_NoPositions` for the teacher's passes (the statistics use its weights, gathered
+    once per call, `vocab.teacher_statistics`); the model's top-level forward still runs, whose module order ZeRO-3's
+    prefetching follows."""
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    name = next(name for name, module in lm.named_modules() if module is head)
+    parent_name, _, attribute = name.rpartition(".")
+    parent = lm.get_submodule(parent_name)
+    setattr(parent, attribute, _NoPositions(getattr(head, "out_features", None) or head.weight.size(0)))
+    try:
+        yield
+    finally:
+        setattr(parent, attribute, head)
+
+
+def is_grpo_token_statistic(key: str) -> bool:
+    """Whether GRPOTrainer 1.16 logs metric `key` as a statistic over the tokens of its loss mask."""
+    return key in ("entropy", "kl", "cispo_clip_ratio") or key.startswith(("clip_ratio/", "vespo/"))
+
+
+def cache_rows(cache, rows: torch.Tensor):
+    """A cache holding the batch `rows` of `cache`, which stays as it was (for the next chunk of continuations).
+    Shallow copies of the cache and its layers: selecting rows makes new key/value tensors (advanced indexing) and a
+    continuation appends to the copy's, so only the selected rows are copied, never the whole prefix cache (a deep
+    copy was ~5.6 GiB per chunk at the Qwen3-8B recipe's sizes)."""
+    selected = copy.copy(cache)
+    selected.layers = [copy.copy(layer) for layer in cache.layers]
+    selected.batch_select_indices(rows)
+    return selected
 
 
 @dataclass
@@ -572,7 +620,7 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         teacher_token_logps = torch.zeros(mask.shape, device=device)
         entropy = torch.zeros_like(teacher_token_logps)
         prefixes, prefix_of_row = unique_prefixes(teacher_prompts)
-        plan = shared_prefix_plan(prefix_of_row, self._rows_per_pass(mode))
+        plan = shared_prefix_plan(prefix_of_row, self._teacher_rows_per_pass(mode))
         shares = self._teacher_continues_from_cache
         passes = sum(int(shares) + len(row_chunks) for _, row_chunks in plan)
         # ZeRO-3 gathers each layer's weights from all processes as it runs them (and the LM head for the
@@ -583,27 +631,28 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         hidden, tokens = [], []
         started = time.perf_counter()
         with torch.no_grad(), self.teacher.active() as model, self.accelerator.autocast():
-            for prefix_batch, row_chunks in plan:
-                prefix = self._prefix_pass(model, [prefixes[p] for p in prefix_batch]) if shares else None
-                for chunk in row_chunks:
-                    index = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device)
-                    continues = [prefix_batch.index(prefix_of_row[i]) for i in chunk]
-                    chunk_rows, positions = mask[index].nonzero(as_tuple=True)
-                    start = sum(len(h) for h in hidden)
-                    cache_index[index[chunk_rows], positions] = torch.arange(
-                        start, start + len(positions), dtype=torch.int32, device=device
-                    )
-                    if prefix is None:
-                        chunk_hidden = self._whole_sequence_hidden(
-                            model, [prefixes[prefix_of_row[i]] for i in chunk], batch, index
+            with _head_not_called(model):  # the passes project no logits: no head call (ZeRO-3 gathers it)
+                for prefix_batch, row_chunks in plan:
+                    prefix = self._prefix_pass(model, [prefixes[p] for p in prefix_batch]) if shares else None
+                    for chunk in row_chunks:
+                        index = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device)
+                        continues = [prefix_batch.index(prefix_of_row[i]) for i in chunk]
+                        chunk_rows, positions = mask[index].nonzero(as_tuple=True)
+                        start = sum(len(h) for h in hidden)
+                        cache_index[index[chunk_rows], positions] = torch.arange(
+                            start, start + len(positions), dtype=torch.int32, device=device
                         )
-                    else:
-                        chunk_hidden = self._continuation_hidden(model, prefix, continues, batch, index)
-                    hidden.append(chunk_hidden[mask[index]])
-                    tokens.append(batch["completion_ids"][index][mask[index]])
-            for _ in range(most - passes):  # a one-token dummy prompt; its empty result keeps the cache's shapes
-                hidden.append(self._prefix_pass(model, [[self._tokenizer.pad_token_id]]).last_hidden[:0])
-                tokens.append(torch.zeros(0, dtype=torch.long, device=device))
+                        if prefix is None:
+                            chunk_hidden = self._whole_sequence_hidden(
+                                model, [prefixes[prefix_of_row[i]] for i in chunk], batch, index
+                            )
+                        else:
+                            chunk_hidden = self._continuation_hidden(model, prefix, continues, batch, index)
+                        hidden.append(chunk_hidden[mask[index]])
+                        tokens.append(batch["completion_ids"][index][mask[index]])
+                for _ in range(most - passes):  # a one-token dummy prompt; its empty result keeps the cache's shapes
+                    hidden.append(self._prefix_pass(model, [[self._tokenizer.pad_token_id]]).last_hidden[:0])
+                    tokens.append(torch.zeros(0, dtype=torch.long, device=device))
             if hidden:
                 hidden, tokens = torch.cat(hidden), torch.cat(tokens)
                 logits = self._logits(hidden)
@@ -673,12 +722,24 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
     def _rows_per_pass(self, mode: str) -> int:
         return self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
 
+    def _teacher_rows_per_pass(self, mode: str) -> int:
+        # Length-dependent RoPE: a row gets the frequencies of its own length only in a pass of its own.
+        return 1 if self._length_dependent_rope else self._rows_per_pass(mode)
+
+    @functools.cached_property
+    def _length_dependent_rope(self) -> bool:
+        return has_length_dependent_rope(causal_lm(self.model).config)
+
     @functools.cached_property
     def _teacher_continues_from_cache(self) -> bool:
-        """Whether the teacher can continue several completions from one teacher prompt's cached keys and values:
-        every layer of the model's cache must be attention whose rows can be selected. Linear-attention and recurrent
-        layers (hybrid models such as Nemotron-H) keep a running state instead; their teacher scores each teacher
-        prompt with its completion in one pass."""
+        """Whether the teacher can continue several completions from one teacher prompt's cached keys and values,
+        equal to scoring each row in one pass. Every layer of the model's cache must be attention whose rows can be
+        selected: linear-attention and recurrent layers (hybrid models such as Nemotron-H) keep a running state
+        instead. And the RoPE frequencies must not depend on the length of each call (dynamic NTK, LongRoPE:
+        `has_length_dependent_rope`), or the prefix and its continuation would use different ones. Other models'
+        teacher scores each teacher prompt with its completion in one pass."""
+        if self._length_dependent_rope:
+            return False
         try:
             layers = DynamicCache(config=self.model.config).layers
         except Exception:  # a cache transformers cannot build from the config: one pass per row is always right
@@ -710,8 +771,7 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         """The teacher's final hidden states predicting each completion token `(rows, C, hidden)` of the batch rows
         `index`, each continuing the prompt `continues[i]` of `prefix` from its cached keys and values."""
         at = torch.tensor(continues, device=index.device)
-        cache = copy.deepcopy(prefix.cache)
-        cache.batch_select_indices(at)
+        cache = cache_rows(prefix.cache, at)
         attention_mask = torch.cat([prefix.attention_mask[at], batch["completion_mask"][index]], dim=1)
         with self._capture_hidden_states(model) as captured:
             model(
@@ -726,18 +786,24 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
 
     def _whole_sequence_hidden(self, model, prompts: list[list[int]], batch, index) -> torch.Tensor:
         """The teacher's final hidden states predicting each completion token `(rows, C, hidden)` of the batch rows
-        `index`, each after its own teacher prompt, in one pass without a cache (models that cannot continue one)."""
+        `index`, each after its own teacher prompt, in one pass without a cache (models that cannot continue one).
+        The passes end at the rows' last completion token: a row alone is then exactly its prompt and completion (what
+        length-dependent RoPE needs); the positions past it are zeros."""
         prompt_ids, prompt_mask = self._left_padded(prompts)
+        completion_mask = batch["completion_mask"][index]
+        length = int(completion_mask.any(0).nonzero().max()) + 1 if completion_mask.any() else 1
+        if self._length_dependent_rope:
+            reset_dynamic_rope(model)
         with self._capture_hidden_states(model) as captured:
             model(
-                input_ids=torch.cat([prompt_ids, batch["completion_ids"][index]], dim=1),
-                attention_mask=torch.cat([prompt_mask, batch["completion_mask"][index]], dim=1),
+                input_ids=torch.cat([prompt_ids, batch["completion_ids"][index, :length]], dim=1),
+                attention_mask=torch.cat([prompt_mask, completion_mask[:, :length]], dim=1),
                 use_cache=False,
                 logits_to_keep=_NO_LOGITS,
             )
         # Completion token t is predicted from position t - 1: the first one from the prompt's last position.
-        start = prompt_ids.size(1) - 1
-        return captured[-1][:, start : start + batch["completion_ids"].size(1)]
+        hidden = captured[-1][:, prompt_ids.size(1) - 1 : -1]
+        return torch.nn.functional.pad(hidden, (0, 0, 0, completion_mask.size(1) - length))
 
     def _logits(self, hidden: torch.Tensor) -> Logits:
         """How GRPOTrainer's fused LM head turns this model's `hidden` states into the sampling distribution's logits
@@ -821,7 +887,11 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
         # tokens alone: a routed rollout carries one signal, the distillation term (method §12).
         grpo_inputs = {**inputs, "tool_mask": grpo_tokens.to(inputs["completion_mask"].dtype)}
         policy = self.accelerator.unwrap_model(model)
-        with self._capture_hidden_states(policy) as captured, self._head_scores_only(policy, grpo_rows):
+        with (
+            self._capture_hidden_states(policy) as captured,
+            self._head_scores_only(policy, grpo_rows),
+            self._token_statistics_need_grpo_tokens(mode, grpo_tokens),
+        ):
             grpo_loss = super()._compute_loss(model, grpo_inputs)
         if self.loss_type in LOCAL_TOKEN_LOSS_TYPES:  # bnpo divided by the GRPO tokens; SRPO shares all of them
             grpo_loss = grpo_loss * (grpo_tokens.sum().clamp(min=1) / mask.sum().clamp(min=1))
@@ -877,6 +947,21 @@ class SRPOTrainer(TeacherCheckpointing, GRPOTrainer):
             yield captured
         finally:
             handle.remove()
+
+    @contextmanager
+    def _token_statistics_need_grpo_tokens(self, mode: str, grpo_tokens: torch.Tensor):
+        """GRPOTrainer's statistics over its loss mask (`entropy`, `kl`, `clip_ratio/*`, ...) are averages over the
+        GRPO tokens of all processes: with none (every row distilled) they come out 0 or NaN, logged as 0 or None.
+        They are left out of those micro-batches, as SRPO leaves out its own statistics of empty selections."""
+        metrics = self._metrics[mode]
+        before = {key: len(values) for key, values in metrics.items()}
+        yield
+        if self._all_reduce(grpo_tokens.sum().float().reshape(1), "sum").item():  # every process joins
+            return
+        for key in [key for key in metrics if is_grpo_token_statistic(key)]:
+            del metrics[key][before.get(key, 0) :]
+            if not metrics[key]:
+                del metrics[key]
 
     @contextmanager
     def _head_scores_only(self, policy, rows: torch.Tensor):

@@ -1,7 +1,10 @@
 """Vocabulary-sized work in chunks of positions (method §7): hidden states in, only what the loss needs out.
 
-`[tokens, vocab]` float32 logits exist for one chunk at a time (about 64 MiB); the student's differentiable pass
-recomputes its chunk's logits in backward instead of keeping them. Inputs are the final hidden states of the valid
+`[tokens, vocab]` float32 logits exist for one chunk at a time; the student's differentiable pass recomputes its
+chunk's logits in backward instead of keeping them. Chunks are sized by device (`logits_per_chunk`): 2**24 logits
+(64 MiB, 110 positions at Qwen3's vocabulary of 151,936) on a CPU, where larger tiles only miss the caches; on a CUDA
+GPU a share of the free memory, up to 2**30 logits: each chunk reads the whole LM head (1.24 GB for Qwen3-8B in
+bf16), so CPU-sized chunks would re-read it thousands of times per step. Inputs are the final hidden states of the valid
 completion positions, flattened to `(n, hidden)`, and the LM head's weight/bias.
 
 One distribution, one set of logits (method §12). `Logits` turns hidden states into logits the way TRL's fused LM head
@@ -31,7 +34,10 @@ from torch.distributed.tensor import DTensor
 from trl.kernels.chunked_logprob import _addmm_fp32
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-LOGITS_PER_CHUNK = 2**24
+LOGITS_PER_CHUNK = 2**24  # on CPUs and devices whose free memory torch cannot tell
+GPU_MEMORY_SHARE = 1 / 8  # of the free memory (what the caching allocator holds unused included), for one chunk
+GPU_MAX_LOGITS_PER_CHUNK = 2**30  # 4 GiB of fp32 logits: beyond it the head's re-reads are negligible
+BYTES_PER_LOGIT = 16  # the student's backward holds about four fp32 tiles of the chunk's logits at once
 
 
 def logit_scale_and_softcap(config) -> tuple[float, float | None]:
@@ -113,8 +119,18 @@ def whole(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def _chunks(num_positions: int, elements_per_position: int):
-    size = max(1, LOGITS_PER_CHUNK // elements_per_position)
+def logits_per_chunk(device: torch.device) -> int:
+    """How many logits a chunk may hold on `device`: on a CUDA device (ROCm included) a share of its free memory,
+    capped (fewer than on a CPU only when memory is short); elsewhere `LOGITS_PER_CHUNK`."""
+    if device.type != "cuda":
+        return LOGITS_PER_CHUNK
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return min(int(free * GPU_MEMORY_SHARE) // BYTES_PER_LOGIT, GPU_MAX_LOGITS_PER_CHUNK)
+
+
+def _chunks(num_positions: int, elements_per_position: int, device: torch.device):
+    size = max(1, logits_per_chunk(device) // elements_per_position)
     # At least one (possibly empty) chunk, so that no positions give empty results rather than no results.
     return [slice(start, start + size) for start in range(0, max(num_positions, 1), size)]
 
@@ -131,7 +147,7 @@ def teacher_statistics(hidden, weight, bias, logits: Logits, tokens: torch.Tenso
     weight, bias = whole(weight), whole(bias)
     log_normalizer, token_logps, entropy = [], [], []
     with _gathered(weight, bias), _no_autocast(hidden.device):
-        for chunk in _chunks(hidden.size(0), weight.size(0)):
+        for chunk in _chunks(hidden.size(0), weight.size(0), hidden.device):
             # With y = z - max z and S = Σ e^y: log Z = max z + log S, log p(t) = y_t - log S and
             # H = log S - Σ e^y y / S. Four passes over the chunk's logits, no log-probs tile (-25% on CPU).
             y = logits(hidden[chunk], weight, bias)
@@ -153,7 +169,7 @@ def logps_on_support(hidden, weight, bias, logits: Logits, log_normalizer, suppo
     weight, bias = whole(weight), whole(bias)
     out = []
     with _gathered(weight, bias), _no_autocast(hidden.device):
-        for chunk in _chunks(hidden.size(0), support.size(1) * weight.size(1)):
+        for chunk in _chunks(hidden.size(0), support.size(1) * weight.size(1), hidden.device):
             z = logits.transform(logits.support_product(hidden[chunk], weight, bias, support[chunk]))
             out.append(z - log_normalizer[chunk, None])
     return torch.cat(out)
@@ -169,7 +185,7 @@ class _TopKLogProbs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, tokens, k, logits: Logits):
         logps, ids = [], []
         with _gathered(weight, bias), _no_autocast(hidden.device):
-            for chunk in _chunks(hidden.size(0), weight.size(0)):
+            for chunk in _chunks(hidden.size(0), weight.size(0), hidden.device):
                 chunk_logps = torch.log_softmax(logits(hidden[chunk], weight, bias), dim=-1)
                 # unsorted: the divergence sums over the support, and sorting the top-k cost as much again on CPU
                 chunk_ids = torch.cat([chunk_logps.topk(k, dim=-1, sorted=False).indices, tokens[chunk, None]], dim=-1)
@@ -193,7 +209,7 @@ class _TopKLogProbs(torch.autograd.Function):
             grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if wants_weight else None
             grad_bias = torch.zeros(bias.shape, dtype=accumulate, device=bias.device) if wants_bias else None
             weight_in_dtype = weight.to(logits.dtype)
-            for chunk in _chunks(hidden.size(0), weight.size(0)):
+            for chunk in _chunks(hidden.size(0), weight.size(0), hidden.device):
                 product = logits.head_product(hidden[chunk], weight, bias).requires_grad_()
                 with torch.enable_grad():  # through the scaling and soft-capping, in `softmax_dtype`
                     chosen = torch.log_softmax(logits.transform(product), dim=-1).gather(-1, ids[chunk])

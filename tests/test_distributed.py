@@ -50,6 +50,7 @@ def launch(output_dir: Path, backend: str = "none", *options: str, accelerate_co
         "teacher": load_file(output_dir / "teacher.safetensors"),
         "log": [entry for entry in json.loads((output_dir / "log_history.json").read_text()) if "loss" in entry],
         "exchanged": json.loads((output_dir / "exchanged.json").read_text()),
+        "teacher_head_calls": json.loads((output_dir / "teacher_head_calls.json").read_text()),
     }
 
 
@@ -106,6 +107,20 @@ def test_bf16_sharded_identical_teacher_distils_nothing(tmp_path, backend):
     ours = launch(tmp_path, backend, "--bf16", "--identical_teacher", "--max_steps=1")
     assert ours["log"][0]["srpo/route/sdpo_frac"] > 0
     assert abs(ours["log"][0]["srpo/loss/sdpo"]) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+def test_fp32_lm_head_under_sharding_is_the_teachers_own(tmp_path, backend):
+    # TRL's cast_lm_head_to_fp32 patches `lm_head.forward` with a closure over the policy's head: the teacher's copy
+    # called the policy's head, and its prefix pass failed on the policy's shards ("size mismatch, got input (0)").
+    options = ("--cast_lm_head_to_fp32", "--max_steps=1")
+    reference = launch(tmp_path / "single", "none", *options)
+    assert reference["log"][0]["srpo/loss/sdpo"] > 0.01
+    ours = launch(tmp_path / backend, backend, *options)
+    assert_same_run(ours, reference)
+    # The teacher's passes project no logits and never call its head's module, which under ZeRO-3 gathered the whole
+    # head (all 6528 weights here) from both processes for each pass (before: 2 per process in this one step).
+    assert ours["teacher_head_calls"] == reference["teacher_head_calls"] == []
 
 
 def test_groups_over_two_processes_move_only_the_demonstrations_they_need(tmp_path):

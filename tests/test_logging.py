@@ -48,3 +48,17 @@ def test_srpo_metrics_reach_trackio(char_tokenizer, tmp_path):
     missing = [name for name in DOCUMENTED_METRICS if f"train/{name}" not in logged]
     assert not missing, f"not in trackio: {missing}"
     assert logged["train/srpo/route/sdpo_frac"] == 0.5
+
+
+def test_grpo_token_statistics_are_left_out_where_every_row_is_distilled(char_tokenizer, tmp_path):
+    # routing="sdpo" distils every routed row and GRPO trains none: TRL's `clip_ratio/*` were logged as None and
+    # `entropy` as 0 (averages over no GRPO token).
+    from test_trainer import logged, patterned_reward
+
+    trainer = make_trainer(
+        char_tokenizer, tmp_path, reward=patterned_reward, routing="sdpo", per_device_train_batch_size=16, max_steps=1
+    )
+    trainer.train()
+    assert logged(trainer, "srpo/route/sdpo_frac")[0] > 0 and logged(trainer, "srpo/loss/sdpo")[0] != 0
+    statistics = {key: value for entry in trainer.state.log_history for key, value in entry.items()}
+    assert not [key for key in statistics if key == "entropy" or key.startswith("clip_ratio/")], statistics

@@ -162,3 +162,21 @@ def test_logits_match_the_models_own_forward_and_trls_fused_head(family):
     with torch.no_grad():
         fused = model(input_ids=input_ids, labels=input_ids, fused_lm_head=True).log_probs
     torch.testing.assert_close(token_logps.view(2, 8), fused, rtol=1e-5, atol=1e-5)
+
+
+def test_chunks_are_sized_by_device(monkeypatch):
+    # 2**24 logits per chunk is 110 positions at vocabulary 151,936: on a GPU each chunk re-read the whole LM head.
+    vocabulary = 151_936
+    assert vocab._chunks(1000, vocabulary, torch.device("cpu"))[0] == slice(0, 110)
+    gib = 2**30
+    memory = {"free": 40 * gib, "reserved": 6 * gib, "allocated": 2 * gib}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (memory["free"], 141 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: memory["reserved"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: memory["allocated"])
+    gpu = torch.device("cuda", 0)
+    positions = vocab._chunks(10**5, vocabulary, gpu)[0].stop
+    assert positions == 44 * gib // 8 // 16 // vocabulary > 2000  # 1/8 of the free memory, cached blocks included
+    memory["free"] = 1000 * gib
+    assert vocab._chunks(10**5, vocabulary, gpu)[0].stop == vocab.GPU_MAX_LOGITS_PER_CHUNK // vocabulary
+    memory.update(free=0, reserved=0)
+    assert vocab._chunks(3, vocabulary, gpu) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # short of memory

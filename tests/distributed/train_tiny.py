@@ -49,6 +49,9 @@ def main():
         action="store_true",
         help="attention outputs zeroed: a teacher prompt then changes nothing, and at step 1 the teacher is the student",
     )
+    parser.add_argument(
+        "--cast_lm_head_to_fp32", action="store_true", help="TRL's fp32 LM head (a patched `lm_head.forward`)"
+    )
     args = parser.parse_args()
 
     from datasets import Dataset
@@ -85,6 +88,7 @@ def main():
         ddp_backend="gloo" if args.world_size > 1 else None,
         deepspeed=deepspeed,
         bf16=args.bf16,
+        cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
         per_device_train_batch_size=8 // args.world_size,
         gradient_accumulation_steps=2,
         steps_per_generation=args.steps_per_generation,
@@ -148,6 +152,10 @@ def main():
         return gathered
 
     srpo_trl.trainer.gather_object = counting_gather
+    head_calls = []  # the sizes of the teacher's LM head weight seen by its module calls (gathered: its whole size)
+    if not args.lora:  # the teacher is its own model, whose head only the teacher's passes could call
+        teacher_head = trainer.teacher.model.get_output_embeddings()
+        teacher_head.register_forward_pre_hook(lambda module, inputs: head_calls.append(module.weight.numel()))
     if args.save_start:
         trainer.add_callback(SaveWeightsAtTrainBegin(trainer, args.output_dir))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
@@ -168,6 +176,8 @@ def main():
             json.dump(trainer.state.log_history, f)
         with open(os.path.join(args.output_dir, "exchanged.json"), "w") as f:
             json.dump(exchanged, f)
+        with open(os.path.join(args.output_dir, "teacher_head_calls.json"), "w") as f:
+            json.dump(head_calls, f)
     state.wait_for_everyone()
     # Everything is written: leave without the interpreter's teardown, where the native threads of gloo / DeepSpeed's
     # CPU communication op sometimes abort a run that succeeded ("terminate called without an active exception").
