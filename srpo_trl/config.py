@@ -148,12 +148,13 @@ class SRPOConfig(GRPOConfig):
         self._check("advantage_mix_lambda", 0.0 <= self.advantage_mix_lambda <= 1.0, "in [0, 1]")
         self._check(
             "routed_grpo_weight",
-            0.0 <= self.routed_grpo_weight <= 1.0 and (self.routed_grpo_weight == 0.0 or self.routing == "srpo"),
+            0.0 <= self.routed_grpo_weight <= 1.0
+            and (self.routed_grpo_weight == 0.0 or ROUTING_MODES[self.routing].keeps_routed_advantage),
             "in [0, 1], and 0 unless routing='srpo'",
         )
         self._check("max_teacher_prompt_length", self.max_teacher_prompt_length >= 1, "a positive token count")
         self._check("success_reward_threshold", math.isfinite(self.success_reward_threshold), "a finite number")
-        if self.routing != "grpo" and self.steps_per_generation != self.gradient_accumulation_steps:
+        if ROUTING_MODES[self.routing].distils and self.steps_per_generation != self.gradient_accumulation_steps:
             warnings.warn(
                 f"steps_per_generation={self.steps_per_generation} != gradient_accumulation_steps="
                 f"{self.gradient_accumulation_steps}: SRPO's entropy weights are normalised over each generation "

@@ -1,6 +1,10 @@
-"""Diagnostics of a run's first batches: pure functions from what was observed to a warning's text, or None.
+"""Diagnostics: pure functions from what a batch showed to the metrics logged or a warning's text (or None).
 
-The trainer gathers the observations and gives the warnings; what is implausible, and why, is decided here."""
+The trainer gathers the observations, logs the metrics and gives the warnings; what is logged, what is implausible,
+and why, is decided here."""
+
+import math
+from dataclasses import dataclass, field
 
 import numpy
 import torch
@@ -67,3 +71,119 @@ def threshold_misfit(
             f"{_number(high)}), or scale the rewards to it."
         )
     return None
+
+
+def routing_metrics(
+    routes,
+    mask: torch.Tensor,
+    entropy: torch.Tensor,
+    weights: torch.Tensor,
+    teacher_token_logps: torch.Tensor,
+    truncated: torch.Tensor,
+    seconds: float,
+    local: slice,
+    all_reduce,
+) -> dict[str, float]:
+    """The routing metrics of one generation batch (method §9), from the global `routes` and this process's tokens
+    (`mask`, the teacher's `entropy` and sampled-token log-probs, the entropy `weights`, which routed rows of `local`
+    had their demonstration `truncated`, the teacher's `seconds`): two collectives, a sum and an elementwise max
+    (`all_reduce(tensor, op)`). Statistics of the teacher's rows and tokens are left out of batches without any (no
+    `None` in the logs).
+
+    `srpo/teacher_rejects_sampled_frac` is the share of distilled tokens to which the teacher gives less than half its
+    probability: where the distillation moves the student off what it sampled (for a teacher as confident as the
+    paper's, about where its top-1 differs from the sampled token); elsewhere it mostly sharpens what the student does.
+    """
+    sdpo_tokens = mask & routes.sdpo[local].unsqueeze(1)
+    teacher_tokens = mask & routes.needs_teacher[local].unsqueeze(1)
+    rejected = sdpo_tokens & (teacher_token_logps < math.log(0.5))
+    sums = all_reduce(
+        torch.stack(
+            [
+                sdpo_tokens.sum(),
+                mask.sum(),
+                (entropy * teacher_tokens).sum(),
+                teacher_tokens.sum(),
+                truncated.sum(),
+                rejected.sum(),
+            ]
+        ).float(),
+        "sum",
+    ).tolist()
+    sdpo_count, token_count, entropy_sum, teacher_count, truncated_count, rejected_count = sums
+    selected = weights[sdpo_tokens].float()
+    none = torch.tensor(-math.inf, device=weights.device)
+    extremes = torch.stack(
+        [
+            -selected.min() if selected.numel() else none,
+            selected.max() if selected.numel() else none,
+            torch.tensor(float(seconds), device=weights.device),
+        ]
+    )
+    negative_min_weight, max_weight, most_seconds = all_reduce(extremes, "max").tolist()
+    metrics = {
+        "srpo/route/sdpo_frac": routes.sdpo.float().mean().item(),
+        "srpo/route/correct_frac": routes.correct.float().mean().item(),
+        "srpo/route/fallback_frac": routes.fallback.float().mean().item(),
+        "srpo/teacher_available_frac": routes.teacher_available.float().mean().item(),
+        "srpo/sdpo_token_frac": sdpo_count / max(token_count, 1.0),
+        "srpo/time/teacher_s": most_seconds,
+    }
+    if teacher_count:
+        metrics["srpo/teacher_entropy/mean"] = entropy_sum / teacher_count
+    teacher_rows = routes.needs_teacher.sum().item()
+    if teacher_rows:
+        metrics["srpo/teacher_prompt_truncated_frac"] = truncated_count / teacher_rows
+    if sdpo_count:
+        metrics["srpo/weight/min"] = -negative_min_weight
+        metrics["srpo/weight/max"] = max_weight
+        metrics["srpo/teacher_rejects_sampled_frac"] = rejected_count / sdpo_count
+    return metrics
+
+
+def no_demonstration_room(
+    prompt_length: int, budget: int, max_teacher_prompt_length: int, context: int | None
+) -> tuple[str, str]:
+    """The warning (its key, to give it once, and its text) for a teacher prompt that leaves no room for the
+    demonstration within `budget` tokens: the setting's or, below it, the model's context minus the completions'."""
+    consequence = (
+        "Such rollouts are trained as if no sibling were correct (by GRPO under routing='srpo'), not distilled by "
+        "a teacher that never saw the correct answer (counted in srpo/teacher_prompt_dropped_frac)."
+    )
+    if budget < max_teacher_prompt_length:
+        return "no_context_room", (
+            f"The model's context ({context} positions) minus this batch's completions ({context - budget} tokens) "
+            f"leaves {budget} tokens for the teacher prompt, which takes {prompt_length} tokens without its "
+            f"demonstration (its question, system turns and closing instruction are never cut). {consequence} Use a "
+            "model with a longer context, a shorter max_completion_length, or shorter prompts."
+        )
+    return "no_demonstration_room", (
+        f"max_teacher_prompt_length={max_teacher_prompt_length} leaves no room for the demonstration: a teacher "
+        f"prompt takes {prompt_length} tokens without it (its question, system turns and closing instruction are "
+        f"never cut). {consequence} Raise max_teacher_prompt_length above {prompt_length} by a demonstration's "
+        "length, or shorten the prompts."
+    )
+
+
+@dataclass
+class RoutingWatch:
+    """The first `batches` training generation batches' routing, checked once against the threshold
+    (`threshold_misfit`): `observe` returns the warning when that batch completes the watch and something is off."""
+
+    threshold: float
+    batches: int = 5
+    rewards: list[torch.Tensor] = field(default_factory=list)
+    correct: list[torch.Tensor] = field(default_factory=list)
+    distilled: list[torch.Tensor] = field(default_factory=list)
+
+    def observe(self, routes, rewards: torch.Tensor) -> str | None:
+        if len(self.rewards) >= self.batches:
+            return None  # checked once
+        self.rewards.append(rewards.detach().cpu())
+        self.correct.append(routes.correct.cpu())
+        self.distilled.append(routes.sdpo.cpu())
+        if len(self.rewards) < self.batches:
+            return None
+        return threshold_misfit(
+            torch.cat(self.rewards), torch.cat(self.correct), self.threshold, self.batches, torch.cat(self.distilled)
+        )

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .vocab import logps_on_support, student_topk_logps
+
 
 def add_tail_bucket(support_logps: torch.Tensor) -> torch.Tensor:
     """Append `log(1 - Σ_k p)` to true log-probs on a top-k support: a proper distribution over `k + 1` outcomes."""
@@ -129,3 +131,37 @@ def aggregate_token_loss(
     if loss_type in GLOBAL_TOKEN_LOSS_TYPES:
         return summed.sum() / global_token_count
     raise ValueError(f"Unknown loss_type {loss_type!r}; one of {LOSS_TYPES}.")
+
+
+def distillation_token_losses(
+    student_hidden: torch.Tensor,
+    head: torch.nn.Module,
+    logits,
+    tokens: torch.Tensor,
+    teacher,
+    teacher_index: torch.Tensor,
+    token_weights: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    rollout_ratio: torch.Tensor | None,
+    topk: int,
+    alpha: float,
+    is_clip: float,
+) -> torch.Tensor:
+    """`w_t · IS_t · D_t` at `n` distilled tokens (method §5), differentiable through the student's final hidden
+    states `student_hidden` `(n, hidden)` (its LM `head`, `logits` its `vocab.Logits`, `tokens` the sampled ids).
+
+    The support is the current student's top-k; the teacher's log-probs on it come from its scoring (`teacher`, a
+    `teacher_scoring.TeacherCache`, rows `teacher_index`). `old_logps`: π_old where GRPOTrainer computed it (the policy
+    has moved since sampling), else None (π_old is this policy). `rollout_ratio`: vLLM's rollout importance weight.
+    """
+    support, support_logps, token_logps = student_topk_logps(
+        student_hidden, head.weight, head.bias, logits, tokens, topk
+    )
+    teacher_support_logps = logps_on_support(
+        teacher.hidden[teacher_index], *teacher.head, teacher.logits, teacher.log_normalizer[teacher_index], support
+    )
+    divergence = topk_distillation_divergence(support_logps, teacher_support_logps, alpha)
+    ratio = clipped_importance_ratio(token_logps, token_logps.detach() if old_logps is None else old_logps, is_clip)
+    if rollout_ratio is not None:
+        ratio = ratio * rollout_ratio
+    return sdpo_token_losses(divergence, token_weights, ratio)

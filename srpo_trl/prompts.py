@@ -1,12 +1,15 @@
 """The self-teacher's prompt (method §3): the student's question plus a correct sibling's answer."""
 
 import copy
+import functools
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 THINK_BLOCK = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
 SOLUTION_TEMPLATE = (
@@ -159,3 +162,81 @@ def fit_teacher_prompt(
         else:
             high = keep - 1
     return best, low
+
+
+@dataclass
+class BatchTeacherPrompts:
+    """The teacher prompts of one process's routed rows.
+
+    Attributes:
+        ids: token ids of each routed row's teacher prompt, in row order, for the rows that keep their teacher.
+        truncated: `(rows,)` which rows' demonstration was shortened to fit.
+        no_room: `(rows,)` which routed rows' prompt leaves no room for any of the demonstration (or for the
+            completion, within the model's context): they are routed as if no sibling were correct.
+        longest_without_room: the length of such a prompt without its demonstration, for the warning (0 if none).
+    """
+
+    ids: list[list[int]]
+    truncated: torch.Tensor
+    no_room: torch.Tensor
+    longest_without_room: int = 0
+
+
+def batch_teacher_prompts(
+    routed: list[tuple[int, int]],
+    prompts: list,
+    sibling_completion: Callable[[int], str],
+    tokenize: Callable[[str | list[dict], int], list[int]],
+    budget: int,
+    over_context: bool,
+    feedback: list[str | None] | None = None,
+    one_per_sibling: bool = True,
+    source: str = "the dataset",
+) -> BatchTeacherPrompts:
+    """The teacher prompts (method §3) of the `routed` rows, `(row, sibling)` pairs of this process's batch row and
+    the global index of its demonstration, within `budget` tokens.
+
+    `sibling_completion(index)` is the decoded completion of the rollout at global `index`; `tokenize(prompt, row)`
+    renders a prompt as the student's row `row` is rendered. A group's routed rows share one teacher prompt (the
+    question, the same sibling), built once when `one_per_sibling` (not with per-row feedback or tool environments).
+    `over_context`: `budget` is the model's context, not the setting: a prompt over it cannot be scored at all.
+    A prompt the template cannot rewrite (a streamed dataset's, met here rather than at construction) is an error
+    naming `source` and the prompt.
+    """
+    truncated = torch.zeros(len(prompts), dtype=torch.bool)
+    no_room = torch.zeros_like(truncated)
+    ids, built, longest = [], {}, 0
+    for row, sibling in routed:
+        key = sibling if one_per_sibling else (sibling, row)
+        if key not in built:
+            demonstration = demonstration_from_completion(sibling_completion(sibling))
+            try:
+                fitted = fit_teacher_prompt(
+                    prompts[row],
+                    demonstration,
+                    functools.partial(tokenize, row=row),
+                    budget,
+                    feedback=None if feedback is None else feedback[row],
+                )
+            except ValueError as error:
+                raise ValueError(f"A prompt of {source}, {prompts[row]!r:.200}: {error}") from error
+            built[key] = (demonstration, *fitted)
+        demonstration, prompt_ids, kept = built[key]
+        # Over the setting, a prompt without its demonstration is a teacher that never saw the answer; over the
+        # context, the model cannot score it at all.
+        if (kept == 0 and demonstration) or (over_context and len(prompt_ids) > budget):
+            no_room[row] = True
+            longest = max(longest, len(prompt_ids))
+        else:
+            truncated[row] = kept < len(demonstration)
+            ids.append(prompt_ids)
+    return BatchTeacherPrompts(ids, truncated, no_room, longest)
+
+
+def teacher_prompt_budget(setting: int, context: int | None, completion_length: int) -> tuple[int, bool]:
+    """The longest teacher prompt of a batch whose completions take `completion_length` tokens: the setting
+    (`max_teacher_prompt_length`), or less where the teacher prompt and the completion would pass the model's
+    `context`; and whether the context is what limits it (a prompt over it then cannot be scored at all)."""
+    if context is None or context - completion_length >= setting:
+        return setting, False
+    return context - completion_length, True

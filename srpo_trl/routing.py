@@ -2,13 +2,63 @@
 
 Everything here works on the *global* generation batch (all processes), in the order GRPOTrainer gathers rewards:
 the `num_generations` rollouts of one prompt are contiguous, so groups are rows of a `(num_groups, G)` view.
+
+The routing modes (method §8) are data, `ROUTING_MODES`: what a mode distils, whether the rest gets GRPO's surrogate
+and whether the teacher's scores enter the advantages instead. The trainer reads these fields and never a mode's
+name; a new routing rule is one more `RoutingMode` (and, if it needs a new kind of decision, a field read in
+`route_rollouts`).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-ROUTING_MODES = ("srpo", "grpo", "sdpo", "advantage_mix")
+
+@dataclass(frozen=True)
+class RoutingMode:
+    """What one value of `SRPOConfig.routing` trains each rollout with.
+
+    Attributes:
+        distils_failed: a failed rollout with a correct sibling is distilled (SRPO's rule).
+        distils_correct: a correct rollout with another correct sibling is distilled too (SDPO's rule).
+        grpo_for_the_rest: every rollout not distilled gets GRPO's surrogate; otherwise it adds no loss.
+        teacher_mixes_advantages: the teacher scores every rollout with a correct sibling and its token log-ratio
+            enters GRPO's advantages (`advantage_mix`) instead of a distillation term.
+        keeps_routed_advantage: `routed_grpo_weight` may give a distilled rollout part of its GRPO advantage.
+    """
+
+    distils_failed: bool = False
+    distils_correct: bool = False
+    grpo_for_the_rest: bool = True
+    teacher_mixes_advantages: bool = False
+    keeps_routed_advantage: bool = False
+
+    @property
+    def distils(self) -> bool:
+        """Whether the loss has a distillation term."""
+        return self.distils_failed or self.distils_correct
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether a self-teacher is built (without one the trainer is GRPOTrainer)."""
+        return self.distils or self.teacher_mixes_advantages
+
+
+ROUTING_MODES: dict[str, RoutingMode] = {
+    "srpo": RoutingMode(distils_failed=True, keeps_routed_advantage=True),
+    "grpo": RoutingMode(),
+    "sdpo": RoutingMode(distils_failed=True, distils_correct=True, grpo_for_the_rest=False),
+    "advantage_mix": RoutingMode(teacher_mixes_advantages=True),
+}
+
+
+def routing_mode(name: str) -> RoutingMode:
+    if name not in ROUTING_MODES:
+        raise ValueError(f"`routing` must be one of {tuple(ROUTING_MODES)}, got {name!r}.")
+    return ROUTING_MODES[name]
+
+
 # Rewards within this fraction of the threshold's magnitude below it count as reaching it: weights that sum to 1
 # (0.35 + 0.45 + 0.2) land at 0.99999994 in float32, and a fully correct rollout must not fail by rounding.
 THRESHOLD_RELATIVE_TOLERANCE = 1e-6
@@ -66,7 +116,11 @@ def first_correct_sibling(correct: torch.Tensor, num_generations: int) -> torch.
 
 
 def route_rollouts(
-    rewards: torch.Tensor, num_generations: int, success_reward_threshold: float, routing: str = "srpo"
+    rewards: torch.Tensor,
+    num_generations: int,
+    success_reward_threshold: float,
+    routing: str = "srpo",
+    not_shown: torch.Tensor | None = None,
 ) -> Routes:
     """Route every rollout of the global batch (method §2 and the modes of §8).
 
@@ -74,23 +128,31 @@ def route_rollouts(
         rewards: `(N,)` weighted rewards as GRPOTrainer computes them; NaN marks an unscorable rollout.
         num_generations: group size `G`; `N` must be a multiple of it.
         success_reward_threshold: a rollout is correct iff its reward is at least this.
-        routing: one of `ROUTING_MODES`.
+        routing: a key of `ROUTING_MODES`.
+        not_shown: `(N,)` rollouts whose teacher prompt had no room for their sibling's demonstration: routed as if
+            no sibling were correct (a teacher that never saw a correct answer has nothing to teach), though
+            `teacher_available` still counts the sibling.
     """
-    if routing not in ROUTING_MODES:
-        raise ValueError(f"`routing` must be one of {ROUTING_MODES}, got {routing!r}.")
+    mode = routing_mode(routing)
     if rewards.numel() % num_generations:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of num_generations={num_generations}.")
     correct = reaches_threshold(rewards, success_reward_threshold)
     sibling = first_correct_sibling(correct, num_generations)
     teacher_available = sibling >= 0
+    shown = teacher_available if not_shown is None else teacher_available & ~not_shown
     # An unscorable rollout (NaN: no reward function scored it) is neither a demonstration nor distilled; it stays on
     # GRPO's branch, where GRPOTrainer gives it a zero advantage (method §12).
-    distillable = teacher_available & ~torch.isnan(rewards)
-    none = torch.zeros_like(correct)
-    sdpo = {"srpo": ~correct & distillable, "sdpo": distillable}.get(routing, none)
-    grpo = none if routing == "sdpo" else ~sdpo
-    needs_teacher = distillable if routing == "advantage_mix" else sdpo
+    distillable = shown & ~torch.isnan(rewards)
+    sdpo = distillable & ((~correct & mode.distils_failed) | (correct & mode.distils_correct))
+    grpo = ~sdpo if mode.grpo_for_the_rest else torch.zeros_like(sdpo)
+    needs_teacher = distillable if mode.teacher_mixes_advantages else sdpo
     return Routes(correct, teacher_available, sdpo, grpo, needs_teacher, torch.where(needs_teacher, sibling, -1))
+
+
+def grpo_advantage_weights(routes: Routes, routed_grpo_weight: float) -> torch.Tensor:
+    """The share of its GRPO advantage each rollout trains with: 1 on GRPO's branch, `routed_grpo_weight` for a
+    distilled one (0, the paper's: it carries the distillation term alone), 0 for one in no branch."""
+    return routes.grpo.float() + routed_grpo_weight * routes.sdpo.float()
 
 
 def route_labels(routes: Routes, num_generations: int) -> tuple[list[str], list[int | None]]:
@@ -121,3 +183,10 @@ def siblings_to_share(routes: Routes, num_processes: int) -> list[int]:
     siblings = routes.sibling[rows]
     elsewhere = siblings // per_process != rows // per_process
     return sorted(set(siblings[elsewhere].tolist()))
+
+
+def trained_advantages(advantages: list[float], routes: Routes, routed_grpo_weight: float) -> list[float]:
+    """The advantage each rollout's GRPO term trained with, for the completions table: GRPOTrainer's `advantages`
+    scaled by `grpo_advantage_weights`, NaN for a rollout with no GRPO term (distilled, or in no branch)."""
+    weights = grpo_advantage_weights(routes, routed_grpo_weight).tolist()
+    return [advantage * weight if weight else math.nan for advantage, weight in zip(advantages, weights, strict=True)]

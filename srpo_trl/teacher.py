@@ -6,6 +6,8 @@ Two layouts, one interface:
 Under DeepSpeed ZeRO-3 every weight is partitioned across processes; the EMA, the accumulators and the state
 then cover this process's shard of each weight (`local_part`) and never gather a whole parameter.
 The EMA itself is `ema_update_`, a pure in-place function; `state_dict` is what checkpoints hold.
+`build_self_teacher` lays it out like the policy (a copy, a ZeRO-3 engine, or an adapter) and `shard_like_policy`
+shards it under FSDP2. How it scores completions is `teacher_scoring.py`.
 """
 
 import copy
@@ -15,9 +17,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 from transformers.trainer_callback import TrainerCallback
+from trl.models import prepare_deepspeed
 from trl.trainer.utils import use_adapter
 
 TEACHER_ADAPTER = "srpo_teacher"
@@ -79,40 +84,6 @@ def context_length(model) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-def rope_types(config) -> set[str]:
-    """The RoPE types of a model (one per layer type where a model mixes them), read as transformers 5 reads them:
-    `rope_parameters`, or the older `rope_scaling`; "default" without either."""
-    text = config.get_text_config()
-    parameters = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
-    per_layer_type = parameters and all(isinstance(value, dict) for value in parameters.values())
-    groups = parameters.values() if per_layer_type else [parameters]
-    return {str(group.get("rope_type", group.get("type", "default"))) for group in groups}
-
-
-def has_length_dependent_rope(config) -> bool:
-    """Whether a model's RoPE frequencies depend on the longest position of each forward call: transformers'
-    `dynamic_rope_update` rescales them for dynamic NTK (any "dynamic" type) and switches LongRoPE (Phi-3,
-    Phi-4-mini) to its long factors past `original_max_position_embeddings`. A cached prefix and its continuation
-    (or a row padded to a longer one) would then be scored with other frequencies than the row alone."""
-    return any("dynamic" in rope_type or rope_type == "longrope" for rope_type in rope_types(config))
-
-
-def reset_dynamic_rope(model: torch.nn.Module) -> None:
-    """Return dynamic-NTK rotary embeddings to their original frequencies. transformers keeps the frequencies of
-    the longest call so far and only recomputes them for a longer one (or resets below the original length): a
-    row's scores would depend on the rows scored before it. A one-position call is below the original length; it
-    calls the class's forward, not the module, so that no hook runs (ZeRO-3 would record it in its prefetch trace)."""
-    for module in model.modules():
-        if not hasattr(module, "original_inv_freq") or not hasattr(module, "max_seq_len_cached"):
-            continue
-        device = module.original_inv_freq.device
-        layer_types = list(module.rope_type) if isinstance(module.rope_type, dict) else [None]
-        for layer_type in layer_types:
-            kwargs = {} if layer_type is None else {"layer_type": layer_type}
-            one_position = torch.zeros(1, 1, dtype=torch.long, device=device)
-            type(module).forward(module, torch.zeros(1, device=device), one_position, **kwargs)
 
 
 def _closure_values(function: types.FunctionType) -> list:
@@ -294,21 +265,38 @@ class SelfTeacherCallback(TrainerCallback):
         self.trainer.teacher.update(self.trainer.accelerator.unwrap_model(self.trainer.model))
 
 
-def unique_prefixes(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
-    """The distinct teacher prompts, in first-seen order, and which one each row uses. The routed rollouts of a group
-    share theirs (the question, the same correct sibling, the instruction), so each is computed once."""
-    index: dict[tuple[int, ...], int] = {}
-    prefix_of_row = [index.setdefault(tuple(prompt), len(index)) for prompt in prompts]
-    return [list(prompt) for prompt in index], prefix_of_row
+def build_self_teacher(policy, update_rate: float, accelerator, is_zero3: bool, is_fsdp: bool):
+    """The self-teacher of `policy`, laid out like it, before Accelerate/DeepSpeed wrap the policy in `train()` (a PEFT
+    teacher adapter added now is partitioned and placed with the policy's own weights). Returns the teacher and, under
+    ZeRO-3, the DeepSpeed engine that owns its gathering hooks (the caller keeps it alive)."""
+    if is_peft(policy) or is_fsdp:  # FSDP2: a whole copy until Accelerate has sharded the policy (`shard_like_policy`)
+        return SelfTeacher(policy, update_rate), None
+    if not is_zero3:
+        teacher = SelfTeacher(policy, update_rate)
+        teacher.model.to(accelerator.device)
+        return teacher, None
+    # ZeRO-3: the teacher is partitioned like the policy, and DeepSpeed gathers it layer by layer in forward.
+    if hasattr(next(policy.parameters()), "ds_id"):
+        # Already partitioned (loaded from a model id under zero.Init): a copy would share DeepSpeed's per-parameter
+        # state. Build a partitioned twin and copy the policy's shards, which line up.
+        model = type(policy)._from_config(policy.config, dtype=policy.dtype)
+        with torch.no_grad():
+            for teacher_weight, weight in zip(model.parameters(), policy.parameters(), strict=True):
+                teacher_weight.ds_tensor.copy_(weight.ds_tensor)
+    else:
+        model = copy.deepcopy(policy)
+    engine = prepare_deepspeed(model, accelerator)
+    return SelfTeacher(policy, update_rate, model=engine.module), engine
 
 
-def shared_prefix_plan(prefix_of_row: list[int], rows_per_pass: int) -> list[tuple[list[int], list[list[int]]]]:
-    """The teacher's forward passes: batches of at most `rows_per_pass` prefixes, each followed by the passes of the
-    rows that continue them (at most `rows_per_pass` rows each) from the prefixes' cached keys and values."""
-    prefixes = list(dict.fromkeys(prefix_of_row))
-    plan = []
-    for start in range(0, len(prefixes), rows_per_pass):
-        batch = prefixes[start : start + rows_per_pass]
-        rows = [row for row, prefix in enumerate(prefix_of_row) if prefix in batch]
-        plan.append((batch, [rows[i : i + rows_per_pass] for i in range(0, len(rows), rows_per_pass)]))
-    return plan
+def shard_like_policy(teacher: SelfTeacher, accelerator, policy) -> None:
+    """FSDP2: shard the (whole-copy) teacher as Accelerate sharded `policy` (unwrapped), then take the policy's own
+    shards, right on every process whatever the loading (`cpu_ram_efficient_loading` loads on the main process only).
+    Once, after Accelerate prepared the policy; with PEFT the teacher is an adapter the policy's sharding covers."""
+    if teacher.peft or isinstance(teacher.model, FSDPModule):
+        return
+    model = fsdp2_prepare_model(accelerator, teacher.model)
+    with torch.no_grad():
+        for teacher_weight, weight in zip(model.parameters(), policy.parameters(), strict=True):
+            local_part(teacher_weight).copy_(local_part(weight))
+    teacher.model = model

@@ -60,6 +60,19 @@ def logit_scale_and_softcap(config) -> tuple[float, float | None]:
     return (1.0 if scale is None else float(scale)), getattr(text, "final_logit_softcapping", None)
 
 
+def sampling_logits(hidden: torch.Tensor, fp32_head: bool, temperature: float, scale_and_softcap) -> "Logits":
+    """How GRPOTrainer's fused LM head turns `hidden` states into the sampling distribution's logits in the current
+    autocast context (fp32 with `cast_lm_head_to_fp32`): SRPO's log-probs are then GRPOTrainer's, in bf16 as in
+    fp32."""
+    if fp32_head:
+        dtype = torch.float32
+    elif torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+    else:
+        dtype = hidden.dtype
+    return Logits(dtype, temperature, *scale_and_softcap)
+
+
 @dataclass(frozen=True)
 class Logits:
     """How hidden states become the logits of the sampling distribution.

@@ -10,7 +10,7 @@ from datasets import Dataset
 from test_bad_inputs import built
 from test_trainer import PROMPTS, first_letter_reward, logged, make_trainer
 
-import srpo_trl.trainer
+import srpo_trl.losses
 
 
 def finite(trainer) -> bool:
@@ -45,8 +45,8 @@ def test_a_tiny_weighting_temperature_trains_finite(char_tokenizer, tmp_path):
 
 
 def test_a_non_finite_loss_stops_training_naming_the_step_and_the_term(char_tokenizer, tmp_path, monkeypatch):
-    divergence = srpo_trl.trainer.topk_distillation_divergence
-    monkeypatch.setattr(srpo_trl.trainer, "topk_distillation_divergence", lambda *args: divergence(*args) * math.nan)
+    divergence = srpo_trl.losses.topk_distillation_divergence
+    monkeypatch.setattr(srpo_trl.losses, "topk_distillation_divergence", lambda *args: divergence(*args) * math.nan)
     trainer = make_trainer(char_tokenizer, tmp_path, max_steps=2)
     with pytest.raises(FloatingPointError, match=r"distillation term is nan at training step 1\b"):
         trainer.train()

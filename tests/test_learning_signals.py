@@ -6,16 +6,29 @@ import torch
 from test_trainer import first_letter_reward, logged, make_trainer
 
 from srpo_trl import SRPOConfig
+from srpo_trl.diagnostics import routing_metrics
+from srpo_trl.routing import Routes
 
 
-def test_teacher_rejects_sampled_frac_counts_distilled_tokens_the_teacher_gives_under_half(char_tokenizer, tmp_path):
-    trainer = make_trainer(char_tokenizer, tmp_path)
-    sdpo_tokens = torch.tensor([[True, True, True, False], [True, False, False, False]])
-    # Teacher probabilities of the sampled tokens: 0.9, 0.4, 0.6 (distilled), 0.1 (not distilled), 0.2 (distilled).
+def test_teacher_rejects_sampled_frac_counts_distilled_tokens_the_teacher_gives_under_half():
+    sdpo = torch.tensor([True, True])
+    routes = Routes(*([torch.zeros(2, dtype=torch.bool)] * 2), sdpo, ~sdpo, sdpo, torch.zeros(2, dtype=torch.long))
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    # Teacher probabilities of the sampled tokens: 0.9, 0.4, 0.6 (distilled), 0.1 (masked), 0.2 (distilled).
     logps = torch.tensor([[0.9, 0.4, 0.6, 0.1], [0.2, 0.5, 0.5, 0.5]]).log()
-    trainer._log_teacher_disagreement("train", sdpo_tokens, logps)
-    trainer._log_teacher_disagreement("train", torch.zeros_like(sdpo_tokens), logps)  # nothing distilled: left out
-    assert trainer._metrics["train"]["srpo/teacher_rejects_sampled_frac"] == [pytest.approx(2 / 4)]
+
+    def metrics(routes):
+        zeros = torch.zeros(2, 4)
+        no_truncation = torch.zeros(2, dtype=torch.bool)
+        return routing_metrics(routes, mask, zeros, mask.float(), logps, no_truncation, 0.0, slice(0, 2), identity)
+
+    assert metrics(routes)["srpo/teacher_rejects_sampled_frac"] == pytest.approx(2 / 4)
+    nothing = Routes(*([torch.zeros(2, dtype=torch.bool)] * 5), torch.full((2,), -1))
+    assert "srpo/teacher_rejects_sampled_frac" not in metrics(nothing)  # nothing distilled: left out
+
+
+def identity(tensor, op):
+    return tensor
 
 
 @pytest.mark.parametrize(

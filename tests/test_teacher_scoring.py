@@ -9,9 +9,8 @@ import transformers
 from test_trainer import make_trainer
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from srpo_trl.teacher import has_length_dependent_rope
+from srpo_trl.teacher_scoring import cache_rows, has_length_dependent_rope
 from srpo_trl.testbed.model import build_tiny_model
-from srpo_trl.trainer import cache_rows
 
 ROPE_ORIGINAL_LENGTH = 16  # the tests' sequences run from below to past it
 
@@ -76,11 +75,11 @@ def test_length_dependent_rope_teacher_equals_each_rows_own_forward(char_tokeniz
     # Before: the prefix's cache and its continuation were scored with different RoPE frequencies (the issue's max
     # |Δ hidden| 1.3e-4 to 1.0e-2), and rows padded to the longest one took its frequencies.
     trainer = make_trainer(char_tokenizer, tmp_path, model=tiny_rope_model(char_tokenizer, family))
-    assert has_length_dependent_rope(trainer.model.config) and not trainer._teacher_continues_from_cache
+    assert has_length_dependent_rope(trainer.model.config) and not trainer.teacher_scorer.continues_from_cache
     batch, prompts = routed_batch(char_tokenizer)
     mask = batch["completion_mask"].bool()
     for _ in range(2):  # a second batch: no frequencies left over from the first's longest row
-        _, teacher_logps, _, _ = trainer._run_teacher(batch, mask, [0, 1, 2, 3], prompts, None, "train")
+        teacher_logps = trainer.teacher_scorer.score(batch, mask, [0, 1, 2, 3], prompts, 8, False, False).token_logps
     fresh = tiny_rope_model(char_tokenizer, family).eval()
     with torch.no_grad():
         for row, prompt in enumerate(prompts):
@@ -123,7 +122,7 @@ def test_continuation_copies_only_the_selected_rows_of_the_prefix_cache(char_tok
     batch, _ = routed_batch(char_tokenizer)
     prompts = [char_tokenizer.encode(f"prompt number {i} of five") for i in range(5)]
     with torch.no_grad(), trainer.teacher.active() as model:
-        prefix = trainer._prefix_pass(model, prompts)
+        prefix = trainer.teacher_scorer.prefix_pass(model, prompts)
         before = [tensor.clone() for tensor in key_value_tensors(prefix.cache)]
         whole_layer = before[0].untyped_storage().nbytes()
         existing = [*key_value_tensors(prefix.cache), *model.parameters(), *batch.values()]
@@ -133,10 +132,10 @@ def test_continuation_copies_only_the_selected_rows_of_the_prefix_cache(char_tok
             selected = cache_rows(prefix.cache, at)
         assert sum(selection.created) == len(before) * whole_layer * 2 // 5  # two of five rows, keys and values
         with NewStorages(existing) as continuation:
-            first = trainer._continuation_hidden(model, prefix, [3, 0, 3], batch, torch.arange(3))
+            first = trainer.teacher_scorer.continuation_hidden(model, prefix, [3, 0, 3], batch, torch.arange(3))
         assert whole_layer not in continuation.created  # no layer of the prefix cache copied whole
 
-        second = trainer._continuation_hidden(model, prefix, [3, 0, 3], batch, torch.arange(3))
+        second = trainer.teacher_scorer.continuation_hidden(model, prefix, [3, 0, 3], batch, torch.arange(3))
         assert torch.equal(first, second)  # the prefix is reusable, with identical results
         for tensor, original in zip(key_value_tensors(prefix.cache), before, strict=True):
             assert torch.equal(tensor, original)
@@ -172,7 +171,7 @@ def test_teacher_passes_never_call_the_lm_head(char_tokenizer, tmp_path):
     head.register_forward_pre_hook(lambda module, inputs: calls.append(inputs))
     batch, prompts = routed_batch(char_tokenizer)
     mask = batch["completion_mask"].bool()
-    _, teacher_logps, _, _ = trainer._run_teacher(batch, mask, [0, 1, 2, 3], prompts, None, "train")
+    teacher_logps = trainer.teacher_scorer.score(batch, mask, [0, 1, 2, 3], prompts, 8, False, False).token_logps
     assert calls == [] and trainer.teacher.model.get_output_embeddings() is head
     with torch.no_grad():
         for row, prompt in enumerate(prompts):

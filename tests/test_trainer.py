@@ -449,11 +449,12 @@ class StandInLLM:
 
 def record_distillation(monkeypatch) -> list[dict]:
     """Each distillation call's inputs, and the importance ratio that multiplies its divergence."""
-    import srpo_trl.trainer
+    import srpo_trl.losses
+    import srpo_trl.prompts
 
     distilled = []
-    token_losses = srpo_trl.trainer.sdpo_token_losses
-    distillation = SRPOTrainer._distillation_token_losses
+    token_losses = srpo_trl.losses.sdpo_token_losses
+    distillation = SRPOTrainer._distillation_loss
 
     def record_inputs(self, model, hidden, inputs, *args):
         distilled.append({"inputs": inputs})
@@ -463,8 +464,8 @@ def record_distillation(monkeypatch) -> list[dict]:
         distilled[-1]["ratio"] = ratio.detach()
         return token_losses(divergence, weights, ratio)
 
-    monkeypatch.setattr(SRPOTrainer, "_distillation_token_losses", record_inputs)
-    monkeypatch.setattr(srpo_trl.trainer, "sdpo_token_losses", record_ratio)
+    monkeypatch.setattr(SRPOTrainer, "_distillation_loss", record_inputs)
+    monkeypatch.setattr(srpo_trl.losses, "sdpo_token_losses", record_ratio)
     return distilled
 
 
@@ -728,17 +729,18 @@ def feedback_reward(completions, log_extra, **kwargs):
 
 
 def test_teacher_feedback_reaches_the_teacher_prompt(char_tokenizer, tmp_path, monkeypatch):
-    import srpo_trl.trainer
+    import srpo_trl.losses
+    import srpo_trl.prompts
 
     built = []
-    fit = srpo_trl.trainer.fit_teacher_prompt
+    fit = srpo_trl.prompts.fit_teacher_prompt
 
     def record(prompt, demonstration, tokenize, max_length, feedback=None):
         ids, kept = fit(prompt, demonstration, tokenize, max_length, feedback=feedback)
         built.append((feedback, char_tokenizer.decode(ids)))
         return ids, kept
 
-    monkeypatch.setattr(srpo_trl.trainer, "fit_teacher_prompt", record)
+    monkeypatch.setattr(srpo_trl.prompts, "fit_teacher_prompt", record)
     trainer = make_trainer(char_tokenizer, tmp_path, reward=feedback_reward, max_steps=1, teacher_feedback=True)
     trainer.train()
     assert built and all(feedback.startswith("no lowercase in") for feedback, _ in built)
@@ -779,10 +781,11 @@ def test_each_completion_token_goes_through_one_lm_head_pass(char_tokenizer, tmp
     # sized work twice, and (on CPU as on GPU) none on prompt positions.
     import trl.trainer.utils as trl_utils
 
-    import srpo_trl.trainer
+    import srpo_trl.losses
+    import srpo_trl.prompts
 
     projected = {"grpo": 0, "sdpo": 0}
-    fused, topk = trl_utils._ChunkedLogProbFunction.apply, srpo_trl.trainer.student_topk_logps
+    fused, topk = trl_utils._ChunkedLogProbFunction.apply, srpo_trl.losses.student_topk_logps
 
     def count_fused(hidden, *args):
         projected["grpo"] += hidden.size(0)
@@ -803,7 +806,7 @@ def test_each_completion_token_goes_through_one_lm_head_pass(char_tokenizer, tmp
         return loss
 
     monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", count_fused)
-    monkeypatch.setattr(srpo_trl.trainer, "student_topk_logps", count_topk)
+    monkeypatch.setattr(srpo_trl.losses, "student_topk_logps", count_topk)
     monkeypatch.setattr(SRPOTrainer, "_compute_loss", record)
     trainer = make_trainer(
         char_tokenizer, tmp_path, reward=patterned_reward, per_device_train_batch_size=16, max_steps=1

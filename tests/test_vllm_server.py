@@ -122,7 +122,7 @@ def test_avg_at_k_samples_through_the_server(char_tokenizer, tmp_path, server):
     trainer = server_trainer(char_tokenizer, tmp_path, max_steps=1)
     (client,) = server
     evaluation = BestWithinBudgetsCallback(
-        trainer, PROMPTS.select(range(4)), eval_steps=1, k=2, temperature=0.6, max_new_tokens=3
+        PROMPTS.select(range(4)), eval_steps=1, k=2, temperature=0.6, max_new_tokens=3
     )
     trainer.add_callback(evaluation)
     trainer.train()

@@ -1,0 +1,151 @@
+"""What SRPO refuses, and why: each check a pure function returning the problem's message, or None.
+
+The trainer raises what these return, at construction (before anything trains) or at the step that met the problem.
+Every message names the setting, field, column or reward function at fault and the fix.
+"""
+
+import math
+import os
+
+import torch
+from datasets import Dataset
+
+from .losses import LOCAL_TOKEN_LOSS_TYPES
+from .prompts import prompt_column_problem
+
+
+def fsdp_version(args) -> int | None:
+    """The FSDP version this run asks for (`fsdp`/`fsdp_config` in the arguments, or an Accelerate FSDP config under
+    `accelerate launch`), None without FSDP."""
+    from_launcher = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if not (args.fsdp or from_launcher):
+        return None
+    config = args.fsdp_config or {}
+    return int(config.get("version", config.get("fsdp_version", os.environ.get("FSDP_VERSION", 2))))
+
+
+def fsdp1_problem(args) -> str | None:
+    """Before the model loads and vLLM starts: the self-teacher is sharded with FSDP2's API only."""
+    if fsdp_version(args) != 1:
+        return None
+    return (
+        f"routing={args.routing!r} needs SRPO's self-teacher, which supports FSDP2, not FSDP1: set fsdp_version: 2 "
+        "in the accelerate config (accelerate_configs/fsdp2.yaml), or use DeepSpeed (accelerate_configs/zero3.yaml)."
+    )
+
+
+def inexact_setup_problem(
+    routing: str, loss_type: str, entropy_bonus: bool, aux_loss: bool, zero_config: dict | None
+) -> str | None:
+    """Settings under which SRPO's objective would be silently wrong."""
+    if loss_type in LOCAL_TOKEN_LOSS_TYPES and (entropy_bonus or aux_loss):
+        extra = (
+            "an entropy bonus (entropy_coef / use_adaptive_entropy)"
+            if entropy_bonus
+            else "a MoE load-balancing loss (output_router_logits)"
+        )
+        return (
+            f"loss_type={loss_type!r} with {extra} is not supported with routing={routing!r}: SRPO rescales GRPO's "
+            f"{loss_type} term to the micro-batch's full token count, which would rescale that term too. Use "
+            "loss_type='dapo' (the paper's), or drop the extra term."
+        )
+    hpz = int((zero_config or {}).get("zero_hpz_partition_size", 1))
+    if hpz > 1:
+        return (
+            f"DeepSpeed ZeRO++ hierarchical partitioning (zero_hpz_partition_size={hpz}) is not supported with "
+            f"routing={routing!r}: DeepSpeed gathers the teacher from a secondary copy that SRPO's shard-local EMA "
+            "does not refresh, so the teacher would stay at its initial weights. Set zero_hpz_partition_size to 1."
+        )
+    return None
+
+
+def distillation_topk_problem(topk: int, vocab_size: int) -> str | None:
+    """The student's top-k support must fit in the vocabulary."""
+    if topk <= vocab_size:
+        return None
+    return (
+        f"SRPOConfig.distillation_topk={topk} exceeds the model's vocabulary ({vocab_size}); set "
+        f"distillation_topk <= {vocab_size}."
+    )
+
+
+def teacher_context_warning(max_teacher_prompt_length: int, context: int | None, max_completion_length: int):
+    """A warning when the teacher-prompt setting exceeds the model's context (the budget is then the context)."""
+    if context is None or max_teacher_prompt_length <= context:
+        return None
+    return (
+        f"SRPOConfig.max_teacher_prompt_length={max_teacher_prompt_length} exceeds the model's context ({context} "
+        "positions): a teacher prompt gets at most the context minus its batch's completion length, its "
+        "demonstration cut to fit, and rollouts whose teacher prompt cannot fit are trained as if no sibling were "
+        f"correct. Set max_teacher_prompt_length <= {context - max_completion_length} to say so explicitly."
+    )
+
+
+def datasets_problem(train_dataset, eval_dataset, teacher: bool) -> str | None:
+    """`dataset_problem` of the training set, then of each evaluation set (one, or a dict of them)."""
+    named = {"train_dataset": train_dataset}
+    if isinstance(eval_dataset, dict):
+        named.update({f"eval_dataset[{key!r}]": dataset for key, dataset in eval_dataset.items()})
+    else:
+        named["eval_dataset"] = eval_dataset
+    problems = (dataset_problem(name, dataset, teacher) for name, dataset in named.items() if dataset is not None)
+    return next((problem for problem in problems if problem), None)
+
+
+def dataset_problem(name: str, dataset, teacher: bool) -> str | None:
+    """Whether every row of a map-style dataset has a prompt GRPOTrainer can render and, with a `teacher`, one the
+    teacher prompt can rewrite (method §3 rewrites the last user turn): found at construction, column-wise (fast on
+    millions of rows), not when a rollout of theirs is first met, maybe hours in. Streamed datasets are met at
+    routing."""
+    columns = getattr(dataset, "column_names", None)  # None: a stream that does not know them
+    if columns is not None and "prompt" not in columns:
+        return (
+            f"{name} has no 'prompt' column (its columns: {columns}): GRPOTrainer and SRPO read each row's question "
+            "from it. Rename the question's column (dataset.rename_column('question', 'prompt')) or map each row to a "
+            "'prompt'."
+        )
+    if not isinstance(dataset, Dataset):
+        return None
+    if len(dataset) == 0:
+        return f"{name} has no rows: check the split and any filter applied to it."
+    found = prompt_column_problem(dataset.select_columns(["prompt"]).with_format("arrow")[:]["prompt"], teacher)
+    return None if found is None else f"{name} row {found[0]}: {found[1]}"
+
+
+def infinite_reward_problem(rewards_per_func: torch.Tensor, names: list[str]) -> str | None:
+    """None/NaN means unscorable (method §12); any other non-finite reward is an error. With `scale_rewards="none"`
+    an infinite reward makes its group's advantages NaN, and one step turns the policy and the teacher to NaN."""
+    infinite = torch.isinf(rewards_per_func)
+    if not infinite.any():
+        return None
+    row, column = infinite.nonzero()[0].tolist()
+    return (
+        f"The reward function '{names[column]}' returned {rewards_per_func[row, column].item()} (for "
+        f"{int(infinite[:, column].sum())} of {len(rewards_per_func)} completions of this batch): SRPO needs finite "
+        "rewards. Return None for a completion that cannot be scored, or bound the reward."
+    )
+
+
+def feedback_problem(feedback: list, completions: int, column: str) -> str | None:
+    """`teacher_feedback=True` needs one feedback per completion, logged with `log_extra(column, texts)`."""
+    if len(feedback) == completions:
+        return None
+    return (
+        f"SRPOConfig.teacher_feedback=True needs one feedback string (or None) per completion, logged by a reward "
+        f"function with log_extra({column!r}, texts); got {len(feedback)} for {completions} completions. Log it from "
+        "exactly one reward function, or set teacher_feedback=False."
+    )
+
+
+def non_finite_loss_problem(where: str, grpo_value: float, distillation_value: float) -> str | None:
+    """The first non-finite term of the loss, stopped before the optimizer uses it: one backward of it turns the
+    policy and, through the EMA, the teacher to NaN, while Trainer's `logging_nan_inf_filter` would log 0.0."""
+    for term, value in (("GRPO", grpo_value), ("distillation", distillation_value)):
+        if not math.isfinite(value):
+            return (
+                f"The SRPO loss's {term} term is {value} at {where}, stopped before the optimizer used it: the "
+                f"policy{' or the teacher' if term == 'distillation' else ''} has diverged or a reward is extreme. "
+                "Lower learning_rate (or bound the rewards), and resume from a checkpoint before this step, whose "
+                "weights are finite."
+            )
+    return None

@@ -1,0 +1,354 @@
+"""How the self-teacher scores the routed rollouts (method §7): its forward passes, their key/value cache, and what the
+loss keeps of them.
+
+`TeacherScorer.score` runs the teacher over each routed row's teacher prompt followed by the student's completion:
+each distinct teacher prompt once, then its rows' completions continued from its cached keys and values, a few
+sequences per pass. That equals one pass per row except where the cache cannot be continued row by row (hybrid
+Mamba/linear-attention models) or where RoPE's frequencies depend on each call's length (dynamic NTK, LongRoPE):
+those models are scored one pass per row (method §12). The passes project no logits; the final hidden states are
+taken at the backbone and turned into the teacher's statistics in chunks (`vocab.teacher_statistics`).
+
+Under ZeRO-3 and FSDP2 a forward pass is a collective: every process makes as many passes as the busiest one.
+"""
+
+import copy
+import functools
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.fsdp import FSDPModule
+from transformers import DynamicCache, cache_utils
+from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
+
+from .compat import cache_argument, output_cache
+from .teacher import SelfTeacher, backbone_and_head, causal_lm
+from .vocab import Logits, teacher_statistics
+
+_NO_LOGITS = torch.empty(0, dtype=torch.long)  # `logits_to_keep` that projects no position
+
+
+@dataclass
+class TeacherCache:
+    """What the loss needs of the teacher's scoring of one generation batch, for this process's routed tokens:
+    final hidden states `(n, hidden)`, log-normalisers `(n,)`, and the LM head (weight, bias) and `Logits` that go
+    with them. `TeacherScores.cache_index` says which row belongs to which token."""
+
+    hidden: torch.Tensor
+    log_normalizer: torch.Tensor
+    head: tuple[torch.Tensor, torch.Tensor | None]
+    logits: Logits
+
+
+@dataclass
+class TeacherScores:
+    """One generation batch scored, per token of this process's batch `(rows, length)`: the index into `cache` (-1
+    off the routed tokens), the teacher's log-prob of the sampled token and its entropy (0 off them), the seconds
+    the passes took, and what the loss keeps (None when nothing is distilled). Per-token tensors survive
+    GRPOTrainer's shuffle and split of the batch; the cache holds routed tokens only."""
+
+    cache_index: torch.Tensor
+    token_logps: torch.Tensor
+    entropy: torch.Tensor
+    seconds: float
+    cache: TeacherCache | None
+
+
+@dataclass
+class Prefix:
+    """A batch of teacher prompts after their pass: its keys and values, attention mask and last hidden states."""
+
+    cache: object
+    attention_mask: torch.Tensor
+    last_hidden: torch.Tensor
+
+
+@contextmanager
+def captured_hidden_states(model):
+    """Keep the backbone's final hidden states of `model`'s forward passes (for the policy, the one GRPOTrainer's
+    loss runs anyway)."""
+    captured = []
+    backbone, _ = backbone_and_head(model)
+    handle = backbone.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+class _NoPositions(torch.nn.Module):
+    """Stands in for a causal LM's head in passes that project no position (`logits_to_keep=_NO_LOGITS`): `(…, 0,
+    vocab)` logits, without the head's module call. Under ZeRO-3 that call alone gathers the whole head from every
+    process (its forward hook does, whatever the number of positions: 1.24 GB for Qwen3-8B in bf16, per teacher pass)."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.new_zeros(()).expand(*hidden.shape[:-1], self.vocab_size)  # no memory, whatever the positions
+
+
+@contextmanager
+def _head_not_called(model):
+    """`model`'s LM head replaced by `_NoPositions` for the teacher's passes (the statistics use its weights, gathered
+    once per call, `vocab.teacher_statistics`); the model's top-level forward still runs, whose module order ZeRO-3's
+    prefetching follows."""
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    name = next(name for name, module in lm.named_modules() if module is head)
+    parent_name, _, attribute = name.rpartition(".")
+    parent = lm.get_submodule(parent_name)
+    setattr(parent, attribute, _NoPositions(getattr(head, "out_features", None) or head.weight.size(0)))
+    try:
+        yield
+    finally:
+        setattr(parent, attribute, head)
+
+
+def cache_rows(cache, rows: torch.Tensor):
+    """A cache holding the batch `rows` of `cache`, which stays as it was (for the next chunk of continuations).
+    Shallow copies of the cache and its layers: selecting rows makes new key/value tensors (advanced indexing) and a
+    continuation appends to the copy's, so only the selected rows are copied, never the whole prefix cache (a deep
+    copy was ~5.6 GiB per chunk at the Qwen3-8B recipe's sizes)."""
+    selected = copy.copy(cache)
+    selected.layers = [copy.copy(layer) for layer in cache.layers]
+    selected.batch_select_indices(rows)
+    return selected
+
+
+def rope_types(config) -> set[str]:
+    """The RoPE types of a model (one per layer type where a model mixes them), read as transformers 5 reads them:
+    `rope_parameters`, or the older `rope_scaling`; "default" without either."""
+    text = config.get_text_config()
+    parameters = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    per_layer_type = parameters and all(isinstance(value, dict) for value in parameters.values())
+    groups = parameters.values() if per_layer_type else [parameters]
+    return {str(group.get("rope_type", group.get("type", "default"))) for group in groups}
+
+
+def has_length_dependent_rope(config) -> bool:
+    """Whether a model's RoPE frequencies depend on the longest position of each forward call: transformers'
+    `dynamic_rope_update` rescales them for dynamic NTK (any "dynamic" type) and switches LongRoPE (Phi-3,
+    Phi-4-mini) to its long factors past `original_max_position_embeddings`. A cached prefix and its continuation
+    (or a row padded to a longer one) would then be scored with other frequencies than the row alone."""
+    return any("dynamic" in rope_type or rope_type == "longrope" for rope_type in rope_types(config))
+
+
+def reset_dynamic_rope(model: torch.nn.Module) -> None:
+    """Return dynamic-NTK rotary embeddings to their original frequencies. transformers keeps the frequencies of
+    the longest call so far and only recomputes them for a longer one (or resets below the original length): a
+    row's scores would depend on the rows scored before it. A one-position call is below the original length; it
+    calls the class's forward, not the module, so that no hook runs (ZeRO-3 would record it in its prefetch trace)."""
+    for module in model.modules():
+        if not hasattr(module, "original_inv_freq") or not hasattr(module, "max_seq_len_cached"):
+            continue
+        device = module.original_inv_freq.device
+        layer_types = list(module.rope_type) if isinstance(module.rope_type, dict) else [None]
+        for layer_type in layer_types:
+            kwargs = {} if layer_type is None else {"layer_type": layer_type}
+            one_position = torch.zeros(1, 1, dtype=torch.long, device=device)
+            type(module).forward(module, torch.zeros(1, device=device), one_position, **kwargs)
+
+
+def unique_prefixes(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """The distinct teacher prompts, in first-seen order, and which one each row uses. The routed rollouts of a group
+    share theirs (the question, the same correct sibling, the instruction), so each is computed once."""
+    index: dict[tuple[int, ...], int] = {}
+    prefix_of_row = [index.setdefault(tuple(prompt), len(index)) for prompt in prompts]
+    return [list(prompt) for prompt in index], prefix_of_row
+
+
+def shared_prefix_plan(prefix_of_row: list[int], rows_per_pass: int) -> list[tuple[list[int], list[list[int]]]]:
+    """The teacher's forward passes: batches of at most `rows_per_pass` prefixes, each followed by the passes of the
+    rows that continue them (at most `rows_per_pass` rows each) from the prefixes' cached keys and values."""
+    prefixes = list(dict.fromkeys(prefix_of_row))
+    plan = []
+    for start in range(0, len(prefixes), rows_per_pass):
+        batch = prefixes[start : start + rows_per_pass]
+        rows = [row for row, prefix in enumerate(prefix_of_row) if prefix in batch]
+        plan.append((batch, [rows[i : i + rows_per_pass] for i in range(0, len(rows), rows_per_pass)]))
+    return plan
+
+
+class TeacherScorer:
+    """Scores completions with the self-teacher.
+
+    Args:
+        teacher: the `SelfTeacher`.
+        accelerator: the trainer's (device, autocast, and the passes' lockstep under sharding).
+        pad_token_id: pads the teacher prompts (left).
+        logits: how hidden states become the sampling distribution's logits (the trainer's `Logits` for them).
+        sharded: weights are sharded across processes (ZeRO-3, FSDP2): passes are collectives.
+        fsdp: FSDP2, whose units are resharded after the passes.
+        span: `span(name)` times a named part of the scoring (the trainer's: TRL's `profiling_context`, which logs
+            `profiling/Time taken: SRPOTrainer.{name}`); `teacher_prefix`, `teacher_continuation`,
+            `teacher_whole_sequence` (one per pass) and `teacher_statistics`.
+    """
+
+    def __init__(
+        self, teacher: SelfTeacher, accelerator, pad_token_id: int, logits, sharded: bool, fsdp: bool, span=None
+    ):
+        self.teacher, self.accelerator, self.pad_token_id = teacher, accelerator, pad_token_id
+        self.logits, self.sharded, self.fsdp = logits, sharded, fsdp
+        self.span = span or (lambda name: nullcontext())
+        config = causal_lm(teacher.model).config
+        self.length_dependent_rope = has_length_dependent_rope(config)
+        self.cache_argument = cache_argument(type(causal_lm(teacher.model)))
+        self._config = config
+
+    @functools.cached_property
+    def continues_from_cache(self) -> bool:
+        """Whether several completions can continue one teacher prompt's cached keys and values, equal to scoring each
+        row in one pass. Every layer of the model's cache must be attention whose rows can be selected: linear-attention
+        and recurrent layers (hybrid models such as Nemotron-H) keep a running state instead. And the RoPE frequencies
+        must not depend on the length of each call (`has_length_dependent_rope`), or the prefix and its continuation
+        would use different ones. Other models score each teacher prompt with its completion in one pass."""
+        if self.length_dependent_rope:
+            return False
+        try:
+            layers = DynamicCache(config=self._config).layers
+        except Exception:  # a cache transformers cannot build from the config: one pass per row is always right
+            return False
+        linear = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())  # transformers >= 5.18
+        return all(hasattr(layer, "batch_select_indices") and not isinstance(layer, linear) for layer in layers)
+
+    def score(
+        self,
+        batch,
+        mask,
+        rows: list[int],
+        teacher_prompts,
+        rows_per_pass: int,
+        lockstep: bool,
+        keep: bool,
+        snapshot_head: bool = False,
+    ) -> TeacherScores:
+        """Teacher passes over this process's routed batch `rows` (each after its `teacher_prompts` entry) and its
+        statistics on their `mask`ed tokens. `lockstep`: weights are sharded and some process has routed rows, so
+        every process makes as many passes as the busiest (agreed on first) and one statistics call. `keep`: the loss
+        distils, so what it needs is kept (`TeacherScores.cache`), with a copy of the head if `snapshot_head` (the
+        EMA moves it before the loss has used this batch)."""
+        device = mask.device
+        cache_index = torch.full(mask.shape, -1, dtype=torch.int32, device=device)
+        teacher_token_logps = torch.zeros(mask.shape, device=device)
+        entropy = torch.zeros_like(teacher_token_logps)
+        prefixes, prefix_of_row = unique_prefixes(teacher_prompts)
+        # Length-dependent RoPE: a row gets the frequencies of its own length only in a pass of its own.
+        plan = shared_prefix_plan(prefix_of_row, 1 if self.length_dependent_rope else rows_per_pass)
+        shares = self.continues_from_cache
+        passes = sum(int(shares) + len(row_chunks) for _, row_chunks in plan)
+        most = int(self.accelerator.gather(torch.tensor([passes], device=device)).max()) if lockstep else passes
+        hidden, tokens = [], []
+        started = time.perf_counter()
+        with torch.no_grad(), self.teacher.active() as model, self.accelerator.autocast():
+            with _head_not_called(model):  # the passes project no logits: no head call (ZeRO-3 gathers it)
+                for prefix_batch, row_chunks in plan:
+                    prefix = self.prefix_pass(model, [prefixes[p] for p in prefix_batch]) if shares else None
+                    for chunk in row_chunks:
+                        index = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device)
+                        chunk_rows, positions = mask[index].nonzero(as_tuple=True)
+                        start = sum(len(h) for h in hidden)
+                        cache_index[index[chunk_rows], positions] = torch.arange(
+                            start, start + len(positions), dtype=torch.int32, device=device
+                        )
+                        if prefix is None:
+                            prompts = [prefixes[prefix_of_row[i]] for i in chunk]
+                            chunk_hidden = self.whole_sequence_hidden(model, prompts, batch, index)
+                        else:
+                            continues = [prefix_batch.index(prefix_of_row[i]) for i in chunk]
+                            chunk_hidden = self.continuation_hidden(model, prefix, continues, batch, index)
+                        hidden.append(chunk_hidden[mask[index]])
+                        tokens.append(batch["completion_ids"][index][mask[index]])
+                for _ in range(most - passes):  # a one-token dummy prompt; its empty result keeps the cache's shapes
+                    hidden.append(self.prefix_pass(model, [[self.pad_token_id]]).last_hidden[:0])
+                    tokens.append(torch.zeros(0, dtype=torch.long, device=device))
+            if hidden:
+                hidden, tokens = torch.cat(hidden), torch.cat(tokens)
+                logits = self.logits(hidden)
+                _, head = backbone_and_head(model)
+                with self.span("teacher_statistics"):
+                    log_normalizer, token_logps, token_entropy = teacher_statistics(
+                        hidden, head.weight, head.bias, logits, tokens
+                    )
+                scored = cache_index >= 0
+                teacher_token_logps[scored] = token_logps[cache_index[scored]]
+                entropy[scored] = token_entropy[cache_index[scored]]
+            # FSDP2 keeps some units' weights whole after a forward (the root's: a backward would need them at once);
+            # the teacher has no backward, and its EMA works on shards.
+            for unit in model.modules() if self.fsdp else ():
+                if isinstance(unit, FSDPModule):
+                    unit.reshard()
+        seconds = time.perf_counter() - started
+        cache = None
+        if keep and most:
+            cache = TeacherCache(hidden, log_normalizer, self.head_for_loss(snapshot_head), logits)
+        return TeacherScores(cache_index, teacher_token_logps, entropy, seconds, cache)
+
+    def head_for_loss(self, snapshot: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's LM head (weight, bias) for the loss: the live parameters, or a copy when the EMA will move
+        them before the loss has used this batch (several optimizer steps per generation batch)."""
+        with self.teacher.active() as teacher_model:
+            _, head = backbone_and_head(teacher_model)
+        if not snapshot:
+            return head.weight, head.bias
+        with maybe_gather_lm_head_ctx(head.weight, head.bias):  # a collective under ZeRO-3: every process calls
+            return head.weight.detach().clone(), None if head.bias is None else head.bias.detach().clone()
+
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.accelerator.device
+        ids = [torch.tensor(prompt) for prompt in prompts]
+        input_ids = pad(ids, padding_value=self.pad_token_id, padding_side="left").to(device)
+        attention_mask = pad([torch.ones_like(i) for i in ids], padding_value=0, padding_side="left").to(device)
+        return input_ids, attention_mask
+
+    def prefix_pass(self, model, prefixes: list[list[int]]) -> Prefix:
+        """The teacher over `prefixes` (left-padded), keeping its keys and values for the completions that follow.
+
+        It goes through the model's top-level forward (under ZeRO-3, DeepSpeed's prefetching follows the top-level
+        module's hooks) and projects no logits: hidden states are taken at the backbone's output."""
+        input_ids, attention_mask = self._left_padded(prefixes)
+        with captured_hidden_states(model) as captured, self.span("teacher_prefix"):
+            output = model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=_NO_LOGITS
+            )
+        return Prefix(output_cache(output), attention_mask, captured[-1][:, -1])
+
+    def continuation_hidden(self, model, prefix: Prefix, continues: list[int], batch, index) -> torch.Tensor:
+        """The teacher's final hidden states predicting each completion token `(rows, C, hidden)` of the batch rows
+        `index`, each continuing the prompt `continues[i]` of `prefix` from its cached keys and values."""
+        at = torch.tensor(continues, device=index.device)
+        cache = cache_rows(prefix.cache, at)
+        attention_mask = torch.cat([prefix.attention_mask[at], batch["completion_mask"][index]], dim=1)
+        with captured_hidden_states(model) as captured, self.span("teacher_continuation"):
+            model(
+                input_ids=batch["completion_ids"][index],
+                attention_mask=attention_mask,
+                use_cache=True,
+                logits_to_keep=_NO_LOGITS,
+                **{self.cache_argument: cache},
+            )
+        # Completion token t is predicted from position t - 1: the first one from the prompt's last position.
+        return torch.cat([prefix.last_hidden[at].unsqueeze(1), captured[-1][:, :-1]], dim=1)
+
+    def whole_sequence_hidden(self, model, prompts: list[list[int]], batch, index) -> torch.Tensor:
+        """The teacher's final hidden states predicting each completion token `(rows, C, hidden)` of the batch rows
+        `index`, each after its own teacher prompt, in one pass without a cache (models that cannot continue one).
+        The passes end at the rows' last completion token: a row alone is then exactly its prompt and completion (what
+        length-dependent RoPE needs); the positions past it are zeros."""
+        prompt_ids, prompt_mask = self._left_padded(prompts)
+        completion_mask = batch["completion_mask"][index]
+        length = int(completion_mask.any(0).nonzero().max()) + 1 if completion_mask.any() else 1
+        if self.length_dependent_rope:
+            reset_dynamic_rope(model)
+        with captured_hidden_states(model) as captured, self.span("teacher_whole_sequence"):
+            model(
+                input_ids=torch.cat([prompt_ids, batch["completion_ids"][index, :length]], dim=1),
+                attention_mask=torch.cat([prompt_mask, completion_mask[:, :length]], dim=1),
+                use_cache=False,
+                logits_to_keep=_NO_LOGITS,
+            )
+        # Completion token t is predicted from position t - 1: the first one from the prompt's last position.
+        hidden = captured[-1][:, prompt_ids.size(1) - 1 : -1]
+        return torch.nn.functional.pad(hidden, (0, 0, 0, completion_mask.size(1) - length))
