@@ -14,6 +14,7 @@ install-gpu:
 demo:
 	$(PYTHON) -m srpo_trl.demo
 
+# Tiers (README "Development"): tests/unit, tests/trainer, tests/end_to_end (the slow ones), tests/real_vllm (below).
 test:
 	$(PYTHON) -m pytest -q tests
 

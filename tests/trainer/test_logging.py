@@ -6,7 +6,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from test_trainer import make_trainer
+from helpers.tiny_trainer import make_trainer
 
 DOCUMENTED_METRICS = (
     "srpo/route/sdpo_frac",
@@ -53,7 +53,7 @@ def test_srpo_metrics_reach_trackio(char_tokenizer, tmp_path):
 def test_grpo_token_statistics_are_left_out_where_every_row_is_distilled(char_tokenizer, tmp_path):
     # routing="sdpo" distils every routed row and GRPO trains none: TRL's `clip_ratio/*` were logged as None and
     # `entropy` as 0 (averages over no GRPO token).
-    from test_trainer import logged, patterned_reward
+    from helpers.tiny_trainer import logged, patterned_reward
 
     trainer = make_trainer(
         char_tokenizer, tmp_path, reward=patterned_reward, routing="sdpo", per_device_train_batch_size=16, max_steps=1

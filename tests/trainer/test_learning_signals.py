@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from test_trainer import first_letter_reward, logged, make_trainer
+from helpers.tiny_trainer import first_letter_reward, logged, make_trainer
 
 from srpo_trl import SRPOConfig
 from srpo_trl.diagnostics import routing_metrics

@@ -2,7 +2,7 @@
 
 Nothing here asserts which arm learns best: the figures live in `benchmarks/learning/RESULTS.md`. That each family's
 pre-trained testbed model has the abilities the benchmark relies on is asserted by
-`tests/test_testbed.py::test_default_testbed_model_has_both_abilities`, on the same cached checkpoints.
+`tests/unit/test_testbed.py::test_default_testbed_model_has_both_abilities`, on the same cached checkpoints.
 """
 
 import json
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from script_loader import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learning" / "run.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "learning" / "run.py"
 
 
 @pytest.fixture(scope="module")

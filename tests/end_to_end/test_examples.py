@@ -12,7 +12,7 @@ from trl import ModelConfig, TrlParser
 from srpo_trl import SRPOConfig
 from srpo_trl.train import SRPOScriptArguments
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*/*.yaml"))
 
 

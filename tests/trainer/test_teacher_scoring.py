@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import transformers
-from test_trainer import make_trainer
+from helpers.tiny_trainer import make_trainer
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from srpo_trl.teacher_scoring import cache_rows, has_length_dependent_rope

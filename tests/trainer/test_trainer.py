@@ -2,98 +2,38 @@
 metrics, degenerate groups, checkpoints."""
 
 import math
-import os
 import re
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
 from datasets import Dataset
+from helpers.references import (
+    reference_distillation_loss,
+    reference_teacher_rows,
+    sharp_tiny_model,
+    train_one_step_recording_the_batch,
+)
+from helpers.tiny_trainer import (
+    PROMPTS,
+    RecordingReward,
+    count_rows,
+    expected_routing,
+    first_letter_reward,
+    graded_reward,
+    logged,
+    make_args,
+    make_trainer,
+    parameters,
+    patterned_reward,
+)
+from helpers.vllm_stand_in import record_distillation, rollout_importance_ratio, stand_in_vllm
 from transformers import TrainerCallback
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
-from srpo_trl import SRPOConfig, SRPOTrainer
+from srpo_trl import SRPOTrainer
 from srpo_trl.teacher import TEACHER_ADAPTER
 from srpo_trl.testbed.model import build_tiny_model
-
-PROMPTS = Dataset.from_dict(
-    {"prompt": [[{"role": "user", "content": f"Spell {word}"}] for word in "abcdefghijklmnop"]}
-)
-
-
-def first_letter_reward(completions, **kwargs):
-    """About half the random model's completions start with a lowercase letter: groups of mixed outcomes."""
-    return [1.0 if c[0]["content"][:1].islower() else 0.0 for c in completions]
-
-
-def graded_reward(completions, **kwargs):
-    """Rewards that vary but never reach the success threshold: GRPO signal, nothing routed."""
-    return [0.1 * (len(c[0]["content"]) % 9) for c in completions]
-
-
-SRPO_PAPER_DEFAULTS = dict(
-    scale_rewards="none",
-    epsilon_high=0.28,
-    vllm_importance_sampling_mode="token_truncate",
-    vllm_importance_sampling_clip_max=2.0,
-)
-
-
-def make_args(tmp_path, config_class=SRPOConfig, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path),
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=6,
-        max_steps=2,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        data_seed=0,
-        learning_rate=1e-2,
-        distillation_topk=8,
-        chat_template_kwargs={"enable_thinking": False},
-        disable_tqdm=True,
-    )
-    if config_class is GRPOConfig:  # GRPO with SRPOConfig's paper defaults, so both trainers get the same settings
-        settings.pop("distillation_topk")
-        settings.update(SRPO_PAPER_DEFAULTS)
-    settings.update(overrides)
-    return config_class(**settings)
-
-
-def make_trainer(
-    char_tokenizer,
-    tmp_path,
-    reward=first_letter_reward,
-    trainer_class=SRPOTrainer,
-    peft_config=None,
-    model=None,
-    eval_dataset=None,
-    **overrides,
-):
-    args = make_args(tmp_path, GRPOConfig if trainer_class is GRPOTrainer else SRPOConfig, **overrides)
-    return trainer_class(
-        model=build_tiny_model(char_tokenizer, seed=0) if model is None else model,
-        reward_funcs=reward,
-        args=args,
-        train_dataset=PROMPTS,
-        eval_dataset=eval_dataset,
-        processing_class=char_tokenizer,
-        peft_config=peft_config,
-    )
-
-
-def parameters(trainer):
-    return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-
-
-def logged(trainer, key):
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
 @pytest.mark.parametrize("routing", ["grpo", "srpo"])
@@ -190,48 +130,6 @@ def test_a_threshold_that_routes_nothing_is_reported_after_five_batches(char_tok
         assert re.search(message, said[0]) and "first 5 generation batches" in said[0]
 
 
-def count_rows(module):
-    """Count the calls of `module` and the rows they carry: `prefix_rows` start a sequence, `rows` continue cached
-    prefixes (the teacher's completions) or are whole sequences."""
-    counter = {"rows": 0, "calls": 0, "prefix_rows": 0}
-
-    def hook(module, args, kwargs):
-        cached = kwargs.get("cache", kwargs.get("past_key_values")) is not None
-        counter["rows" if cached or not kwargs.get("use_cache") else "prefix_rows"] += kwargs["input_ids"].size(0)
-        counter["calls"] += 1
-
-    module.register_forward_pre_hook(hook, with_kwargs=True)
-    return counter
-
-
-class RecordingReward:
-    """A reward function that remembers every batch of rewards it returned."""
-
-    __name__ = "recording_reward"
-
-    def __init__(self, reward):
-        self.reward, self.batches = reward, []
-
-    def __call__(self, completions, **kwargs):
-        rewards = self.reward(completions)
-        self.batches.append(rewards)
-        return rewards
-
-
-def expected_routing(rewards, group_size=4):
-    """Routed rollouts, correct and fallback fractions, and groups with routed rollouts (their teacher prompts)."""
-    routed = correct = fallback = routed_groups = 0
-    for start in range(0, len(rewards), group_size):
-        group = rewards[start : start + group_size]
-        wins = sum(r >= 1.0 for r in group)
-        correct += wins
-        routed += sum(1 for r in group if r < 1.0 and wins > 0)
-        routed_groups += 0 < wins < len(group)
-        fallback += len(group) if wins == 0 else 0
-    n = len(rewards)
-    return routed, correct / n, fallback / n, routed_groups
-
-
 def test_routed_fraction_teacher_calls_and_metrics(char_tokenizer, tmp_path):
     reward = RecordingReward(first_letter_reward)
     trainer = make_trainer(char_tokenizer, tmp_path, reward=reward, max_steps=3)
@@ -305,12 +203,6 @@ def test_teacher_is_closed_form_ema_of_the_training_trajectory(char_tokenizer, t
             expected = expected + eta * (1 - eta) ** (steps - n) * trajectory[n][name].double()
         assert torch.allclose(weight.double(), expected, atol=1e-6), name
     assert any(not torch.equal(trajectory[0][n], trajectory[-1][n]) for n in trajectory[0])
-
-
-def patterned_reward(completions, **kwargs):
-    """Groups of four: all correct, all failed, one correct, all-but-one correct."""
-    pattern = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1, 0, 1]
-    return [float(pattern[i % 16]) for i in range(len(completions))]
 
 
 @pytest.mark.parametrize("routing", ["srpo", "sdpo", "advantage_mix"])
@@ -397,103 +289,6 @@ def test_lora_teacher_is_an_ema_adapter_on_the_shared_base(char_tokenizer, tmp_p
     assert counter["calls"] > 0
 
 
-# ---- vLLM colocate: TRL's own VLLMGeneration (weight sync, sleep mode, sampling log-probs, rollout IS) drives a
-# stand-in for `vllm.LLM`, here for sleep mode, which vLLM's CPU backend lacks. The real CPU engine runs in
-# tests/real_vllm (`make test-vllm`). ----
-
-SAMPLING_LOGPROB = -2.0  # what the stand-in engine reports for every sampled token; the policy's is about -4.6
-
-
-class StandInLLM:
-    """`vllm.LLM` without an engine: cycles through `completion_ids`, reports `SAMPLING_LOGPROB` for every token, and
-    records the weights it is sent (`probe` runs on each) and its sleep/wake calls."""
-
-    completion_ids: list[list[int]] = []
-    probe = None
-
-    def __init__(self, model, **kwargs):
-        self.events, self.loaded, self.sampled_with = [], [], []
-        runner = SimpleNamespace(model=SimpleNamespace(load_weights=self.load_weights))
-        self.llm_engine = SimpleNamespace(
-            model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner))
-        )
-
-    def load_weights(self, weights):
-        self.loaded.extend(weights)
-        if self.probe is not None:
-            self.probe()
-
-    def sleep(self, level):
-        self.events.append(f"sleep{level}")
-
-    def wake_up(self, tags):
-        self.events.append("wake:" + "+".join(tags))
-
-    def reset_prefix_cache(self):
-        pass
-
-    def generate(self, prompts, sampling_params, use_tqdm=False):
-        self.sampled_with.append((len(prompts), sampling_params))
-        self.events.append("generate")
-
-        def completion(ids):
-            logprobs = [{token: SimpleNamespace(logprob=SAMPLING_LOGPROB, rank=1)} for token in ids]
-            return SimpleNamespace(token_ids=ids, logprobs=logprobs)
-
-        cycle = self.completion_ids
-        return [
-            SimpleNamespace(prompt_token_ids=p["prompt_token_ids"], outputs=[completion(cycle[i % len(cycle)])])
-            for i, p in enumerate(prompts)
-        ]
-
-
-def record_distillation(monkeypatch) -> list[dict]:
-    """Each distillation call's inputs, and the importance ratio that multiplies its divergence."""
-    import srpo_trl.losses
-    import srpo_trl.prompts
-
-    distilled = []
-    token_losses = srpo_trl.losses.sdpo_token_losses
-    distillation = SRPOTrainer._distillation_loss
-
-    def record_inputs(self, model, hidden, inputs, *args):
-        distilled.append({"inputs": inputs})
-        return distillation(self, model, hidden, inputs, *args)
-
-    def record_ratio(divergence, weights, ratio):
-        distilled[-1]["ratio"] = ratio.detach()
-        return token_losses(divergence, weights, ratio)
-
-    monkeypatch.setattr(SRPOTrainer, "_distillation_loss", record_inputs)
-    monkeypatch.setattr(srpo_trl.losses, "sdpo_token_losses", record_ratio)
-    return distilled
-
-
-def rollout_importance_ratio(inputs) -> torch.Tensor:
-    """vLLM's rollout importance ratio at a micro-batch's distilled tokens, in the distillation's token order."""
-    rows = inputs["srpo_sdpo_mask"].nonzero().squeeze(1)
-    mask = inputs["completion_mask"][rows].bool()
-    return inputs["importance_sampling_ratio"].expand_as(inputs["completion_mask"])[rows][mask]
-
-
-def stand_in_vllm(monkeypatch, tokenizer) -> list[StandInLLM]:
-    """TRL's vLLM boundary served by `StandInLLM` (the engines it starts are appended to the returned list), playing
-    a GPU engine (sleep mode); each group of 4 gets two correct ("ab", lowercase) and two failed rollouts."""
-    import trl.generation.vllm_generation as vllm_generation
-
-    engines = []
-    monkeypatch.setattr(vllm_generation, "is_vllm_available", lambda *args, **kwargs: True)
-    monkeypatch.setattr(
-        vllm_generation, "LLM", lambda **kwargs: engines.append(StandInLLM(**kwargs)) or engines[-1], raising=False
-    )
-    monkeypatch.setattr(vllm_generation, "SamplingParams", dict, raising=False)
-    monkeypatch.setattr("srpo_trl.vllm_cpu.is_cpu_vllm", lambda: False)
-    monkeypatch.setattr("os.environ", dict(os.environ))  # VLLMGeneration sets RANK, MASTER_PORT, ...: keep them here
-    eos = tokenizer.eos_token_id
-    monkeypatch.setattr(StandInLLM, "completion_ids", [tokenizer.encode(t) + [eos] for t in ("ab", "ab", "AB", "AB")])
-    return engines
-
-
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_vllm_colocate_sleep_mode_rollout_is_weights_reach_the_sdpo_branch(
     char_tokenizer, tmp_path, monkeypatch, lora
@@ -564,95 +359,6 @@ def test_completion_log_shows_each_rollouts_route(char_tokenizer, tmp_path):
     # The advantage column shows what a GRPO term trained with: none for distilled rows.
     distilled = table["route"] == "sdpo"
     assert table["advantage"][distilled].isna().all() and table["advantage"][~distilled].notna().all()
-
-
-def sharp_tiny_model(tokenizer):
-    """The tiny model with a 20x LM head: peaked distributions that a teacher prompt visibly moves (the plain
-    random model is near uniform, and its distillation terms are too small to tell a wrong computation apart)."""
-    model = build_tiny_model(tokenizer, seed=0)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    return model
-
-
-def reference_rows(trainer, prompts, batch, routing):
-    """For every rollout, its completion's full-vocabulary log-probs `(T, V)` in float64 under the student prompt, and
-    under the teacher prompt (method §3) when it has a teacher in `routing` (method §2, §8; else None), from a fresh copy
-    of the initial model (the policy and the teacher at step 0). One generation batch on one process, unshuffled,
-    groups of 4, rewarded by `first_letter_reward`."""
-    tokenizer = trainer.processing_class
-    model = sharp_tiny_model(tokenizer).eval()
-    mask = batch["completion_mask"].bool()
-    texts = [
-        tokenizer.decode(i[m], skip_special_tokens=True) for i, m in zip(batch["completion_ids"], mask, strict=True)
-    ]
-    correct = [text[:1].islower() for text in texts]  # first_letter_reward
-    render = dict(add_generation_prompt=True, tokenize=True, enable_thinking=False, return_dict=False)
-
-    def completion_logps(messages, row):
-        prompt_ids = tokenizer.apply_chat_template(messages, **render)
-        ids = torch.cat([torch.tensor(prompt_ids), batch["completion_ids"][row][mask[row]]])
-        with torch.no_grad():
-            logits = model(input_ids=ids[None]).logits[0, len(prompt_ids) - 1 : -1].double()
-        return (logits / trainer.temperature).log_softmax(-1)
-
-    for row in range(len(texts)):
-        student = completion_logps(prompts[row], row)
-        group = range(row - row % 4, row - row % 4 + 4)
-        siblings = [j for j in group if j != row and correct[j]]
-        if not siblings or (routing == "srpo" and correct[row]):
-            yield row, student, None
-            continue
-        user = prompts[row][-1]["content"]
-        solution = texts[siblings[0]].strip()
-        teacher_text = f"{user}\nCorrect solution:\n\n{solution}\n\nCorrectly solve the original question."
-        yield row, student, completion_logps([{"role": "user", "content": teacher_text}], row)
-
-
-def reference_teacher_rows(trainer, prompts, batch, routing):
-    return ((row, s, t) for row, s, t in reference_rows(trainer, prompts, batch, routing) if t is not None)
-
-
-def reference_distillation_terms(trainer, teacher_rows) -> dict[int, torch.Tensor]:
-    """method §5's `w_t D_t` per token of each distilled row: top-k + tail JSD, entropy weights over all of them."""
-    k, alpha = trainer.args.distillation_topk, trainer.args.distillation_alpha
-    divergences, entropies = {}, {}
-    for row, student, teacher in teacher_rows:
-        support = student.topk(k, dim=-1).indices
-        p, q = student.exp().gather(-1, support), teacher.exp().gather(-1, support)
-        p, q = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1), torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)
-        m = (1 - alpha) * p + alpha * q
-        divergences[row] = (1 - alpha) * (p * (p / m).log()).sum(-1) + alpha * (q * (q / m).log()).sum(-1)
-        entropies[row] = -(teacher.exp() * teacher).sum(-1)
-    confidence = {row: torch.exp(-entropy) for row, entropy in entropies.items()}
-    count = sum(len(c) for c in confidence.values())
-    total = sum(c.sum() for c in confidence.values())
-    return {row: confidence[row] * count / total * divergences[row] for row in divergences}
-
-
-def reference_distillation_loss(trainer, prompts, batch, routing):
-    """method §6's distillation sum over all valid tokens (loss_type="dapo")."""
-    terms = reference_distillation_terms(trainer, reference_teacher_rows(trainer, prompts, batch, routing))
-    return (sum(t.sum() for t in terms.values()) / batch["completion_mask"].sum()).item()
-
-
-def train_one_step_recording_the_batch(char_tokenizer, tmp_path, monkeypatch, **overrides):
-    """Train one step of the sharp tiny model; return the trainer, the prompts and the scored generation batch."""
-    recorded = []
-    generate_and_score = SRPOTrainer._generate_and_score_completions
-
-    def record(self, inputs):
-        batch = generate_and_score(self, inputs)
-        recorded.append(([x["prompt"] for x in inputs], {k: v for k, v in batch.items() if torch.is_tensor(v)}))
-        return batch
-
-    monkeypatch.setattr(SRPOTrainer, "_generate_and_score_completions", record)
-    trainer = make_trainer(
-        char_tokenizer, tmp_path, model=sharp_tiny_model(char_tokenizer), max_steps=1, distillation_topk=5, **overrides
-    )
-    trainer.train()
-    ((prompts, batch),) = recorded
-    return trainer, prompts, batch
 
 
 @pytest.mark.parametrize("routing", ["srpo", "sdpo"])

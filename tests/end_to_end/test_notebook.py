@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "notebooks" / "srpo_quickstart.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "examples" / "notebooks" / "srpo_quickstart.ipynb"
 
 
 @pytest.mark.slow

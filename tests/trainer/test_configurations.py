@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from test_trainer import PROMPTS, first_letter_reward, logged, make_trainer, parameters, patterned_reward
+from helpers.tiny_trainer import PROMPTS, first_letter_reward, logged, make_trainer, parameters, patterned_reward
 
 from srpo_trl import SRPOTrainer, checks
 from srpo_trl.testbed.model import build_tiny_model

@@ -9,11 +9,11 @@ import warnings
 
 import pytest
 import torch
+from helpers.tiny_trainer import logged, make_trainer, parameters, resume
 from peft import LoraConfig
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from test_trainer import logged, make_trainer, parameters
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM
 
 import srpo_trl.checkpointing
 from srpo_trl.checkpointing import TEACHER_STATE_FILE
@@ -76,25 +76,6 @@ def test_a_crash_writing_the_teacher_keeps_the_previous_checkpoint(char_tokenize
 def saved_checkpoint(char_tokenizer, tmp_path):
     make_trainer(char_tokenizer, tmp_path, max_steps=1, save_strategy="steps", save_steps=1).train()
     return tmp_path / "checkpoint-1"
-
-
-class WeightsAtTrainBegin(TrainerCallback):
-    """The policy's and the teacher's weights when training begins: as a resume leaves them."""
-
-    def __init__(self, trainer):
-        self.trainer, self.policy, self.teacher = trainer, None, None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.policy = parameters(self.trainer)
-        self.teacher = {name: p.detach().clone() for name, p in self.trainer.teacher.model.named_parameters()}
-
-
-def resume(char_tokenizer, tmp_path, checkpoint) -> WeightsAtTrainBegin:
-    trainer = make_trainer(char_tokenizer, tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
-    weights = WeightsAtTrainBegin(trainer)
-    trainer.add_callback(weights)
-    trainer.train(resume_from_checkpoint=str(checkpoint))
-    return weights
 
 
 def cut_in_half(path):

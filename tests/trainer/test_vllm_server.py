@@ -6,7 +6,8 @@ import os
 
 import pytest
 import torch
-from test_trainer import PROMPTS, logged, make_trainer, record_distillation
+from helpers.tiny_trainer import PROMPTS, logged, make_trainer
+from helpers.vllm_stand_in import record_distillation
 from transformers import TrainerCallback
 
 from srpo_trl.evaluation import BestWithinBudgetsCallback

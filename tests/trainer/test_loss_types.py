@@ -6,16 +6,13 @@ import math
 
 import pytest
 import torch
-from test_losses import reference_aggregate
-from test_trainer import (
-    graded_reward,
-    logged,
-    make_trainer,
-    parameters,
+from helpers.references import (
+    reference_aggregate,
     reference_distillation_terms,
     reference_rows,
     train_one_step_recording_the_batch,
 )
+from helpers.tiny_trainer import graded_reward, logged, make_trainer, parameters
 from trl import GRPOTrainer
 
 from srpo_trl.losses import LOSS_TYPES

@@ -16,7 +16,7 @@ from srpo_trl.cli import parse_args, resolve_reward_funcs
 from srpo_trl.tasks import multiple_choice_reward, tool_use_reward
 from srpo_trl.train import cli, main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 REWARDS = """
 def first_letter(completions, **kwargs):

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 USER_FACING = ["README.md", "srpo_trl", "docs", "examples", "recipes", "accelerate_configs"]
 FORBIDDEN = re.compile(r"\.\./shared|SPEC §|SPEC\.md|\bSPEC section")
 

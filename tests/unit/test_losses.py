@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers.references import reference_aggregate
 
 from srpo_trl.losses import (
     LOSS_TYPES,
@@ -161,22 +162,6 @@ def test_sdpo_token_losses():
     divergence = torch.tensor([1.0, 2.0, 3.0])
     losses = sdpo_token_losses(divergence, torch.tensor([1.0, 0.5, 0.0]), torch.tensor([1.0, 2.0, 1.0]))
     assert losses.tolist() == [1.0, 2.0, 0.0]
-
-
-def reference_aggregate(per_token, mask, loss_type, accumulation, max_length, global_count):
-    """TRL 1.16's documented aggregation per `loss_type`, written out on Python floats, row by row."""
-    rows = [[x for x, m in zip(r, mr, strict=True) if m] for r, mr in zip(per_token, mask, strict=True)]
-    total = sum(sum(r) for r in rows)
-    tokens = sum(len(r) for r in rows)
-    if loss_type in ("grpo", "sapo"):
-        return sum(sum(r) / max(len(r), 1) for r in rows) / len(rows) / accumulation
-    if loss_type == "luspo":
-        return sum(sum(r) for r in rows) / len(rows) / accumulation
-    if loss_type == "bnpo":
-        return total / max(tokens, 1) / accumulation
-    if loss_type == "dr_grpo":
-        return total / (len(rows) * max_length) / accumulation
-    return total / global_count
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)

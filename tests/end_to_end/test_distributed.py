@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = Path(__file__).parent / "distributed" / "train_tiny.py"
-CONFIGS = Path(__file__).parents[1] / "accelerate_configs"
+SCRIPT = Path(__file__).parents[1] / "distributed" / "train_tiny.py"
+CONFIGS = Path(__file__).parents[2] / "accelerate_configs"
 
 
 def run_script(output_dir: Path, backend: str = "none", *options: str, accelerate_config: str | None = None):

@@ -21,7 +21,7 @@ from srpo_trl.tasks import (
     tool_use_reward,
 )
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 ROW_COUNTS = {
     ("chemistry", "train"): 1890,

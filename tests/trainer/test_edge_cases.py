@@ -7,8 +7,7 @@ import numpy
 import pytest
 import torch
 from datasets import Dataset
-from test_bad_inputs import built
-from test_trainer import PROMPTS, first_letter_reward, logged, make_trainer
+from helpers.tiny_trainer import PROMPTS, built, first_letter_reward, logged, make_trainer
 
 import srpo_trl.losses
 

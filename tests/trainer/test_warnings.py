@@ -3,7 +3,7 @@
 import warnings
 
 import torch
-from test_trainer import make_trainer
+from helpers.tiny_trainer import make_trainer
 
 from srpo_trl.testbed import pretrain
 from srpo_trl.testbed.model import build_tiny_model

@@ -101,7 +101,7 @@ def test_generation_batch_spanning_several_steps_warns():
 
 def test_trainer_rejects_a_plain_grpo_config_and_its_hint_works(char_tokenizer, tmp_path):
     # A GRPO user's config, with some fields changed: the TypeError's hint converts it, keeping what was set.
-    from test_trainer import PROMPTS, first_letter_reward
+    from helpers.tiny_trainer import PROMPTS, first_letter_reward
     from trl import GRPOConfig
 
     from srpo_trl.testbed.model import build_tiny_model

@@ -2,14 +2,14 @@
 error (naming the field, file or function, and the fix), a warning, or nothing because it is fine. Tiny model, at most
 a few steps, one process.
 
-`python tests/test_bad_inputs.py` tallies the outcomes (clear error / warning / fine / unclear error / silent) of the
-`srpo_trl` on the path, so the sweep can be re-measured against any version of the package:
-`PYTHONPATH=path/to/other/checkout python tests/test_bad_inputs.py`. Measured when the sweep was written (issue 16):
-76 cases, 47 clear errors, 9 warnings, 20 fine, 0 unclear errors, 0 silent; the package before that issue's fixes
-gave 21 clear errors, 1 warning, 19 fine, 11 unclear errors, 24 silent. Since then every GRPO loss type trains
-(issue 12): 77 cases, 46 clear errors, 9 warnings, 22 fine. The second sweep (issue 22, `SECOND_SWEEP`) brings it to
-135 cases: 75 clear errors, 18 warnings, 42 fine, 0 unclear errors, 0 silent; the package before that issue's fixes
-gave 50 clear errors, 10 warnings, 34 fine, 16 unclear errors, 25 silent.
+`python tests/trainer/test_bad_inputs.py` tallies the outcomes (clear error / warning / fine / unclear error / silent)
+of the `srpo_trl` on the path, so the sweep can be re-measured against any version of the package:
+`PYTHONPATH=path/to/other/checkout python tests/trainer/test_bad_inputs.py`. Measured when the sweep was written
+(issue 16): 76 cases, 47 clear errors, 9 warnings, 20 fine, 0 unclear errors, 0 silent; the package before that
+issue's fixes gave 21 clear errors, 1 warning, 19 fine, 11 unclear errors, 24 silent. Since then every GRPO loss type
+trains (issue 12): 77 cases, 46 clear errors, 9 warnings, 22 fine. The second sweep (issue 22, `SECOND_SWEEP`) brings
+it to 135 cases: 75 clear errors, 18 warnings, 42 fine, 0 unclear errors, 0 silent; the package before that issue's
+fixes gave 50 clear errors, 10 warnings, 34 fine, 16 unclear errors, 25 silent.
 """
 
 import contextlib
@@ -18,6 +18,7 @@ import io
 import math
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 from collections import Counter
@@ -30,13 +31,14 @@ import pytest
 import torch
 from datasets import Dataset, IterableDataset
 from safetensors.torch import load_file, save_file
-from test_checkpoint import resume
-from test_trainer import PROMPTS, first_letter_reward, graded_reward, logged, make_args
 from trl import GRPOConfig, GRPOTrainer
 
 from srpo_trl import SRPOConfig, SRPOTrainer
 from srpo_trl.prompts import build_teacher_prompt
 from srpo_trl.testbed.model import build_tiny_model
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/, where `helpers` is, when run as a script
+from helpers.tiny_trainer import PROMPTS, built, first_letter_reward, graded_reward, logged, make_args, resume  # noqa: E402
 
 TEACHER_FILE = "srpo_teacher.safetensors"
 OUTCOME = {"error": "clear error", "warning": "warning", "fine": "fine"}
@@ -80,17 +82,6 @@ def observe(case: Case, tokenizer, tmp_path: Path) -> tuple[str, str]:
 def config(**overrides):
     """Only SRPOConfig is built."""
     return lambda tokenizer, tmp_path: make_args(tmp_path, **overrides)
-
-
-def built(tokenizer, tmp_path, reward=first_letter_reward, dataset=PROMPTS, eval_dataset=None, **overrides):
-    return SRPOTrainer(
-        build_tiny_model(tokenizer, seed=0),
-        reward_funcs=reward,
-        args=make_args(tmp_path, **dict(dict(max_steps=1), **overrides)),
-        train_dataset=dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-    )
 
 
 def trained(tokenizer, tmp_path, **settings):

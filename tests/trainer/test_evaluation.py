@@ -103,7 +103,7 @@ def test_best_within_budgets_only_counts_training_time(monkeypatch):
 
 
 def train_with_evaluation(char_tokenizer, tmp_path, **overrides):
-    from test_trainer import PROMPTS, first_letter_reward, make_trainer
+    from helpers.tiny_trainer import PROMPTS, first_letter_reward, make_trainer
 
     trainer = make_trainer(char_tokenizer, tmp_path, max_steps=2, **overrides)
     callback = BestWithinBudgetsCallback(
@@ -117,7 +117,7 @@ def train_with_evaluation(char_tokenizer, tmp_path, **overrides):
 
 
 def test_the_callback_goes_in_callbacks_and_scores_as_the_trainer(char_tokenizer, tmp_path):
-    from test_trainer import PROMPTS, first_letter_reward, make_args
+    from helpers.tiny_trainer import PROMPTS, first_letter_reward, make_args
 
     from srpo_trl import SRPOTrainer
 
@@ -149,7 +149,7 @@ def test_evaluation_rows_are_their_own(char_tokenizer, tmp_path):
 
 
 def test_evaluation_samples_with_the_runs_vllm_engine(char_tokenizer, tmp_path, monkeypatch):
-    from test_trainer import stand_in_vllm
+    from helpers.vllm_stand_in import stand_in_vllm
 
     engines = stand_in_vllm(monkeypatch, char_tokenizer)
     trainer = train_with_evaluation(
