@@ -45,7 +45,7 @@ lint:
 	$(PYTHON) -m ruff format --check srpo_trl tests examples
 
 bench:
-	$(PYTHON) benchmarks/step_cost.py --write-results
+	$(PYTHON) -m benchmarks.step_cost --write-results
 
 bench-learning:
 	$(PYTHON) benchmarks/learning/run.py --jobs 2

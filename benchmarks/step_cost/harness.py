@@ -1,6 +1,6 @@
 """The step-cost benchmark's harness: shapes, arms, clocks, probes, and the runs that fill the records.
 
-`step_cost.py` (the command line) runs it and `step_cost_report.py` turns its records into RESULTS.md's tables.
+`__main__.py` (the command line) runs it and `report.py` turns its records into RESULTS.md's tables.
 
 Every arm is the real trainer (`trl.GRPOTrainer`, `SRPOTrainer`, TRL's `SDPOTrainer`) on the *same* batch: a fixed
 set of completions is replayed in place of generation, so every arm trains identical token ids and generation, which
@@ -8,14 +8,22 @@ costs every arm the same, is left out. A reward that depends only on a rollout's
 routing: the last `k_g` rollouts of group `g` fail, the rest are correct (`failures_per_group`).
 
 On CPU, TRL 1.16's fused LM head projects every position of the batch (prompt positions included) where a Triton
-device projects only the labelled ones. Every arm here runs the Triton devices' choice (`gpu_head_path`), so that
-the CPU arms compare as GPU arms would; only that choice is changed, TRL's torch code still computes the head.
+device projects only the labelled ones. Every arm here runs the Triton devices' choice
+(`srpo_trl.compat.compact_fused_head_on_cpu`), so that the CPU arms compare as GPU arms would; only that choice is
+changed, TRL's torch code still computes the head.
+
+What a step spends where is read from the trainers' named spans, TRL's `profiling_context(trainer, name)`: GRPOTrainer's
+own (`_prepare_inputs`, `_calculate_rewards`, `compute_loss`, ...) and SRPOTrainer's (`teacher_prompts`,
+`teacher_prefix`, `teacher_continuation`, `teacher_whole_sequence`, `teacher_statistics`, `distillation`), timed on
+the benchmark's clock (`recorded_spans`). No trainer method is wrapped, so the figures survive refactors of the
+trainer that keep its spans.
 
 Records (plain dicts, `kind` says which):
 - `timing`: one optimizer step of one arm at one routed fraction `f`, with its phases (prepare / forward+backward /
-  optimizer+EMA) and SRPO's timed internals (`Timers`);
+  optimizer+EMA) and the seconds of each named span (`Timers`);
 - `prefix`: SRPO's teacher scoring of one batch with `k` routed rollouts per group, each group's teacher prompt
-  computed once (`shared`) or once per routed rollout (`per_row`, `srpo_trl.trainer.unique_prefixes` patched);
+  computed once (`shared`) or once per routed rollout (`per_row`, `srpo_trl.teacher_scoring.unique_prefixes`
+  patched);
 - `profile`: torch-profiler totals per arm; `memory` (`vocab`/`length` sweeps): peak memory per phase, one
   configuration per fresh process.
 """
@@ -43,13 +51,12 @@ from transformers import TrainerCallback  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
+from srpo_trl.compat import compact_fused_head_on_cpu  # noqa: E402
+
 transformers_logging.disable_progress_bar()
 transformers_logging.set_verbosity_error()
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]  # the repository: the memory workers run `python -m benchmarks.step_cost`
 
 ARMS = ("grpo", "srpo", "sdpo")
 PHASES = ("prepare", "forward_backward", "optimizer")
@@ -346,17 +353,19 @@ class Probe:
 
 
 class Timers:
-    """Cumulative seconds (`clock`) of named pieces of a step."""
+    """Cumulative seconds (`clock`) of the named spans of a step, and the spans open now."""
 
     def __init__(self, device: str):
-        self.device, self.seconds = device, {}
+        self.device, self.seconds, self.open = device, {}, []
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         start = clock(self.device)
+        self.open.append(name)
         try:
             yield
         finally:
+            self.open.pop()
             self.seconds[name] = self.seconds.get(name, 0.0) + clock(self.device) - start
 
 
@@ -386,41 +395,24 @@ class _BenchMixin:
         return [list(c) for c in self.bench_completions[:rows]]
 
 
+class _ReplayedRollouts(_BenchMixin):
+    """GRPOTrainer's generation (and so SRPOTrainer's) replaced by the fixed completions."""
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        return self._replayed(len(prompt_ids)), None
+
+
 def trainer_classes():
     from trl import GRPOTrainer
     from trl.experimental.sdpo import SDPOTrainer
 
     from srpo_trl import SRPOTrainer
 
-    class BenchGRPO(_BenchMixin, GRPOTrainer):
-        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-            return self._replayed(len(prompt_ids)), None
+    class BenchGRPO(_ReplayedRollouts, GRPOTrainer):
+        pass
 
-    class BenchSRPO(_BenchMixin, SRPOTrainer):
-        # The SRPOTrainer internals timed here; tests/test_benchmarks.py fails when one stops being called.
-        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-            return self._replayed(len(prompt_ids)), None
-
-        def _score_with_teacher(self, *args, **kwargs):
-            with self.bench_timers("score_with_teacher"):
-                return super()._score_with_teacher(*args, **kwargs)
-
-        def _prefix_pass(self, *args, **kwargs):
-            with self.bench_timers("teacher_prefix"):
-                return super()._prefix_pass(*args, **kwargs)
-
-        def _continuation_hidden(self, *args, **kwargs):
-            with self.bench_timers("teacher_continuation"):
-                return super()._continuation_hidden(*args, **kwargs)
-
-        def _teacher_prompts(self, *args, **kwargs):
-            with self.bench_timers("teacher_prompts"):
-                return super()._teacher_prompts(*args, **kwargs)
-
-        def _distillation_token_losses(self, *args, **kwargs):
-            # The student's top-k support (method §5): work GRPO's loss does not have, and SDPO's does.
-            with self.bench_timers("distillation_forward"), patched(torch.Tensor, "topk", timed(self, "student_topk")):
-                return super()._distillation_token_losses(*args, **kwargs)
+    class BenchSRPO(_ReplayedRollouts, SRPOTrainer):
+        pass
 
     class BenchSDPO(_BenchMixin, SDPOTrainer):
         def _generate_transformers(self, prompt_ids):
@@ -429,7 +421,7 @@ def trainer_classes():
     return {"grpo": BenchGRPO, "srpo": BenchSRPO, "sdpo": BenchSDPO}
 
 
-TEACHER_FORWARD = ("teacher_prefix", "teacher_continuation", "teacher_statistics")
+TEACHER_FORWARD = ("teacher_prefix", "teacher_continuation", "teacher_statistics")  # SRPOTrainer's spans
 
 
 @contextlib.contextmanager
@@ -443,42 +435,56 @@ def patched(owner, name: str, replacement):
         setattr(owner, name, original) if own else delattr(owner, name)
 
 
+def span_name(context) -> str:
+    """A span's name as the trainer opened it: `profiling_context` prefixes the trainer's class
+    (`BenchSRPO.teacher_prefix`)."""
+    return context.name.split(".", 1)[-1]
+
+
 @contextlib.contextmanager
-def gpu_head_path():
-    """TRL's fused LM head as on a Triton device: only labelled positions are projected (completion tokens; SRPO also
-    unlabels distilled rows). TRL 1.16 on CPU projects every position, prompts and padding included."""
-    from trl.trainer import utils
+def recorded_spans(timers: Timers):
+    """Every span a trainer opens (`trl.extras.profiling.ProfilingContext`, what `profiling_context` returns) also
+    timed into `timers` under its name, on the benchmark's clock: CPU time on CPU, like the phases (TRL's own timing,
+    on the wall clock, runs as before). And `student_topk`: `torch.Tensor.topk` within the `distillation` span, the
+    student's top-k support (method §5), work GRPO's loss does not have and SDPO's does."""
+    from trl.extras.profiling import ProfilingContext
 
-    with patched(utils, "_use_triton", lambda use: lambda device: device.type == "cpu" or use(device)):
-        yield
+    def enter(original):
+        def timed_enter(context):
+            entered = original(context)
+            context.bench_span = timers(span_name(context))
+            context.bench_span.__enter__()
+            return entered
 
+        return timed_enter
 
-def timed(trainer, name: str):
-    """A replacement for `patched` that times the original under `name` in `trainer.bench_timers`."""
+    def exit_(original):
+        def timed_exit(context, *exception):
+            context.bench_span.__exit__(*exception)
+            return original(context, *exception)
 
-    def wrap(original):
-        def wrapper(*args, **kwargs):
-            with trainer.bench_timers(name):
-                return original(*args, **kwargs)
+        return timed_exit
 
-        return wrapper
+    def topk(original):
+        def timed_topk(tensor, *args, **kwargs):
+            if "distillation" not in timers.open:
+                return original(tensor, *args, **kwargs)
+            with timers("student_topk"):
+                return original(tensor, *args, **kwargs)
 
-    return wrap
+        return timed_topk
 
-
-def timed_teacher_statistics(trainer):
-    """Time the teacher's vocabulary pass where SRPOTrainer calls it (this process only; no file changes)."""
-    import srpo_trl.trainer as srpo_trainer
-
-    return patched(srpo_trainer, "teacher_statistics", timed(trainer, "teacher_statistics"))
+    with patched(ProfilingContext, "__enter__", enter), patched(ProfilingContext, "__exit__", exit_):
+        with patched(torch.Tensor, "topk", topk):
+            yield
 
 
 def one_prefix_per_row():
     """SRPOTrainer without prefix sharing: every routed rollout's teacher prompt computed on its own."""
-    import srpo_trl.trainer as srpo_trainer
+    from srpo_trl import teacher_scoring
 
     return patched(
-        srpo_trainer,
+        teacher_scoring,
         "unique_prefixes",
         lambda _: lambda prompts: ([list(p) for p in prompts], list(range(len(prompts)))),
     )
@@ -572,7 +578,7 @@ def run_step(trainer, reward: PositionalReward, failures: list[int], steps: int 
     reward.failures = failures
     for _ in range(steps):
         trainer.bench_probe.records, trainer.bench_timers.seconds = {}, {}
-        with warnings.catch_warnings(), gpu_head_path(), timed_teacher_statistics(trainer):
+        with warnings.catch_warnings(), compact_fused_head_on_cpu(), recorded_spans(trainer.bench_timers):
             warnings.simplefilter("ignore")
             trainer.train()
     phases = trainer.bench_probe.records
@@ -655,7 +661,7 @@ def prefix_sweep(trainer, shape: Shape, plan: Plan, reward: PositionalReward, lo
                 trainer.bench_timers.seconds = {}
                 trainer.model.train()
                 with one_prefix_per_row() if sharing == "per_row" else contextlib.nullcontext():
-                    with timed_teacher_statistics(trainer), warnings.catch_warnings():
+                    with recorded_spans(trainer.bench_timers), warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         trainer._generate_and_score_completions(trainer.bench_generation_batch)
                 normalizers[sharing] = trainer._teacher_cache["train"].log_normalizer
@@ -782,7 +788,7 @@ def memory_runs(plan: Plan, device: str, log=print) -> list[dict]:
 def _memory_subprocess(arm: str, shape: Shape, f: float, device: str, models: str) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20), MALLOC_TRIM_THRESHOLD_=str(2**20))
     spec = json.dumps({"arm": arm, "shape": asdict(shape), "f": f, "device": device, "models": models})
-    command = [sys.executable, str(HERE / "step_cost.py"), "--memory-worker", spec]
+    command = [sys.executable, "-m", "benchmarks.step_cost", "--memory-worker", spec]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode or not lines:

@@ -1,16 +1,16 @@
-"""Step cost of SRPO against GRPO (`trl.GRPOTrainer`) and TRL's SDPO (`trl.experimental.sdpo.SDPOTrainer`).
+"""The step-cost benchmark's command line (run from the repository root).
 
 Step time of each arm as the routed fraction f grows, SRPO's teacher forward with and without one teacher prefix per
-group, a profile, and peak memory as the vocabulary and the completion length grow. `step_cost_harness.py` measures
-(method in its docstring and in RESULTS.md), `step_cost_report.py` writes the tables; this file is the command line.
+group, a profile, and peak memory as the vocabulary and the completion length grow. `harness.py` measures (method in
+its docstring and in RESULTS.md), `report.py` writes the tables.
 
 Usage:
-    python benchmarks/step_cost.py --quick                    # a few minutes: tiny shape, 3 repeats, 2 sweep points
-    python benchmarks/step_cost.py                            # full CPU run (tiny and small shapes)
-    python benchmarks/step_cost.py --write-results            # ... and rewrite this device's block of RESULTS.md
-    python benchmarks/step_cost.py --report benchmarks/results-cpu-full.json --write-results   # the block again,
-                                                              # from the saved records, without measuring
-    benchmarks/gpu.sh --write-results                         # one GPU, bf16, Qwen3-0.6B-shaped model
+    python -m benchmarks.step_cost --quick                  # a few minutes: tiny shape, 3 repeats, 2 sweep points
+    python -m benchmarks.step_cost                          # full CPU run (tiny and small shapes)
+    python -m benchmarks.step_cost --write-results          # ... and rewrite this device's block of RESULTS.md
+    python -m benchmarks.step_cost --report benchmarks/results-cpu-full.json --write-results   # the block again,
+                                                            # from the saved records, without measuring
+    benchmarks/gpu.sh --write-results                       # one GPU, bf16, Qwen3-0.6B-shaped model
 """
 
 import argparse
@@ -19,12 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import torch
 
-import step_cost_harness as harness  # noqa: E402
-import step_cost_report as report  # noqa: E402
-import torch  # noqa: E402
+from . import harness, report
+
+BENCHMARKS = Path(__file__).resolve().parents[1]  # RESULTS.md, and where the JSON and the PNG go by default
 
 
 def main(argv=None) -> dict:
@@ -46,7 +45,7 @@ def main(argv=None) -> dict:
         record = harness.memory_worker(args.memory_worker)
         print(json.dumps(record))
         return record
-    out = Path(args.out) if args.out else HERE
+    out = Path(args.out) if args.out else BENCHMARKS
     out.mkdir(parents=True, exist_ok=True)
     if args.report:
         saved = json.loads(Path(args.report).read_text())
@@ -63,7 +62,7 @@ def main(argv=None) -> dict:
         text += f"\n\n![step time vs f]({png.name})"
     print("\n" + text)
     if args.write_results:
-        report.write_block(HERE / "RESULTS.md", device, text)
+        report.write_block(BENCHMARKS / "RESULTS.md", device, text)
     return {**saved, "report": text}
 
 
@@ -75,7 +74,7 @@ def measure(args, argv) -> dict:
         plan.repeats = args.repeats
     if device == "cpu" and plan.malloc == "cache" and not harness.set_malloc("cache"):
         print("glibc mallopt unavailable: timing with the platform allocator", flush=True)
-    command = " ".join(["python benchmarks/step_cost.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m benchmarks.step_cost", *(argv if argv is not None else sys.argv[1:])])
     started = time.perf_counter()
     timing, memory = [], []
     if not args.skip_timing:

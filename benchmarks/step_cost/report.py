@@ -1,4 +1,4 @@
-"""The step-cost benchmark's report: the harness's records (`step_cost_harness.py`) in markdown tables, the targets,
+"""The step-cost benchmark's report: the harness's records (`harness.py`) in markdown tables, the targets,
 the plot, and the generated blocks of RESULTS.md. Every number of a generated block is computed here."""
 
 import contextlib
@@ -9,7 +9,8 @@ import statistics
 from pathlib import Path
 
 import torch
-from step_cost_harness import ARMS, PHASES, TEACHER_FORWARD
+
+from .harness import ARMS, PHASES, TEACHER_FORWARD
 
 MIB = 2**20
 NAN = float("nan")
@@ -124,7 +125,7 @@ def timing_section(rows: list[dict], shape, device: str) -> tuple[str, dict]:
         "",
         "Where the time goes (median, same unit): each arm's prepare / forward+backward / optimizer+EMA; SRPO's teacher "
         "forward as its prefix passes / continuation passes / `teacher_statistics`; SRPO's distillation forward (within "
-        "its forward+backward).",
+        "its forward+backward, span `distillation`).",
         "",
         *header("f", *(f"{a.upper()} prep / fwd+bwd / opt" for a in arms), "SRPO teacher", "SRPO distill fwd"),
     ]
@@ -135,7 +136,7 @@ def timing_section(rows: list[dict], shape, device: str) -> tuple[str, dict]:
             for a in arms
         ]
         teacher = " / ".join(f"{median(timer(r, name) for r in srpo):.3f}" for name in TEACHER_FORWARD)
-        distill = median(timer(r, "distillation_forward") for r in srpo)
+        distill = median(timer(r, "distillation") for r in srpo)
         lines.append(f"| {f:.3f} | " + " | ".join(cells) + f" | {teacher} | {distill:.3f} |")
     f04 = near([f for f in fs if f > 0], 0.4)
     if f04 is not None and {"grpo", "srpo"} <= set(arms):
@@ -169,7 +170,7 @@ def itemised_extra(ok: list[dict], f: float) -> list[str]:
     prompts = med("srpo", lambda r: timer(r, "teacher_prompts"))
     items = [
         ("teacher forward (prefixes, continuations, `teacher_statistics`)", teacher),
-        ("teacher prompts (`_teacher_prompts`: decode the sibling, chat template, tokenize)", prompts),
+        ("teacher prompts (span `teacher_prompts`: decode the sibling, chat template, tokenize)", prompts),
         ("rest of prepare (per-token scatter, entropy weights, metrics)", med("srpo", phase("prepare")) - teacher
          - prompts - med("grpo", phase("prepare"))),
         ("forward+backward beyond GRPO's (distillation term, less GRPO's head on distilled rows)",
