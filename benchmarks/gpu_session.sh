@@ -12,7 +12,7 @@
 #
 #   make gpu-session-prepare                                       # here, once: builds .gpu/ (<= 60 MiB)
 #   run(command="benchmarks/gpu_session.sh", carry=[".gpu"], timeout_s=540)   # the device tool
-#   GPU_SESSION_DRY=1 OUT=/tmp/out benchmarks/gpu_session.sh       # CPU, toy sizes (tests/test_gpu_session.py)
+#   GPU_SESSION_DRY=1 OUT=/tmp/out benchmarks/gpu_session.sh       # CPU, toy sizes (tests/end_to_end/test_gpu_session.py)
 # Afterwards, here: copy summary.md's blocks into benchmarks/RESULTS.md (the step-cost block also with
 #   python -m benchmarks.step_cost --report <files_at>/results-cuda-quick.json --write-results).
 set -uo pipefail  # not -e: a failed stage is recorded and the next one runs

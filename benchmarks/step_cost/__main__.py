@@ -29,7 +29,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1]  # RESULTS.md, and where the JS
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few minutes: tiny shape, 3 repeats")
-    parser.add_argument("--toy", action="store_true", help="seconds: what tests/test_benchmarks.py runs")
+    parser.add_argument("--toy", action="store_true", help="seconds: what tests/end_to_end/test_benchmarks.py runs")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=None, help="override the mode's number of repeats")
     parser.add_argument("--skip-memory", action="store_true")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from script_loader import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SESSION = ROOT / "benchmarks" / "gpu_session.sh"
 STAGES = ["install", "environment", "rehearsal", "memory_probe", "step_cost"]
 SESSION_BUDGET_S = 8 * 60
