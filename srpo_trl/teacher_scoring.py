@@ -77,6 +77,10 @@ def captured_hidden_states(model):
         handle.remove()
 
 
+class _ParameterTable(dict):
+    """An empty parameter table that takes attributes."""
+
+
 class _NoPositions(torch.nn.Module):
     """Stands in for a causal LM's head in passes that project no position (`logits_to_keep=_NO_LOGITS`): `(…, 0,
     vocab)` logits, without the head's module call. Under ZeRO-3 that call alone gathers the whole head from every
@@ -85,6 +89,9 @@ class _NoPositions(torch.nn.Module):
     def __init__(self, vocab_size: int):
         super().__init__()
         self.vocab_size = vocab_size
+        # DeepSpeed 0.19.0's engine flags every module's parameter table before each forward
+        # (`module._parameters._in_forward = True`): ZeRO-3's tables take attributes, a plain dict does not.
+        self._parameters = _ParameterTable()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.new_zeros(()).expand(*hidden.shape[:-1], self.vocab_size)  # no memory, whatever the positions
