@@ -172,7 +172,10 @@ class TeacherCheckpointing:
                 f"turn the policy to NaN in one step; {fix}."
             )
         try:
-            self.teacher.load_state_dict({name: t.to(self.accelerator.device) for name, t in state.items()})
+            self.teacher.load_state_dict(
+                {name: t.to(self.accelerator.device) for name, t in state.items()},
+                self.accelerator.unwrap_model(self.model),
+            )
         except ValueError as error:
             raise ValueError(
                 f"Cannot resume the SRPO teacher from {path}: {error}. Resume with the model (and, under DeepSpeed "
