@@ -170,8 +170,9 @@ def teacher_statistics(hidden, weight, bias, logits: Logits, tokens: torch.Tenso
             total = exp.sum(-1)
             log_total = total.log()
             log_normalizer.append(top.squeeze(-1) + log_total)
-            picked = y.gather(-1, tokens[chunk].reshape(y.size(0), -1)) - log_total.unsqueeze(-1)
-            token_logps.append(picked.reshape(tokens[chunk].shape))
+            asked = tokens[chunk] if tokens.dim() == 2 else tokens[chunk, None]
+            picked = y.gather(-1, asked) - log_total.unsqueeze(-1)
+            token_logps.append(picked if tokens.dim() == 2 else picked.squeeze(-1))
             entropy.append(log_total - torch.linalg.vecdot(exp, y) / total)
     return torch.cat(log_normalizer), torch.cat(token_logps), torch.cat(entropy)
 
