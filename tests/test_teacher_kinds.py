@@ -172,3 +172,11 @@ def test_lora_trust_region_resume_is_exact(char_tokenizer, tmp_path):
     expected = parameters(straight)
     for name, value in parameters(resumed).items():
         assert torch.equal(value, expected[name]), name
+
+
+def test_resume_with_another_teacher_kind_is_refused(char_tokenizer, tmp_path):
+    saving = dict(max_steps=2, save_strategy="steps", save_steps=2)
+    make_trainer(char_tokenizer, tmp_path, **saving).train()
+    resumed = make_trainer(char_tokenizer, tmp_path, teacher_model_kind="trust_region", **dict(saving, max_steps=3))
+    with pytest.raises(ValueError, match="holds a teacher_model_kind='ema' teacher, but this run's is 'trust_region'"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
