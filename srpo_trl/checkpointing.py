@@ -149,6 +149,9 @@ class TeacherCheckpointing:
             f"resume from an earlier checkpoint, or delete {file_name} to restart the teacher from the resumed policy"
         )
         if not self._teacher_state_found(checkpoint, path):
+            if not self.teacher.kind.has_history:  # rebuilt exactly from the initial model and the resumed policy
+                self.teacher.restart_from(self.accelerator.unwrap_model(self.model))
+                return
             warnings.warn(
                 f"{checkpoint} holds no SRPO teacher state ({file_name}): the teacher restarts from the "
                 "resumed policy and its EMA history is lost. Checkpoints written by GRPOTrainer or with "

@@ -290,12 +290,13 @@ def privileged_contexts(inputs: list[dict]) -> list[str | None]:
     return [context or None for context in contexts]
 
 
-def privileged_rollouts(contexts: list[str | None], enabled: bool, gather) -> torch.Tensor | None:
+def privileged_rollouts(contexts: list[str | None], enabled: bool, accelerator) -> torch.Tensor | None:
     """Which rollouts of the global batch may be distilled from their privileged context alone (`route_rollouts`'
-    `privileged`), gathered from every process (`gather`, a collective); None unless `distill_without_sibling`."""
+    `privileged`), gathered from every process (a collective); None unless `distill_without_sibling`."""
     if not enabled:
         return None
-    return gather(torch.tensor([context is not None for context in contexts], dtype=torch.bool))
+    present = [context is not None for context in contexts]
+    return accelerator.gather(torch.tensor(present, dtype=torch.bool, device=accelerator.device))
 
 
 def solution_departure(own: list[int], shown: list[int]) -> int | None:

@@ -220,7 +220,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         rewards[torch.isnan(scored.rewards_per_func).all(dim=1)] = torch.nan  # unscorable: never correct
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         threshold = self.args.success_reward_threshold
-        privileged = privileged_rollouts(scored.contexts, self.args.distill_without_sibling, self.accelerator.gather)
+        privileged = privileged_rollouts(scored.contexts, self.args.distill_without_sibling, self.accelerator)
         route = functools.partial(route_rollouts, rewards, num_generations, threshold, self.args.routing)
         routes = route(privileged=privileged)
         self._watch_routing(routes, rewards, mode)

@@ -48,7 +48,15 @@ SWEPT = ("grpo", "sdpo", "srpo", "srpo_routed_grpo")
 # The sharpening family is evaluated as its rollouts are sampled (T=1): at the paper's T=0.6 its pre-trained model
 # already scores 84% and SRPO reached 100% within 40 steps in a trial run, leaving nothing to compare.
 FAMILY_SETTINGS = {"reversal": {"eval_temperature": 1.0, "eval_top_p": 1.0}}
-AT_SRPO_RATE = ("srpo_no_dw", "advantage_mix", "srpo_slow_teacher")  # SRPO's ablations, at SRPO's best rate
+# SRPO's ablations and other teachers, at SRPO's best rate
+AT_SRPO_RATE = (
+    "srpo_no_dw",
+    "advantage_mix",
+    "srpo_slow_teacher",
+    "srpo_base_teacher",
+    "srpo_live_teacher",
+    "srpo_trust_region",
+)
 PAPER_RATIO = 5  # the paper's SRPO : GRPO learning rates (5e-6 : 1e-6), GRPO with 4 optimizer steps per batch
 QUICK = {"steps": 10, "eval_every": 5, "num_test": 100, "probe_every": 5, "ability_problems": 20}
 
