@@ -14,6 +14,7 @@ install-gpu:
 demo:
 	$(PYTHON) -m srpo_trl.demo
 
+# Tiers (README "Development"): tests/unit, tests/trainer, tests/end_to_end (the slow ones), tests/real_vllm (below).
 test:
 	$(PYTHON) -m pytest -q tests
 
@@ -44,7 +45,7 @@ lint:
 	$(PYTHON) -m ruff format --check srpo_trl tests examples
 
 bench:
-	$(PYTHON) benchmarks/step_cost.py --write-results
+	$(PYTHON) -m benchmarks.step_cost --write-results
 
 bench-learning:
 	$(PYTHON) benchmarks/learning/run.py --jobs 2

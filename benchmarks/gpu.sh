@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The step-cost benchmark (benchmarks/step_cost.py) on one GPU, and the GPU block of benchmarks/RESULTS.md written
+# The step-cost benchmark (benchmarks/step_cost/) on one GPU, and the GPU block of benchmarks/RESULTS.md written
 # from it (with the PNG and the JSON of every record): bf16, a randomly initialised Qwen3-0.6B-shaped model (vocab
 # 151,936, hidden 1024, 28 layers, tied embeddings), nothing downloaded. Step time of GRPO/SRPO/SDPO against the routed
 # fraction f (wall clock, CUDA-synchronised), the teacher forward with and without one prefix per group (1-7 routed
@@ -11,7 +11,7 @@
 #   benchmarks/gpu.sh --quick --skip-memory   # the shortest run that still fills the timing and prefix tables
 #
 # The block is rewritten on every run (it names the mode it was measured in); re-report saved records with
-#   python benchmarks/step_cost.py --report benchmarks/results-cuda-full.json --write-results
+#   python -m benchmarks.step_cost --report benchmarks/results-cuda-full.json --write-results
 #
 # Offline GPU machines: the script needs torch with CUDA plus this repository's pins (trl 1.16, transformers,
 # accelerate, datasets, peft) and matplotlib. Where some are missing, build a wheelhouse on a connected machine of the
@@ -46,9 +46,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" - <<'EOF'
 import sys, torch
 if not torch.cuda.is_available():
-    sys.exit("no CUDA device visible: run benchmarks/step_cost.py for the CPU benchmark")
+    sys.exit("no CUDA device visible: run python -m benchmarks.step_cost for the CPU benchmark")
 props = torch.cuda.get_device_properties(0)
 print(f"{props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}")
 EOF
 
-exec "$PYTHON" benchmarks/step_cost.py --device cuda --write-results "$@"
+exec "$PYTHON" -m benchmarks.step_cost --device cuda --write-results "$@"

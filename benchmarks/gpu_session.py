@@ -24,9 +24,8 @@ import tarfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:0] = [str(HERE), str(ROOT / "tests")]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # `benchmarks.step_cost`; the tests' recipe rehearsal
 
 MAX_FILES, MAX_FILE_BYTES, MAX_DEPTH = 8, 16 * 2**20, 2
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -192,14 +191,15 @@ def rehearsal(work: Path, data: str, out: Path, dry: bool) -> int:
 
 
 def step_cost(work: Path, out: Path, dry: bool) -> int:
-    """benchmarks/step_cost.py on the GPU (quick, timing and prefix tables, no memory sweep: the memory probe measures
-    memory); its JSON and PNG to OUT, the RESULTS.md block it would write to the work folder (for the summary)."""
-    import step_cost as benchmark
+    """The step-cost benchmark (`benchmarks/step_cost/`) on the GPU (quick, timing and prefix tables, no memory sweep:
+    the memory probe measures memory); its JSON and PNG to OUT, the RESULTS.md block it would write to the work
+    folder (for the summary)."""
+    from benchmarks.step_cost.__main__ import main
 
     argv = ["--toy", "--device", "cpu", "--skip-memory"] if dry else ["--quick", "--device", "cuda", "--skip-memory"]
     if not dry:
         argv += ["--repeats", "2"]
-    result = benchmark.main([*argv, "--out", str(out)])
+    result = main([*argv, "--out", str(out)])
     (work / "step_cost_block.md").write_text(result["report"])
     return 0
 

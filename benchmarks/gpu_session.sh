@@ -5,16 +5,16 @@
 #   rehearsal     examples/train_chemistry.py --config recipes/qwen3_8b/srpo.yaml as shipped on one GPU, 6 steps, a
 #                 random Qwen3-0.6B-shaped answering model, vLLM off: rehearsal_trainer_state.json, a RESULTS block
 #   memory_probe  benchmarks/memory_probe.py, peak memory per phase at Qwen3-8B width: memory_probe.json
-#   step_cost     benchmarks/step_cost.py --quick --skip-memory: results-cuda-quick.json, its PNG, a RESULTS block
+#   step_cost     benchmarks/step_cost/ --quick --skip-memory: results-cuda-quick.json, its PNG, a RESULTS block
 # then summary.md (each stage's exit code and seconds, what it cannot cover, the RESULTS blocks) and logs.tar.gz.
 # Each stage has its own timeout (450 s in all) and none stops the others. Checkpoints and models stay in /tmp: the
 # device tool brings back at most 8 files of 16 MiB each, and $OUT holds 7.
 #
 #   make gpu-session-prepare                                       # here, once: builds .gpu/ (<= 60 MiB)
 #   run(command="benchmarks/gpu_session.sh", carry=[".gpu"], timeout_s=540)   # the device tool
-#   GPU_SESSION_DRY=1 OUT=/tmp/out benchmarks/gpu_session.sh       # CPU, toy sizes (tests/test_gpu_session.py)
+#   GPU_SESSION_DRY=1 OUT=/tmp/out benchmarks/gpu_session.sh       # CPU, toy sizes (tests/end_to_end/test_gpu_session.py)
 # Afterwards, here: copy summary.md's blocks into benchmarks/RESULTS.md (the step-cost block also with
-#   python benchmarks/step_cost.py --report <files_at>/results-cuda-quick.json --write-results).
+#   python -m benchmarks.step_cost --report <files_at>/results-cuda-quick.json --write-results).
 set -uo pipefail  # not -e: a failed stage is recorded and the next one runs
 cd "$(dirname "$0")/.."
 ROOT=$PWD

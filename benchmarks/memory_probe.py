@@ -3,7 +3,7 @@ Qwen3-8B-width model (hidden 4096, intermediate 12288, 32 heads, 8 KV heads of 1
 and 4 layers, gradient checkpointing on, a micro-batch of 4 rollouts of long completions, 2 of them routed to the
 teacher (whose prompt holds a correct sibling's completion as long: a long teacher prompt).
 
-Generation is replayed (benchmarks/step_cost_harness.py: fixed completions in place of sampling), so the phases are
+Generation is replayed (benchmarks/step_cost/harness.py: fixed completions in place of sampling), so the phases are
 the trainer's own: `prepare` (rewards, routing, the teacher's scoring), `forward_backward` (the loss and its
 gradient), `optimizer` (AdamW and the teacher's EMA). Each phase's peak is `torch.cuda.max_memory_allocated` over the
 memory allocated when it starts. Two depths give a per-layer slope and an intercept; slope x 36 + intercept is the
@@ -23,12 +23,13 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: `benchmarks.*` from the repository
 
-import memory_estimate as estimate  # noqa: E402
-import step_cost_harness as harness  # noqa: E402
 import torch  # noqa: E402
+
+from benchmarks import memory_estimate as estimate  # noqa: E402
+from benchmarks.step_cost import harness  # noqa: E402
 
 QWEN3_8B_WIDTH = harness.Shape(
     "qwen3-8b-width", vocab=151936, hidden=4096, intermediate=12288, heads=32, kv_heads=8, head_dim=128,

@@ -20,8 +20,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import srpo_trl.trainer as srpo_trainer  # noqa: E402
 from srpo_trl.teacher import backbone_and_head  # noqa: E402
+from srpo_trl.teacher_scoring import TeacherScorer  # noqa: E402
+from srpo_trl.trainer import SRPOTrainer  # noqa: E402
+
+TRAINING = []  # the SRPOTrainer whose train() runs: its teacher engine holds the trace
 
 
 def trace_state(trainer) -> str:
@@ -36,13 +39,14 @@ def trace_state(trainer) -> str:
 def report(name, method):
     def wrapper(self, *args, **kwargs):
         out = method(self, *args, **kwargs)
-        print(f"rank {torch.distributed.get_rank()} after {name}: {trace_state(self)}", flush=True)
+        print(f"rank {torch.distributed.get_rank()} after {name}: {trace_state(TRAINING[-1])}", flush=True)
         return out
 
     return wrapper
 
 
 def train(self, *args, **kwargs):
+    TRAINING.append(self)
     out = TRAIN(self, *args, **kwargs)
     backbone, _ = backbone_and_head(self.teacher.model)
     with torch.no_grad():
@@ -52,9 +56,9 @@ def train(self, *args, **kwargs):
     return out
 
 
-TRAIN = srpo_trainer.SRPOTrainer.train
-srpo_trainer.SRPOTrainer.train = train
-for name in ("_prefix_pass", "_continuation_hidden"):
-    setattr(srpo_trainer.SRPOTrainer, name, report(name, getattr(srpo_trainer.SRPOTrainer, name)))
+TRAIN = SRPOTrainer.train
+SRPOTrainer.train = train
+for name in ("prefix_pass", "continuation_hidden", "whole_sequence_hidden"):  # the teacher's passes
+    setattr(TeacherScorer, name, report(name, getattr(TeacherScorer, name)))
 sys.argv = [str(ROOT / "tests" / "distributed" / "train_tiny.py"), *sys.argv[1:]]
 runpy.run_path(sys.argv[0], run_name="__main__")

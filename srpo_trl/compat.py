@@ -15,7 +15,10 @@ overrides or reads of `GRPOTrainer` itself cannot move here; it is listed so tha
   `aux_loss_enabled`, `vllm_generation` (vllm_cpu.py);
 - TRL utilities outside `trl.__all__`: `trl.trainer.utils` (`pad`, `maybe_gather_lm_head_ctx`, `use_adapter`,
   `_use_triton` below), `trl.kernels.chunked_logprob._addmm_fp32` (vocab.py), `trl.models.prepare_deepspeed`,
-  `trl.models.utils.disable_gradient_checkpointing`, `trl.generation.vllm_generation.VLLMGeneration`.
+  `trl.models.utils.disable_gradient_checkpointing`, `trl.generation.vllm_generation.VLLMGeneration`;
+- spans: the trainer times its named spans with `trl.extras.profiling.profiling_context`; the step-cost benchmark
+  (`benchmarks/step_cost/harness.py`) reads them by wrapping `ProfilingContext.__enter__`/`__exit__`, and takes a
+  span's name from `ProfilingContext.name` (`"<trainer class>.<span>"`).
 """
 
 import inspect

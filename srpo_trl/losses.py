@@ -3,7 +3,7 @@
 Shapes: `n` tokens, `k` support size. Everything is a pure function of its inputs; the trainer only gathers the
 tensors and calls these. The GRPO branch is GRPOTrainer's own clipped surrogate and is not re-implemented here.
 The divergence is TRL SDPO's (`trl.experimental.sdpo.loss_utils`: `compute_divergence`, `add_tail_bucket`), taking the
-support's log-probs rather than full logits, which the chunked scoring never holds; tests/test_trl_agreement.py checks
+support's log-probs rather than full logits, which the chunked scoring never holds; tests/unit/test_trl_agreement.py checks
 that the two agree.
 """
 

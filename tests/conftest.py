@@ -1,6 +1,10 @@
-"""Shared fixtures: one torch thread (tiny ops are erratic with two here), a local tokenizer and tiny models."""
+"""Shared fixtures: one torch thread (tiny ops are erratic with two here), a local tokenizer and tiny models.
+
+The tiers' folders (`unit/`, `trainer/`, `end_to_end/`, `real_vllm/`) import the shared builders by name (`helpers`,
+`recipe_rehearsal`, `script_loader`) from this folder, which is on `sys.path` here whatever pytest's import mode."""
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -12,7 +16,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # trackio reads its directory once, at import: point it at a scratch folder before anything imports it.
 os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="srpo-trackio-"))
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TESTS = Path(__file__).resolve().parent
+SHARED_DATA = TESTS.parents[1] / "shared" / "data"
+if str(TESTS) not in sys.path:  # pytest's default ("prepend") mode has put it there already
+    sys.path.insert(0, str(TESTS))
 
 
 @pytest.fixture(scope="session")

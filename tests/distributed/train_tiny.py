@@ -1,5 +1,5 @@
 """One tiny SRPO run that ends with the same weights however it is launched: 1 process, or 2 processes with DDP,
-DeepSpeed ZeRO-2 or ZeRO-3. `tests/test_distributed.py` launches it (with `torchrun` and `DS_ACCELERATOR=cpu`).
+DeepSpeed ZeRO-2 or ZeRO-3. `tests/end_to_end/test_distributed.py` launches it (with `torchrun` and `DS_ACCELERATOR=cpu`).
 
 What makes process splits comparable: greedy decoding, a reward that depends on the rollout's place in the global
 batch (so routing is the same, with groups on both processes and a process that has no routed rows at all), SGD,

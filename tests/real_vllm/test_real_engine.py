@@ -19,16 +19,15 @@ pytest.importorskip(
 
 import torch  # noqa: E402
 from engine_probe import SYNCED_GAP, assert_synced_after_each_step, record_syncs  # noqa: E402
-from test_trainer import (  # noqa: E402
+from helpers.tiny_trainer import (  # noqa: E402
     RecordingReward,
     count_rows,
     expected_routing,
     first_letter_reward,
     logged,
     make_trainer,
-    record_distillation,
-    rollout_importance_ratio,
 )
+from helpers.vllm_stand_in import record_distillation, rollout_importance_ratio  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 
 from srpo_trl.vllm_cpu import CPUColocateVLLMGeneration, use_cpu_weight_sync  # noqa: E402

@@ -23,7 +23,7 @@ def main():
 
     from accelerate.utils import gather_object
     from engine_probe import record_syncs
-    from test_trainer import PROMPTS, first_letter_reward, make_args  # the main suite's settings, tiny model, reward
+    from helpers.tiny_trainer import PROMPTS, first_letter_reward, make_args  # the main suite's settings, reward
 
     from srpo_trl import SRPOTrainer
     from srpo_trl.testbed.tokenizer import build_char_tokenizer

@@ -1,0 +1,786 @@
+"""Bad inputs and faults as users meet them, one line or two each, with what SRPOTrainer must do about them: a clear
+error (naming the field, file or function, and the fix), a warning, or nothing because it is fine. Tiny model, at most
+a few steps, one process.
+
+`python tests/trainer/test_bad_inputs.py` tallies the outcomes (clear error / warning / fine / unclear error / silent)
+of the `srpo_trl` on the path, so the sweep can be re-measured against any version of the package:
+`PYTHONPATH=path/to/other/checkout python tests/trainer/test_bad_inputs.py`. Measured when the sweep was written
+(issue 16): 76 cases, 47 clear errors, 9 warnings, 20 fine, 0 unclear errors, 0 silent; the package before that
+issue's fixes gave 21 clear errors, 1 warning, 19 fine, 11 unclear errors, 24 silent. Since then every GRPO loss type
+trains (issue 12): 77 cases, 46 clear errors, 9 warnings, 22 fine. The second sweep (issue 22, `SECOND_SWEEP`) brings
+it to 135 cases: 75 clear errors, 18 warnings, 42 fine, 0 unclear errors, 0 silent; the package before that issue's
+fixes gave 50 clear errors, 10 warnings, 34 fine, 16 unclear errors, 25 silent.
+"""
+
+import contextlib
+import copy
+import io
+import math
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy
+import pytest
+import torch
+from datasets import Dataset, IterableDataset
+from safetensors.torch import load_file, save_file
+from trl import GRPOConfig, GRPOTrainer
+
+from srpo_trl import SRPOConfig, SRPOTrainer
+from srpo_trl.prompts import build_teacher_prompt
+from srpo_trl.testbed.model import build_tiny_model
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/, where `helpers` is, when run as a script
+from helpers.tiny_trainer import PROMPTS, built, first_letter_reward, graded_reward, logged, make_args, resume  # noqa: E402
+
+TEACHER_FILE = "srpo_teacher.safetensors"
+OUTCOME = {"error": "clear error", "warning": "warning", "fine": "fine"}
+
+
+@dataclass
+class Case:
+    """`run(tokenizer, tmp_path)` meets the bad input. `expect` is what SRPOTrainer must do: "error" (an exception
+    whose `TypeName: message` matches `match`), "warning" (a warning matching `match`) or "fine" (neither; a warning
+    matching `match`, when given, is a false alarm). `run`'s own asserts check what the library did not report."""
+
+    id: str
+    expect: str
+    match: str
+    run: Callable = field(repr=False)
+
+
+def observe(case: Case, tokenizer, tmp_path: Path) -> tuple[str, str]:
+    """What happened, as one of the tally's outcomes, and the message behind it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            case.run(tokenizer, tmp_path)
+        except AssertionError as failure:  # the outcome is wrong and nothing said so
+            return "silent", f"AssertionError: {failure}"
+        except Exception as error:
+            message = f"{type(error).__name__}: {error}"
+            clear = case.expect == "error" and re.search(case.match, message, flags=re.DOTALL)
+            return ("clear error" if clear else "unclear error"), message
+    said = [str(w.message) for w in caught if case.match and re.search(case.match, str(w.message), flags=re.DOTALL)]
+    if case.expect == "warning":
+        return ("warning", said[0]) if said else ("silent", "no error and no matching warning")
+    if case.expect == "fine":
+        return ("unclear error", f"false alarm: {said[0]}") if said else ("fine", "")
+    return "silent", "no error"
+
+
+# ---- the ways to meet a bad input ----
+
+
+def config(**overrides):
+    """Only SRPOConfig is built."""
+    return lambda tokenizer, tmp_path: make_args(tmp_path, **overrides)
+
+
+def trained(tokenizer, tmp_path, **settings):
+    trainer = built(tokenizer, tmp_path, **settings)
+    trainer.train()
+    return trainer
+
+
+def build(**settings):
+    """An SRPOTrainer is built, not trained."""
+    return lambda tokenizer, tmp_path: built(tokenizer, tmp_path, **settings)
+
+
+def train(check=None, **settings):
+    """An SRPOTrainer is built and trained (one step unless `max_steps` says otherwise); `check(trainer)` asserts
+    what must hold afterwards."""
+
+    def run(tokenizer, tmp_path):
+        trainer = trained(tokenizer, tmp_path, **settings)
+        if check is not None:
+            check(trainer)
+
+    return run
+
+
+def finite_loss(trainer):
+    assert all(math.isfinite(v) for v in logged(trainer, "loss")), logged(trainer, "loss")
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters()), "the policy has non-finite weights"
+
+
+def conversation(*turns):
+    return Dataset.from_dict({"prompt": [[{"role": role, "content": content} for role, content in turns]] * 16})
+
+
+SYSTEM_ONLY = conversation(("system", "Spell a"))
+CAPITALISED_ROLE = conversation(("User", "Spell a"))
+ASSISTANT_LAST = conversation(("system", "Be brief"), ("assistant", "Spell a"))
+MULTIMODAL = Dataset.from_dict({"prompt": [[{"role": "user", "content": [{"type": "text", "text": "Spell a"}]}]] * 16})
+WITH_SYSTEM = conversation(("system", "Be brief"), ("user", "Spell a"))
+SEVERAL_USER_TURNS = conversation(("user", "Hi"), ("assistant", "Hello"), ("user", "Spell a"))
+PLAIN_TEXT = Dataset.from_dict({"prompt": [f"Spell {w}" for w in "abcdefghijklmnop"]})
+
+
+def streamed(dataset):
+    return IterableDataset.from_generator(lambda: iter(dataset))
+
+
+def plain_first_letter_reward(completions, **kwargs):
+    return [1.0 if c[:1].islower() else 0.0 for c in completions]
+
+
+def overflowing_reward(completions, **kwargs):
+    return [math.inf] + first_letter_reward(completions)[1:]
+
+
+def underflowing_reward(completions, **kwargs):
+    return [-math.inf] + first_letter_reward(completions)[1:]
+
+
+def half_unscorable_reward(completions, **kwargs):
+    return [None if i % 2 else r for i, r in enumerate(first_letter_reward(completions))]
+
+
+def format_reward(completions, **kwargs):
+    """A 0/1 reward almost every completion earns: beside a 0/1 correctness reward, the sum reaches 1 anyway."""
+    return [1.0] * len(completions)
+
+
+def short_reward(completions, **kwargs):
+    return first_letter_reward(completions)[:-1]
+
+
+def bool_reward(completions, **kwargs):
+    return [c[0]["content"][:1].islower() for c in completions]
+
+
+def feedback_of_wrong_length(completions, log_extra, **kwargs):
+    log_extra("feedback", ["try again"] * (len(completions) - 1))
+    return first_letter_reward(completions)
+
+
+def feedback_or_none(completions, log_extra, **kwargs):
+    log_extra("feedback", [None if i % 2 else "try again" for i in range(len(completions))])
+    return first_letter_reward(completions)
+
+
+def no_routing(trainer):
+    assert logged(trainer, "srpo/route/sdpo_frac") == [0.0], "rows without a demonstration must not be distilled"
+    assert logged(trainer, "srpo/teacher_prompt_dropped_frac") == [1.0], "the rerouted rows must be counted"
+
+
+def demonstration_cut(tokenizer, tmp_path):
+    """Room for 8 of up to 12 characters of demonstration: cut in the middle, still distilled."""
+    limit = demonstration_room(tokenizer, 8)
+    trainer = trained(tokenizer, tmp_path, max_completion_length=12, max_teacher_prompt_length=limit)
+    assert logged(trainer, "srpo/teacher_prompt_truncated_frac")[0] > 0
+    assert logged(trainer, "srpo/route/sdpo_frac")[0] > 0
+
+
+def demonstration_room(tokenizer, room: int) -> int:
+    """A `max_teacher_prompt_length` leaving `room` tokens for the demonstration of `PROMPTS`' teacher prompts."""
+    prompt = build_teacher_prompt(PROMPTS[0]["prompt"], "")
+    render = dict(add_generation_prompt=True, tokenize=True, return_dict=True, enable_thinking=False)
+    return len(tokenizer.apply_chat_template(prompt, **render)["input_ids"]) + room
+
+
+# ---- checkpoints: one saved run per case, then a resume after the fault ----
+
+
+def checkpointed(tokenizer, tmp_path, trainer_class=SRPOTrainer, **overrides) -> Path:
+    """Train one step and save it; returns the checkpoint folder."""
+    args = make_args(
+        tmp_path / "run", GRPOConfig if trainer_class is GRPOTrainer else SRPOConfig, save_strategy="steps",
+        save_steps=1, max_steps=1, **overrides,
+    )  # fmt: skip
+    model = build_tiny_model(tokenizer, seed=0)
+    trainer_class(model, first_letter_reward, args=args, train_dataset=PROMPTS, processing_class=tokenizer).train()
+    return tmp_path / "run" / "checkpoint-1"
+
+
+def resume_after(damage, **overrides):
+    """Save a checkpoint, `damage(checkpoint_folder)`, resume from it."""
+
+    def run(tokenizer, tmp_path):
+        checkpoint = checkpointed(tokenizer, tmp_path, **overrides)
+        damage(checkpoint)
+        resume(tokenizer, checkpoint.parent, checkpoint)
+
+    return run
+
+
+def overwrite(data: bytes):
+    return lambda checkpoint: (checkpoint / TEACHER_FILE).write_bytes(data)
+
+
+def truncate(checkpoint):
+    path = checkpoint / TEACHER_FILE
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def edit_state(edit):
+    def damage(checkpoint):
+        state = load_file(checkpoint / TEACHER_FILE)
+        edit(state)
+        save_file(state, checkpoint / TEACHER_FILE)
+
+    return damage
+
+
+def poison(value):
+    def edit(state):
+        state["model.layers.0.mlp.up_proj.weight"][0, 0] = value
+
+    return edit_state(edit)
+
+
+def drop_a_tensor(state):
+    del state["lm_head.weight"]
+
+
+def reshape_a_tensor(state):
+    state["lm_head.weight"] = state["lm_head.weight"][:-1]
+
+
+def rename_teacher_file(name):
+    return lambda checkpoint: (checkpoint / TEACHER_FILE).rename(checkpoint / name)
+
+
+def teacher_restarts_from_the_resumed_policy(**overrides):
+    """No teacher state in the checkpoint: after the resume the teacher equals the resumed policy (not the initial
+    model, which the checkpoint's step moved away from)."""
+
+    def run(tokenizer, tmp_path):
+        checkpoint = checkpointed(tokenizer, tmp_path, **overrides)
+        (checkpoint / TEACHER_FILE).unlink(missing_ok=True)
+        loaded = resume(tokenizer, checkpoint.parent, checkpoint)
+        initial = dict(build_tiny_model(tokenizer, seed=0).named_parameters())
+        policy, teacher = loaded.policy, loaded.teacher
+        assert any(not torch.equal(policy[n], initial[n]) for n in policy), "the checkpoint's step moved the policy"
+        assert all(torch.equal(teacher[n], policy[n]) for n in policy), "the teacher must restart from the policy"
+
+    return run
+
+
+def resume_from_grpo_checkpoint(tokenizer, tmp_path):
+    checkpoint = checkpointed(tokenizer, tmp_path, trainer_class=GRPOTrainer)
+    loaded = resume(tokenizer, checkpoint.parent, checkpoint)
+    assert all(torch.equal(w, loaded.policy[n]) for n, w in loaded.teacher.items()), "the teacher must restart"
+
+
+class DiskFull(OSError):
+    pass
+
+
+def teacher_write_fails_at_the_second_save(tokenizer, tmp_path):
+    """The teacher write raises at checkpoint-2 with `save_total_limit=1`: checkpoint-1 must survive with its
+    teacher, no complete checkpoint may lack one, and checkpoint-1 resumes."""
+    import srpo_trl.checkpointing
+
+    saves = []
+    real_save_file = srpo_trl.checkpointing.save_file
+
+    def failing_save_file(tensors, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            raise DiskFull("No space left on device")
+        return real_save_file(tensors, path, *args, **kwargs)
+
+    srpo_trl.checkpointing.save_file = failing_save_file
+    try:
+        args = dict(save_strategy="steps", save_steps=1, save_total_limit=1, max_steps=2)
+        with pytest.raises(OSError, match=r"Cannot write the SRPO teacher state .*checkpoint-2.*No space left"):
+            trained(tokenizer, tmp_path / "run", **args)
+    finally:
+        srpo_trl.checkpointing.save_file = real_save_file
+    run = tmp_path / "run"
+    assert (run / "checkpoint-1" / TEACHER_FILE).exists(), "the previous checkpoint was rotated away"
+    for checkpoint in run.glob("checkpoint-*"):
+        complete = (checkpoint / "trainer_state.json").exists()
+        assert not complete or (checkpoint / TEACHER_FILE).exists(), f"{checkpoint.name} is complete without teacher"
+    assert not [p.name for p in run.rglob("*") if p.name.startswith(TEACHER_FILE) and p.name != TEACHER_FILE]
+    resume(tokenizer, run, run / "checkpoint-1")
+
+
+def rotation_keeps_a_teacher(tokenizer, tmp_path):
+    trained(tokenizer, tmp_path, save_strategy="steps", save_steps=1, save_total_limit=1, max_steps=2)
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert (tmp_path / "checkpoint-2" / TEACHER_FILE).exists()
+
+
+def resume_restores_the_teacher(tokenizer, tmp_path):
+    checkpoint = checkpointed(tokenizer, tmp_path)
+    saved = load_file(checkpoint / TEACHER_FILE)
+    loaded = resume(tokenizer, checkpoint.parent, checkpoint)
+    assert saved.keys() == loaded.teacher.keys() and all(torch.equal(loaded.teacher[n], saved[n]) for n in saved)
+
+
+def grpo_config_given(tokenizer, tmp_path):
+    SRPOTrainer(build_tiny_model(tokenizer), first_letter_reward, args=make_args(tmp_path, GRPOConfig))
+
+
+# ---- the second sweep (issue 22): groups of one, reward scales, contexts, stale files, reused models, shapes ----
+
+
+def logged_after(key, check):
+    """`check(values)` on the logged values of `key`."""
+    return lambda trainer: check(logged(trainer, key))
+
+
+def eval_groups_of_one(tokenizer, tmp_path):
+    trainer = trained(
+        tokenizer, tmp_path, routing="sdpo", eval_dataset=PROMPTS.select(range(8)), num_generations_eval=1,
+        per_device_eval_batch_size=4, eval_strategy="steps", eval_steps=1,
+    )  # fmt: skip
+    assert logged(trainer, "eval_srpo/route/sdpo_frac") == [0.0], "a group of one has no sibling to teach it"
+
+
+def percent_reward(completions, **kwargs):
+    return [100.0 * (len(set(c[0]["content"])) % 5) / 4 for c in completions]
+
+
+def returns(value):
+    """A reward function named after what it returns."""
+
+    def reward(completions, **kwargs):
+        return value(completions) if callable(value) else value
+
+    return reward
+
+
+def named(function, name):
+    function.__name__ = name
+    return function
+
+
+async def async_float_reward(completions, **kwargs):
+    return 0.5
+
+
+def generator_reward(completions, **kwargs):
+    return (r for r in first_letter_reward(completions))
+
+
+def no_prompt_column(routing="srpo"):
+    return build(dataset=PROMPTS.rename_column("prompt", "question"), routing=routing)
+
+
+def rows_with(bad_row, at, count=40, text=False):
+    good = (lambda i: f"Spell {i}") if text else (lambda i: [{"role": "user", "content": f"Spell {i}"}])
+    return Dataset.from_dict({"prompt": [bad_row if i == at else good(i) for i in range(count)]})
+
+
+def without_system_turns(tokenizer):
+    stripped = copy.deepcopy(tokenizer)  # not the shared fixture
+    stripped.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'system' %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return stripped
+
+
+def with_tokenizer(change, **settings):
+    """Trained with `change(tokenizer)` instead of the shared tokenizer."""
+
+    def run(tokenizer, tmp_path):
+        model = build_tiny_model(tokenizer, seed=0)
+        args = make_args(tmp_path, **dict(dict(max_steps=1), **settings.pop("args", {})))
+        SRPOTrainer(model, first_letter_reward, args=args, processing_class=change(tokenizer), **settings).train()
+
+    return run
+
+
+def without_pad_token(tokenizer):
+    stripped = copy.deepcopy(tokenizer)
+    stripped.pad_token = None
+    return stripped
+
+
+def short_context(kind, positions):
+    """An SRPOTrainer over a model of `positions` positions (GPT-2's `n_positions`, Qwen3's
+    `max_position_embeddings`), trained one step; no teacher pass may span more positions."""
+
+    def run(tokenizer, tmp_path):
+        if kind == "gpt2":
+            from transformers import GPT2Config, GPT2LMHeadModel
+
+            config = GPT2Config(
+                vocab_size=len(tokenizer), n_positions=positions, n_embd=32, n_layer=2, n_head=2,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.eos_token_id,
+            )  # fmt: skip
+            torch.manual_seed(0)
+            model = GPT2LMHeadModel(config)
+        else:
+            model = build_tiny_model(tokenizer, seed=0)
+            model.config.max_position_embeddings = positions
+        args = make_args(tmp_path, max_steps=1, max_completion_length=12)
+        trainer = SRPOTrainer(model, first_letter_reward, args=args, train_dataset=PROMPTS, processing_class=tokenizer)
+        widths = []
+        trainer.teacher.model.register_forward_pre_hook(
+            lambda module, args, kwargs: widths.append(kwargs["attention_mask"].size(1)), with_kwargs=True
+        )
+        trainer.train()
+        assert max(widths, default=0) <= positions, f"a teacher pass spans {max(widths)} > {positions} positions"
+
+    return run
+
+
+def copy_teacher_from_first_checkpoint(tokenizer, tmp_path):
+    trained(tokenizer, tmp_path / "run", save_strategy="steps", save_steps=1, max_steps=2)
+    run = tmp_path / "run"
+    shutil.copy(run / "checkpoint-1" / TEACHER_FILE, run / "checkpoint-2" / TEACHER_FILE)
+    resume(tokenizer, run, run / "checkpoint-2")
+
+
+def drop_teacher_step(checkpoint):
+    save_file(load_file(checkpoint / TEACHER_FILE), checkpoint / TEACHER_FILE)  # no metadata, as older files
+
+
+def checkpoint_mid_generation_batch(tokenizer, tmp_path):
+    trained(tokenizer, tmp_path, save_strategy="steps", save_steps=1, max_steps=2, steps_per_generation=2)
+
+
+def resume_true_after_a_cut_checkpoint(tokenizer, tmp_path):
+    checkpoint = checkpointed(tokenizer, tmp_path)
+    cut = checkpoint.parent / "checkpoint-2"
+    cut.mkdir()
+    (cut / "model.safetensors").write_bytes(b"")
+    trainer = built(tokenizer, checkpoint.parent, max_steps=2)
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 2
+
+
+def resume_srpo_checkpoint_as_grpo(tokenizer, tmp_path):
+    checkpoint = checkpointed(tokenizer, tmp_path)
+    built(tokenizer, checkpoint.parent, max_steps=2, routing="grpo").train(resume_from_checkpoint=str(checkpoint))
+
+
+def teacher_write_without_space(tokenizer, tmp_path):
+    from safetensors import SafetensorError
+
+    import srpo_trl.checkpointing
+
+    def no_space(tensors, path, metadata=None):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, message: "No space left on device" })')
+
+    real_save_file, srpo_trl.checkpointing.save_file = srpo_trl.checkpointing.save_file, no_space
+    try:
+        trained(tokenizer, tmp_path, save_strategy="steps", save_steps=1)
+    finally:
+        srpo_trl.checkpointing.save_file = real_save_file
+
+
+def lora_model_reused(tokenizer, tmp_path):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    first = SRPOTrainer(
+        build_tiny_model(tokenizer, seed=0), first_letter_reward, args=make_args(tmp_path / "a", max_steps=1),
+        train_dataset=PROMPTS, processing_class=tokenizer, peft_config=lora,
+    )  # fmt: skip
+    first.train()
+    second = SRPOTrainer(
+        first.model, first_letter_reward, args=make_args(tmp_path / "b", max_steps=1), train_dataset=PROMPTS,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    second.train()
+    second.model.save_pretrained(str(tmp_path / "saved"))
+    saved = load_file(tmp_path / "saved" / "adapter_model.safetensors")
+    assert not any("srpo_teacher" in key for key in saved), "save_pretrained published the teacher adapter"
+
+
+def finite_weights(trainer):
+    finite_loss(trainer)
+    assert all(torch.isfinite(p).all() for p in trainer.teacher.model.parameters()), "the teacher is non-finite"
+
+
+SECOND_SWEEP = [
+    # ---- SRPOConfig: numpy scalars, reward weights, extreme values ----
+    Case("distillation_topk=np.int64(8)", "fine", "", config(distillation_topk=numpy.int64(8))),
+    Case("teacher_update_rate=np.float32(0.5)", "fine", "", config(teacher_update_rate=numpy.float32(0.5))),
+    Case("dynamic_weighting=np.bool_(False)", "fine", "", config(dynamic_weighting=numpy.bool_(False))),
+    Case("distillation_topk=np.float64(8)", "error", r"SRPOConfig\.distillation_topk must be an integer",
+         config(distillation_topk=numpy.float64(8))),
+    Case("reward_weights=[nan]", "error", r"SRPOConfig\.reward_weights must be a list of finite numbers.*nan",
+         config(reward_weights=[math.nan])),
+    Case("reward_weights=[inf, 1]", "error", r"SRPOConfig\.reward_weights must be .*inf",
+         config(reward_weights=[math.inf, 1.0])),
+    Case("reward_weights=['0.5'] (YAML)", "error", r"SRPOConfig\.reward_weights must be .*'0\.5'",
+         config(reward_weights=["0.5"])),
+    Case("reward_weights=0.5 (not a list)", "error", r"SRPOConfig\.reward_weights must be a list",
+         config(reward_weights=0.5)),
+    Case("reward_weights of the wrong length", "error", r"reward weights \(2\) must match .* reward functions \(1\)",
+         train(reward_weights=[1.0, 2.0])),
+    Case("reward_weights negative", "fine", "", train(reward_weights=[-1.0], check=finite_loss)),
+    Case("reward_weights summing to 1", "fine", "",
+         train(reward=[first_letter_reward, named(returns(first_letter_reward), "same"),
+                       named(returns(first_letter_reward), "again")], reward_weights=[0.35, 0.45, 0.2],
+               check=logged_after("srpo/route/sdpo_frac", lambda v: v[0] > 0))),
+    Case("weighting_temperature=1e-39", "fine", "", train(weighting_temperature=1e-39, check=finite_weights)),
+    Case("weighting_temperature=5e-324", "fine", "", train(weighting_temperature=5e-324, check=finite_weights)),
+    Case("weighting_temperature=1e300", "fine", "", train(weighting_temperature=1e300, check=finite_weights)),
+    Case("num_generations=3, batch 8", "error", r"divisible by num_generations \(3\)", config(num_generations=3)),
+    Case("threshold below every reward", "warning", r"Every rollout .*success_reward_threshold=-1\.0",
+         train(success_reward_threshold=-1.0, max_steps=5)),
+    # ---- routing: groups of one, scales ----
+    Case("num_generations_eval=1", "fine", "", eval_groups_of_one),
+    Case("rewards on 0-100, threshold 1", "warning", r"success_reward_threshold=1\.0 looks low.*\[0\.0, 100\.0\]",
+         train(reward=percent_reward, max_steps=5)),
+    Case("rewards on 0-100, threshold 100", "fine", r"success_reward_threshold",
+         train(reward=percent_reward, max_steps=5, success_reward_threshold=100.0)),
+    # ---- datasets ----
+    Case("no prompt column", "error", r"train_dataset has no 'prompt' column \(its columns: \['question'\]\)",
+         no_prompt_column()),
+    Case("no prompt column, routing=grpo", "error", r"train_dataset has no 'prompt' column",
+         no_prompt_column("grpo")),
+    Case("eval_dataset without prompt column", "error", r"eval_dataset has no 'prompt' column",
+         build(eval_dataset=PROMPTS.rename_column("prompt", "q"))),
+    Case("zero rows", "error", r"train_dataset has no rows", build(dataset=PROMPTS.select([]))),
+    Case("empty plain-text prompt, row 30", "error", r"train_dataset row 30: the prompt is ''",
+         build(dataset=rows_with("", 30, text=True), reward=plain_first_letter_reward)),
+    Case("empty plain-text prompt, routing=grpo", "error", r"row 30: the prompt is ''",
+         build(dataset=rows_with("", 30, text=True), routing="grpo")),
+    Case("empty conversation", "error", r"train_dataset row 3: the prompt is \[\]", build(dataset=rows_with([], 3))),
+    Case("prompt None", "error", r"train_dataset row 5: the prompt is None",
+         build(dataset=rows_with(None, 5, text=True))),
+    Case("system-only row past row 16", "error", r"train_dataset row 33: .*no user turn.*\['system'\]",
+         build(dataset=rows_with([{"role": "system", "content": "Spell a"}], 33))),
+    Case("user content None, row 20", "error", r"train_dataset row 20: .*must be a string; got NoneType",
+         build(dataset=rows_with([{"role": "user", "content": None}], 20))),
+    Case("bad row after a shuffle", "error", r"train_dataset row \d+: .*no user turn",
+         build(dataset=rows_with([{"role": "system", "content": "Spell a"}], 33).shuffle(seed=1))),
+    Case("eval_dataset dict, one bad", "error", r"eval_dataset\['b'\] row 0: .*no user turn",
+         build(eval_dataset={"a": PROMPTS, "b": SYSTEM_ONLY})),
+    Case("prompt of 3000 characters", "fine", "",
+         train(dataset=Dataset.from_dict({"prompt": [[{"role": "user", "content": "Spell " + "x" * 3000}]] * 16}),
+               check=finite_loss)),
+    Case("tokenizer without pad token", "fine", "", with_tokenizer(without_pad_token, train_dataset=PROMPTS)),
+    Case("chat template dropping system turns", "fine", "",
+         with_tokenizer(without_system_turns, train_dataset=WITH_SYSTEM)),
+    Case("the same reward function twice", "fine", "", train(reward=[first_letter_reward, first_letter_reward])),
+    # ---- rewards of the wrong shape ----
+    Case("reward bare float", "error", r"'float_reward' returned 0\.5 \(float\); expected a list",
+         train(reward=named(returns(0.5), "float_reward"))),
+    Case("reward bare None", "error", r"'none_reward' returned None \(NoneType\)",
+         train(reward=named(returns(None), "none_reward"))),
+    Case("reward strings", "error", r"'strings_reward' returned a list whose element 0 is '1' \(str\)",
+         train(reward=named(returns(lambda cs: ["1"] * len(cs)), "strings_reward"))),
+    Case("reward one string", "error", r"'text_reward' returned '1\.0' \(str\)",
+         train(reward=named(returns("1.0"), "text_reward"))),
+    Case("reward (n, 1) array", "error", r"'column_reward' returned a ndarray of shape \(8, 1\)",
+         train(reward=named(returns(lambda cs: numpy.ones((len(cs), 1))), "column_reward"))),
+    Case("reward list of lists", "error", r"'nested_reward' returned a list whose element 0 is \[1\.0\]",
+         train(reward=named(returns(lambda cs: [[1.0]] * len(cs)), "nested_reward"))),
+    Case("reward dict", "error", r"'dict_reward' returned \{.*\(dict\)",
+         train(reward=named(returns(lambda cs: {"score": [1.0] * len(cs)}), "dict_reward"))),
+    Case("reward async bare float", "error", r"'async_float_reward' returned 0\.5", train(reward=async_float_reward)),
+    Case("reward generator", "fine", "", train(reward=generator_reward, check=finite_loss)),
+    Case("reward numpy array", "fine", "",
+         train(reward=named(returns(lambda cs: numpy.array(first_letter_reward(cs))), "array"), check=finite_loss)),
+    Case("reward torch tensor", "fine", "",
+         train(reward=named(returns(lambda cs: torch.tensor(first_letter_reward(cs))), "tensor"), check=finite_loss)),
+    Case("reward numpy scalars", "fine", "",
+         train(reward=named(returns(lambda cs: [numpy.float32(r) for r in first_letter_reward(cs)]), "np"),
+               check=finite_loss)),
+    Case("reward all None", "fine", "", train(reward=named(returns(lambda cs: [None] * len(cs)), "none"))),
+    # ---- the model's context ----
+    Case("GPT-2 of 48 positions", "warning", r"max_teacher_prompt_length=10240 exceeds the model's context \(48",
+         short_context("gpt2", 48)),
+    Case("GPT-2 of 120 positions", "warning", r"exceeds the model's context \(120", short_context("gpt2", 120)),
+    Case("Qwen3 of 110 positions", "warning", r"exceeds the model's context \(110", short_context("qwen3", 110)),
+    # ---- checkpoints ----
+    Case("teacher file from another step", "error", r"checkpoint-2/srpo_teacher\.safetensors is the teacher of step 1",
+         copy_teacher_from_first_checkpoint),
+    Case("teacher file without a step", "warning", r"srpo_teacher\.safetensors records no step",
+         resume_after(drop_teacher_step)),
+    Case("checkpoint inside a generation batch", "warning", r"checkpoint-1 is written in the middle of a generation",
+         checkpoint_mid_generation_batch),
+    Case("resume=True after a cut checkpoint", "warning", r"checkpoint-2 lacks trainer_state\.json.*checkpoint-1",
+         resume_true_after_a_cut_checkpoint),
+    Case("SRPO checkpoint resumed as GRPO", "warning", r"holds an SRPO teacher state.*routing='grpo'",
+         resume_srpo_checkpoint_as_grpo),
+    Case("teacher write: no space left", "error", r"Cannot write the SRPO teacher state .*checkpoint-1.*No space left"
+         r".*free disk space", teacher_write_without_space),
+    Case("LoRA model reused, saved", "fine", "", lora_model_reused),
+]  # fmt: skip
+
+
+CASES = [
+    # ---- SRPOConfig: ranges and types ----
+    Case("routing=grpo_plus", "error", r"SRPOConfig\.routing must be one of .*'grpo_plus'",
+         config(routing="grpo_plus")),
+    Case("routing=3", "error", r"SRPOConfig\.routing must be one of .*got 3", config(routing=3)),
+    Case("threshold=None", "error", r"SRPOConfig\.success_reward_threshold must be a number.*None",
+         config(success_reward_threshold=None)),
+    Case("threshold='1.0'", "error", r"SRPOConfig\.success_reward_threshold must be a number.*'1\.0'",
+         config(success_reward_threshold="1.0")),
+    Case("threshold=nan", "error", r"SRPOConfig\.success_reward_threshold must be a finite number.*nan",
+         config(success_reward_threshold=math.nan)),
+    Case("threshold=inf", "error", r"SRPOConfig\.success_reward_threshold must be a finite number.*inf",
+         config(success_reward_threshold=math.inf)),
+    Case("threshold=2 (int)", "fine", "", config(success_reward_threshold=2)),
+    Case("teacher_update_rate=0", "error", r"SRPOConfig\.teacher_update_rate must be in \(0, 1\]",
+         config(teacher_update_rate=0.0)),
+    Case("teacher_update_rate=1.5", "error", r"SRPOConfig\.teacher_update_rate must be in \(0, 1\]",
+         config(teacher_update_rate=1.5)),
+    Case("teacher_update_rate='0.05'", "error", r"SRPOConfig\.teacher_update_rate must be a number.*'0\.05'",
+         config(teacher_update_rate="0.05")),
+    Case("teacher_update_rate=1", "fine", "", config(teacher_update_rate=1)),
+    Case("distillation_topk=0", "error", r"SRPOConfig\.distillation_topk must be an integer >= 1",
+         config(distillation_topk=0)),
+    Case("distillation_topk=2.5", "error", r"SRPOConfig\.distillation_topk must be an integer.*2\.5",
+         config(distillation_topk=2.5)),
+    Case("distillation_topk=True", "error", r"SRPOConfig\.distillation_topk must be an integer.*True",
+         config(distillation_topk=True)),
+    Case("distillation_alpha=-0.1", "error", r"SRPOConfig\.distillation_alpha must be in \[0, 1\]",
+         config(distillation_alpha=-0.1)),
+    Case("distillation_alpha=None", "error", r"SRPOConfig\.distillation_alpha must be a number.*None",
+         config(distillation_alpha=None)),
+    Case("distillation_is_clip=0", "error", r"SRPOConfig\.distillation_is_clip must be > 0",
+         config(distillation_is_clip=0.0)),
+    Case("weighting_temperature=0", "error", r"SRPOConfig\.weighting_temperature must be > 0",
+         config(weighting_temperature=0.0)),
+    Case("advantage_mix_lambda=1.5", "error", r"SRPOConfig\.advantage_mix_lambda must be in \[0, 1\]",
+         config(advantage_mix_lambda=1.5)),
+    Case("max_teacher_prompt_length=0", "error", r"SRPOConfig\.max_teacher_prompt_length must be a positive",
+         config(max_teacher_prompt_length=0)),
+    Case("max_teacher_prompt_length=None", "error", r"SRPOConfig\.max_teacher_prompt_length must be an integer.*None",
+         config(max_teacher_prompt_length=None)),
+    Case("max_teacher_prompt_length=512.5", "error", r"SRPOConfig\.max_teacher_prompt_length must be an integer.*512",
+         config(max_teacher_prompt_length=512.5)),
+    Case("dynamic_weighting='false'", "error", r"SRPOConfig\.dynamic_weighting must be True or False.*'false'",
+         config(dynamic_weighting="false")),
+    Case("teacher_feedback='yes'", "error", r"SRPOConfig\.teacher_feedback must be True or False.*'yes'",
+         config(teacher_feedback="yes")),
+    Case("loss_type=grpo", "fine", "", train(loss_type="grpo")),
+    Case("loss_type=bnpo", "fine", "", train(loss_type="bnpo")),
+    Case("loss_type=bnpo + entropy bonus", "error", r"loss_type='bnpo' with an entropy bonus .* Use loss_type='dapo'",
+         build(loss_type="bnpo", entropy_coef=0.1)),
+    Case("num_generations=1", "error", r"SRPOConfig\.num_generations must be >= 2", config(num_generations=1)),
+    Case("steps_per_generation=2", "warning", r"steps_per_generation=2 != gradient_accumulation_steps=1",
+         config(steps_per_generation=2)),
+    # ---- SRPOTrainer's construction ----
+    Case("GRPOConfig given", "error", r"TypeError: SRPOTrainer needs an SRPOConfig.*SRPOConfig\.from_grpo_config\(your_config\)",
+         grpo_config_given),
+    Case("topk > vocabulary", "error", r"distillation_topk=500 exceeds .*\(102\); set distillation_topk <= 102",
+         train(distillation_topk=500)),
+    Case("topk > vocabulary, routing=grpo", "fine", "", train(distillation_topk=500, routing="grpo")),
+    # ---- prompts the teacher cannot be shown ----
+    Case("prompt: system turn only", "error", r"train_dataset.*no user turn.*roles found: \['system'\]",
+         build(dataset=SYSTEM_ONLY)),
+    Case("prompt: role 'User'", "error", r"train_dataset.*no user turn.*roles found: \['User'\]",
+         build(dataset=CAPITALISED_ROLE)),
+    Case("prompt: assistant last", "error", r"no user turn.*roles found: \['system', 'assistant'\]",
+         build(dataset=ASSISTANT_LAST)),
+    Case("prompt: multimodal", "error", r"train_dataset.*must be a string.*list.*multimodal",
+         build(dataset=MULTIMODAL)),
+    Case("eval prompt: system only", "error", r"eval_dataset.*no user turn.*roles found: \['system'\]",
+         build(eval_dataset=SYSTEM_ONLY)),
+    Case("streamed prompt: system only", "error", r"prompt of the train dataset, \[\{'role': 'system'.*no user turn.*roles found: \['system'\]",
+         train(dataset=streamed(SYSTEM_ONLY))),
+    Case("prompt: system only, routing=grpo", "fine", "", train(dataset=SYSTEM_ONLY, routing="grpo")),
+    Case("prompt: system + user", "fine", "", train(dataset=WITH_SYSTEM, check=finite_loss)),
+    Case("prompt: several user turns", "fine", "", train(dataset=SEVERAL_USER_TURNS, check=finite_loss)),
+    Case("prompt: plain text", "fine", "",
+         train(dataset=PLAIN_TEXT, reward=plain_first_letter_reward, check=finite_loss)),
+    # ---- rewards ----
+    Case("reward +inf", "error", r"reward function 'overflowing_reward' returned inf.*None",
+         train(reward=overflowing_reward)),
+    Case("reward -inf", "error", r"reward function 'underflowing_reward' returned -inf",
+         train(reward=underflowing_reward)),
+    Case("reward +inf, routing=grpo", "error", r"'overflowing_reward' returned inf",
+         train(reward=overflowing_reward, routing="grpo")),
+    Case("reward None for half", "fine", "", train(reward=half_unscorable_reward, check=finite_loss)),
+    Case("reward bools", "fine", "", train(reward=bool_reward, check=finite_loss)),
+    Case("reward list too short", "error", r"'short_reward' returned 7 rewards, but 8 were expected",
+         train(reward=short_reward)),
+    Case("two 0/1 rewards, threshold 1", "warning", r"threshold=1\.0.*\[1\.0, 2\.0\].*weighted sum.*2\.0",
+         train(reward=[first_letter_reward, format_reward], max_steps=5)),
+    Case("rewards never reach threshold", "warning", r"success_reward_threshold=1\.0.*\[0\.0, 0\.\d+\].*GRPO",
+         train(reward=graded_reward, max_steps=5)),
+    Case("two 0/1 rewards, threshold 2", "fine", r"success_reward_threshold",
+         train(reward=[first_letter_reward, format_reward], max_steps=5, success_reward_threshold=2.0)),
+    Case("reachable threshold", "fine", r"success_reward_threshold", train(max_steps=5)),
+    Case("teacher_feedback without feedback", "error", r"teacher_feedback=True needs one feedback string.*got 0 for 8",
+         train(teacher_feedback=True)),
+    Case("teacher_feedback of wrong length", "error", r"teacher_feedback=True needs one feedback string.*got 7 for 8",
+         train(reward=feedback_of_wrong_length, teacher_feedback=True)),
+    Case("teacher_feedback with None entries", "fine", "",
+         train(reward=feedback_or_none, teacher_feedback=True, check=finite_loss)),
+    # ---- teacher prompts longer than max_teacher_prompt_length ----
+    Case("max_teacher_prompt_length=1", "warning", r"max_teacher_prompt_length=1\b.*\d+ tokens.*GRPO",
+         train(max_teacher_prompt_length=1, check=no_routing)),
+    Case("max_teacher_prompt_length=1, sdpo", "warning", r"max_teacher_prompt_length=1\b.*\d+ tokens",
+         train(max_teacher_prompt_length=1, routing="sdpo")),
+    Case("max_teacher_prompt_length=1, advantage_mix", "warning", r"max_teacher_prompt_length=1\b",
+         train(max_teacher_prompt_length=1, routing="advantage_mix")),
+    Case("demonstration cut, not dropped", "fine", r"max_teacher_prompt_length",
+         demonstration_cut),
+    # ---- other degenerate batches ----
+    Case("num_generations=2", "fine", "", train(num_generations=2, check=finite_loss)),
+    Case("every completion truncated and masked", "fine", "",
+         train(mask_truncated_completions=True, max_completion_length=1, check=finite_loss)),
+    Case("routing=sdpo", "fine", "", train(routing="sdpo", check=finite_loss)),
+    Case("routing=advantage_mix", "fine", "", train(routing="advantage_mix", check=finite_loss)),
+    # ---- checkpoints and the teacher's state ----
+    Case("resume", "fine", "", resume_restores_the_teacher),
+    Case("save_total_limit=1", "fine", "", rotation_keeps_a_teacher),
+    Case("teacher write fails at save", "fine", "", teacher_write_fails_at_the_second_save),
+    Case("teacher file truncated", "error", r"srpo_teacher\.safetensors.*earlier checkpoint.*delete",
+         resume_after(truncate)),
+    Case("teacher file empty", "error", r"srpo_teacher\.safetensors.*earlier checkpoint.*delete",
+         resume_after(overwrite(b""))),
+    Case("teacher file garbage", "error", r"srpo_teacher\.safetensors.*earlier checkpoint.*delete",
+         resume_after(overwrite(b"not a tensor file" * 10))),
+    Case("teacher file holds NaN", "error", r"srpo_teacher\.safetensors.*non-finite.*layers\.0\.mlp\.up_proj.*earlier",
+         resume_after(poison(math.nan))),
+    Case("teacher file holds inf", "error", r"srpo_teacher\.safetensors.*non-finite.*up_proj",
+         resume_after(poison(math.inf))),
+    Case("teacher file lacks a tensor", "error", r"srpo_teacher\.safetensors.*missing \['lm_head\.weight'\]",
+         resume_after(edit_state(drop_a_tensor))),
+    Case("teacher file of another model", "error", r"srpo_teacher\.safetensors.*lm_head\.weight has shape",
+         resume_after(edit_state(reshape_a_tensor))),
+    Case("teacher file deleted", "warning", r"no SRPO teacher state.*restarts from the resumed policy",
+         teacher_restarts_from_the_resumed_policy()),
+    Case("save_only_model checkpoint", "warning", r"restarts from the resumed policy",
+         teacher_restarts_from_the_resumed_policy(save_only_model=True)),
+    Case("GRPOTrainer checkpoint", "warning", r"restarts from the resumed policy", resume_from_grpo_checkpoint),
+    Case("ZeRO-3 teacher files, one process", "error", r"srpo_teacher-rank0-of-2\.safetensors.*2 processes.*ZeRO-3",
+         resume_after(rename_teacher_file("srpo_teacher-rank0-of-2.safetensors"))),
+    *SECOND_SWEEP,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input(case, char_tokenizer, tmp_path):
+    outcome, message = observe(case, char_tokenizer, tmp_path)
+    assert outcome == OUTCOME[case.expect], f"{case.id}: expected {OUTCOME[case.expect]}, got {outcome}: {message}"
+
+
+def main():
+    """Print each case's outcome and the tally."""
+    import conftest  # noqa: F401  (one torch thread, as under pytest)
+
+    from srpo_trl.testbed.tokenizer import build_char_tokenizer
+
+    tokenizer, tally = build_char_tokenizer(), Counter()
+    for case in CASES:
+        folder = Path(tempfile.mkdtemp(prefix="srpo-bad-input-"))
+        with contextlib.redirect_stdout(io.StringIO()):  # Trainer prints its logs
+            outcome, message = observe(case, tokenizer, folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        tally[outcome] += 1
+        mark = "" if outcome == OUTCOME[case.expect] else f"   (expected {OUTCOME[case.expect]})"
+        print(f"{case.id:<40} {outcome:<14}{mark}  {message[:150]!r}", flush=True)
+    print(
+        f"{len(CASES)} cases: " + ", ".join(f"{tally[o]} {o}" for o in (*OUTCOME.values(), "unclear error", "silent"))
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""What the learning benchmark's diagnosis added to the trainer: the teacher-disagreement metric, and the
+`routed_grpo_weight` variant (beyond the paper) that lets routed rollouts keep their GRPO advantage."""
+
+import pytest
+import torch
+from helpers.tiny_trainer import first_letter_reward, logged, make_trainer
+
+from srpo_trl import SRPOConfig
+from srpo_trl.diagnostics import routing_metrics
+from srpo_trl.routing import Routes
+
+
+def test_teacher_rejects_sampled_frac_counts_distilled_tokens_the_teacher_gives_under_half():
+    sdpo = torch.tensor([True, True])
+    routes = Routes(*([torch.zeros(2, dtype=torch.bool)] * 2), sdpo, ~sdpo, sdpo, torch.zeros(2, dtype=torch.long))
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    # Teacher probabilities of the sampled tokens: 0.9, 0.4, 0.6 (distilled), 0.1 (masked), 0.2 (distilled).
+    logps = torch.tensor([[0.9, 0.4, 0.6, 0.1], [0.2, 0.5, 0.5, 0.5]]).log()
+
+    def metrics(routes):
+        zeros = torch.zeros(2, 4)
+        no_truncation = torch.zeros(2, dtype=torch.bool)
+        return routing_metrics(routes, mask, zeros, mask.float(), logps, no_truncation, 0.0, slice(0, 2), identity)
+
+    assert metrics(routes)["srpo/teacher_rejects_sampled_frac"] == pytest.approx(2 / 4)
+    nothing = Routes(*([torch.zeros(2, dtype=torch.bool)] * 5), torch.full((2,), -1))
+    assert "srpo/teacher_rejects_sampled_frac" not in metrics(nothing)  # nothing distilled: left out
+
+
+def identity(tensor, op):
+    return tensor
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {},
+        {"loss_type": "grpo"},
+        {"loss_type": "bnpo"},
+        {"loss_type": "dr_grpo"},
+        {"loss_type": "luspo"},
+        {"bf16": True},
+    ],
+    ids=["dapo", "grpo", "bnpo", "dr_grpo", "luspo", "dapo-bf16"],
+)
+def test_routed_grpo_weight_adds_grpo_s_term_on_routed_rollouts(char_tokenizer, tmp_path, setting):
+    """One step on the same rollouts: with `routed_grpo_weight=1` the GRPO term is GRPO's own loss over every
+    rollout, and the distillation term is SRPO's, whatever the loss type's aggregation (and in bf16)."""
+    runs = {}
+    for name, overrides in {
+        "grpo": {"routing": "grpo"},
+        "srpo": {},
+        "srpo_routed_grpo": {"routed_grpo_weight": 1.0},
+    }.items():
+        trainer = make_trainer(
+            char_tokenizer, tmp_path / name, reward=first_letter_reward, max_steps=1, **setting, **overrides
+        )
+        trainer.train()
+        runs[name] = trainer
+    assert logged(runs["srpo"], "srpo/route/sdpo_frac")[0] > 0  # something was routed
+    assert logged(runs["srpo_routed_grpo"], "srpo/loss/grpo") == pytest.approx(logged(runs["grpo"], "loss"))
+    assert logged(runs["srpo_routed_grpo"], "srpo/loss/sdpo") == pytest.approx(logged(runs["srpo"], "srpo/loss/sdpo"))
+    assert logged(runs["srpo_routed_grpo"], "srpo/loss/grpo") != pytest.approx(logged(runs["srpo"], "srpo/loss/grpo"))
+
+
+@pytest.mark.parametrize("overrides", [{"routed_grpo_weight": 1.5}, {"routed_grpo_weight": 0.5, "routing": "sdpo"}])
+def test_routed_grpo_weight_is_checked(tmp_path, overrides):
+    with pytest.raises(ValueError, match="routed_grpo_weight"):
+        SRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **overrides)
