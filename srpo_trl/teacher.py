@@ -358,8 +358,9 @@ class SelfTeacher:
                 raise ValueError(
                     f"the teacher is the initial model, rebuilt from the model given to the trainer, and {name} "
                     "differs from the initial weights of the run that saved it (the checkpoint's policy was passed "
-                    "as the model, or the number of processes changed); pass the model the run started from, and "
-                    "resume_from_checkpoint loads the trained policy"
+                    "as the model, the number of processes changed, or with PEFT another seed initialised the adapter); "
+                    "pass the model the run started from, with its seed, and resume_from_checkpoint loads the trained "
+                    "policy"
                 )
 
 

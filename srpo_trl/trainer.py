@@ -1,4 +1,4 @@
-"""`SRPOTrainer`: GRPOTrainer with per-rollout routing to self-distillation from an EMA self-teacher.
+"""`SRPOTrainer`: GRPOTrainer with per-rollout routing to self-distillation from a self-teacher (an EMA by default).
 
 The trainer is glue at GRPOTrainer's extension points; the method lives in the modules it calls (docs/method.md):
 
@@ -222,7 +222,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         threshold = self.args.success_reward_threshold
         privileged = privileged_rollouts(scored.contexts, self.args.distill_without_sibling, self.accelerator)
         route = functools.partial(route_rollouts, rewards, num_generations, threshold, self.args.routing)
-        routes = route(privileged=privileged)
+        routes = route(privileged=privileged)  # again below, with the rows whose prompt had no room
         self._watch_routing(routes, rewards, mode)
         start = self.accelerator.process_index * len(scored.prompts)
         local = slice(start, start + len(scored.prompts))
