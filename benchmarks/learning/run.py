@@ -9,14 +9,16 @@ pre-trained testbed model:
    final accuracy there.
 2. **Comparison**: each at its best rate on `--seeds` further seeds (1, 2, ...), which the sweep did not see; plus
    the paper's own ratio (GRPO with four optimizer steps per generation batch at a fifth of SRPO's best rate,
-   SRPO : GRPO = 5 : 1 as in the paper) and SRPO's ablations at SRPO's best rate. The arms of a seed train on the
+   SRPO : GRPO = 5 : 1 as in the paper), SRPO's ablations and its other teacher kinds (`teacher_model_kind`: `base`,
+   `live`, `trust_region`) at SRPO's best rate. The arms of a seed train on the
    same problems and are evaluated on the same samples, so differences are paired by seed.
 
 Runs are cached: a run whose record (`<out>/runs/<task>/<method>-lr<rate>-seed<k>.json`) holds the same settings,
 testbed checkpoint and `srpo_trl` code is not run again. `report.py` writes the tables, figures and RESULTS.md.
 
 Usage:
-    python benchmarks/learning/run.py --jobs 2        # everything (51 minutes on 2 cores: make bench-learning)
+    python benchmarks/learning/run.py --jobs 2        # everything (51 minutes on 2 cores before the teacher-kind
+                                                      # arms, an estimated 65 with them: make bench-learning)
     python benchmarks/learning/run.py --quick         # a few minutes, writes benchmarks/learning/quick/
     python benchmarks/learning/run.py --report-only   # rebuild RESULTS.md and the figures from the saved runs
 """
