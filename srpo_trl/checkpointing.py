@@ -22,6 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 TEACHER_STATE_FILE = "srpo_teacher.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"  # Trainer writes it last: a checkpoint without it is incomplete
 STEP_KEY = "global_step"  # the teacher file's metadata: the optimizer step whose teacher it holds
+KIND_KEY = "teacher_model_kind"  # and the kind of teacher it holds (files without it hold the EMA)
 
 
 def last_complete_checkpoint(folder: str) -> tuple[str | None, list[str]]:
@@ -90,7 +91,8 @@ class TeacherCheckpointing:
         file there, never a cut one; a failed write (a full disk) is an error naming the file and the fix."""
         partial = f"{path}.partial"
         try:
-            save_file(self.teacher.state_dict(), partial, metadata={STEP_KEY: str(self.state.global_step)})
+            metadata = {STEP_KEY: str(self.state.global_step), KIND_KEY: self.args.teacher_model_kind}
+            save_file(self.teacher.state_dict(), partial, metadata=metadata)
             with open(partial, "rb") as file:
                 os.fsync(file.fileno())  # on disk before the name says the checkpoint holds it
             os.replace(partial, path)
@@ -147,6 +149,9 @@ class TeacherCheckpointing:
             f"resume from an earlier checkpoint, or delete {file_name} to restart the teacher from the resumed policy"
         )
         if not self._teacher_state_found(checkpoint, path):
+            if not self.teacher.kind.has_history:  # rebuilt exactly from the initial model and the resumed policy
+                self.teacher.restart_from(self.accelerator.unwrap_model(self.model))
+                return
             warnings.warn(
                 f"{checkpoint} holds no SRPO teacher state ({file_name}): the teacher restarts from the "
                 "resumed policy and its EMA history is lost. Checkpoints written by GRPOTrainer or with "
@@ -164,6 +169,12 @@ class TeacherCheckpointing:
                 f"Cannot read the SRPO teacher state {path} ({error}): the file is damaged or incomplete; {fix}."
             ) from error
         self._check_teacher_step(checkpoint, path, metadata.get(STEP_KEY))
+        if (saved_kind := metadata.get(KIND_KEY, "ema")) != self.args.teacher_model_kind:
+            raise ValueError(
+                f"The SRPO teacher state {path} holds a teacher_model_kind={saved_kind!r} teacher, but this run's is "
+                f"{self.args.teacher_model_kind!r}: resume with teacher_model_kind={saved_kind!r}, or delete "
+                f"{file_name} to start this run's teacher from the resumed policy (an 'ema' teacher restarts there)."
+            )
         non_finite = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
         if non_finite:
             more = f" and {len(non_finite) - 1} more tensors" if len(non_finite) > 1 else ""
@@ -172,7 +183,10 @@ class TeacherCheckpointing:
                 f"turn the policy to NaN in one step; {fix}."
             )
         try:
-            self.teacher.load_state_dict({name: t.to(self.accelerator.device) for name, t in state.items()})
+            self.teacher.load_state_dict(
+                {name: t.to(self.accelerator.device) for name, t in state.items()},
+                self.accelerator.unwrap_model(self.model),
+            )
         except ValueError as error:
             raise ValueError(
                 f"Cannot resume the SRPO teacher from {path}: {error}. Resume with the model (and, under DeepSpeed "

@@ -10,6 +10,7 @@ from trl import GRPOConfig
 
 from .compat import adopt_activation_checkpointing_name
 from .routing import ROUTING_MODES
+from .teacher import TEACHER_KINDS
 
 
 @dataclass
@@ -38,9 +39,16 @@ class SRPOConfig(GRPOConfig):
 
         > Parameters that control the self-teacher
 
+        teacher_model_kind (`str`, *optional*, defaults to `"ema"`):
+            Which model is the teacher (method §4), named as TRL's SDPO names them. `"ema"`: the paper's EMA of the
+            student. `"base"`: the initial student, frozen (with PEFT, the base model with the adapters disabled).
+            `"live"`: the current student itself, no copy (with PEFT, the student's adapter). `"trust_region"`: after
+            lasgroup/SDPO's trust-region teacher, the weights `(1-η) θ_0 + η θ` between the initial student `θ_0` and
+            the current one, at `η = teacher_update_rate` (lasgroup mixes the two models' logits; here their weights,
+            so that the teacher stays one model and one pass).
         teacher_update_rate (`float`, *optional*, defaults to `0.05`):
             EMA rate `η` of the self-teacher, `θ_T <- (1-η) θ_T + η θ`, applied after every optimizer step and
-            accumulated in float32.
+            accumulated in float32; for `teacher_model_kind="trust_region"` the share `η` of the current student.
         max_teacher_prompt_length (`int`, *optional*, defaults to `10240`):
             Teacher prompts longer than this (in tokens) are shortened by cutting the middle of the demonstration;
             the question and the closing instruction are never cut.
@@ -49,6 +57,11 @@ class SRPOConfig(GRPOConfig):
             (`"\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback}"`). A reward
             function provides it through TRL's `log_extra` argument, `log_extra("feedback", texts)` with one string
             (or `None`) per completion. Off by default: feedback can leak the answer.
+        distill_without_sibling (`bool`, *optional*, defaults to `False`):
+            Beyond the paper (HDPO, [arXiv 2603.23871](https://huggingface.co/papers/2603.23871)): a failed rollout of
+            an all-failed group whose dataset row has a `privileged_context` (a reference solution, environment
+            feedback; shown to the teacher whenever the column is present) is distilled from that context alone
+            instead of falling back to GRPO. Needs a routing that distils failed rollouts (`"srpo"`, `"sdpo"`).
 
         > Parameters that control self-distillation
 
@@ -86,6 +99,13 @@ class SRPOConfig(GRPOConfig):
     success_reward_threshold: float = field(
         default=1.0, metadata={"help": "A rollout is correct iff its reward is at least this value."}
     )
+    teacher_model_kind: str = field(
+        default="ema",
+        metadata={
+            "help": "Which model is the teacher: ema, base, live or trust_region.",
+            "choices": list(TEACHER_KINDS),
+        },
+    )
     teacher_update_rate: float = field(
         default=0.05, metadata={"help": "EMA rate of the self-teacher after each optimizer step (fp32)."}
     )
@@ -97,6 +117,10 @@ class SRPOConfig(GRPOConfig):
         metadata={
             "help": "Show the teacher the reward's feedback (log_extra('feedback', ...)) on the distilled rollout."
         },
+    )
+    distill_without_sibling: bool = field(
+        default=False,
+        metadata={"help": "Beyond the paper: distil all-failed groups' rollouts from their privileged_context."},
     )
     distillation_topk: int = field(default=100, metadata={"help": "Student top-k support of the divergence."})
     distillation_alpha: float = field(
@@ -151,6 +175,11 @@ class SRPOConfig(GRPOConfig):
             0.0 <= self.routed_grpo_weight <= 1.0
             and (self.routed_grpo_weight == 0.0 or ROUTING_MODES[self.routing].keeps_routed_advantage),
             "in [0, 1], and 0 unless routing='srpo'",
+        )
+        self._check(
+            "distill_without_sibling",
+            not self.distill_without_sibling or ROUTING_MODES[self.routing].distils_failed,
+            "False unless routing distils failed rollouts ('srpo' or 'sdpo')",
         )
         self._check("max_teacher_prompt_length", self.max_teacher_prompt_length >= 1, "a positive token count")
         self._check("success_reward_threshold", math.isfinite(self.success_reward_threshold), "a finite number")

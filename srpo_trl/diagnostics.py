@@ -83,6 +83,7 @@ def routing_metrics(
     seconds: float,
     local: slice,
     all_reduce,
+    solution_logps: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The routing metrics of one generation batch (method §9), from the global `routes` and this process's tokens
     (`mask`, the teacher's `entropy` and sampled-token log-probs, the entropy `weights`, which routed rows of `local`
@@ -93,7 +94,13 @@ def routing_metrics(
     `srpo/teacher_rejects_sampled_frac` is the share of distilled tokens to which the teacher gives less than half its
     probability: where the distillation moves the student off what it sampled (for a teacher as confident as the
     paper's, about where its top-1 differs from the sampled token); elsewhere it mostly sharpens what the student does.
+
+    `srpo/teacher_solution_prob` is the teacher's mean probability of the demonstrated solution's token where a
+    routed rollout first departs from it (`solution_logps`, NaN elsewhere): how much the teacher still uses the
+    answer it was shown (a teacher reliability signal).
     """
+    departures = mask & ~solution_logps.isnan() if solution_logps is not None else torch.zeros_like(mask)
+    solution_probs = solution_logps.nan_to_num().exp() * departures if solution_logps is not None else departures
     sdpo_tokens = mask & routes.sdpo[local].unsqueeze(1)
     teacher_tokens = mask & routes.needs_teacher[local].unsqueeze(1)
     rejected = sdpo_tokens & (teacher_token_logps < math.log(0.5))
@@ -106,11 +113,13 @@ def routing_metrics(
                 teacher_tokens.sum(),
                 truncated.sum(),
                 rejected.sum(),
+                departures.sum(),
+                solution_probs.sum(),
             ]
         ).float(),
         "sum",
     ).tolist()
-    sdpo_count, token_count, entropy_sum, teacher_count, truncated_count, rejected_count = sums
+    sdpo_count, token_count, entropy_sum, teacher_count, truncated_count, rejected_count, departed, solution_sum = sums
     selected = weights[sdpo_tokens].float()
     none = torch.tensor(-math.inf, device=weights.device)
     extremes = torch.stack(
@@ -129,6 +138,10 @@ def routing_metrics(
         "srpo/sdpo_token_frac": sdpo_count / max(token_count, 1.0),
         "srpo/time/teacher_s": most_seconds,
     }
+    if departed:
+        metrics["srpo/teacher_solution_prob"] = solution_sum / departed
+    if routes.privileged is not None:
+        metrics["srpo/route/privileged_frac"] = routes.privileged.float().mean().item()
     if teacher_count:
         metrics["srpo/teacher_entropy/mean"] = entropy_sum / teacher_count
     teacher_rows = routes.needs_teacher.sum().item()

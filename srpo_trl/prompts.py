@@ -1,4 +1,5 @@
-"""The self-teacher's prompt (method §3): the student's question plus a correct sibling's answer."""
+"""The self-teacher's prompt (method §3): the student's question plus a correct sibling's answer, and (beyond the
+paper) the dataset's `privileged_context` for the question and the reward's feedback on the rollout."""
 
 import copy
 import functools
@@ -12,11 +13,15 @@ import pyarrow.compute as pc
 import torch
 
 THINK_BLOCK = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
-SOLUTION_TEMPLATE = (
-    "{question}\nCorrect solution:\n\n{demonstration}\n{feedback}\nCorrectly solve the original question."
-)
+TEACHER_TEMPLATE = "{question}{solution}{context}{feedback}\nCorrectly solve the original question."
+# The correct sibling's answer (method §3); absent only for a rollout distilled from its privileged context alone.
+SOLUTION_BLOCK = "\nCorrect solution:\n\n{demonstration}\n"
+# Beyond the paper: the dataset's `privileged_context` (a reference solution, environment feedback), as TRL's SDPO
+# reads the column; empty without one.
+CONTEXT_BLOCK = "\nThe following is reference information about the question:\n\n{context}\n"
 # method §3's optional block, between the solution and the closing instruction (empty without feedback).
 FEEDBACK_TEMPLATE = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback}\n"
+PRIVILEGED_CONTEXT_COLUMN = "privileged_context"  # TRL SDPO's name for the dataset column
 ELISION = "\n...\n"
 
 
@@ -107,14 +112,19 @@ def _rows_whose_user_turn_may_not_be_text(column: pa.Array) -> numpy.ndarray:
 
 
 def build_teacher_prompt(
-    prompt: str | list[dict], demonstration: str, feedback: str | None = None
+    prompt: str | list[dict], demonstration: str | None, feedback: str | None = None, context: str | None = None
 ) -> str | list[dict]:
     """Replace the last user turn's text `U` (or a plain-text prompt) by the method §3 template; system turns stay.
-    A non-empty `feedback` (on the rollout being distilled) goes between the solution and the closing instruction."""
-    block = FEEDBACK_TEMPLATE.format(feedback=feedback) if feedback else ""
+    A non-empty privileged `context` (of the question) and `feedback` (on the rollout being distilled) go between
+    the solution and the closing instruction; a `demonstration` of None (no correct sibling) leaves out the solution."""
+    blocks = {
+        "solution": "" if demonstration is None else SOLUTION_BLOCK.format(demonstration=demonstration),
+        "context": CONTEXT_BLOCK.format(context=context) if context else "",
+        "feedback": FEEDBACK_TEMPLATE.format(feedback=feedback) if feedback else "",
+    }
 
     def rewrite(question: str) -> str:
-        return SOLUTION_TEMPLATE.format(question=question, demonstration=demonstration, feedback=block)
+        return TEACHER_TEMPLATE.format(question=question, **blocks)
 
     if isinstance(prompt, str):
         return rewrite(prompt)
@@ -137,26 +147,29 @@ def elide_middle(text: str, keep: int) -> str:
 
 def fit_teacher_prompt(
     prompt: str | list[dict],
-    demonstration: str,
+    demonstration: str | None,
     tokenize: Callable[[str | list[dict]], list[int]],
     max_length: int,
     feedback: str | None = None,
+    context: str | None = None,
 ) -> tuple[list[int], int]:
     """Token ids of the teacher prompt, at most `max_length` long if cutting the demonstration can achieve it, and
     how many of the demonstration's characters it kept.
 
     Only the demonstration is shortened (binary search on how many of its characters to keep, cut in the middle);
-    the question, the system turns, the feedback and the closing instruction are never cut. When they alone leave no
-    room, the demonstration goes entirely (0 characters kept) and the prompt keeps its full length over the limit.
+    the question, the system turns, the context, the feedback and the closing instruction are never cut. When they
+    alone leave no room, the demonstration goes entirely (0 characters kept) and the prompt keeps its full length over
+    the limit (as does a prompt without a demonstration).
     """
-    ids = tokenize(build_teacher_prompt(prompt, demonstration, feedback))
-    if len(ids) <= max_length:
-        return ids, len(demonstration)
+    build = functools.partial(build_teacher_prompt, prompt, feedback=feedback, context=context)
+    ids = tokenize(build(demonstration))
+    if len(ids) <= max_length or demonstration is None:
+        return ids, len(demonstration or "")
     low, high = 0, len(demonstration) - 1  # invariant: keeping `low` characters fits (or low == 0)
-    best = tokenize(build_teacher_prompt(prompt, "", feedback))
+    best = tokenize(build(""))
     while low < high:
         keep = (low + high + 1) // 2
-        candidate = tokenize(build_teacher_prompt(prompt, elide_middle(demonstration, keep), feedback))
+        candidate = tokenize(build(elide_middle(demonstration, keep)))
         if len(candidate) <= max_length:
             low, best = keep, candidate
         else:
@@ -174,29 +187,36 @@ class BatchTeacherPrompts:
         no_room: `(rows,)` which routed rows' prompt leaves no room for any of the demonstration (or for the
             completion, within the model's context): they are routed as if no sibling were correct.
         longest_without_room: the length of such a prompt without its demonstration, for the warning (0 if none).
+        solution_tokens: `(rows, longest completion)` `solution_departure_tokens` of the rows that keep their teacher.
     """
 
     ids: list[list[int]]
     truncated: torch.Tensor
     no_room: torch.Tensor
     longest_without_room: int = 0
+    solution_tokens: torch.Tensor | None = None
 
 
 def batch_teacher_prompts(
     routed: list[tuple[int, int]],
     prompts: list,
-    sibling_completion: Callable[[int], str],
+    sibling_ids: Callable[[int], list[int]],
+    decode: Callable[[list[int]], str],
     tokenize: Callable[[str | list[dict], int], list[int]],
     budget: int,
     over_context: bool,
     feedback: list[str | None] | None = None,
     one_per_sibling: bool = True,
     source: str = "the dataset",
+    contexts: list[str | None] | None = None,
+    completion_ids: list[list[int]] | None = None,
 ) -> BatchTeacherPrompts:
     """The teacher prompts (method §3) of the `routed` rows, `(row, sibling)` pairs of this process's batch row and
-    the global index of its demonstration, within `budget` tokens.
+    the global index of its demonstration (`-1`: none, a rollout distilled from its privileged context alone), within
+    `budget` tokens; each row's privileged `contexts` entry (the dataset's, per rollout) is shown where present.
 
-    `sibling_completion(index)` is the decoded completion of the rollout at global `index`; `tokenize(prompt, row)`
+    `sibling_ids(index)` are the completion ids of the rollout at global `index`, `decode` makes them text (the
+    sibling's completion); `completion_ids`, this process's rows' own (for `solution_tokens`); `tokenize(prompt, row)`
     renders a prompt as the student's row `row` is rendered. A group's routed rows share one teacher prompt (the
     question, the same sibling), built once when `one_per_sibling` (not with per-row feedback or tool environments).
     `over_context`: `budget` is the model's context, not the setting: a prompt over it cannot be scored at all.
@@ -205,11 +225,16 @@ def batch_teacher_prompts(
     """
     truncated = torch.zeros(len(prompts), dtype=torch.bool)
     no_room = torch.zeros_like(truncated)
-    ids, built, longest = [], {}, 0
+    ids, built, longest, shown_whole = [], {}, 0, []
+
+    @functools.cache
+    def sibling_completion(index: int) -> str:
+        return decode(sibling_ids(index))
+
     for row, sibling in routed:
-        key = sibling if one_per_sibling else (sibling, row)
+        key = sibling if one_per_sibling and sibling >= 0 else (sibling, row)  # a group's rows share its context
         if key not in built:
-            demonstration = demonstration_from_completion(sibling_completion(sibling))
+            demonstration = demonstration_from_completion(sibling_completion(sibling)) if sibling >= 0 else None
             try:
                 fitted = fit_teacher_prompt(
                     prompts[row],
@@ -217,6 +242,7 @@ def batch_teacher_prompts(
                     functools.partial(tokenize, row=row),
                     budget,
                     feedback=None if feedback is None else feedback[row],
+                    context=None if contexts is None else contexts[row],
                 )
             except ValueError as error:
                 raise ValueError(f"A prompt of {source}, {prompts[row]!r:.200}: {error}") from error
@@ -228,9 +254,17 @@ def batch_teacher_prompts(
             no_room[row] = True
             longest = max(longest, len(prompt_ids))
         else:
-            truncated[row] = kept < len(demonstration)
+            truncated[row] = kept < len(demonstration or "")
             ids.append(prompt_ids)
-    return BatchTeacherPrompts(ids, truncated, no_room, longest)
+            if not truncated[row]:  # the teacher read the whole demonstration
+                shown_whole.append((row, sibling))
+    solution_tokens = None
+    if completion_ids is not None:
+        demonstrations = {key if isinstance(key, int) else key[0]: value[0] for key, value in built.items()}
+        solution_tokens = solution_departure_tokens(
+            shown_whole, completion_ids, sibling_ids, demonstrations, sibling_completion
+        )
+    return BatchTeacherPrompts(ids, truncated, no_room, longest, solution_tokens)
 
 
 def teacher_prompt_budget(setting: int, context: int | None, completion_length: int) -> tuple[int, bool]:
@@ -240,3 +274,58 @@ def teacher_prompt_budget(setting: int, context: int | None, completion_length: 
     if context is None or context - completion_length >= setting:
         return setting, False
     return context - completion_length, True
+
+
+def privileged_contexts(inputs: list[dict]) -> list[str | None]:
+    """Each rollout's `privileged_context` (GRPOTrainer's `inputs` repeat a dataset row per rollout and keep its
+    extra columns), None where the row has none (an empty text counts as none)."""
+    contexts = [example.get(PRIVILEGED_CONTEXT_COLUMN) for example in inputs]
+    for context in contexts:
+        if context is not None and not isinstance(context, str):
+            raise ValueError(
+                f"The dataset column {PRIVILEGED_CONTEXT_COLUMN!r} holds the teacher's privileged context, one text "
+                f"(or None) per row; got {type(context).__name__} {context!r:.100}. Convert it to text, or rename "
+                "the column if it is not meant for the teacher."
+            )
+    return [context or None for context in contexts]
+
+
+def privileged_rollouts(contexts: list[str | None], enabled: bool, accelerator) -> torch.Tensor | None:
+    """Which rollouts of the global batch may be distilled from their privileged context alone (`route_rollouts`'
+    `privileged`), gathered from every process (a collective); None unless `distill_without_sibling`."""
+    if not enabled:
+        return None
+    present = [context is not None for context in contexts]
+    return accelerator.gather(torch.tensor(present, dtype=torch.bool, device=accelerator.device))
+
+
+def solution_departure(own: list[int], shown: list[int]) -> int | None:
+    """The first position where a rollout's tokens `own` leave the tokens `shown`, None where it never does (it is a
+    prefix of them, or they of it)."""
+    return next((t for t, (a, b) in enumerate(zip(own, shown, strict=False)) if a != b), None)
+
+
+def solution_departure_tokens(
+    routed: list[tuple[int, int]],
+    completion_ids: list[list[int]],
+    sibling_ids: Callable[[int], list[int]],
+    demonstrations: dict[int, str],
+    sibling_text: Callable[[int], str],
+) -> torch.Tensor:
+    """`(rows, longest completion)`: at the position where each routed rollout `(row, sibling)` first leaves the
+    completion of the sibling it is shown, that sibling's token there; -1 everywhere else (the teacher's probability
+    of these tokens is method §9's `srpo/teacher_solution_prob`).
+
+    The teacher of a routed rollout has read the sibling's answer; where the rollout departs from it, a teacher that
+    uses what it read puts the answer's next token first. Only siblings shown whole count (`demonstrations[sibling]`,
+    what it was shown as, is its decoded completion `sibling_text(sibling)`): one whose `<think>` blocks were left
+    out shows other tokens than it sampled. A rollout that never departs (a prefix of the answer) has no position."""
+    tokens = torch.full((len(completion_ids), max(map(len, completion_ids), default=0)), -1, dtype=torch.long)
+    for row, sibling in routed:
+        if sibling < 0 or demonstrations[sibling] != sibling_text(sibling).strip():
+            continue
+        shown = sibling_ids(sibling)
+        position = solution_departure(completion_ids[row], shown)
+        if position is not None:
+            tokens[row, position] = shown[position]
+    return tokens

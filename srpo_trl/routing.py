@@ -80,6 +80,8 @@ class Routes:
         grpo: rows trained by GRPO's surrogate; rows in neither branch (`routing="sdpo"`'s rest) add no loss.
         needs_teacher: rows the self-teacher scores (SDPO rows, or every teacher-available row for `advantage_mix`).
         sibling: global index of the rollout whose completion is the demonstration, `-1` where there is none.
+        privileged: failed rollouts of an all-failed group distilled from their privileged context alone, without
+            a demonstration (`distill_without_sibling`, beyond the paper); None when routing was given no contexts.
     """
 
     correct: torch.Tensor
@@ -88,11 +90,14 @@ class Routes:
     grpo: torch.Tensor
     needs_teacher: torch.Tensor
     sibling: torch.Tensor
+    privileged: torch.Tensor | None = None
 
     @property
     def fallback(self) -> torch.Tensor:
-        """Failed rollouts of an all-failed group: they keep GRPO's (zero-mean) advantage."""
-        return ~self.correct & ~self.teacher_available
+        """Failed rollouts of an all-failed group not distilled from a privileged context: they keep GRPO's
+        (zero-mean) advantage."""
+        fallback = ~self.correct & ~self.teacher_available
+        return fallback if self.privileged is None else fallback & ~self.privileged
 
 
 def first_correct_sibling(correct: torch.Tensor, num_generations: int) -> torch.Tensor:
@@ -121,6 +126,7 @@ def route_rollouts(
     success_reward_threshold: float,
     routing: str = "srpo",
     not_shown: torch.Tensor | None = None,
+    privileged: torch.Tensor | None = None,
 ) -> Routes:
     """Route every rollout of the global batch (method §2 and the modes of §8).
 
@@ -132,6 +138,9 @@ def route_rollouts(
         not_shown: `(N,)` rollouts whose teacher prompt had no room for their sibling's demonstration: routed as if
             no sibling were correct (a teacher that never saw a correct answer has nothing to teach), though
             `teacher_available` still counts the sibling.
+        privileged: `(N,)` rollouts whose question has a privileged context the teacher may use without a
+            demonstration (`distill_without_sibling`): under a mode that distils failed rollouts, a failed one with no
+            correct sibling is distilled from it (HDPO's rule, arXiv 2603.23871) instead of falling back to GRPO.
     """
     mode = routing_mode(routing)
     if rewards.numel() % num_generations:
@@ -144,9 +153,14 @@ def route_rollouts(
     # GRPO's branch, where GRPOTrainer gives it a zero advantage (method §12).
     distillable = shown & ~torch.isnan(rewards)
     sdpo = distillable & ((~correct & mode.distils_failed) | (correct & mode.distils_correct))
+    from_context = None
+    if privileged is not None:
+        from_context = privileged & ~teacher_available & ~correct & ~torch.isnan(rewards) & mode.distils_failed
+        sdpo = sdpo | from_context
     grpo = ~sdpo if mode.grpo_for_the_rest else torch.zeros_like(sdpo)
     needs_teacher = distillable if mode.teacher_mixes_advantages else sdpo
-    return Routes(correct, teacher_available, sdpo, grpo, needs_teacher, torch.where(needs_teacher, sibling, -1))
+    sibling = torch.where(needs_teacher, sibling, -1)
+    return Routes(correct, teacher_available, sdpo, grpo, needs_teacher, sibling, from_context)
 
 
 def grpo_advantage_weights(routes: Routes, routed_grpo_weight: float) -> torch.Tensor:
@@ -179,7 +193,7 @@ def siblings_to_share(routes: Routes, num_processes: int) -> list[int]:
     whose group straddles processes, not with the global batch. Every process computes the same list (`routes` is
     global), so all of them agree whether an exchange is needed at all."""
     per_process = routes.sibling.numel() // num_processes
-    rows = routes.needs_teacher.nonzero().squeeze(1)
+    rows = (routes.needs_teacher & (routes.sibling >= 0)).nonzero().squeeze(1)  # privileged rows show none
     siblings = routes.sibling[rows]
     elsewhere = siblings // per_process != rows // per_process
     return sorted(set(siblings[elsewhere].tolist()))

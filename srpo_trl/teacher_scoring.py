@@ -46,13 +46,15 @@ class TeacherScores:
     """One generation batch scored, per token of this process's batch `(rows, length)`: the index into `cache` (-1
     off the routed tokens), the teacher's log-prob of the sampled token and its entropy (0 off them), the seconds
     the passes took, and what the loss keeps (None when nothing is distilled). Per-token tensors survive
-    GRPOTrainer's shuffle and split of the batch; the cache holds routed tokens only."""
+    GRPOTrainer's shuffle and split of the batch; the cache holds routed tokens only. `solution_logps`: the teacher's
+    log-prob of the `solution_tokens` it was asked about, NaN elsewhere; None when it was asked about none."""
 
     cache_index: torch.Tensor
     token_logps: torch.Tensor
     entropy: torch.Tensor
     seconds: float
     cache: TeacherCache | None
+    solution_logps: torch.Tensor | None = None
 
 
 @dataclass
@@ -231,16 +233,29 @@ class TeacherScorer:
         lockstep: bool,
         keep: bool,
         snapshot_head: bool = False,
+        solution_tokens: torch.Tensor | None = None,
     ) -> TeacherScores:
         """Teacher passes over this process's routed batch `rows` (each after its `teacher_prompts` entry) and its
         statistics on their `mask`ed tokens. `lockstep`: weights are sharded and some process has routed rows, so
         every process makes as many passes as the busiest (agreed on first) and one statistics call. `keep`: the loss
         distils, so what it needs is kept (`TeacherScores.cache`), with a copy of the head if `snapshot_head` (the
-        EMA moves it before the loss has used this batch)."""
+        EMA moves it before the loss has used this batch). `solution_tokens` `(rows, length)`: a second token per
+        position (-1: none; narrower than `mask` when its completions are shorter) whose log-prob the statistics also
+        give, from the same logits (no pass of its own)."""
         device = mask.device
         cache_index = torch.full(mask.shape, -1, dtype=torch.int32, device=device)
         teacher_token_logps = torch.zeros(mask.shape, device=device)
         entropy = torch.zeros_like(teacher_token_logps)
+        solution_logps = None
+        if solution_tokens is not None:
+            width = mask.size(1) - solution_tokens.size(1)
+            solution_tokens = torch.nn.functional.pad(solution_tokens.to(device), (0, width), value=-1)
+            solution_logps = torch.full_like(teacher_token_logps, torch.nan)
+        asked = (
+            batch["completion_ids"]
+            if solution_tokens is None
+            else torch.stack([batch["completion_ids"], solution_tokens.clamp(min=0)], dim=-1)
+        )
         prefixes, prefix_of_row = unique_prefixes(teacher_prompts)
         # Length-dependent RoPE: a row gets the frequencies of its own length only in a pass of its own.
         plan = shared_prefix_plan(prefix_of_row, 1 if self.length_dependent_rope else rows_per_pass)
@@ -267,10 +282,10 @@ class TeacherScorer:
                             continues = [prefix_batch.index(prefix_of_row[i]) for i in chunk]
                             chunk_hidden = self.continuation_hidden(model, prefix, continues, batch, index)
                         hidden.append(chunk_hidden[mask[index]])
-                        tokens.append(batch["completion_ids"][index][mask[index]])
+                        tokens.append(asked[index][mask[index]])
                 for _ in range(most - passes):  # a one-token dummy prompt; its empty result keeps the cache's shapes
                     hidden.append(self.prefix_pass(model, [[self.pad_token_id]]).last_hidden[:0])
-                    tokens.append(torch.zeros(0, dtype=torch.long, device=device))
+                    tokens.append(asked.new_zeros((0, *asked.shape[2:])))
             if hidden:
                 hidden, tokens = torch.cat(hidden), torch.cat(tokens)
                 logits = self.logits(hidden)
@@ -280,6 +295,10 @@ class TeacherScorer:
                         hidden, head.weight, head.bias, logits, tokens
                     )
                 scored = cache_index >= 0
+                if solution_logps is not None:
+                    token_logps, asked_logps = token_logps.unbind(-1)
+                    solution_logps[scored] = asked_logps[cache_index[scored]]
+                    solution_logps[solution_tokens < 0] = torch.nan
                 teacher_token_logps[scored] = token_logps[cache_index[scored]]
                 entropy[scored] = token_entropy[cache_index[scored]]
             # FSDP2 keeps some units' weights whole after a forward (the root's: a backward would need them at once);
@@ -291,7 +310,7 @@ class TeacherScorer:
         cache = None
         if keep and most:
             cache = TeacherCache(hidden, log_normalizer, self.head_for_loss(snapshot_head), logits)
-        return TeacherScores(cache_index, teacher_token_logps, entropy, seconds, cache)
+        return TeacherScores(cache_index, teacher_token_logps, entropy, seconds, cache, solution_logps)
 
     def head_for_loss(self, snapshot: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The teacher's LM head (weight, bias) for the loss: the live parameters, or a copy when the EMA will move

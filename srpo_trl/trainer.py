@@ -1,4 +1,4 @@
-"""`SRPOTrainer`: GRPOTrainer with per-rollout routing to self-distillation from an EMA self-teacher.
+"""`SRPOTrainer`: GRPOTrainer with per-rollout routing to self-distillation from a self-teacher (an EMA by default).
 
 The trainer is glue at GRPOTrainer's extension points; the method lives in the modules it calls (docs/method.md):
 
@@ -47,7 +47,7 @@ from .losses import (
     mixed_token_advantages,
     teacher_entropy_weights,
 )
-from .prompts import batch_teacher_prompts, teacher_prompt_budget
+from .prompts import batch_teacher_prompts, privileged_contexts, privileged_rollouts, teacher_prompt_budget
 from .rewards import checked_reward_function
 from .routing import (
     ROUTING_MODES,
@@ -84,11 +84,12 @@ def _loss_mask(batch: dict) -> torch.Tensor:
 @dataclass
 class _ScoredRollouts:
     """What `_calculate_rewards` saw: this process's prompts and completions (and the rewards' feedback on them, with
-    `teacher_feedback`), and every process's rewards."""
+    `teacher_feedback`), the dataset's `privileged_context` of each, and every process's rewards."""
 
     prompts: list
     completion_ids: list[list[int]]
     rewards_per_func: torch.Tensor
+    contexts: list[str | None]
     feedback: list[str | None] | None = None
 
 
@@ -164,7 +165,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             warnings.warn(message, stacklevel=2)
         self._logit_scale_and_softcap = logit_scale_and_softcap(causal_lm(self.model).config)
         self.teacher, self._teacher_engine = build_self_teacher(
-            self.model, args.teacher_update_rate, self.accelerator, self._dist.is_zero3, self._dist.is_fsdp
+            self.model, args, self.accelerator, self._dist.is_zero3, self._dist.is_fsdp
         )
         self.teacher_scorer = TeacherScorer(
             self.teacher,
@@ -204,7 +205,8 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             feedback = list(self._pending_extra_logs.get(FEEDBACK_COLUMN, []))
             if problem := checks.feedback_problem(feedback, len(prompts), FEEDBACK_COLUMN):
                 raise ValueError(problem)
-        self._scored = _ScoredRollouts(prompts, completion_ids_list, rewards_per_func, feedback)
+        contexts = privileged_contexts(inputs)  # the dataset column, per rollout (GRPOTrainer keeps extra columns)
+        self._scored = _ScoredRollouts(prompts, completion_ids_list, rewards_per_func, contexts, feedback)
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
@@ -218,7 +220,9 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         rewards[torch.isnan(scored.rewards_per_func).all(dim=1)] = torch.nan  # unscorable: never correct
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         threshold = self.args.success_reward_threshold
-        routes = route_rollouts(rewards, num_generations, threshold, self.args.routing)
+        privileged = privileged_rollouts(scored.contexts, self.args.distill_without_sibling, self.accelerator)
+        route = functools.partial(route_rollouts, rewards, num_generations, threshold, self.args.routing)
+        routes = route(privileged=privileged)  # again below, with the rows whose prompt had no room
         self._watch_routing(routes, rewards, mode)
         start = self.accelerator.process_index * len(scored.prompts)
         local = slice(start, start + len(scored.prompts))
@@ -231,7 +235,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
                 dropped.sum().item() / routes.needs_teacher.sum().item()
             )
             if dropped.any():
-                routes = route_rollouts(rewards, num_generations, threshold, self.args.routing, not_shown=dropped)
+                routes = route(not_shown=dropped, privileged=privileged)
         self._log_route_labels(routes, mode)
         batch.update(self._score_with_teacher(batch, routes, prompts, local, mode))
         return batch
@@ -246,9 +250,8 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             for part in gather_object([mine]):
                 shared.update(part)
 
-        def sibling_completion(index: int) -> str:
-            ids = scored.completion_ids[index - local.start] if local.start <= index < local.stop else shared[index]
-            return self.processing_class.decode(ids, skip_special_tokens=True)
+        def sibling_ids(index: int) -> list[int]:
+            return scored.completion_ids[index - local.start] if local.start <= index < local.stop else shared[index]
 
         budget, over_context = teacher_prompt_budget(
             self.args.max_teacher_prompt_length, self._context_length, max(map(len, scored.completion_ids), default=0)
@@ -258,13 +261,16 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             prompts = batch_teacher_prompts(
                 [(row, routes.sibling[local][row].item()) for row in rows],
                 scored.prompts,
-                sibling_completion,
+                sibling_ids,
+                functools.partial(self.processing_class.decode, skip_special_tokens=True),
                 functools.partial(tokenize_one_prompt, self),
                 budget,
                 over_context,
                 scored.feedback,
                 one_per_sibling=scored.feedback is None and self.environment_factories is None,
                 source=f"the {mode} dataset",
+                contexts=scored.contexts,
+                completion_ids=scored.completion_ids,
             )
         if prompts.no_room.any():
             self._warn_once(
@@ -289,6 +295,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             lockstep=self._sharded and bool(routes.needs_teacher.any()),  # `routes` is global: all agree
             keep=self.routing.distils,
             snapshot_head=mode == "train" and not self._scored_by_current_teacher,
+            solution_tokens=prompts.solution_tokens,
         )
         self._teacher_cache[mode] = scores.cache
         sdpo_tokens = mask & routes.sdpo[local].unsqueeze(1)
@@ -307,6 +314,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             scores.seconds,
             local,
             self._all_reduce,
+            scores.solution_logps,
         )
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)

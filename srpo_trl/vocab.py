@@ -155,8 +155,8 @@ def _no_autocast(device: torch.device):
 
 @torch.no_grad()
 def teacher_statistics(hidden, weight, bias, logits: Logits, tokens: torch.Tensor):
-    """The teacher's log-normaliser `log Σ_v exp(z_v)` `(n,)`, log-prob of the sampled token `(n,)` and
-    full-vocabulary entropy `(n,)`, with `z = logits(hidden)`."""
+    """The teacher's log-normaliser `log Σ_v exp(z_v)` `(n,)`, log-prob of the sampled token `(n,)` (of each of
+    `(n, k)` tokens, when `tokens` has `k` per position) and full-vocabulary entropy `(n,)`, with `z = logits(hidden)`."""
     weight, bias = whole(weight), whole(bias)
     log_normalizer, token_logps, entropy = [], [], []
     with _gathered(weight, bias), _no_autocast(hidden.device):
@@ -170,7 +170,9 @@ def teacher_statistics(hidden, weight, bias, logits: Logits, tokens: torch.Tenso
             total = exp.sum(-1)
             log_total = total.log()
             log_normalizer.append(top.squeeze(-1) + log_total)
-            token_logps.append(y.gather(-1, tokens[chunk, None]).squeeze(-1) - log_total)
+            asked = tokens[chunk] if tokens.dim() == 2 else tokens[chunk, None]
+            picked = y.gather(-1, asked) - log_total.unsqueeze(-1)
+            token_logps.append(picked if tokens.dim() == 2 else picked.squeeze(-1))
             entropy.append(log_total - torch.linalg.vecdot(exp, y) / total)
     return torch.cat(log_normalizer), torch.cat(token_logps), torch.cat(entropy)
 

@@ -49,6 +49,13 @@ METHODS = {
     "advantage_mix": Method("advantage mix", "advantage_mix"),
     # The paper's knob on the teacher: a slower EMA keeps more of the pre-trained model's reading of a solution.
     "srpo_slow_teacher": Method("SRPO, teacher_update_rate 0.01", "srpo", config=(("teacher_update_rate", 0.01),)),
+    # Beyond the paper: other teachers (`SRPOConfig.teacher_model_kind`): the initial model frozen, the current
+    # student itself, and a trust region between the two at the default share 0.05 of the student.
+    "srpo_base_teacher": Method("SRPO, frozen initial teacher", "srpo", config=(("teacher_model_kind", "base"),)),
+    "srpo_live_teacher": Method("SRPO, live teacher", "srpo", config=(("teacher_model_kind", "live"),)),
+    "srpo_trust_region": Method(
+        "SRPO, trust-region teacher", "srpo", config=(("teacher_model_kind", "trust_region"),)
+    ),
     # Beyond the paper: routed rollouts also keep their GRPO advantage (`SRPOConfig.routed_grpo_weight`).
     "srpo_routed_grpo": Method(
         "SRPO, routed rows keep GRPO's advantage", "srpo", config=(("routed_grpo_weight", 1.0),)

@@ -19,18 +19,21 @@ import harness
 MARK_BEGIN, MARK_END = "<!-- learning:begin -->", "<!-- learning:end -->"
 COLORS = {"grpo": "tab:blue", "sdpo": "tab:orange", "srpo": "tab:green", "grpo_4steps": "tab:cyan",
           "srpo_no_dw": "tab:olive", "advantage_mix": "tab:purple", "srpo_routed_grpo": "tab:red",
-          "srpo_slow_teacher": "tab:brown"}  # fmt: skip
+          "srpo_slow_teacher": "tab:brown", "srpo_base_teacher": "tab:gray", "srpo_live_teacher": "tab:pink",
+          "srpo_trust_region": "black"}  # fmt: skip
 FIGURE_METHODS = ("grpo", "sdpo", "srpo", "grpo_4steps", "srpo_routed_grpo")  # the ablations are in the tables only
 # (a, b): rows of the paired-difference table, a - b.
 PAIRS = (("srpo", "grpo"), ("sdpo", "grpo"), ("srpo", "sdpo"), ("srpo", "grpo_4steps"),
          ("srpo_no_dw", "srpo"), ("advantage_mix", "srpo"), ("srpo_slow_teacher", "srpo"),
-         ("srpo_routed_grpo", "srpo"), ("srpo_routed_grpo", "grpo"))  # fmt: skip
+         ("srpo_routed_grpo", "srpo"), ("srpo_routed_grpo", "grpo"), ("srpo_base_teacher", "srpo"),
+         ("srpo_live_teacher", "srpo"), ("srpo_trust_region", "srpo"), ("srpo_trust_region", "grpo"))  # fmt: skip
 # The diagnosis, first half → second half of training. What the routed tokens look like: (key, label, source), where
 # "log" is a metric the trainer logs once per generation batch and "probe" a `harness.gradient_probe` measurement.
 ROUTED_TOKENS = (
     ("reward", "train reward", "log"),
     ("srpo/route/sdpo_frac", "rollouts routed", "log"),
     ("srpo/teacher_rejects_sampled_frac", "teacher gives sampled token < ½ (logged)", "log"),
+    ("srpo/teacher_solution_prob", "teacher's p(solution token) where the rollout leaves it (logged)", "log"),
     ("teacher_top1_differs_frac", "teacher top-1 ≠ sampled (probe)", "probe"),
     ("divergence_mean", "JSD per routed token", "probe"),
     ("divergence_where_top1_differs", "JSD where top-1 ≠ sampled", "probe"),

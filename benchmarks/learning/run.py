@@ -9,14 +9,16 @@ pre-trained testbed model:
    final accuracy there.
 2. **Comparison**: each at its best rate on `--seeds` further seeds (1, 2, ...), which the sweep did not see; plus
    the paper's own ratio (GRPO with four optimizer steps per generation batch at a fifth of SRPO's best rate,
-   SRPO : GRPO = 5 : 1 as in the paper) and SRPO's ablations at SRPO's best rate. The arms of a seed train on the
+   SRPO : GRPO = 5 : 1 as in the paper), SRPO's ablations and its other teacher kinds (`teacher_model_kind`: `base`,
+   `live`, `trust_region`) at SRPO's best rate. The arms of a seed train on the
    same problems and are evaluated on the same samples, so differences are paired by seed.
 
 Runs are cached: a run whose record (`<out>/runs/<task>/<method>-lr<rate>-seed<k>.json`) holds the same settings,
 testbed checkpoint and `srpo_trl` code is not run again. `report.py` writes the tables, figures and RESULTS.md.
 
 Usage:
-    python benchmarks/learning/run.py --jobs 2        # everything (51 minutes on 2 cores: make bench-learning)
+    python benchmarks/learning/run.py --jobs 2        # everything (51 minutes on 2 cores before the teacher-kind
+                                                      # arms, an estimated 65 with them: make bench-learning)
     python benchmarks/learning/run.py --quick         # a few minutes, writes benchmarks/learning/quick/
     python benchmarks/learning/run.py --report-only   # rebuild RESULTS.md and the figures from the saved runs
 """
@@ -48,7 +50,15 @@ SWEPT = ("grpo", "sdpo", "srpo", "srpo_routed_grpo")
 # The sharpening family is evaluated as its rollouts are sampled (T=1): at the paper's T=0.6 its pre-trained model
 # already scores 84% and SRPO reached 100% within 40 steps in a trial run, leaving nothing to compare.
 FAMILY_SETTINGS = {"reversal": {"eval_temperature": 1.0, "eval_top_p": 1.0}}
-AT_SRPO_RATE = ("srpo_no_dw", "advantage_mix", "srpo_slow_teacher")  # SRPO's ablations, at SRPO's best rate
+# SRPO's ablations and other teachers, at SRPO's best rate
+AT_SRPO_RATE = (
+    "srpo_no_dw",
+    "advantage_mix",
+    "srpo_slow_teacher",
+    "srpo_base_teacher",
+    "srpo_live_teacher",
+    "srpo_trust_region",
+)
 PAPER_RATIO = 5  # the paper's SRPO : GRPO learning rates (5e-6 : 1e-6), GRPO with 4 optimizer steps per batch
 QUICK = {"steps": 10, "eval_every": 5, "num_test": 100, "probe_every": 5, "ability_problems": 20}
 

@@ -44,6 +44,7 @@ def main():
     )
     parser.add_argument("--num_generations", type=int, default=4, help="16: one group over both processes")
     parser.add_argument("--bf16", action="store_true", help="bf16 weights and compute, as the shipped recipes")
+    parser.add_argument("--teacher_model_kind", default="ema", help="SRPOConfig.teacher_model_kind")
     parser.add_argument(
         "--identical_teacher",
         action="store_true",
@@ -104,6 +105,7 @@ def main():
         learning_rate=0.02,
         lr_scheduler_type="constant",
         teacher_update_rate=0.5,
+        teacher_model_kind=args.teacher_model_kind,
         distillation_topk=8,
         generation_kwargs={"do_sample": False},
         chat_template_kwargs={"enable_thinking": False},
@@ -159,7 +161,7 @@ def main():
     if args.save_start:
         trainer.add_callback(SaveWeightsAtTrainBegin(trainer, args.output_dir))
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    if deepspeed and args.backend == "zero3":  # the teacher really is sharded (and, with LoRA, the adapters too)
+    if deepspeed and args.backend == "zero3" and trainer.teacher.owns_weights:  # the teacher really is sharded
         assert any(weight.numel() == 0 for _, weight in trainer.teacher._teacher_weights())
     if args.backend == "fsdp2":  # likewise: FSDP2 DTensors, this process holding half of each
         from torch.distributed.tensor import DTensor

@@ -261,8 +261,8 @@ def test_tool_environment_run_with_routed_rows(char_tokenizer, tmp_path, monkeyp
     built = []
     fit = srpo_trl.prompts.fit_teacher_prompt
 
-    def record(prompt, demonstration, tokenize, max_length, feedback=None):
-        ids, truncated = fit(prompt, demonstration, tokenize, max_length, feedback=feedback)
+    def record(prompt, demonstration, tokenize, max_length, feedback=None, **kwargs):
+        ids, truncated = fit(prompt, demonstration, tokenize, max_length, feedback=feedback, **kwargs)
         built.append(tokenizer.decode(ids))
         return ids, truncated
 

@@ -441,8 +441,8 @@ def test_teacher_feedback_reaches_the_teacher_prompt(char_tokenizer, tmp_path, m
     built = []
     fit = srpo_trl.prompts.fit_teacher_prompt
 
-    def record(prompt, demonstration, tokenize, max_length, feedback=None):
-        ids, kept = fit(prompt, demonstration, tokenize, max_length, feedback=feedback)
+    def record(prompt, demonstration, tokenize, max_length, feedback=None, **kwargs):
+        ids, kept = fit(prompt, demonstration, tokenize, max_length, feedback=feedback, **kwargs)
         built.append((feedback, char_tokenizer.decode(ids)))
         return ids, kept
 
