@@ -69,6 +69,16 @@ def distillation_topk_problem(topk: int, vocab_size: int) -> str | None:
     )
 
 
+def teacher_setup_problem(
+    args, vocab_size: int, loss_type: str, entropy_bonus: bool, aux_loss: bool, zero_config: dict | None
+) -> str | None:
+    """What a run with a self-teacher refuses at construction: `distillation_topk_problem`, then
+    `inexact_setup_problem`."""
+    return distillation_topk_problem(args.distillation_topk, vocab_size) or inexact_setup_problem(
+        args.routing, loss_type, entropy_bonus, aux_loss, zero_config
+    )
+
+
 def teacher_context_warning(max_teacher_prompt_length: int, context: int | None, max_completion_length: int):
     """A warning when the teacher-prompt setting exceeds the model's context (the budget is then the context)."""
     if context is None or max_teacher_prompt_length <= context:

@@ -76,18 +76,15 @@ def threshold_misfit(
 def routing_metrics(
     routes,
     mask: torch.Tensor,
-    entropy: torch.Tensor,
+    scores,
     weights: torch.Tensor,
-    teacher_token_logps: torch.Tensor,
     truncated: torch.Tensor,
-    seconds: float,
     local: slice,
     all_reduce,
-    solution_logps: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The routing metrics of one generation batch (method §9), from the global `routes` and this process's tokens
-    (`mask`, the teacher's `entropy` and sampled-token log-probs, the entropy `weights`, which routed rows of `local`
-    had their demonstration `truncated`, the teacher's `seconds`): two collectives, a sum and an elementwise max
+    (`mask`, the teacher's `scores` of them, a `teacher_scoring.TeacherScores`, the entropy `weights`, which routed
+    rows of `local` had their demonstration `truncated`): two collectives, a sum and an elementwise max
     (`all_reduce(tensor, op)`). Statistics of the teacher's rows and tokens are left out of batches without any (no
     `None` in the logs).
 
@@ -99,6 +96,7 @@ def routing_metrics(
     routed rollout first departs from it (`solution_logps`, NaN elsewhere): how much the teacher still uses the
     answer it was shown (a teacher reliability signal).
     """
+    entropy, teacher_token_logps, solution_logps = scores.entropy, scores.token_logps, scores.solution_logps
     departures = mask & ~solution_logps.isnan() if solution_logps is not None else torch.zeros_like(mask)
     solution_probs = solution_logps.nan_to_num().exp() * departures if solution_logps is not None else departures
     sdpo_tokens = mask & routes.sdpo[local].unsqueeze(1)
@@ -126,7 +124,7 @@ def routing_metrics(
         [
             -selected.min() if selected.numel() else none,
             selected.max() if selected.numel() else none,
-            torch.tensor(float(seconds), device=weights.device),
+            torch.tensor(float(scores.seconds), device=weights.device),
         ]
     )
     negative_min_weight, max_weight, most_seconds = all_reduce(extremes, "max").tolist()

@@ -4,12 +4,28 @@ with TRL's model card, which names a base model loaded from a local folder too."
 
 import os
 import shutil
+import textwrap
 
 from .teacher import causal_lm
 
 
 class PolicySaving:
-    """Saving hooks of `SRPOTrainer`, mixed in ahead of `GRPOTrainer`."""
+    """Saving hooks of `SRPOTrainer`, mixed in ahead of `GRPOTrainer`, and what its model card says of the method."""
+
+    _tag_names = ["trl", "srpo"]
+    _name = "Sample-Routed Policy Optimization (SRPO)"  # how the model card names the method
+    _paper = {
+        "title": "Unifying Group-Relative and Self-Distillation Policy Optimization via Sample Routing",
+        "id": "2604.02288",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{li2026srpo,
+                title        = {{Unifying Group-Relative and Self-Distillation Policy Optimization via Sample Routing}},
+                author       = {Gengsheng Li and Tianyu Yang and Junfeng Fang and Mingyang Song and Mao Zheng and Haiyun Guo and Dan Zhang and Jinqiao Wang and Tat-Seng Chua},
+                year         = 2026,
+                eprint       = {arXiv:2604.02288},
+            }"""),
+    }
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)

@@ -189,18 +189,16 @@ class TeacherScorer:
         accelerator: the trainer's (device, autocast, and the passes' lockstep under sharding).
         pad_token_id: pads the teacher prompts (left).
         logits: how hidden states become the sampling distribution's logits (the trainer's `Logits` for them).
-        sharded: weights are sharded across processes (ZeRO-3, FSDP2): passes are collectives.
-        fsdp: FSDP2, whose units are resharded after the passes.
+        dist: the trainer's distributed layout (`is_zero3`, `is_fsdp`): sharded weights make the passes collectives,
+            and FSDP2's units are resharded after them.
         span: `span(name)` times a named part of the scoring (the trainer's: TRL's `profiling_context`, which logs
             `profiling/Time taken: SRPOTrainer.{name}`); `teacher_prefix`, `teacher_continuation`,
             `teacher_whole_sequence` (one per pass) and `teacher_statistics`.
     """
 
-    def __init__(
-        self, teacher: SelfTeacher, accelerator, pad_token_id: int, logits, sharded: bool, fsdp: bool, span=None
-    ):
-        self.teacher, self.accelerator, self.pad_token_id = teacher, accelerator, pad_token_id
-        self.logits, self.sharded, self.fsdp = logits, sharded, fsdp
+    def __init__(self, teacher: SelfTeacher, accelerator, pad_token_id: int, logits, dist, span=None):
+        self.teacher, self.accelerator, self.pad_token_id, self.logits = teacher, accelerator, pad_token_id, logits
+        self.sharded, self.fsdp = dist.is_zero3 or dist.is_fsdp, dist.is_fsdp
         self.span = span or (lambda name: nullcontext())
         config = causal_lm(teacher.model).config
         self.length_dependent_rope = has_length_dependent_rope(config)

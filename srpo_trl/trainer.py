@@ -8,8 +8,8 @@ The trainer is glue at GRPOTrainer's extension points; the method lives in the m
 | `_calculate_rewards` | keeps what routing needs (prompts, completion ids, the batch's rewards, feedback) | `checks.py` |
 | `_generate_and_score_completions` | routes the batch, builds teacher prompts, scores the routed rows, logs | `routing.py`, `prompts.py`, `teacher_scoring.py`, `losses.py`, `diagnostics.py` |
 | `_compute_loss` | one per-token loss: GRPO's on GRPO tokens, the distillation term on SDPO tokens | `losses.py`, `vocab.py` |
-| checkpoint hooks | the teacher's fp32 state in every checkpoint | `checkpointing.py` |
-| `save_model`, `create_model_card` | the policy alone, with a card naming a local base model | |
+| checkpoint hooks (mixed in) | the teacher's state in every checkpoint | `checkpointing.py` |
+| `save_model`, `create_model_card` (mixed in) | the policy alone, with a card naming a local base model | `saving.py` |
 
 `_generate_and_score_completions` attaches per-token tensors (an index into the teacher's kept states, the entropy
 weights) that GRPOTrainer then shuffles and splits into micro-batches; the loss computes the distillation term from
@@ -19,7 +19,6 @@ weights are gathered collectively, so every process makes as many teacher passes
 """
 
 import functools
-import textwrap
 import warnings
 from dataclasses import dataclass
 
@@ -101,21 +100,6 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
     towards an EMA self-teacher that sees that sibling's answer. See `SRPOConfig.routing` for the baselines.
     """
 
-    _tag_names = ["trl", "srpo"]
-    _name = "Sample-Routed Policy Optimization (SRPO)"  # how the model card names the method
-    _paper = {
-        "title": "Unifying Group-Relative and Self-Distillation Policy Optimization via Sample Routing",
-        "id": "2604.02288",
-        # docstyle-ignore
-        "citation": textwrap.dedent("""\
-            @article{li2026srpo,
-                title        = {{Unifying Group-Relative and Self-Distillation Policy Optimization via Sample Routing}},
-                author       = {Gengsheng Li and Tianyu Yang and Junfeng Fang and Mingyang Song and Mao Zheng and Haiyun Guo and Dan Zhang and Jinqiao Wang and Tat-Seng Chua},
-                year         = 2026,
-                eprint       = {arXiv:2604.02288},
-            }"""),
-    }
-
     def __init__(self, model, reward_funcs=None, args: SRPOConfig | None = None, **kwargs):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
@@ -148,15 +132,8 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             return
         zero = self.accelerator.state.deepspeed_plugin.deepspeed_config if self._dist.is_zero3 else {}
         vocab_size = causal_lm(self.model).config.get_text_config().vocab_size
-        if problem := checks.distillation_topk_problem(args.distillation_topk, vocab_size) or (
-            checks.inexact_setup_problem(
-                args.routing,
-                self.loss_type,
-                self._entropy_bonus_enabled,
-                self.aux_loss_enabled,
-                zero.get("zero_optimization"),
-            )
-        ):
+        extras = (self._entropy_bonus_enabled, self.aux_loss_enabled, zero.get("zero_optimization"))
+        if problem := checks.teacher_setup_problem(args, vocab_size, self.loss_type, *extras):
             raise ValueError(problem)
         self._context_length = context_length(self.model)
         if message := checks.teacher_context_warning(
@@ -167,14 +144,9 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         self.teacher, self._teacher_engine = build_self_teacher(
             self.model, args, self.accelerator, self._dist.is_zero3, self._dist.is_fsdp
         )
+        pad_token_id, span = self._tokenizer.pad_token_id, functools.partial(profiling_context, self)
         self.teacher_scorer = TeacherScorer(
-            self.teacher,
-            self.accelerator,
-            self._tokenizer.pad_token_id,
-            self._logits,
-            self._sharded,
-            self._dist.is_fsdp,
-            span=functools.partial(profiling_context, self),
+            self.teacher, self.accelerator, pad_token_id, self._logits, self._dist, span
         )
         self.add_callback(SelfTeacherCallback(self))
 
@@ -304,18 +276,8 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             weights = teacher_entropy_weights(scores.entropy, sdpo_tokens, temperature, self._all_reduce)
         else:
             weights = sdpo_tokens.float()
-        metrics = routing_metrics(
-            routes,
-            mask,
-            scores.entropy,
-            weights,
-            scores.token_logps,
-            prompts.truncated.to(mask.device),
-            scores.seconds,
-            local,
-            self._all_reduce,
-            scores.solution_logps,
-        )
+        truncated = prompts.truncated.to(mask.device)
+        metrics = routing_metrics(routes, mask, scores, weights, truncated, local, self._all_reduce)
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
         if self.routing.teacher_mixes_advantages:

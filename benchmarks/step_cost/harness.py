@@ -139,7 +139,9 @@ TOY = Shape(
 
 
 def plan_for(mode: str, device: str) -> Plan:
-    if mode == "toy":  # tests/end_to_end/test_benchmarks.py: seconds, every code path, in-process (leave the allocator alone)
+    if (
+        mode == "toy"
+    ):  # tests/end_to_end/test_benchmarks.py: seconds, every code path, in-process (leave the allocator alone)
         return Plan(
             [TOY],
             [0.0, 0.5],

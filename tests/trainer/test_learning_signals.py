@@ -8,6 +8,7 @@ from helpers.tiny_trainer import first_letter_reward, logged, make_trainer
 from srpo_trl import SRPOConfig
 from srpo_trl.diagnostics import routing_metrics
 from srpo_trl.routing import Routes
+from srpo_trl.teacher_scoring import TeacherScores
 
 
 def test_teacher_rejects_sampled_frac_counts_distilled_tokens_the_teacher_gives_under_half():
@@ -20,7 +21,8 @@ def test_teacher_rejects_sampled_frac_counts_distilled_tokens_the_teacher_gives_
     def metrics(routes):
         zeros = torch.zeros(2, 4)
         no_truncation = torch.zeros(2, dtype=torch.bool)
-        return routing_metrics(routes, mask, zeros, mask.float(), logps, no_truncation, 0.0, slice(0, 2), identity)
+        scores = TeacherScores(None, logps, zeros, 0.0, None)
+        return routing_metrics(routes, mask, scores, mask.float(), no_truncation, slice(0, 2), identity)
 
     assert metrics(routes)["srpo/teacher_rejects_sampled_frac"] == pytest.approx(2 / 4)
     nothing = Routes(*([torch.zeros(2, dtype=torch.bool)] * 5), torch.full((2,), -1))
