@@ -213,9 +213,10 @@ def test_zero3_resume_without_teacher_shards_restarts_the_teacher_from_the_polic
         assert torch.equal(value, policy[name]), name
 
 
-# Teacher kinds (method §4): the same policy and teacher as one process, and an FSDP2 resume of the kinds rebuilt
-# from the initial weights.
-@pytest.mark.parametrize("kind", ["base", "live", "trust_region"])
+# Teacher kinds (method §4): the same policy and teacher as one process, and an FSDP2 resume of a kind rebuilt from
+# the initial weights. `base` is `trust_region`'s layout (a copy of the initial weights) without its update, so the
+# two sharded layouts are `live` (no copy) and `trust_region`; both keep the suite's 2-process time in bounds.
+@pytest.mark.parametrize("kind", ["live", "trust_region"])
 @pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
 def test_sharded_teacher_kinds_end_with_the_single_process_weights(tmp_path, backend, kind):
     option = f"--teacher_model_kind={kind}"
@@ -224,7 +225,7 @@ def test_sharded_teacher_kinds_end_with_the_single_process_weights(tmp_path, bac
     assert_same_run(launch(tmp_path / backend, backend, option), reference)
 
 
-@pytest.mark.parametrize("kind", ["base", "trust_region"])
+@pytest.mark.parametrize("kind", ["trust_region"])
 def test_fsdp2_resume_rebuilds_an_initial_weights_teacher_exactly(tmp_path, kind):
     # The policy is already the resumed one when the teacher is sharded: the teacher must keep its initial weights.
     options = ("--max_steps=4", f"--teacher_model_kind={kind}")
