@@ -147,18 +147,25 @@ def has_length_dependent_rope(config) -> bool:
 
 def reset_dynamic_rope(model: torch.nn.Module) -> None:
     """Return dynamic-NTK rotary embeddings to their original frequencies. transformers keeps the frequencies of
-    the longest call so far and only recomputes them for a longer one (or resets below the original length): a
-    row's scores would depend on the rows scored before it. A one-position call is below the original length; it
-    calls the class's forward, not the module, so that no hook runs (ZeRO-3 would record it in its prefetch trace)."""
+    the longest call so far and only recomputes them for a longer one: a row's scores would depend on the rows scored
+    before it. Done here as transformers' own reset does it (its original frequencies back in `inv_freq`, the cached
+    length back to the original), without a forward call (no module hook runs: ZeRO-3 would record it in its prefetch
+    trace) and whichever attribute name the installed version keeps the cached length under (transformers 5.10 writes
+    it as `None_max_seq_len_cached` and so never resets by itself)."""
     for module in model.modules():
         if not hasattr(module, "original_inv_freq") or not hasattr(module, "max_seq_len_cached"):
             continue
-        device = module.original_inv_freq.device
         layer_types = list(module.rope_type) if isinstance(module.rope_type, dict) else [None]
         for layer_type in layer_types:
-            kwargs = {} if layer_type is None else {"layer_type": layer_type}
-            one_position = torch.zeros(1, 1, dtype=torch.long, device=device)
-            type(module).forward(module, torch.zeros(1, device=device), one_position, **kwargs)
+            rope_type = module.rope_type if layer_type is None else module.rope_type[layer_type]
+            prefix = "" if layer_type is None else f"{layer_type}_"
+            original = getattr(module, f"{prefix}original_inv_freq", None)
+            if "dynamic" not in rope_type or original is None:
+                continue
+            device = getattr(module, f"{prefix}inv_freq").device
+            module.register_buffer(f"{prefix}inv_freq", original.to(device), persistent=False)
+            for name in {f"{prefix}max_seq_len_cached", f"{layer_type}_max_seq_len_cached"}:
+                setattr(module, name, module.original_max_seq_len)
 
 
 def unique_prefixes(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:

@@ -80,10 +80,10 @@ def test_length_dependent_rope_teacher_equals_each_rows_own_forward(char_tokeniz
     mask = batch["completion_mask"].bool()
     for _ in range(2):  # a second batch: no frequencies left over from the first's longest row
         teacher_logps = trainer.teacher_scorer.score(batch, mask, [0, 1, 2, 3], prompts, 8, False, False).token_logps
-    fresh = tiny_rope_model(char_tokenizer, family).eval()
     with torch.no_grad():
         for row, prompt in enumerate(prompts):
             length = int(mask[row].sum())
+            fresh = tiny_rope_model(char_tokenizer, family).eval()  # one per row: dynamic NTK keeps state
             expected = own_forward_logps(fresh, prompt, batch["completion_ids"][row, :length])
             torch.testing.assert_close(teacher_logps[row, :length], expected, rtol=1e-5, atol=1e-5)
 

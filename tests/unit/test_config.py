@@ -109,14 +109,14 @@ def test_trainer_rejects_a_plain_grpo_config_and_its_hint_works(char_tokenizer, 
     grpo = GRPOConfig(
         output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, per_device_train_batch_size=8,
         num_generations=4, max_completion_length=6, learning_rate=3e-6, steps_per_generation=2,
-        gradient_accumulation_steps=2, temperature=0.7, max_steps=1, activation_checkpointing=False,
+        gradient_accumulation_steps=2, temperature=0.7, max_steps=1, gradient_checkpointing=False,
     )  # fmt: skip
     build = dict(reward_funcs=first_letter_reward, train_dataset=PROMPTS, processing_class=char_tokenizer)
     with pytest.raises(TypeError, match=r"SRPOConfig\.from_grpo_config\(your_config\)"):
         SRPOTrainer(build_tiny_model(char_tokenizer), args=grpo, **build)
 
     args = SRPOConfig.from_grpo_config(grpo, distillation_topk=8)
-    kept = ("learning_rate", "num_generations", "temperature", "max_completion_length", "activation_checkpointing")
+    kept = ("learning_rate", "num_generations", "temperature", "max_completion_length", "gradient_checkpointing")
     assert {name: getattr(args, name) for name in kept} == {name: getattr(grpo, name) for name in kept}
     assert (args.steps_per_generation, args.generation_batch_size) == (2, grpo.generation_batch_size)
     # GRPO's defaults where SRPO's differ are not "set": the paper's apply.
