@@ -24,7 +24,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase, Trainer, Tra
 from trl.data_utils import is_conversational
 from trl.models import unwrap_model_for_generation
 
-from .routing import reaches_threshold
+from .routing import reaches_threshold, weighted_rewards
 
 
 class AvgAtK(float):
@@ -134,14 +134,6 @@ def _scores(reward_funcs: Sequence[Callable], **inputs) -> torch.Tensor:
     """`(samples, reward functions)` scores, NaN where a function returned `None`."""
     columns = [[math.nan if s is None else s for s in reward_func(**inputs)] for reward_func in reward_funcs]
     return torch.tensor(columns, dtype=torch.float64).T
-
-
-def weighted_rewards(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`(samples, reward functions)` scores, NaN where a function returned `None`, to one weighted reward per sample,
-    as `GRPOTrainer` sums them: NaN scores are skipped, and a sample no function scored is NaN (unscorable)."""
-    rewards = (scores * weights).nansum(dim=1)
-    rewards[torch.isnan(scores).all(dim=1)] = math.nan
-    return rewards
 
 
 def _reward_weights(reward_funcs: Sequence[Callable], reward_weights: Sequence[float] | None) -> torch.Tensor:

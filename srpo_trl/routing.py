@@ -64,6 +64,15 @@ def routing_mode(name: str) -> RoutingMode:
 THRESHOLD_RELATIVE_TOLERANCE = 1e-6
 
 
+def weighted_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`(rollouts, reward functions)` scores, NaN where a function returned `None`, to the one reward per rollout that
+    routing (and avg@k) compares with the threshold, summed as GRPOTrainer sums them: NaN scores are skipped, and a
+    rollout no function scored is NaN (unscorable: never correct)."""
+    rewards = (rewards_per_func * weights.to(rewards_per_func.device)).nansum(dim=1)
+    rewards[torch.isnan(rewards_per_func).all(dim=1)] = math.nan
+    return rewards
+
+
 def reaches_threshold(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
     """`rewards >= threshold` up to float rounding (`THRESHOLD_RELATIVE_TOLERANCE`); NaN never reaches it."""
     return rewards >= threshold - THRESHOLD_RELATIVE_TOLERANCE * abs(threshold)

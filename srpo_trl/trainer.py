@@ -56,6 +56,7 @@ from .routing import (
     route_rollouts,
     siblings_to_share,
     trained_advantages,
+    weighted_rewards,
 )
 from .saving import PolicySaving
 from .teacher import (
@@ -188,8 +189,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         if self.teacher is None:
             return batch
         scored, self._scored = self._scored, None
-        rewards = (scored.rewards_per_func * self.reward_weights.to(scored.rewards_per_func.device)).nansum(dim=1)
-        rewards[torch.isnan(scored.rewards_per_func).all(dim=1)] = torch.nan  # unscorable: never correct
+        rewards = weighted_rewards(scored.rewards_per_func, self.reward_weights)
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         threshold = self.args.success_reward_threshold
         privileged = privileged_rollouts(scored.contexts, self.args.distill_without_sibling, self.accelerator)

@@ -4,7 +4,14 @@ import math
 import pytest
 import torch
 
-from srpo_trl.routing import ROUTING_MODES, first_correct_sibling, route_labels, route_rollouts, siblings_to_share
+from srpo_trl.routing import (
+    ROUTING_MODES,
+    first_correct_sibling,
+    route_labels,
+    route_rollouts,
+    siblings_to_share,
+    weighted_rewards,
+)
 
 
 def brute_force_routes(rewards, group_size, threshold, routing):
@@ -112,3 +119,12 @@ def test_only_siblings_needed_on_another_process_are_shared():
     assert siblings_to_share(across, 1) == []
     # routing="sdpo" distils correct rows too: row 1 is taught by row 4 (its own process), the rest by row 1
     assert siblings_to_share(route_rollouts(rewards, 16, 1.0, "sdpo"), 2) == [1]
+
+
+def test_weighted_rewards_skip_unscored_functions_and_leave_unscorable_rollouts_nan():
+    # The trainer routes on these rewards and avg@k counts them: one function, so the two cannot drift apart.
+    nan = math.nan
+    scores = torch.tensor([[1.0, 0.5], [nan, 0.5], [nan, nan], [0.0, 0.0]])
+    rewards = weighted_rewards(scores, torch.tensor([2.0, 1.0]))
+    assert rewards[:2].tolist() == [2.5, 0.5] and math.isnan(rewards[2]) and rewards[3] == 0.0
+    assert not route_rollouts(torch.tensor([nan, 1.0]), 2, 1.0, "srpo").sdpo.any()  # unscorable: never distilled
