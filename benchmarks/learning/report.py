@@ -22,11 +22,14 @@ COLORS = {"grpo": "tab:blue", "sdpo": "tab:orange", "srpo": "tab:green", "grpo_4
           "srpo_slow_teacher": "tab:brown", "srpo_base_teacher": "tab:gray", "srpo_live_teacher": "tab:pink",
           "srpo_trust_region": "black"}  # fmt: skip
 FIGURE_METHODS = ("grpo", "sdpo", "srpo", "grpo_4steps", "srpo_routed_grpo")  # the ablations are in the tables only
+TEACHER_METHODS = ("srpo", "srpo_slow_teacher", "srpo_base_teacher", "srpo_live_teacher", "srpo_trust_region")
+TEACHER_SIGNALS = ("srpo/teacher_solution_prob", "srpo/teacher_entropy/mean")
 # (a, b): rows of the paired-difference table, a - b.
 PAIRS = (("srpo", "grpo"), ("sdpo", "grpo"), ("srpo", "sdpo"), ("srpo", "grpo_4steps"),
          ("srpo_no_dw", "srpo"), ("advantage_mix", "srpo"), ("srpo_slow_teacher", "srpo"),
          ("srpo_routed_grpo", "srpo"), ("srpo_routed_grpo", "grpo"), ("srpo_base_teacher", "srpo"),
-         ("srpo_live_teacher", "srpo"), ("srpo_trust_region", "srpo"), ("srpo_trust_region", "grpo"))  # fmt: skip
+         ("srpo_live_teacher", "srpo"), ("srpo_trust_region", "srpo"), ("srpo_slow_teacher", "grpo"),
+         ("srpo_base_teacher", "grpo"), ("srpo_live_teacher", "grpo"), ("srpo_trust_region", "grpo"))  # fmt: skip
 # The diagnosis, first half → second half of training. What the routed tokens look like: (key, label, source), where
 # "log" is a metric the trainer logs once per generation batch and "probe" a `harness.gradient_probe` measurement.
 ROUTED_TOKENS = (
@@ -108,14 +111,23 @@ def probe_series(record: dict, key: str) -> dict[int, float]:
     return out
 
 
+def sweep_finals(sweep: list[dict]) -> dict[tuple[str, float], list[float]]:
+    """`{(method, rate): final accuracy of each sweep seed}`, seeds in order."""
+    finals: dict[tuple[str, float], list[float]] = {}
+    for record in sorted(sweep, key=lambda r: r["seed"]):
+        finals.setdefault((record["method"], record["learning_rate"]), []).append(final_accuracy(record))
+    return finals
+
+
 def best_rates(sweep: list[dict]) -> dict[str, float]:
-    """Each swept method's rate with the best final accuracy (the lower rate on a tie)."""
-    best = {}
-    for record in sorted(sweep, key=lambda r: r["learning_rate"]):
-        method = record["method"]
-        if method not in best or final_accuracy(record) > final_accuracy(best[method]):
-            best[method] = record
-    return {method: record["learning_rate"] for method, record in best.items()}
+    """Each swept method's rate with the best final accuracy averaged over the sweep's seeds (the lower rate on a
+    tie)."""
+    best: dict[str, tuple[float, float]] = {}
+    for (method, lr), finals in sorted(sweep_finals(sweep).items(), key=lambda item: item[0][1]):
+        mean = statistics.fmean(finals)
+        if method not in best or mean > best[method][1]:
+            best[method] = (lr, mean)
+    return {method: lr for method, (lr, _) in best.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
@@ -188,18 +200,22 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def sweep_table(sweep: list[dict], best: dict[str, float]) -> str:
+    """Mean final accuracy over the sweep's seeds at each rate (each seed's in brackets), the best rate's in bold."""
     rates = sorted({r["learning_rate"] for r in sweep})
-    cells = {(r["method"], r["learning_rate"]): final_accuracy(r) for r in sweep}
+    finals = sweep_finals(sweep)
     rows = []
     for method in by_method(sweep):
         row = [label(method)]
         for lr in rates:
-            value = f"{cells[method, lr] * 100:.1f}" if (method, lr) in cells else "–"
+            values = finals.get((method, lr))
+            value = "–" if values is None else f"{statistics.fmean(values) * 100:.1f}"
+            if values is not None and len(values) > 1:
+                value += " (" + ", ".join(f"{v * 100:.1f}" for v in values) + ")"
             row.append(f"**{value}**" if best.get(method) == lr else value)
         rows.append(row)
     edge = [label(m) for m, lr in best.items() if lr in (rates[0], rates[-1])]
     note = f"\n\nBest rate at the edge of the grid: {', '.join(edge)}." if edge else ""
-    return table(["seed 0, final accuracy"] + [f"lr {lr:.0e}" for lr in rates], rows) + note
+    return table(["final accuracy, mean (per seed)"] + [f"lr {lr:.0e}" for lr in rates], rows) + note
 
 
 def comparison_table(grouped, columns) -> str:
@@ -251,14 +267,14 @@ def diagnosis_table(grouped, columns) -> str:
 
 
 def abilities_table(grouped, pretrained: dict | None) -> str:
-    """`measure_testbed_abilities` of each arm's final policy and EMA teacher (accuracies in %), next to the
+    """`measure_testbed_abilities` of each arm's final policy and teacher (accuracies in %), next to the
     pre-trained model's (which is also every teacher's starting point)."""
     columns = (
         ("policy", "student/accuracy_greedy", "policy greedy"),
         ("policy", "student/accuracy_sampled", "policy sampled (T=1)"),
         ("policy", "teacher/accuracy_greedy", "policy greedy, solution in prompt"),
-        ("teacher", "teacher/accuracy_greedy", "EMA teacher greedy, solution in prompt"),
-        ("teacher", "teacher/accuracy_sampled", "EMA teacher sampled (T=1), solution in prompt"),
+        ("teacher", "teacher/accuracy_greedy", "teacher greedy, solution in prompt"),
+        ("teacher", "teacher/accuracy_sampled", "teacher sampled (T=1), solution in prompt"),
     )
     rows = []
     if pretrained:
@@ -363,6 +379,27 @@ def plot_family(task: str, grouped, out: Path) -> list[Path]:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     paths.append(_save(figure, out / f"diagnosis_{task}.png"))
+
+    # SRPO's teachers: accuracy, and the logged reliability signal that should fall before accuracy does.
+    teachers = [m for m in TEACHER_METHODS if m in grouped]
+    if len(teachers) > 1:
+        figure, axes = plt.subplots(1, 3, figsize=(17, 4))
+        for method in ["grpo", *teachers] if "grpo" in grouped else teachers:
+            records = grouped[method]
+            band(axes[0], method, [p["step"] for p in records[0]["curve"]], [[p["accuracy"] for p in r["curve"]]
+                                                                              for r in records])  # fmt: skip
+        for ax, key in zip(axes[1:], TEACHER_SIGNALS, strict=True):
+            for method in teachers:
+                series = [metric_series(r, key) for r in grouped[method]]
+                steps = sorted({s for one in series for s in one})
+                if steps:
+                    band(ax, method, steps, [[one.get(s, math.nan) for s in steps] for one in series])
+        titles = (accuracy, "teacher's p(solution token) where a rollout leaves it", "teacher entropy (routed)")
+        for ax, title in zip(axes, titles, strict=True):
+            ax.set(xlabel="RL step", title=f"{task}: {title}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        paths.append(_save(figure, out / f"teachers_{task}.png"))
     return paths
 
 
@@ -448,7 +485,8 @@ def family_block(task: str, stage: dict, out: Path, with_abilities: bool) -> tup
             "",
         ]
     lines += [
-        "### Learning-rate sweep (seed 0, one optimizer step per generation batch; best in bold)",
+        f"### Learning-rate sweep (seeds {sorted({r['seed'] for r in stage['sweep']})}, one optimizer step per "
+        "generation batch; best mean in bold)",
         "",
         sweep_table(stage["sweep"], stage["best"]),
         "",

@@ -74,6 +74,13 @@ def test_budgets_series_and_best_rates(learning):
         for method, lr, final in (("grpo", 1e-4, 0.5), ("grpo", 3e-4, 0.6), ("srpo", 1e-4, 0.7), ("srpo", 3e-4, 0.7))
     ]
     assert report.best_rates(sweep) == {"grpo": 3e-4, "srpo": 1e-4}  # the lower rate on a tie
+    # Over two seeds the rate is chosen by the mean: seed 100 alone would pick 3e-4, which seed 101 collapses at.
+    sweep = [
+        _record(learning, "reversal", "srpo", lr, seed, [0.4, final])
+        for lr, seed, final in ((1e-4, 100, 0.8), (3e-4, 100, 0.9), (1e-4, 101, 0.8), (3e-4, 101, 0.1))
+    ]
+    assert report.best_rates(sweep) == {"srpo": 1e-4}
+    assert "| **80.0 (80.0, 80.0)** | 50.0 (90.0, 10.0) |" in report.sweep_table(sweep, {"srpo": 1e-4})
 
 
 def test_paired_differences_are_per_seed(learning):
@@ -93,26 +100,26 @@ def test_report_from_saved_runs(learning, tmp_path):
     for task in ("addition", "reversal"):
         runs = tmp_path / "runs" / task
         runs.mkdir(parents=True)
-        arms = [(method, lr, 0) for method in learning.SWEPT for lr in (1e-4, 3e-4)]
+        arms = [(method, lr, seed) for method in learning.SWEPT for lr in (1e-4, 3e-4) for seed in (100, 101)]
         arms += [(method, 3e-4 if method != "grpo_4steps" else 3e-4 / 5, seed) for seed in (1, 2)
                  for method in (*learning.SWEPT, "grpo_4steps", *learning.AT_SRPO_RATE)]  # fmt: skip
         for i, (method, lr, seed) in enumerate(arms):
-            accuracies = [0.4, 0.5, 0.5 + 0.1 * (lr > 2e-4)] if seed == 0 else [0.4, 0.45 + 0.01 * (i % 5), 0.55]
+            accuracies = [0.4, 0.5, 0.5 + 0.1 * (lr > 2e-4)] if seed >= 100 else [0.4, 0.45 + 0.01 * (i % 5), 0.55]
             record = _record(learning, task, method, lr, seed, accuracies)
             (runs / f"{harness.run_name(method, lr, seed)}.json").write_text(json.dumps(record))
     (tmp_path / "RESULTS.md").write_text(
         f"# Title\n\nhand-written before\n\n{learning.report.MARK_BEGIN}\nstale\n{learning.report.MARK_END}\n\nafter\n"
     )
-    learning.main(["--report-only", "--no-abilities", "--out", str(tmp_path), "--seeds", "2",
+    learning.main(["--report-only", "--no-abilities", "--out", str(tmp_path), "--seeds", "2", "--sweep-seeds", "2",
                    "--learning-rates", "1e-4", "3e-4"])  # fmt: skip
 
     text = (tmp_path / "RESULTS.md").read_text()
     assert "hand-written before" in text and "after" in text and "stale" not in text
     for task in ("addition", "reversal"):
         assert f"## Task family `{task}`" in text
-        for name in (f"accuracy_{task}.png", f"diagnosis_{task}.png"):
+        for name in (f"accuracy_{task}.png", f"diagnosis_{task}.png", f"teachers_{task}.png"):
             assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| 50.0 | **55.0** |" in text  # the sweep's final accuracies, the best rate's in bold
+    assert "| 50.0 (50.0, 50.0) | **55.0 (55.0, 55.0)** |" in text  # the sweep's final accuracies, the best in bold
     assert "| SRPO − GRPO |" in text and "(0/2)" in text  # paired differences, seeds ahead
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["families"]["reversal"]["best_rates"] == dict.fromkeys(learning.SWEPT, 3e-4)
