@@ -299,6 +299,64 @@ def curve_table(grouped) -> str:
     return table(["step"] + [label(m) for m in grouped], rows)
 
 
+# The early-warning check, with its thresholds fixed before looking at the runs: accuracy falls at the first
+# evaluation `ACCURACY_FALL` below the run's best so far; a signal alarms at the first step from `ALARM_FROM` on where
+# its trailing `SMOOTHING`-step mean has moved by the factor below from its mean over the first `SMOOTHING` steps.
+ACCURACY_FALL, SMOOTHING, ALARM_FROM = 0.10, 10, 20
+ALARMS = (("srpo/teacher_solution_prob", "p(solution) falls by a fifth", lambda now, start: now < 0.8 * start),
+          ("srpo/teacher_entropy/mean", "teacher entropy rises by half", lambda now, start: now > 1.5 * start))  # fmt: skip
+
+
+def accuracy_fall_step(record: dict) -> int | None:
+    best = -math.inf
+    for point in record["curve"]:
+        if point["accuracy"] < best - ACCURACY_FALL:
+            return point["step"]
+        best = max(best, point["accuracy"])
+    return None
+
+
+def alarm_step(series: dict[int, float], alarmed) -> int | None:
+    steps = sorted(series)
+    if len(steps) < 2 * SMOOTHING:
+        return None
+    start = statistics.fmean(series[s] for s in steps[:SMOOTHING])
+    for i in range(SMOOTHING, len(steps)):
+        if steps[i] >= ALARM_FROM and alarmed(
+            statistics.fmean(series[s] for s in steps[i - SMOOTHING + 1 : i + 1]), start
+        ):
+            return steps[i]
+    return None
+
+
+def early_warning_table(grouped) -> str:
+    """For each arm that logs the teacher signals: in how many runs accuracy fell, in how many of those each signal
+    alarmed first (and by how many steps, median), and in how many runs it alarmed while accuracy never fell."""
+    rows = []
+    for method, records in grouped.items():
+        if not any(metric_series(r, ALARMS[0][0]) for r in records):
+            continue
+        falls = {r["seed"]: accuracy_fall_step(r) for r in records}
+        fell = [seed for seed, step in falls.items() if step is not None]
+        row = [
+            label(method),
+            f"{len(fell)}/{len(records)}" + (f" (step {', '.join(str(falls[s]) for s in fell)})" if fell else ""),
+        ]
+        for key, _, alarmed in ALARMS:
+            alarms = {r["seed"]: alarm_step(metric_series(r, key), alarmed) for r in records}
+            leads = [falls[s] - alarms[s] for s in fell if alarms[s] is not None and alarms[s] < falls[s]]
+            early = f"{len(leads)}/{len(fell)}" + (f", {statistics.median(leads):g} steps ahead" if leads else "")
+            row += [
+                early if fell else "–",
+                f"{sum(alarms[s] is not None for s in falls if falls[s] is None)}/{len(records) - len(fell)}",
+            ]
+        rows.append(row)
+    header = ["method", "runs whose accuracy fell (at step)"]
+    for _, name, _ in ALARMS:
+        header += [f"{name}: before the fall", f"{name}: without a fall"]
+    return table(header, rows) if rows else ""
+
+
 def findings(grouped, columns) -> list[str]:
     """Facts read off the numbers (no interpretation): the ordering of GRPO, SDPO and SRPO at each budget."""
     out = []
@@ -511,6 +569,14 @@ def family_block(task: str, stage: dict, out: Path, with_abilities: bool) -> tup
         "have given them.",
         "",
         diagnosis_table(grouped, GRADIENTS),
+        "",
+        "### Does the teacher signal fall before the accuracy?",
+        "",
+        f"Accuracy falls: the first evaluation {ACCURACY_FALL * 100:.0f} points below the run's best so far. A signal "
+        f"alarms at the first step from {ALARM_FROM} on where its mean over the last {SMOOTHING} steps has moved by the "
+        f"stated factor from its mean over the first {SMOOTHING} (thresholds fixed before the runs).",
+        "",
+        early_warning_table(grouped),
         "",
         f"### After training (`measure_testbed_abilities`, {settings.ability_problems} test problems; %)",
         "",

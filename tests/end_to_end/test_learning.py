@@ -94,6 +94,27 @@ def test_paired_differences_are_per_seed(learning):
     assert report.fmt_paired(differences) == "-2.5 ± 10.6 (1/2)"
 
 
+def test_early_warning_counts_alarms_before_and_without_a_fall(learning):
+    report = learning.report
+
+    def run(seed, accuracies, solution_probs):
+        record = _record(learning, "reversal", "srpo", 1e-3, seed, accuracies, steps=60, eval_every=10)
+        for entry, prob in zip(record["log_history"], solution_probs, strict=True):
+            entry["srpo/teacher_solution_prob"] = prob
+            entry["srpo/teacher_entropy/mean"] = 0.1
+        return record
+
+    steady, sliding = [0.9] * 60, [0.9] * 30 + [0.5] * 30  # trailing 10-step mean < 0.72 from step 35 on
+    falls = run(1, [0.4, 0.8, 0.9, 0.9, 0.85, 0.7, 0.5], sliding)  # 20 points below its best at step 50
+    assert report.accuracy_fall_step(falls) == 50
+    assert report.alarm_step(report.metric_series(falls, "srpo/teacher_solution_prob"), report.ALARMS[0][2]) == 35
+    table = report.early_warning_table(
+        {"srpo": [falls, run(2, [0.4, 0.8, 0.9, 0.9, 0.9, 0.9, 0.9], sliding), run(3, [0.4] + [0.9] * 6, steady)]}
+    )
+    # seed 1 falls at 50, warned 15 steps ahead; seed 2 alarms without a fall; entropy never alarms
+    assert "| SRPO | 1/3 (step 50) | 1/1, 15 steps ahead | 1/2 | 0/1 | 0/2 |" in table
+
+
 def test_report_from_saved_runs(learning, tmp_path):
     """`--report-only` rebuilds RESULTS.md's generated block and the figures of every family from saved records."""
     harness = learning.harness
