@@ -213,9 +213,9 @@ def test_zero3_resume_without_teacher_shards_restarts_the_teacher_from_the_polic
         assert torch.equal(value, policy[name]), name
 
 
-# Teacher kinds (method §4): the same policy and teacher as one process, and an FSDP2 resume of a kind rebuilt from
-# the initial weights. `base` is `trust_region`'s layout (a copy of the initial weights) without its update, so the
-# two sharded layouts are `live` (no copy) and `trust_region`; both keep the suite's 2-process time in bounds.
+# Teacher kinds (method §4): the same policy and teacher as one process, and a ZeRO-3 and an FSDP2 resume of a kind
+# rebuilt from the initial weights. `base` is `trust_region`'s layout (a copy of the initial weights) without its
+# update, so the two sharded layouts are `live` (no copy) and `trust_region`; both keep the 2-process time in bounds.
 @pytest.mark.parametrize("kind", ["live", "trust_region"])
 @pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
 def test_sharded_teacher_kinds_end_with_the_single_process_weights(tmp_path, backend, kind):
@@ -225,11 +225,15 @@ def test_sharded_teacher_kinds_end_with_the_single_process_weights(tmp_path, bac
     assert_same_run(launch(tmp_path / backend, backend, option), reference)
 
 
-@pytest.mark.parametrize("kind", ["trust_region"])
-def test_fsdp2_resume_rebuilds_an_initial_weights_teacher_exactly(tmp_path, kind):
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+def test_resume_rebuilds_an_initial_weights_teacher_exactly(tmp_path, backend):
     # The policy is already the resumed one when the teacher is sharded: the teacher must keep its initial weights.
-    options = ("--max_steps=4", f"--teacher_model_kind={kind}")
-    straight = launch(tmp_path / "straight", "fsdp2", *options, "--save_steps=2")
+    # ZeRO-3 as documented: the model given as a path, loaded partitioned (zero.Init), the teacher its twin.
+    zero3 = backend == "zero3"
+    options = (*(ZERO3_RESUME if zero3 else ("--max_steps=4",)), "--teacher_model_kind=trust_region")
+    config = "cpu_zero3.yaml" if zero3 else None
+    straight = launch(tmp_path / "straight", backend, *options, "--save_steps=2", accelerate_config=config)
     checkpoint = tmp_path / "straight" / "checkpoint-2"
-    resumed = launch(tmp_path / "resumed", "fsdp2", *options, f"--resume_from_checkpoint={checkpoint}")
+    resume = f"--resume_from_checkpoint={checkpoint}"
+    resumed = launch(tmp_path / "resumed", backend, *options, resume, accelerate_config=config)
     assert_same_run(resumed, straight, atol=0.0)
