@@ -227,13 +227,28 @@ def comparison_table(grouped, columns) -> str:
     return table(["method", "initial", *columns, "CPU s / step"], rows)
 
 
-def paired_table(grouped, columns) -> str:
+def paired_table(grouped, columns, pairs=PAIRS) -> str:
     rows = []
-    for a, b in PAIRS:
+    for a, b in pairs:
         if a in grouped and b in grouped:
             row = [f"{label(a)} − {label(b)}"]
             rows.append(row + [fmt_paired(paired_differences(grouped, a, b, value)) for value in columns.values()])
     return table(["points, mean ± std (seeds ahead)", *columns], rows)
+
+
+def stress_lines(stressed, columns) -> list[str]:
+    """The stress test's comparison and its paired differences: each arm against SRPO and GRPO at the same rate."""
+    rate = next(iter(stressed.values()))[0]["learning_rate"]
+    pairs = [(m, "srpo") for m in stressed if m not in ("srpo", "grpo")]
+    pairs += [(m, "grpo") for m in stressed if m != "grpo"]
+    return [
+        f"### Stress: one grid step above SRPO's best rate (lr {rate:.0e}, the same seeds)",
+        "",
+        comparison_table(stressed, columns),
+        "",
+        paired_table(stressed, columns, pairs),
+        "",
+    ]
 
 
 def halves(record: dict, series: dict[int, float]) -> tuple[list[float], list[float]]:
@@ -329,17 +344,18 @@ def alarm_step(series: dict[int, float], alarmed) -> int | None:
     return None
 
 
-def early_warning_table(grouped) -> str:
-    """For each arm that logs the teacher signals: in how many runs accuracy fell, in how many of those each signal
-    alarmed first (and by how many steps, median), and in how many runs it alarmed while accuracy never fell."""
+def early_warning_table(*groups) -> str:
+    """For each arm (of each `by_method` group) that logs the teacher signals: in how many runs accuracy fell, in how
+    many of those each signal alarmed first (and by how many steps, median), and in how many runs it alarmed while
+    accuracy never fell."""
     rows = []
-    for method, records in grouped.items():
+    for method, records in ((m, rs) for grouped in groups for m, rs in grouped.items()):
         if not any(metric_series(r, ALARMS[0][0]) for r in records):
             continue
         falls = {r["seed"]: accuracy_fall_step(r) for r in records}
         fell = [seed for seed, step in falls.items() if step is not None]
         row = [
-            label(method),
+            label(method, records[0]["learning_rate"]),
             f"{len(fell)}/{len(records)}" + (f" (step {', '.join(str(falls[s]) for s in fell)})" if fell else ""),
         ]
         for key, _, alarmed in ALARMS:
@@ -371,7 +387,7 @@ def findings(grouped, columns) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- figures
 
 
-def plot_family(task: str, grouped, out: Path) -> list[Path]:
+def plot_family(task: str, grouped, out: Path, stressed=None) -> list[Path]:
     """Accuracy vs RL step and vs training CPU time, and the diagnosis over training, for one family."""
     import matplotlib
 
@@ -458,6 +474,22 @@ def plot_family(task: str, grouped, out: Path) -> list[Path]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         paths.append(_save(figure, out / f"teachers_{task}.png"))
+    if stressed:
+        figure, (ax, signal) = plt.subplots(1, 2, figsize=(13, 4.5))
+        for method, records in stressed.items():
+            band(ax, method, [p["step"] for p in records[0]["curve"]], [[p["accuracy"] for p in r["curve"]]
+                                                                         for r in records])  # fmt: skip
+            series = [metric_series(r, TEACHER_SIGNALS[0]) for r in records]
+            steps = sorted({s for one in series for s in one})
+            if steps:
+                band(signal, method, steps, [[one.get(s, math.nan) for s in steps] for one in series])
+        rate = next(iter(stressed.values()))[0]["learning_rate"]
+        ax.set(xlabel="RL step", ylabel=accuracy, title=f"{task}, lr {rate:.0e} (one grid step above SRPO's best)")
+        signal.set(xlabel="RL step", title=f"{task}, lr {rate:.0e}: teacher's p(solution token)")
+        for one in (ax, signal):
+            one.grid(alpha=0.3)
+            one.legend(fontsize=7)
+        paths.append(_save(figure, out / f"stress_{task}.png"))
     return paths
 
 
@@ -508,10 +540,11 @@ def family_block(task: str, stage: dict, out: Path, with_abilities: bool) -> tup
     settings = harness.Settings(**compare[0]["settings"])
     identity = harness.testbed_identity(settings)
     grouped = by_method(compare)
+    stressed = by_method(stage.get("stress", []))
     columns = budgets(grouped)
-    figures = plot_family(task, grouped, out)
+    figures = plot_family(task, grouped, out, stressed)
     seeds = sorted({r["seed"] for r in compare})
-    records = stage["sweep"] + compare
+    records = stage["sweep"] + compare + stage.get("stress", [])
     stale = sorted({r["testbed"]["config_hash"] for r in records} - {identity["config_hash"]})
     codes = sorted({r["code"] for r in records})
     abilities = pretrained_abilities(settings) if with_abilities else None
@@ -558,6 +591,7 @@ def family_block(task: str, stage: dict, out: Path, with_abilities: bool) -> tup
         "",
         "Orderings (computed): " + "; ".join(findings(grouped, columns)) + ".",
         "",
+        *(stress_lines(stressed, columns) if stressed else []),
         "### Diagnosis (mean over seeds and steps, first half → second half of training)",
         "",
         "The routed tokens: how many, and how far the teacher is from the policy on them.",
@@ -576,7 +610,7 @@ def family_block(task: str, stage: dict, out: Path, with_abilities: bool) -> tup
         f"alarms at the first step from {ALARM_FROM} on where its mean over the last {SMOOTHING} steps has moved by the "
         f"stated factor from its mean over the first {SMOOTHING} (thresholds fixed before the runs).",
         "",
-        early_warning_table(grouped),
+        early_warning_table(grouped, stressed),
         "",
         f"### After training (`measure_testbed_abilities`, {settings.ability_problems} test problems; %)",
         "",
@@ -615,7 +649,7 @@ def write_report(stages: dict[str, dict], out: Path, command: str, report_only: 
         f"Machine: {machine()}",
         "",
     ]
-    records = [r for stage in stages.values() for r in stage["sweep"] + stage["compare"]]
+    records = [r for stage in stages.values() for r in stage["sweep"] + stage["compare"] + stage.get("stress", [])]
     block += [
         f"Compute: {len(records)} runs on one torch thread each; "
         f"{sum(r['wall_seconds'] for r in records) / 3600:.1f} h wall-clock in all (saved runs count at their own "

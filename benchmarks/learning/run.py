@@ -13,13 +13,15 @@ pre-trained testbed model:
    SRPO : GRPO = 5 : 1 as in the paper), SRPO's ablations and its other teachers (a 10x slower EMA, and
    `teacher_model_kind` `base`, `live`, `trust_region`) at SRPO's best rate. The arms of a seed train on the
    same problems and are evaluated on the same samples, so differences are paired by seed.
+3. **Stress**: GRPO, SRPO, its slower-EMA, `base` and `trust_region` teachers and `routed_grpo_weight=1` at the next
+   rate above SRPO's best, on the comparison's seeds: which teacher keeps SRPO stable at a rate too high for it.
 
 Runs are cached: a run whose record (`<out>/runs/<task>/<method>-lr<rate>-seed<k>.json`) holds the same settings,
 testbed checkpoint and `srpo_trl` code is not run again. `report.py` writes the tables, figures and RESULTS.md.
 
 Usage:
-    python benchmarks/learning/run.py --jobs 2        # everything: make bench-learning (166 runs, about 75 minutes
-                                                      # on 2 cores)
+    python benchmarks/learning/run.py --jobs 2        # everything: make bench-learning (226 runs, about 100
+                                                      # minutes on 2 cores)
     python benchmarks/learning/run.py --quick         # a few minutes, writes benchmarks/learning/quick/
     python benchmarks/learning/run.py --report-only   # rebuild RESULTS.md and the figures from the saved runs
 """
@@ -63,19 +65,33 @@ AT_SRPO_RATE = (
     "srpo_live_teacher",
     "srpo_trust_region",
 )
+# Robustness to a rate too high: GRPO and SRPO's teachers one grid step above SRPO's best rate, where the EMA teacher
+# went bad on `reversal` (the teacher that stays reliable should keep SRPO stable there).
+STRESSED = (
+    "grpo",
+    "srpo",
+    "srpo_slow_teacher",
+    "srpo_base_teacher",
+    "srpo_trust_region",
+    "srpo_routed_grpo",
+)
 PAPER_RATIO = 5  # the paper's SRPO : GRPO learning rates (5e-6 : 1e-6), GRPO with 4 optimizer steps per batch
 QUICK = {"steps": 10, "eval_every": 5, "num_test": 100, "probe_every": 5, "ability_problems": 20}
 
 
 def plan(records_of, rates, seeds, sweep_seeds) -> dict:
     """The runs of one family, stage by stage: `records_of(arms)` runs (or loads) a stage before the next is planned.
-    Returns the sweep's records, each swept method's best rate, and the comparison's records."""
+    Returns the sweep's records, each swept method's best rate, the comparison's records and the stress test's (none
+    when SRPO's best rate is the highest of `rates`)."""
     sweep = records_of([(method, lr, seed) for method in SWEPT for lr in rates for seed in sweep_seeds])
     best = report.best_rates(sweep)
     compare = [(method, best[method], seed) for method in SWEPT for seed in seeds]
     compare += [("grpo_4steps", best["srpo"] / PAPER_RATIO, seed) for seed in seeds]
     compare += [(method, best["srpo"], seed) for method in AT_SRPO_RATE for seed in seeds]
-    return {"sweep": sweep, "best": best, "compare": records_of(compare)}
+    compared = records_of(compare)
+    higher = [lr for lr in sorted(rates) if lr > best["srpo"]]
+    stress = records_of([(method, higher[0], seed) for method in STRESSED for seed in seeds]) if higher else []
+    return {"sweep": sweep, "best": best, "compare": compared, "stress": stress}
 
 
 def main(argv=None) -> dict:

@@ -112,7 +112,7 @@ def test_early_warning_counts_alarms_before_and_without_a_fall(learning):
         {"srpo": [falls, run(2, [0.4, 0.8, 0.9, 0.9, 0.9, 0.9, 0.9], sliding), run(3, [0.4] + [0.9] * 6, steady)]}
     )
     # seed 1 falls at 50, warned 15 steps ahead; seed 2 alarms without a fall; entropy never alarms
-    assert "| SRPO | 1/3 (step 50) | 1/1, 15 steps ahead | 1/2 | 0/1 | 0/2 |" in table
+    assert "| SRPO (lr 1e-03) | 1/3 (step 50) | 1/1, 15 steps ahead | 1/2 | 0/1 | 0/2 |" in table
 
 
 def test_report_from_saved_runs(learning, tmp_path):
@@ -121,9 +121,10 @@ def test_report_from_saved_runs(learning, tmp_path):
     for task in ("addition", "reversal"):
         runs = tmp_path / "runs" / task
         runs.mkdir(parents=True)
-        arms = [(method, lr, seed) for method in learning.SWEPT for lr in (1e-4, 3e-4) for seed in (100, 101)]
+        arms = [(method, lr, seed) for method in learning.SWEPT for lr in (1e-4, 3e-4, 1e-3) for seed in (100, 101)]
         arms += [(method, 3e-4 if method != "grpo_4steps" else 3e-4 / 5, seed) for seed in (1, 2)
                  for method in (*learning.SWEPT, "grpo_4steps", *learning.AT_SRPO_RATE)]  # fmt: skip
+        arms += [(method, 1e-3, seed) for seed in (1, 2) for method in learning.STRESSED]  # one step above 3e-4
         for i, (method, lr, seed) in enumerate(arms):
             accuracies = [0.4, 0.5, 0.5 + 0.1 * (lr > 2e-4)] if seed >= 100 else [0.4, 0.45 + 0.01 * (i % 5), 0.55]
             record = _record(learning, task, method, lr, seed, accuracies)
@@ -132,16 +133,18 @@ def test_report_from_saved_runs(learning, tmp_path):
         f"# Title\n\nhand-written before\n\n{learning.report.MARK_BEGIN}\nstale\n{learning.report.MARK_END}\n\nafter\n"
     )
     learning.main(["--report-only", "--no-abilities", "--out", str(tmp_path), "--seeds", "2", "--sweep-seeds", "2",
-                   "--learning-rates", "1e-4", "3e-4"])  # fmt: skip
+                   "--learning-rates", "1e-4", "3e-4", "1e-3"])  # fmt: skip
 
     text = (tmp_path / "RESULTS.md").read_text()
     assert "hand-written before" in text and "after" in text and "stale" not in text
     for task in ("addition", "reversal"):
         assert f"## Task family `{task}`" in text
-        for name in (f"accuracy_{task}.png", f"diagnosis_{task}.png", f"teachers_{task}.png"):
+        for name in (f"accuracy_{task}.png", f"diagnosis_{task}.png", f"teachers_{task}.png", f"stress_{task}.png"):
             assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| 50.0 (50.0, 50.0) | **55.0 (55.0, 55.0)** |" in text  # the sweep's final accuracies, the best in bold
     assert "| SRPO − GRPO |" in text and "(0/2)" in text  # paired differences, seeds ahead
+    assert "### Stress: one grid step above SRPO's best rate (lr 1e-03" in text
+    assert "| SRPO, frozen initial teacher − SRPO |" in text.split("### Stress")[1]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["families"]["reversal"]["best_rates"] == dict.fromkeys(learning.SWEPT, 3e-4)
 
