@@ -20,7 +20,7 @@ Runs are cached: a run whose record (`<out>/runs/<task>/<method>-lr<rate>-seed<k
 testbed checkpoint and `srpo_trl` code is not run again. `report.py` writes the tables, figures and RESULTS.md.
 
 Usage:
-    python benchmarks/learning/run.py --jobs 2        # everything: make bench-learning (226 runs, about 100
+    python benchmarks/learning/run.py --jobs 2        # everything: make bench-learning (226 runs, about 110
                                                       # minutes on 2 cores)
     python benchmarks/learning/run.py --quick         # a few minutes, writes benchmarks/learning/quick/
     python benchmarks/learning/run.py --report-only   # rebuild RESULTS.md and the figures from the saved runs
