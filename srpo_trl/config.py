@@ -6,6 +6,7 @@ import warnings
 from dataclasses import MISSING, dataclass, field, fields
 
 import numpy
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import GRPOConfig
 
 from .compat import adopt_activation_checkpointing_name
@@ -23,7 +24,8 @@ class SRPOConfig(GRPOConfig):
     included: the distillation term joins GRPO's per-token loss and is reduced with it (method §12). Defaults that differ
     from `GRPOConfig`'s follow the paper (Table 3): `learning_rate=5e-6`, `scale_rewards="none"`,
     `epsilon_high=0.28`, and token-level truncated vLLM importance sampling capped at 2
-    (`vllm_importance_sampling_mode="token_truncate"`, `vllm_importance_sampling_clip_max=2.0`).
+    (`vllm_importance_sampling_mode="token_truncate"`, `vllm_importance_sampling_clip_max=2.0`). `bf16` left unset
+    is on where a GPU supports it, as in GRPO, and off (fp32) on a machine without one, where GRPO refuses it.
 
     Parameters:
         > Parameters that control routing
@@ -163,6 +165,10 @@ class SRPOConfig(GRPOConfig):
             self.num_generations is None or self.num_generations >= 2,
             ">= 2: routing compares each rollout with its siblings",
         )
+        if self.bf16 is None and not self.fp16 and not (self.use_cpu or _bf16_accelerator()):
+            # GRPOConfig's default bf16=True is refused where no accelerator supports it ("Your setup doesn't
+            # support bf16/gpu"): unset, a machine without one (a CPU) trains in fp32. Set bf16 to choose.
+            self.bf16 = False
         super().__post_init__()
         self._check("teacher_update_rate", 0.0 < self.teacher_update_rate <= 1.0, "in (0, 1], e.g. 0.05")
         self._check("distillation_topk", self.distillation_topk >= 1, "an integer >= 1, e.g. 100")
@@ -265,6 +271,11 @@ class SRPOConfig(GRPOConfig):
         if not ok:
             value = getattr(self, name)
             raise ValueError(f"SRPOConfig.{name} must be {expected}; got {value!r} ({type(value).__name__}).")
+
+
+def _bf16_accelerator() -> bool:
+    """Whether transformers' `TrainingArguments` accepts bf16 here without `use_cpu` (a bf16 GPU, or XLA)."""
+    return is_torch_bf16_gpu_available() or is_torch_xla_available()
 
 
 # GRPOConfig derives one of these from the other and refuses both: the converted config gets one of them.

@@ -152,3 +152,13 @@ def test_topk_larger_than_the_vocabulary_is_rejected(char_tokenizer):
             train_dataset=Dataset.from_dict({"prompt": ["a"] * 8}),
             processing_class=char_tokenizer,
         )
+
+
+def test_bf16_left_unset_is_off_where_no_gpu_supports_it():
+    # GRPO's default bf16=True is refused without a bf16 GPU ("Your setup doesn't support bf16/gpu"): the README's
+    # SRPOConfig(output_dir=..., chat_template_kwargs=...) must build on a CPU, in fp32.
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    args = SRPOConfig(output_dir="/tmp/srpo-config-test", chat_template_kwargs={"enable_thinking": False})
+    assert args.bf16 is is_torch_bf16_gpu_available()
+    assert SRPOConfig(output_dir="/tmp/srpo-config-test", use_cpu=True).bf16  # use_cpu: as in GRPO (CPU autocast)
