@@ -107,9 +107,10 @@ def causal_lm(model) -> PreTrainedModel:
 
 
 def backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The decoder stack (returns final hidden states) and the LM head of a causal LM, PEFT-wrapped or not."""
+    """The decoder stack (returns final hidden states) and the LM head of a causal LM, PEFT-wrapped or not: the
+    module `get_decoder()` names, which the causal LM's forward calls (OPT's calls `model.decoder`, not `model`)."""
     lm = causal_lm(model)
-    return lm.base_model, lm.get_output_embeddings()
+    return lm.get_decoder(), lm.get_output_embeddings()
 
 
 def save_student_adapter_only(policy, student_adapter: str) -> None:

@@ -67,7 +67,7 @@ from .teacher import (
     context_length,
     shard_like_policy,
 )
-from .teacher_scoring import TeacherScorer, captured_hidden_states
+from .teacher_scoring import TeacherScorer, captured_hidden_states, uncaptured_backbone_problem
 from .vllm_cpu import check_cpu_vllm_settings, use_cpu_weight_sync
 from .vocab import Logits, logit_scale_and_softcap, sampling_logits
 
@@ -145,6 +145,10 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         self.teacher, self._teacher_engine = build_self_teacher(
             self.model, args, self.accelerator, self._dist.is_zero3, self._dist.is_fsdp
         )
+        if not self._sharded:  # sharded weights: a forward is a collective; the first pass checks it then
+            with self.teacher.active() as teacher_model:
+                if problem := uncaptured_backbone_problem(teacher_model):
+                    raise ValueError(problem)
         pad_token_id, span = self._tokenizer.pad_token_id, functools.partial(profiling_context, self)
         self.teacher_scorer = TeacherScorer(
             self.teacher, self.accelerator, pad_token_id, self._logits, self._dist, span
@@ -247,7 +251,11 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         if prompts.no_room.any():
             self._warn_once(
                 *no_demonstration_room(
-                    prompts.longest_without_room, budget, self.args.max_teacher_prompt_length, self._context_length
+                    prompts.longest_without_room,
+                    budget,
+                    self.args.max_teacher_prompt_length,
+                    self._context_length,
+                    prompts.crowded_by,
                 )
             )
         return prompts
