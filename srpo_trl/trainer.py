@@ -19,6 +19,7 @@ weights are gathered collectively, so every process makes as many teacher passes
 """
 
 import functools
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ from .compat import (
     tokenize_one_prompt,
 )
 from .config import SRPOConfig
-from .diagnostics import RoutingWatch, no_demonstration_room, routing_metrics
+from .diagnostics import RoutingWatch, no_demonstration_room, one_process_of_several, routing_metrics
 from .evaluation import bind_evaluation_callbacks
 from .losses import (
     LOCAL_TOKEN_LOSS_TYPES,
@@ -117,6 +118,8 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         check_cpu_vllm_settings(args)  # before GRPOTrainer starts vLLM: the CPU backend has no sleep mode
         quiet_trl_checkpointing_calls()
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        if message := one_process_of_several(os.environ, self.accelerator.num_processes):
+            warnings.warn(message, stacklevel=2)
         bind_evaluation_callbacks(self)  # evaluation callbacks given in `callbacks=[...]` need the trainer
         use_cpu_weight_sync(self)  # vLLM colocate on a CPU engine: weight sync through vLLM's reload path
         self.teacher = None
