@@ -238,8 +238,9 @@ class BestWithinBudgetsCallback(TrainerCallback):
     """Evaluate avg@k every `eval_steps` optimizer steps and keep the best value reached within each time budget.
 
     Results are logged as `eval_avg@{k}` (the accuracy of [`avg_at_k`]), `eval_mean_reward@{k}` (the mean weighted
-    reward) and `best_avg@{k}_within_{h}h`, in log rows of their own, and kept in `self.best` (`{hours: accuracy}`)
-    and `self.history` (`(step, training seconds, AvgAtK)`). Evaluation time does not count towards the budgets:
+    reward) and, once `h` hours of training have passed, `best_avg@{k}_within_{h}h` (a shorter run logs none), in
+    log rows of their own, and kept in `self.best` (`{hours: accuracy}`, the running best within each budget) and
+    `self.history` (`(step, training seconds, AvgAtK)`). Evaluation time does not count towards the budgets:
     they measure training time, as the paper's "best avg@16 within 1 h, 5 h, 10 h of training" does. A sample is
     correct by the trainer's own rule: `trainer.reward_weights` and `trainer.args.success_reward_threshold`. With
     `use_vllm`, samples come from the run's vLLM engine (synced to the policy first); otherwise from
@@ -331,7 +332,8 @@ class BestWithinBudgetsCallback(TrainerCallback):
         for hours in self.budgets_hours:
             if self._training_seconds <= hours * 3600:
                 self.best[hours] = max(self.best[hours], float(value))
-            logs[f"best_avg@{k}_within_{hours:g}h"] = self.best[hours]
+            elif not math.isinf(self.best[hours]):  # the budget has run out: its best is final, and logged from now
+                logs[f"best_avg@{k}_within_{hours:g}h"] = self.best[hours]
         # Trainer's own log, not GRPOTrainer's: the latter would flush the step's pending training metrics into
         # this row. Logging clears `should_log`, which Trainer has set for the step's training row: kept.
         should_log = control.should_log

@@ -238,3 +238,24 @@ def test_datasets_mixture_streaming_and_test_split_size_as_trl_grpo_takes_them(t
     assert len(list(_Splits(streamed, DatasetMixtureConfig()).train())) == 3  # an IterableDataset
     with pytest.raises(ValueError, match="--test_split_size cannot split a streamed dataset"):
         main(*parse_args([*argv, "--dataset_streaming", "true", "--test_split_size", "0.25"]))
+
+
+@pytest.mark.slow
+def test_readme_two_cpu_processes_command_starts_two(tmp_path):
+    # The Scaling section's torchrun command on the "Your own task" files, one step: 2 processes x 4 prompts of the
+    # 256 make 1/32 of an epoch (one process would make 1/64). A random tiny model: plumbing, not learning.
+    from srpo_trl.testbed import save_tiny_model
+
+    readme = (ROOT / "README.md").read_text()
+    for block in re.findall(r"```python\n(# (\S+\.py)\n.*?)```", _readme_own_task(), re.S):
+        (tmp_path / block[1]).write_text(block[0])
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    subprocess.run([sys.executable, "make_data.py"], cwd=tmp_path, check=True)
+    save_tiny_model(tmp_path / "tiny-qwen3")
+    scaling = readme[readme.index("## Scaling") :].split("\n## ", 1)[0]
+    (command,) = [c for c in re.findall(r"```bash\n(.*?)```", scaling, re.S)[0].replace("\\\n", " ").splitlines()
+                  if c.startswith("torchrun")]  # fmt: skip
+    argv = [*shlex.split(command), "--max_steps", "1", "--eval_every_steps", "0", "--disable_tqdm", "true"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'epoch': '0.03125'" in result.stdout and result.stdout.count("Training completed.") == 1
