@@ -259,3 +259,31 @@ def test_readme_two_cpu_processes_command_starts_two(tmp_path):
     result = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "'epoch': '0.03125'" in result.stdout and result.stdout.count("Training completed.") == 1
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--eval_k", "-2"], r"--eval_k must be an integer >= 1; got -2"),
+        (["--eval_k", "0"], r"--eval_k must be an integer >= 1; got 0"),
+        (["--max_train_samples", "-3"], r"--max_train_samples must be an integer >= 1; got -3"),
+        (["--max_eval_samples", "0"], r"--max_eval_samples must be an integer >= 1"),
+        (["--eval_every_steps", "-5"], r"--eval_every_steps must be an integer >= 0 \(0: no avg@k\); got -5"),
+        (["--eval_max_new_tokens", "0"], r"--eval_max_new_tokens must be an integer >= 1"),
+        (["--eval_temperature", "0"], r"--eval_temperature must be > 0"),
+        (["--eval_top_p", "1.5"], r"--eval_top_p must be in \(0, 1\]"),
+        (["--eval_budgets_hours", "0"], r"--eval_budgets_hours must be positive numbers of hours"),
+    ],
+)
+def test_cli_argument_checks_name_the_flag(flags, match):
+    # Before: a negative count sliced the data silently, a zero temperature or interval failed after the first step.
+    with pytest.raises(ValueError, match=match):
+        parse_args(["--model_name_or_path", "tiny", "--dataset_name", "data", *flags])
+
+
+def test_a_streamed_training_set_needs_max_steps(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = _own_task(tmp_path)
+    argv[argv.index("--max_steps") + 1] = "-1"
+    with pytest.raises(ValueError, match=r"streamed training set .* set --max_steps"):
+        main(*parse_args([*argv, "--dataset_streaming", "true", "--max_train_samples", "3"]))
