@@ -1,20 +1,22 @@
 """The command line of `srpo-trl` / `python -m srpo_trl.train`: `trl grpo`'s arguments, SRPO's, and the paper's tasks.
 
-Arguments come from three dataclasses, parsed by a `trl.TrlParser` from a YAML `--config` and the command line:
-[`SRPOScriptArguments`] (data, rewards, evaluation: TRL's `ScriptArguments` and more), [`SRPOConfig`] (training)
-and `trl.ModelConfig` (model, LoRA). `--help` lists them in titled groups, SRPO's own fields before GRPO's.
+Arguments come from four dataclasses, parsed by a `trl.TrlParser` from a YAML `--config` and the command line:
+[`SRPOScriptArguments`] (data, rewards, evaluation: TRL's `ScriptArguments` and more), [`SRPOConfig`] (training),
+`trl.ModelConfig` (model, LoRA) and `trl.DatasetMixtureConfig` (a mixture of datasets, a carved test split, as
+`trl grpo` takes them). `--help` lists them in titled groups, SRPO's own fields before GRPO's.
 """
 
 import argparse
 import dataclasses
 import importlib
+import math
 import os
 import sys
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser
+from trl import DatasetMixtureConfig, GRPOConfig, ModelConfig, ScriptArguments, TrlParser
 
 from .config import SRPOConfig
 from .tasks import TASKS, get_reward_funcs, multiple_choice_reward, tool_use_reward
@@ -52,7 +54,8 @@ class SRPOScriptArguments(ScriptArguments):
     Parameters:
         task (`str`, *optional*):
             One of the paper's benchmarks, with its loader and reward: `chemistry`, `physics`, `biology`, `material`
-            (SciKnowEval L3) or `tooluse` (ToolAlpaca). Defaults to `chemistry` unless `dataset_name` is given.
+            (SciKnowEval L3) or `tooluse` (ToolAlpaca). Without it, give your own data (`dataset_name`, or a
+            `datasets` mixture).
         reward_funcs (`list[str]`, *optional*):
             Reward functions: import paths (`my_rewards.correctness`, a module importable from the current folder),
             `multiple_choice`, `tool_use`, a task name (its rewards), or `accuracy_reward`,
@@ -85,7 +88,7 @@ class SRPOScriptArguments(ScriptArguments):
 
     task: str | None = field(
         default=None,
-        metadata={"help": "A paper benchmark (default chemistry, unless --dataset_name is given).", "choices": TASKS},
+        metadata={"help": "A paper benchmark, instead of --dataset_name / datasets.", "choices": TASKS},
     )
     reward_funcs: list[str] | None = field(
         default=None,
@@ -112,6 +115,31 @@ class SRPOScriptArguments(ScriptArguments):
         default_factory=lambda: [1.0, 5.0, 10.0], metadata={"help": "Training-time budgets (hours)."}
     )
 
+    def __post_init__(self):
+        # Checked here, naming the flag, rather than where the values are used (a slice, the evaluation callback).
+        counts = {"max_train_samples": 1, "max_eval_samples": 1, "eval_every_steps": 0, "eval_k": 1}
+        counts["eval_max_new_tokens"] = 1
+        for name, least in counts.items():
+            value = getattr(self, name)
+            optional = name != "eval_k"
+            if (value is None and optional) or (
+                isinstance(value, int) and not isinstance(value, bool) and value >= least
+            ):
+                continue
+            meaning = " (0: no avg@k)" if name == "eval_every_steps" else ""
+            raise ValueError(f"--{name} must be an integer >= {least}{meaning}; got {value!r}.")
+        if not (isinstance(self.eval_temperature, (int, float)) and 0 < self.eval_temperature < math.inf):
+            raise ValueError(
+                f"--eval_temperature must be > 0 (avg@k samples; the paper's is 0.6); got {self.eval_temperature!r}."
+            )
+        if not (isinstance(self.eval_top_p, (int, float)) and 0 < self.eval_top_p <= 1):
+            raise ValueError(f"--eval_top_p must be in (0, 1]; got {self.eval_top_p!r}.")
+        hours = self.eval_budgets_hours
+        if not isinstance(hours, (list, tuple)) or not all(
+            isinstance(h, (int, float)) and not isinstance(h, bool) and 0 < h < math.inf for h in hours
+        ):
+            raise ValueError(f"--eval_budgets_hours must be positive numbers of hours, e.g. 1 5 10; got {hours!r}.")
+
 
 def srpo_field_names() -> set[str]:
     """SRPOConfig's own fields and the GRPO fields whose default SRPO changes (the paper's, method §10)."""
@@ -129,8 +157,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 class SRPOParser(TrlParser):
-    """`TrlParser` over [`SRPOScriptArguments`], [`SRPOConfig`] and `ModelConfig`, its `--help` in titled groups:
-    data and rewards, SRPO, model, then GRPO and the `Trainer`'s (about 200 fields) last."""
+    """`TrlParser` over [`SRPOScriptArguments`], [`SRPOConfig`], `ModelConfig` and `DatasetMixtureConfig`, its
+    `--help` in titled groups: data and rewards, SRPO, model, then GRPO and the `Trainer`'s (about 200 fields) last."""
 
     GROUPS = (
         "Data, rewards and evaluation",
@@ -139,11 +167,12 @@ class SRPOParser(TrlParser):
         "GRPO and training (trl.GRPOConfig)",
     )
 
-    def __init__(self):
+    def __init__(self, prog: str | None = None):
         super().__init__(
-            (SRPOScriptArguments, SRPOConfig, ModelConfig),
+            (SRPOScriptArguments, SRPOConfig, ModelConfig, DatasetMixtureConfig),
+            prog=prog or _prog(sys.argv[0]),
             description=DESCRIPTION,
-            usage="python -m srpo_trl.train [--config YAML] [--task TASK | --dataset_name DATA] [--ARGUMENT VALUE ...]",
+            usage="%(prog)s [--config YAML] [--task TASK | --dataset_name DATA] [--ARGUMENT VALUE ...]",
             formatter_class=_HelpFormatter,
         )
         rank = {title: i for i, title in enumerate(self.GROUPS)}
@@ -159,7 +188,7 @@ class SRPOParser(TrlParser):
                 self._parse_dataclass_field(self._group(dtype, spec.name in srpo), spec)
 
     def _group(self, dtype, srpo_field: bool):
-        if dtype is SRPOScriptArguments:
+        if dtype in (SRPOScriptArguments, DatasetMixtureConfig):
             title = self.GROUPS[0]
         elif dtype is SRPOConfig:
             title = self.GROUPS[1] if srpo_field else self.GROUPS[3]
@@ -171,9 +200,15 @@ class SRPOParser(TrlParser):
         return self.add_argument_group(title)
 
 
+def _prog(argv0: str) -> str:
+    """How the command was called, for `--help`'s usage: `srpo-trl`, `python -m srpo_trl.train`, or the script."""
+    module = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    return "python -m srpo_trl.train" if os.path.abspath(argv0) == module else os.path.basename(argv0)
+
+
 def parse_args(argv: list[str] | None = None, task: str | None = None):
-    """`(script_args, training_args, model_args)` from `argv` (default `sys.argv[1:]`); `task` sets the default
-    task (a script for one benchmark)."""
+    """`(script_args, training_args, model_args, dataset_args)` from `argv` (default `sys.argv[1:]`); `task` sets
+    the default task (a script for one benchmark)."""
     parser = SRPOParser()
     if task is not None:
         parser.set_defaults(task=task)

@@ -9,7 +9,8 @@ overrides or reads of `GRPOTrainer` itself cannot move here; it is listed so tha
   `completion_ids`, `completion_mask`, `advantages`, `num_items_in_batch`, `old_per_token_logps`,
   `importance_sampling_ratio`, `tool_mask`), `_compute_loss(model, inputs)`, Trainer's `_save_optimizer_and_scheduler`
   and `_load_optimizer_and_scheduler` (checkpointing.py);
-- called: `_tokenize_prompts`, `_get_per_token_logps_and_entropies`, `_generate_single_turn` (evaluation.py);
+- called: `_tokenize_prompts`, `_get_per_token_logps_and_entropies`, `_generate_single_turn` (evaluation.py),
+  `GRPOTrainer._calculate_rewards` itself (`grpo_rewards`, for avg@k);
 - read: `_metrics`, `_logs` (the completions table), `_pending_extra_logs` (`log_extra`), `_dist` (`is_zero3`,
   `is_fsdp`), `_tokenizer`, `_entropy_bonus_enabled`, `_batch_environments`, `environment_factories`,
   `aux_loss_enabled`, `vllm_generation` (vllm_cpu.py);
@@ -23,9 +24,11 @@ overrides or reads of `GRPOTrainer` itself cannot move here; it is listed so tha
 
 import inspect
 import warnings
+from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
+from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import utils as trl_utils
 
@@ -127,3 +130,19 @@ def policy_token_logps(trainer, batch: dict, rows_per_pass: int) -> torch.Tensor
             batch_size=rows_per_pass,
         )
     return logps
+
+
+def grpo_rewards(trainer, inputs: list[dict], prompts: list, completions: list, completion_ids: list) -> torch.Tensor:
+    """This process's `(samples, reward functions)` scores of `completions`, NaN where a function returned None,
+    computed by GRPOTrainer's own reward call (`_calculate_rewards`, not an override of it): reward models, async
+    functions, `trainer_state`, every dataset column of `inputs` (one row per sample), exactly as in training. What the
+    functions log (`log_extra`, `log_metric`) is dropped: it belongs to no training batch. GRPOTrainer gathers the
+    rewards of every process, so every process must score as many samples."""
+    pending = trainer._pending_extra_logs, trainer._pending_metrics
+    trainer._pending_extra_logs, trainer._pending_metrics = defaultdict(list), defaultdict(list)
+    try:
+        gathered = GRPOTrainer._calculate_rewards(trainer, inputs, prompts, completions, completion_ids)
+    finally:
+        trainer._pending_extra_logs, trainer._pending_metrics = pending
+    index = trainer.accelerator.process_index
+    return gathered.view(-1, len(prompts), gathered.size(-1))[index].double().cpu()

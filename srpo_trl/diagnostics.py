@@ -153,10 +153,14 @@ def routing_metrics(
 
 
 def no_demonstration_room(
-    prompt_length: int, budget: int, max_teacher_prompt_length: int, context: int | None
+    prompt_length: int, budget: int, max_teacher_prompt_length: int, context: int | None, crowded_by=()
 ) -> tuple[str, str]:
     """The warning (its key, to give it once, and its text) for a teacher prompt that leaves no room for the
-    demonstration within `budget` tokens: the setting's or, below it, the model's context minus the completions'."""
+    demonstration within `budget` tokens: the setting's or, below it, the model's context minus the completions'.
+    `crowded_by`: what else the prompt carries that is never cut (the privileged context, feedback): named as a
+    cause, and its shortening as a fix."""
+    uncut = ", ".join(["its question", "system turns", *crowded_by]) + " and closing instruction are never cut"
+    shorten = "shorter prompts" + "".join(f" or a shorter {part}" for part in crowded_by)
     consequence = (
         "Such rollouts are trained as if no sibling were correct (by GRPO under routing='srpo'), not distilled by "
         "a teacher that never saw the correct answer (counted in srpo/teacher_prompt_dropped_frac)."
@@ -165,14 +169,13 @@ def no_demonstration_room(
         return "no_context_room", (
             f"The model's context ({context} positions) minus this batch's completions ({context - budget} tokens) "
             f"leaves {budget} tokens for the teacher prompt, which takes {prompt_length} tokens without its "
-            f"demonstration (its question, system turns and closing instruction are never cut). {consequence} Use a "
-            "model with a longer context, a shorter max_completion_length, or shorter prompts."
+            f"demonstration ({uncut}). {consequence} Use a model with a longer context, a shorter "
+            f"max_completion_length, or {shorten}."
         )
     return "no_demonstration_room", (
         f"max_teacher_prompt_length={max_teacher_prompt_length} leaves no room for the demonstration: a teacher "
-        f"prompt takes {prompt_length} tokens without it (its question, system turns and closing instruction are "
-        f"never cut). {consequence} Raise max_teacher_prompt_length above {prompt_length} by a demonstration's "
-        "length, or shorten the prompts."
+        f"prompt takes {prompt_length} tokens without it ({uncut}). {consequence} Raise max_teacher_prompt_length "
+        f"above {prompt_length} by a demonstration's length, or use {shorten}."
     )
 
 
@@ -198,3 +201,26 @@ class RoutingWatch:
         return threshold_misfit(
             torch.cat(self.rewards), torch.cat(self.correct), self.threshold, self.batches, torch.cat(self.distilled)
         )
+
+
+# Set by a launcher that started several processes: torchrun and Accelerate's GPU/DeepSpeed/FSDP launchers
+# (WORLD_SIZE), mpirun (Open MPI, MPICH/Intel MPI, MVAPICH).
+_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def one_process_of_several(env: dict, num_processes: int) -> str | None:
+    """A warning when `accelerate launch` was asked for several processes and started one: its CPU launcher
+    (`--cpu --num_processes 2`, or a MULTI_CPU config) starts them only through mpirun, and otherwise runs the script
+    once, with `MASTER_ADDR` set (for more than one process) but no world size."""
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in env
+    several_asked = "MASTER_ADDR" in env and not any(name in env for name in _WORLD_SIZE_VARIABLES)
+    if num_processes != 1 or not (launched_by_accelerate and several_asked):
+        return None
+    return (
+        "accelerate launch was asked for several processes but started one: on CPU (--cpu --num_processes N, or a "
+        "MULTI_CPU config) Accelerate starts several only through mpirun. This run trains on 1 process. For 2 CPU "
+        "processes: torchrun --standalone --nproc_per_node=2 your_script.py (SRPOConfig(use_cpu=True, "
+        "ddp_backend='gloo'); the CLI: torchrun --standalone --nproc_per_node=2 -m srpo_trl.train ... --ddp_backend "
+        "gloo), or DeepSpeed: DS_ACCELERATOR=cpu accelerate launch --config_file accelerate_configs/cpu_zero2.yaml "
+        "your_script.py."
+    )

