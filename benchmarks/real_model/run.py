@@ -8,7 +8,7 @@
 2. **Rate**: GRPO and SRPO at each of `LEARNING_RATES` on seed 100 (outside the comparison); the rate with the best
    mean final accuracy of the two is every arm's.
 3. **Comparison**: every arm at that rate on seeds 1 .. `--seeds`, paired by seed (the same problems in the same
-   order, the same evaluation samples), seed by seed so that a partial run still pairs.
+   order, the same evaluation samples), arm by arm in `PRIORITY`'s order so that a partial run still pairs.
 
 Runs are saved as they go (`<out>/runs/<method>-lr<rate>-seed<k>.json`, rewritten at each evaluation) and a saved,
 finished run of the same settings and code is not run again. `report.py` writes the tables, figures and RESULTS.md.
@@ -19,6 +19,7 @@ Usage:
 """
 
 import argparse
+import importlib.util
 import dataclasses
 import json
 import subprocess
@@ -29,7 +30,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import real_harness as harness  # noqa: E402
+import real_harness as harness  # noqa: E402  (puts benchmarks/learning, whose report.py is another, on the path)
+
+_spec = importlib.util.spec_from_file_location("real_model_report", HERE / "report.py")
+report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report)
 
 LEARNING_RATES = (1e-5, 3e-5)
 RATE_SEED = 100
@@ -37,6 +42,9 @@ RATE_METHODS = ("grpo", "srpo")
 FAMILY = "capital"  # the family trained on (see the abilities table: its groups are mixed)
 CANDIDATES = ("capital", "addition", "larger")
 ABILITY_PROBLEMS = 16
+# The comparison's order: GRPO and SRPO first on every seed, then the arms that separate SRPO's causes, then SDPO, so
+# that a run cut short still compares whole arms on every seed.
+PRIORITY = ("grpo", "srpo", "srpo_routed_grpo", "srpo_base_teacher", "sdpo")
 
 
 def measure_abilities(family: str, out: Path) -> None:
@@ -126,13 +134,10 @@ def main(argv=None) -> None:
         rate_arms = [(m, lr, RATE_SEED) for m in RATE_METHODS for lr in LEARNING_RATES]
         todo += [arm(*a) for a in rate_arms if not finished(runs / f"{harness.run_name(*a)}.json", settings)]
         pool.run(todo)
-        import report
-
         lr = report.chosen_rate(report.load_runs(runs), LEARNING_RATES, RATE_SEED)
         print(f"rate: {lr:.0e}", flush=True)
-        compare = [(m, lr, s) for s in range(1, args.seeds + 1) for m in harness.METHODS]
+        compare = [(m, lr, s) for m in PRIORITY for s in range(1, args.seeds + 1)]
         pool.run([arm(*a) for a in compare if not finished(runs / f"{harness.run_name(*a)}.json", settings)])
-    import report
 
     print(
         report.write_report(
