@@ -8,7 +8,7 @@
 2. **Rate**: GRPO and SRPO at each of `LEARNING_RATES` on seed 100 (outside the comparison); the rate with the best
    mean final accuracy of the two is every arm's.
 3. **Comparison**: every arm at that rate on seeds 1 .. `--seeds`, paired by seed (the same problems in the same
-   order, the same evaluation samples), arm by arm in `PRIORITY`'s order so that a partial run still pairs.
+   order, the same evaluation samples), in `comparison_order`'s order so that a partial run still pairs.
 
 Runs are saved as they go (`<out>/runs/<method>-lr<rate>-seed<k>.json`, rewritten at each evaluation) and a saved,
 finished run of the same settings and code is not run again. `report.py` writes the tables, figures and RESULTS.md.
@@ -22,6 +22,7 @@ import argparse
 import importlib.util
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -42,9 +43,17 @@ RATE_METHODS = ("grpo", "srpo")
 FAMILY = "capital"  # the family trained on (see the abilities table: its groups are mixed)
 CANDIDATES = ("capital", "addition", "larger")
 ABILITY_PROBLEMS = 16
-# The comparison's order: GRPO and SRPO first on every seed, then the arms that separate SRPO's causes, then SDPO, so
-# that a run cut short still compares whole arms on every seed.
-PRIORITY = ("grpo", "srpo", "srpo_routed_grpo", "srpo_base_teacher", "sdpo")
+# The comparison's order, so that a run cut short still pairs what matters most: GRPO and SRPO on every seed, then
+# the two arms that separate SRPO's causes seed by seed (the GRPO signal routing removes; the teacher), then SDPO.
+FIRST, CAUSES, LAST = ("grpo", "srpo"), ("srpo_routed_grpo", "srpo_base_teacher"), ("sdpo",)
+
+
+def comparison_order(lr: float, seeds: list[int]) -> list[tuple[str, float, int]]:
+    return (
+        [(m, lr, s) for m in FIRST for s in seeds]
+        + [(m, lr, s) for s in seeds for m in CAUSES]
+        + [(m, lr, s) for m in LAST for s in seeds]
+    )
 
 
 def measure_abilities(family: str, out: Path) -> None:
@@ -77,10 +86,17 @@ class Pool:
     def __init__(self, jobs: int, out: Path):
         self.jobs, self.out, self.running, self.failures = jobs, out, [], []
 
-    def run(self, commands: list[tuple[str, list[str]]]) -> None:
-        queue = list(commands)
+    def run(self, commands: list[tuple[str, list[str]]], elsewhere: dict[str, int] | None = None) -> None:
+        """Runs `commands`, but not those in `elsewhere` (name: the process id of a run already going, outside this
+        pool), which hold a slot until their process ends."""
+        queue = [(name, argv) for name, argv in commands if name not in (elsewhere or {})]
+        outside = dict(elsewhere or {})
         while queue or self.running:
-            while queue and len(self.running) < self.jobs:
+            for name, pid in list(outside.items()):
+                if not _alive(pid):
+                    del outside[name]
+                    print(f"{name}: ended (outside this pool)", flush=True)
+            while queue and len(self.running) + len(outside) < self.jobs:
                 name, argv = queue.pop(0)
                 log = open(self.out / f"{name}.log", "w")
                 process = subprocess.Popen([sys.executable, str(HERE / "run.py"), *argv], stdout=log,
@@ -98,6 +114,14 @@ class Pool:
                 print(f"{name}: {status}, {time.monotonic() - since:.0f} s", flush=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1)
@@ -108,6 +132,7 @@ def main(argv=None) -> None:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "LR", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--abilities", metavar="FAMILY", help=argparse.SUPPRESS)
+    parser.add_argument("--running", nargs="*", default=[], metavar="NAME=PID", help="runs already going elsewhere")
     args = parser.parse_args(argv)
     runs = args.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -136,8 +161,11 @@ def main(argv=None) -> None:
         pool.run(todo)
         lr = report.chosen_rate(report.load_runs(runs), LEARNING_RATES, RATE_SEED)
         print(f"rate: {lr:.0e}", flush=True)
-        compare = [(m, lr, s) for m in PRIORITY for s in range(1, args.seeds + 1)]
-        pool.run([arm(*a) for a in compare if not finished(runs / f"{harness.run_name(*a)}.json", settings)])
+        compare = comparison_order(lr, list(range(1, args.seeds + 1)))
+        elsewhere = {name: int(pid) for name, pid in (item.split("=") for item in args.running)}
+        pool.run(
+            [arm(*a) for a in compare if not finished(runs / f"{harness.run_name(*a)}.json", settings)], elsewhere
+        )
 
     print(
         report.write_report(
