@@ -99,13 +99,13 @@ def routing_metrics(
     entropy, teacher_token_logps, solution_logps = scores.entropy, scores.token_logps, scores.solution_logps
     departures = mask & ~solution_logps.isnan() if solution_logps is not None else torch.zeros_like(mask)
     solution_probs = solution_logps.nan_to_num().exp() * departures if solution_logps is not None else departures
-    sdpo_tokens = mask & routes.sdpo[local].unsqueeze(1)
+    distilled_tokens = mask & routes.distilled[local].unsqueeze(1)
     teacher_tokens = mask & routes.needs_teacher[local].unsqueeze(1)
-    rejected = sdpo_tokens & (teacher_token_logps < math.log(0.5))
+    rejected = distilled_tokens & (teacher_token_logps < math.log(0.5))
     sums = all_reduce(
         torch.stack(
             [
-                sdpo_tokens.sum(),
+                distilled_tokens.sum(),
                 mask.sum(),
                 (entropy * teacher_tokens).sum(),
                 teacher_tokens.sum(),
@@ -117,8 +117,8 @@ def routing_metrics(
         ).float(),
         "sum",
     ).tolist()
-    sdpo_count, token_count, entropy_sum, teacher_count, truncated_count, rejected_count, departed, solution_sum = sums
-    selected = weights[sdpo_tokens].float()
+    distilled, token_count, entropy_sum, teacher_count, truncated_count, rejected_count, departed, solution_sum = sums
+    selected = weights[distilled_tokens].float()
     none = torch.tensor(-math.inf, device=weights.device)
     extremes = torch.stack(
         [
@@ -129,11 +129,11 @@ def routing_metrics(
     )
     negative_min_weight, max_weight, most_seconds = all_reduce(extremes, "max").tolist()
     metrics = {
-        "srpo/route/sdpo_frac": routes.sdpo.float().mean().item(),
+        "srpo/route/sdpo_frac": routes.distilled.float().mean().item(),
         "srpo/route/correct_frac": routes.correct.float().mean().item(),
         "srpo/route/fallback_frac": routes.fallback.float().mean().item(),
         "srpo/teacher_available_frac": routes.teacher_available.float().mean().item(),
-        "srpo/sdpo_token_frac": sdpo_count / max(token_count, 1.0),
+        "srpo/sdpo_token_frac": distilled / max(token_count, 1.0),
         "srpo/time/teacher_s": most_seconds,
     }
     if departed:
@@ -145,10 +145,10 @@ def routing_metrics(
     teacher_rows = routes.needs_teacher.sum().item()
     if teacher_rows:
         metrics["srpo/teacher_prompt_truncated_frac"] = truncated_count / teacher_rows
-    if sdpo_count:
+    if distilled:
         metrics["srpo/weight/min"] = -negative_min_weight
         metrics["srpo/weight/max"] = max_weight
-        metrics["srpo/teacher_rejects_sampled_frac"] = rejected_count / sdpo_count
+        metrics["srpo/teacher_rejects_sampled_frac"] = rejected_count / distilled
     return metrics
 
 
@@ -192,7 +192,7 @@ class RoutingWatch:
             return None  # checked once
         self.rewards.append(rewards.detach().cpu())
         self.correct.append(routes.correct.cpu())
-        self.distilled.append(routes.sdpo.cpu())
+        self.distilled.append(routes.distilled.cpu())
         if len(self.rewards) < self.batches:
             return None
         return threshold_misfit(

@@ -91,7 +91,7 @@ def mixed_token_advantages(
 def sdpo_token_losses(
     divergence: torch.Tensor, token_weights: torch.Tensor, importance_ratio: torch.Tensor
 ) -> torch.Tensor:
-    """`w_t · IS_t · D_t` per SDPO token: the SDPO branch's per-token loss, aggregated with GRPO's (method §6, §12)."""
+    """`w_t · IS_t · D_t` per distilled token: the distilled branch's per-token loss, aggregated with GRPO's (method §6, §12)."""
     return token_weights * importance_ratio * divergence
 
 
@@ -139,7 +139,7 @@ def distillation_token_losses(
     logits,
     tokens: torch.Tensor,
     teacher,
-    teacher_index: torch.Tensor,
+    teacher_state_index: torch.Tensor,
     token_weights: torch.Tensor,
     old_logps: torch.Tensor | None,
     rollout_ratio: torch.Tensor | None,
@@ -151,14 +151,18 @@ def distillation_token_losses(
     states `student_hidden` `(n, hidden)` (its LM `head`, `logits` its `vocab.Logits`, `tokens` the sampled ids).
 
     The support is the current student's top-k; the teacher's log-probs on it come from its scoring (`teacher`, a
-    `teacher_scoring.TeacherCache`, rows `teacher_index`). `old_logps`: π_old where GRPOTrainer computed it (the policy
+    `teacher_scoring.TeacherStates`, rows `teacher_state_index`). `old_logps`: π_old where GRPOTrainer computed it (the policy
     has moved since sampling), else None (π_old is this policy). `rollout_ratio`: vLLM's rollout importance weight.
     """
     support, support_logps, token_logps = student_topk_logps(
         student_hidden, head.weight, head.bias, logits, tokens, topk
     )
     teacher_support_logps = logps_on_support(
-        teacher.hidden[teacher_index], *teacher.head, teacher.logits, teacher.log_normalizer[teacher_index], support
+        teacher.hidden[teacher_state_index],
+        *teacher.head,
+        teacher.logits,
+        teacher.log_normalizer[teacher_state_index],
+        support,
     )
     divergence = topk_distillation_divergence(support_logps, teacher_support_logps, alpha)
     ratio = clipped_importance_ratio(token_logps, token_logps.detach() if old_logps is None else old_logps, is_clip)

@@ -6,7 +6,7 @@ import os
 import shutil
 import textwrap
 
-from .teacher import causal_lm
+from .model_parts import causal_lm
 
 
 class PolicySaving:

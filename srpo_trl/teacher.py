@@ -25,10 +25,11 @@ import torch
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-from transformers import PreTrainedModel
 from transformers.trainer_callback import TrainerCallback
 from trl.models import prepare_deepspeed
 from trl.trainer.utils import use_adapter
+
+from .model_parts import is_peft
 
 TEACHER_ADAPTER = "srpo_teacher"
 
@@ -97,21 +98,6 @@ def refresh_persistent(weights: list[torch.Tensor]) -> None:
         persistent[0].all_gather(persistent)
 
 
-def is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-def causal_lm(model) -> PreTrainedModel:
-    """The transformers model inside a PEFT wrapper (adapters injected), or the model itself."""
-    return model.get_base_model() if is_peft(model) else model
-
-
-def backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The decoder stack (returns final hidden states) and the LM head of a causal LM, PEFT-wrapped or not."""
-    lm = causal_lm(model)
-    return lm.base_model, lm.get_output_embeddings()
-
-
 def save_student_adapter_only(policy, student_adapter: str) -> None:
     """Make the PEFT `policy`'s `save_pretrained` write `student_adapter` alone by default, wherever it is called
     (`trainer.save_model`, `push_to_hub`, or the user's own `trainer.model.save_pretrained(...)`): PEFT's default
@@ -119,17 +105,6 @@ def save_student_adapter_only(policy, student_adapter: str) -> None:
     policy.save_pretrained = functools.partial(
         type(policy).save_pretrained, policy, selected_adapters=[student_adapter]
     )
-
-
-def context_length(model) -> int | None:
-    """How many positions `model` scores (`max_position_embeddings`, GPT-2's `n_positions`), None when its
-    configuration names no limit."""
-    config = causal_lm(model).config.get_text_config()
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _closure_values(function: types.FunctionType) -> list:
@@ -365,18 +340,25 @@ class SelfTeacher:
 
 
 class SelfTeacherCallback(TrainerCallback):
-    """Keeps the self-teacher in step with training: sharded like the policy once training starts (FSDP2; the
-    policy is sharded when `train()` prepares it), and its EMA after every optimizer step (`on_step_end` follows
-    `optimizer.step()`)."""
+    """Keeps the self-teacher in step with training, on the model the callback events carry: sharded like the policy
+    once training starts (FSDP2, when `shard` is set; the policy is sharded when `train()` prepares it), and its EMA
+    after every optimizer step (`on_step_end` follows `optimizer.step()`).
 
-    def __init__(self, trainer):
-        self.trainer = trainer
+    Args:
+        teacher: the `SelfTeacher`.
+        accelerator: the trainer's; it unwraps the model the events pass.
+        shard: shard the teacher like the policy when training begins (FSDP2).
+    """
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer.shard_teacher_like_policy()
+    def __init__(self, teacher: "SelfTeacher", accelerator, shard: bool):
+        self.teacher, self.accelerator, self.shard = teacher, accelerator, shard
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.teacher.update(self.trainer.accelerator.unwrap_model(self.trainer.model))
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.shard:
+            shard_like_policy(self.teacher, self.accelerator, self.accelerator.unwrap_model(model))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.teacher.update(self.accelerator.unwrap_model(model))
 
 
 def build_self_teacher(policy, args, accelerator, is_zero3: bool, is_fsdp: bool):

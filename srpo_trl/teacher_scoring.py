@@ -1,5 +1,5 @@
-"""How the self-teacher scores the routed rollouts (method §7): its forward passes, their key/value cache, and what the
-loss keeps of them.
+"""How the self-teacher scores the routed rollouts (method §7): its forward passes, their key/value cache, and the
+teacher states the loss keeps of them (`TeacherStates`: "cache" here always means a key/value cache).
 
 `TeacherScorer.score` runs the teacher over each routed row's teacher prompt followed by the student's completion:
 each distinct teacher prompt once, then its rows' completions continued from its cached keys and values, a few
@@ -23,17 +23,18 @@ from transformers import DynamicCache, cache_utils
 from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
 
 from .compat import cache_argument, output_cache
-from .teacher import SelfTeacher, backbone_and_head, causal_lm
+from .model_parts import backbone_and_head, captured_hidden_states, causal_lm
+from .teacher import SelfTeacher
 from .vocab import Logits, teacher_statistics
 
 _NO_LOGITS = torch.empty(0, dtype=torch.long)  # `logits_to_keep` that projects no position
 
 
 @dataclass
-class TeacherCache:
+class TeacherStates:
     """What the loss needs of the teacher's scoring of one generation batch, for this process's routed tokens:
     final hidden states `(n, hidden)`, log-normalisers `(n,)`, and the LM head (weight, bias) and `Logits` that go
-    with them. `TeacherScores.cache_index` says which row belongs to which token."""
+    with them. `TeacherScores.teacher_state_index` says which row belongs to which token."""
 
     hidden: torch.Tensor
     log_normalizer: torch.Tensor
@@ -43,17 +44,17 @@ class TeacherCache:
 
 @dataclass
 class TeacherScores:
-    """One generation batch scored, per token of this process's batch `(rows, length)`: the index into `cache` (-1
+    """One generation batch scored, per token of this process's batch `(rows, length)`: the index into `states` (-1
     off the routed tokens), the teacher's log-prob of the sampled token and its entropy (0 off them), the seconds
     the passes took, and what the loss keeps (None when nothing is distilled). Per-token tensors survive
-    GRPOTrainer's shuffle and split of the batch; the cache holds routed tokens only. `solution_logps`: the teacher's
+    GRPOTrainer's shuffle and split of the batch; `states` holds routed tokens only. `solution_logps`: the teacher's
     log-prob of the `solution_tokens` it was asked about, NaN elsewhere; None when it was asked about none."""
 
-    cache_index: torch.Tensor
+    teacher_state_index: torch.Tensor
     token_logps: torch.Tensor
     entropy: torch.Tensor
     seconds: float
-    cache: TeacherCache | None
+    states: TeacherStates | None
     solution_logps: torch.Tensor | None = None
 
 
@@ -64,19 +65,6 @@ class Prefix:
     cache: object
     attention_mask: torch.Tensor
     last_hidden: torch.Tensor
-
-
-@contextmanager
-def captured_hidden_states(model):
-    """Keep the backbone's final hidden states of `model`'s forward passes (for the policy, the one GRPOTrainer's
-    loss runs anyway)."""
-    captured = []
-    backbone, _ = backbone_and_head(model)
-    handle = backbone.register_forward_hook(lambda module, args, output: captured.append(output[0]))
-    try:
-        yield captured
-    finally:
-        handle.remove()
 
 
 class _ParameterTable(dict):
@@ -243,12 +231,12 @@ class TeacherScorer:
         """Teacher passes over this process's routed batch `rows` (each after its `teacher_prompts` entry) and its
         statistics on their `mask`ed tokens. `lockstep`: weights are sharded and some process has routed rows, so
         every process makes as many passes as the busiest (agreed on first) and one statistics call. `keep`: the loss
-        distils, so what it needs is kept (`TeacherScores.cache`), with a copy of the head if `snapshot_head` (the
+        distils, so what it needs is kept (`TeacherScores.states`), with a copy of the head if `snapshot_head` (the
         EMA moves it before the loss has used this batch). `solution_tokens` `(rows, length)`: a second token per
         position (-1: none; narrower than `mask` when its completions are shorter) whose log-prob the statistics also
         give, from the same logits (no pass of its own)."""
         device = mask.device
-        cache_index = torch.full(mask.shape, -1, dtype=torch.int32, device=device)
+        teacher_state_index = torch.full(mask.shape, -1, dtype=torch.int32, device=device)
         teacher_token_logps = torch.zeros(mask.shape, device=device)
         entropy = torch.zeros_like(teacher_token_logps)
         solution_logps = None
@@ -277,7 +265,7 @@ class TeacherScorer:
                         index = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device)
                         chunk_rows, positions = mask[index].nonzero(as_tuple=True)
                         start = sum(len(h) for h in hidden)
-                        cache_index[index[chunk_rows], positions] = torch.arange(
+                        teacher_state_index[index[chunk_rows], positions] = torch.arange(
                             start, start + len(positions), dtype=torch.int32, device=device
                         )
                         if prefix is None:
@@ -288,7 +276,7 @@ class TeacherScorer:
                             chunk_hidden = self.continuation_hidden(model, prefix, continues, batch, index)
                         hidden.append(chunk_hidden[mask[index]])
                         tokens.append(asked[index][mask[index]])
-                for _ in range(most - passes):  # a one-token dummy prompt; its empty result keeps the cache's shapes
+                for _ in range(most - passes):  # a one-token dummy prompt; its empty result keeps the states' shapes
                     hidden.append(self.prefix_pass(model, [[self.pad_token_id]]).last_hidden[:0])
                     tokens.append(asked.new_zeros((0, *asked.shape[2:])))
             if hidden:
@@ -299,23 +287,23 @@ class TeacherScorer:
                     log_normalizer, token_logps, token_entropy = teacher_statistics(
                         hidden, head.weight, head.bias, logits, tokens
                     )
-                scored = cache_index >= 0
+                scored = teacher_state_index >= 0
                 if solution_logps is not None:
                     token_logps, asked_logps = token_logps.unbind(-1)
-                    solution_logps[scored] = asked_logps[cache_index[scored]]
+                    solution_logps[scored] = asked_logps[teacher_state_index[scored]]
                     solution_logps[solution_tokens < 0] = torch.nan
-                teacher_token_logps[scored] = token_logps[cache_index[scored]]
-                entropy[scored] = token_entropy[cache_index[scored]]
+                teacher_token_logps[scored] = token_logps[teacher_state_index[scored]]
+                entropy[scored] = token_entropy[teacher_state_index[scored]]
             # FSDP2 keeps some units' weights whole after a forward (the root's: a backward would need them at once);
             # the teacher has no backward, and its EMA works on shards.
             for unit in model.modules() if self.fsdp else ():
                 if isinstance(unit, FSDPModule):
                     unit.reshard()
         seconds = time.perf_counter() - started
-        cache = None
+        states = None
         if keep and most:
-            cache = TeacherCache(hidden, log_normalizer, self.head_for_loss(snapshot_head), logits)
-        return TeacherScores(cache_index, teacher_token_logps, entropy, seconds, cache, solution_logps)
+            states = TeacherStates(hidden, log_normalizer, self.head_for_loss(snapshot_head), logits)
+        return TeacherScores(teacher_state_index, teacher_token_logps, entropy, seconds, states, solution_logps)
 
     def head_for_loss(self, snapshot: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The teacher's LM head (weight, bias) for the loss: the live parameters, or a copy when the EMA will move

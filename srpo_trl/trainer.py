@@ -7,7 +7,7 @@ The trainer is glue at GRPOTrainer's extension points; the method lives in the m
 | `__init__` | refusals, checked reward functions, the self-teacher and its scorer | `checks.py`, `rewards.py`, `teacher.py`, `teacher_scoring.py` |
 | `_calculate_rewards` | keeps what routing needs (prompts, completion ids, the batch's rewards, feedback) | `checks.py` |
 | `_generate_and_score_completions` | routes the batch, builds teacher prompts, scores the routed rows, logs | `routing.py`, `prompts.py`, `teacher_scoring.py`, `losses.py`, `diagnostics.py` |
-| `_compute_loss` | one per-token loss: GRPO's on GRPO tokens, the distillation term on SDPO tokens | `losses.py`, `vocab.py` |
+| `_compute_loss` | one per-token loss: GRPO's on GRPO tokens, the distillation term on distilled tokens | `losses.py`, `vocab.py` |
 | checkpoint hooks (mixed in) | the teacher's state in every checkpoint | `checkpointing.py` |
 | `save_model`, `create_model_card` (mixed in) | the policy alone, with a card naming a local base model | `saving.py` |
 
@@ -46,6 +46,7 @@ from .losses import (
     mixed_token_advantages,
     teacher_entropy_weights,
 )
+from .model_parts import backbone_and_head, captured_hidden_states, causal_lm, context_length
 from .prompts import batch_teacher_prompts, privileged_contexts, privileged_rollouts, teacher_prompt_budget
 from .rewards import checked_reward_function
 from .routing import (
@@ -59,15 +60,8 @@ from .routing import (
     weighted_rewards,
 )
 from .saving import PolicySaving
-from .teacher import (
-    SelfTeacherCallback,
-    backbone_and_head,
-    build_self_teacher,
-    causal_lm,
-    context_length,
-    shard_like_policy,
-)
-from .teacher_scoring import TeacherScorer, captured_hidden_states
+from .teacher import SelfTeacherCallback, build_self_teacher, shard_like_policy
+from .teacher_scoring import TeacherScorer
 from .vllm_cpu import check_cpu_vllm_settings, use_cpu_weight_sync
 from .vocab import Logits, logit_scale_and_softcap, sampling_logits
 
@@ -111,8 +105,8 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
                 "SRPOConfig.from_grpo_config(your_config), which keeps what you set and takes SRPO's defaults for "
                 "the rest (pass routing='grpo' for plain GRPO)."
             )
-        self.routing = ROUTING_MODES[args.routing]
-        if self.routing.uses_teacher and (problem := checks.fsdp1_problem(args)):  # before the model loads
+        self.routing_mode = ROUTING_MODES[args.routing]
+        if self.routing_mode.uses_teacher and (problem := checks.fsdp1_problem(args)):  # before the model loads
             raise NotImplementedError(problem)
         check_cpu_vllm_settings(args)  # before GRPOTrainer starts vLLM: the CPU backend has no sleep mode
         quiet_trl_checkpointing_calls()
@@ -120,16 +114,16 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         bind_evaluation_callbacks(self)  # evaluation callbacks given in `callbacks=[...]` need the trainer
         use_cpu_weight_sync(self)  # vLLM colocate on a CPU engine: weight sync through vLLM's reload path
         self.teacher = None
-        self._teacher_cache = {"train": None, "eval": None}  # the teacher's states the loss needs, per mode
+        self.teacher_states = {"train": None, "eval": None}  # the teacher's states the loss needs, per mode
         self._routing_watch = RoutingWatch(args.success_reward_threshold, ROUTING_WATCH_BATCHES)
         self._warned: set[str] = set()  # keys of the warnings given once
         self.reward_funcs = [
             checked_reward_function(func, name)
             for func, name in zip(self.reward_funcs, self.reward_func_names, strict=True)
         ]
-        if problem := checks.datasets_problem(self.train_dataset, self.eval_dataset, self.routing.uses_teacher):
+        if problem := checks.datasets_problem(self.train_dataset, self.eval_dataset, self.routing_mode.uses_teacher):
             raise ValueError(problem)
-        if not self.routing.uses_teacher:
+        if not self.routing_mode.uses_teacher:
             return
         zero = self.accelerator.state.deepspeed_plugin.deepspeed_config if self._dist.is_zero3 else {}
         vocab_size = causal_lm(self.model).config.get_text_config().vocab_size
@@ -149,7 +143,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         self.teacher_scorer = TeacherScorer(
             self.teacher, self.accelerator, pad_token_id, self._logits, self._dist, span
         )
-        self.add_callback(SelfTeacherCallback(self))
+        self.add_callback(SelfTeacherCallback(self.teacher, self.accelerator, shard=self._dist.is_fsdp))
 
     def add_callback(self, callback) -> None:
         super().add_callback(callback)
@@ -184,7 +178,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
-        self._teacher_cache[mode] = None  # the previous batch is used up: free its memory before generating
+        self.teacher_states[mode] = None  # the previous batch is used up: free its memory before generating
         batch = super()._generate_and_score_completions(inputs)
         if self.teacher is None:
             return batch
@@ -265,22 +259,22 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             prompts.ids,
             self._rows_per_pass(mode),
             lockstep=self._sharded and bool(routes.needs_teacher.any()),  # `routes` is global: all agree
-            keep=self.routing.distils,
+            keep=self.routing_mode.distils,
             snapshot_head=mode == "train" and not self._scored_by_current_teacher,
             solution_tokens=prompts.solution_tokens,
         )
-        self._teacher_cache[mode] = scores.cache
-        sdpo_tokens = mask & routes.sdpo[local].unsqueeze(1)
+        self.teacher_states[mode] = scores.states
+        distilled_tokens = mask & routes.distilled[local].unsqueeze(1)
         if self.args.dynamic_weighting:
             temperature = self.args.weighting_temperature
-            weights = teacher_entropy_weights(scores.entropy, sdpo_tokens, temperature, self._all_reduce)
+            weights = teacher_entropy_weights(scores.entropy, distilled_tokens, temperature, self._all_reduce)
         else:
-            weights = sdpo_tokens.float()
+            weights = distilled_tokens.float()
         truncated = prompts.truncated.to(mask.device)
         metrics = routing_metrics(routes, mask, scores, weights, truncated, local, self._all_reduce)
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
-        if self.routing.teacher_mixes_advantages:
+        if self.routing_mode.teacher_mixes_advantages:
             old_token_logps = batch.get("old_per_token_logps")
             if old_token_logps is None:  # GRPOTrainer skips them when π_old is the policy being trained
                 old_token_logps = policy_token_logps(self, batch, self._rows_per_pass(mode))
@@ -296,9 +290,9 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         return {
             # GRPOTrainer's loss then trains exactly the rows with a GRPO weight: the others carry no advantage.
             "advantages": batch["advantages"] * grpo_weights,
-            "srpo_grpo_mask": grpo_weights > 0,
-            "srpo_sdpo_mask": routes.sdpo[local],
-            "srpo_teacher_index": scores.cache_index,
+            "srpo_grpo_rows": grpo_weights > 0,
+            "srpo_distilled_rows": routes.distilled[local],
+            "srpo_teacher_state_index": scores.teacher_state_index,
             "srpo_token_weights": weights,
         }
 
@@ -344,14 +338,14 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             return self.accelerator.gather(tensor.unsqueeze(0)).max(dim=0).values
         return self.accelerator.reduce(tensor, reduction="sum")
 
-    # ---- loss time: one per-token loss, GRPO's term on GRPO rows and the distillation term on SDPO rows ----
+    # ---- loss time: one per-token loss, GRPO's term on GRPO rows and the distillation term on distilled rows ----
 
     def _compute_loss(self, model, inputs):
         if "srpo_token_weights" not in inputs:  # nothing distilled: GRPOTrainer's loss as is
             return super()._compute_loss(model, inputs)
         mode = "train" if self.model.training else "eval"
         mask = _loss_mask(inputs)
-        grpo_rows, sdpo_rows = inputs["srpo_grpo_mask"], inputs["srpo_sdpo_mask"]
+        grpo_rows, distilled_rows = inputs["srpo_grpo_rows"], inputs["srpo_distilled_rows"]
         grpo_tokens = mask & grpo_rows.unsqueeze(1)
         # GRPOTrainer's loss sees GRPO tokens only (through its `tool_mask`), so that its other per-token terms (the
         # reference KL, the entropy bonus) and the statistics that choose tokens (entropy quantiles) act on GRPO
@@ -365,37 +359,41 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             grpo_loss = grpo_loss * (grpo_tokens.sum().clamp(min=1) / mask.sum().clamp(min=1))
         # Under ZeRO-3 the distillation gathers the LM heads, a collective: every process joins, routed rows or not
         # (the teacher's states exist on every process or on none: routing is global).
-        cache = self._teacher_cache[mode]
+        teacher_states = self.teacher_states[mode]
         distillation_loss = torch.zeros((), device=grpo_loss.device)
-        if cache is not None and (sdpo_rows.any() or self._sharded):
+        if teacher_states is not None and (distilled_rows.any() or self._sharded):
             hidden = captured[0] if len(captured) == 1 else torch.cat(captured)  # one forward unless GRPO chunked it
-            sdpo_tokens = mask & sdpo_rows.unsqueeze(1)
-            distillation_loss = self._distillation_loss(policy, hidden, inputs, mask, sdpo_tokens, cache, mode)
+            distilled_tokens = mask & distilled_rows.unsqueeze(1)
+            distillation_loss = self._distillation_loss(
+                policy, hidden, inputs, mask, distilled_tokens, teacher_states, mode
+            )
         if mode == "eval":  # one loss per scored eval batch: do not hold its teacher states through training
-            self._teacher_cache["eval"] = None
+            self.teacher_states["eval"] = None
         self._log_loss_terms(mode, grpo_loss, distillation_loss, grpo_tokens, logged_before)
         return grpo_loss + distillation_loss
 
-    def _distillation_loss(self, policy, hidden, inputs, mask, sdpo_tokens, cache, mode: str) -> torch.Tensor:
+    def _distillation_loss(
+        self, policy, hidden, inputs, mask, distilled_tokens, teacher_states, mode: str
+    ) -> torch.Tensor:
         """The distillation term of this micro-batch, reduced as GRPOTrainer reduces its loss for `loss_type`."""
         start = inputs["prompt_ids"].size(1) - 1
-        hidden = hidden[:, start : start + inputs["completion_ids"].size(1)][sdpo_tokens]
+        hidden = hidden[:, start : start + inputs["completion_ids"].size(1)][distilled_tokens]
         with self.accelerator.autocast():
             logits = self._logits(hidden)
         rollout_ratio = None
         if self.use_vllm and self.vllm_importance_sampling_correction:
-            rollout_ratio = inputs["importance_sampling_ratio"].expand_as(sdpo_tokens)[sdpo_tokens]
+            rollout_ratio = inputs["importance_sampling_ratio"].expand_as(distilled_tokens)[distilled_tokens]
         with profiling_context(self, "distillation"):
             token_losses = distillation_token_losses(
                 hidden,
                 backbone_and_head(policy)[1],
                 logits,
-                inputs["completion_ids"][sdpo_tokens],
-                cache,
-                inputs["srpo_teacher_index"][sdpo_tokens].long(),
-                inputs["srpo_token_weights"][sdpo_tokens],
+                inputs["completion_ids"][distilled_tokens],
+                teacher_states,
+                inputs["srpo_teacher_state_index"][distilled_tokens].long(),
+                inputs["srpo_token_weights"][distilled_tokens],
                 # π_old as GRPOTrainer has it: computed at generation when the policy has moved since, else this policy
-                inputs["old_per_token_logps"][sdpo_tokens] if "old_per_token_logps" in inputs else None,
+                inputs["old_per_token_logps"][distilled_tokens] if "old_per_token_logps" in inputs else None,
                 rollout_ratio,
                 self.args.distillation_topk,
                 self.args.distillation_alpha,
@@ -403,7 +401,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             )
         per_token = torch.zeros(mask.shape, dtype=token_losses.dtype, device=mask.device)
         return aggregate_token_loss(
-            per_token.masked_scatter(sdpo_tokens, token_losses),
+            per_token.masked_scatter(distilled_tokens, token_losses),
             mask,
             self.loss_type,
             self.current_gradient_accumulation_steps if mode == "train" else 1,

@@ -666,7 +666,7 @@ def prefix_sweep(trainer, shape: Shape, plan: Plan, reward: PositionalReward, lo
                     with recorded_spans(trainer.bench_timers), warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         trainer._generate_and_score_completions(trainer.bench_generation_batch)
-                normalizers[sharing] = trainer._teacher_cache["train"].log_normalizer
+                normalizers[sharing] = trainer.teacher_states["train"].log_normalizer
                 timers = dict(trainer.bench_timers.seconds)
                 rows.append(
                     {"kind": "prefix", "shape": shape.name, "repeat": repeat, "k": k, "sharing": sharing,
@@ -682,7 +682,7 @@ def prefix_sweep(trainer, shape: Shape, plan: Plan, reward: PositionalReward, lo
                 )
                 + f" (max |log Z| difference {difference:.1e})"
             )
-    trainer._teacher_cache["train"] = None
+    trainer.teacher_states["train"] = None
     return rows
 
 

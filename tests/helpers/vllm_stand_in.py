@@ -79,7 +79,7 @@ def record_distillation(monkeypatch) -> list[dict]:
 
 def rollout_importance_ratio(inputs) -> torch.Tensor:
     """vLLM's rollout importance ratio at a micro-batch's distilled tokens, in the distillation's token order."""
-    rows = inputs["srpo_sdpo_mask"].nonzero().squeeze(1)
+    rows = inputs["srpo_distilled_rows"].nonzero().squeeze(1)
     mask = inputs["completion_mask"][rows].bool()
     return inputs["importance_sampling_ratio"].expand_as(inputs["completion_mask"])[rows][mask]
 
