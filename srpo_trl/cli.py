@@ -10,12 +10,12 @@ import dataclasses
 import importlib
 import os
 import sys
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser
+from trl import GRPOConfig, ModelConfig, ScriptArguments
 
+from .compat import GroupedParser
 from .config import SRPOConfig
 from .tasks import TASKS, get_reward_funcs, multiple_choice_reward, tool_use_reward
 
@@ -128,11 +128,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Defaults shown, and the description's example commands kept as written."""
 
 
-class SRPOParser(TrlParser):
+class SRPOParser(GroupedParser):
     """`TrlParser` over [`SRPOScriptArguments`], [`SRPOConfig`] and `ModelConfig`, its `--help` in titled groups:
     data and rewards, SRPO, model, then GRPO and the `Trainer`'s (about 200 fields) last."""
 
-    GROUPS = (
+    group_order = (
         "Data, rewards and evaluation",
         "SRPO (SRPOConfig)",
         "Model (trl.ModelConfig)",
@@ -140,35 +140,21 @@ class SRPOParser(TrlParser):
     )
 
     def __init__(self):
+        self._srpo_fields = srpo_field_names()
         super().__init__(
             (SRPOScriptArguments, SRPOConfig, ModelConfig),
             description=DESCRIPTION,
             usage="python -m srpo_trl.train [--config YAML] [--task TASK | --dataset_name DATA] [--ARGUMENT VALUE ...]",
             formatter_class=_HelpFormatter,
         )
-        rank = {title: i for i, title in enumerate(self.GROUPS)}
-        self._action_groups.sort(key=lambda group: rank.get(group.title, -1))  # argparse's own groups first
+        self.order_groups()
 
-    def _add_dataclass_arguments(self, dtype):
-        # HfArgumentParser's loop, with each field sent to its group.
-        hints = typing.get_type_hints(dtype)
-        srpo = srpo_field_names() if dtype is SRPOConfig else set()
-        for spec in dataclasses.fields(dtype):
-            if spec.init:
-                spec.type = hints[spec.name]
-                self._parse_dataclass_field(self._group(dtype, spec.name in srpo), spec)
-
-    def _group(self, dtype, srpo_field: bool):
+    def group_title(self, dtype, field_name: str) -> str:
         if dtype is SRPOScriptArguments:
-            title = self.GROUPS[0]
-        elif dtype is SRPOConfig:
-            title = self.GROUPS[1] if srpo_field else self.GROUPS[3]
-        else:
-            title = self.GROUPS[2]
-        for group in self._action_groups:
-            if group.title == title:
-                return group
-        return self.add_argument_group(title)
+            return self.group_order[0]
+        if dtype is SRPOConfig:
+            return self.group_order[1] if field_name in self._srpo_fields else self.group_order[3]
+        return self.group_order[2]
 
 
 def parse_args(argv: list[str] | None = None, task: str | None = None):

@@ -24,6 +24,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase, Trainer, Tra
 from trl.data_utils import is_conversational
 from trl.models import unwrap_model_for_generation
 
+from .compat import generate_single_turn
 from .routing import reaches_threshold, weighted_rewards
 
 
@@ -309,7 +310,7 @@ class BestWithinBudgetsCallback(TrainerCallback):
             for name, value in sampling.items():
                 setattr(generation, name, value)
             try:
-                completion_ids, _ = trainer._generate_single_turn(prompt_ids, None, {}, num_generations=1)
+                completion_ids = generate_single_turn(trainer, prompt_ids)
             finally:
                 for name, value in training.items():
                     setattr(generation, name, value)

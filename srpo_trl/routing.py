@@ -179,9 +179,9 @@ def grpo_advantage_weights(routes: Routes, routed_grpo_weight: float) -> torch.T
 
 
 def route_labels(routes: Routes, num_generations: int) -> tuple[list[str], list[int | None]]:
-    """Per rollout, its branch (`"correct"`/`"fallback"`/`"failed"` on GRPO, `"sdpo"` when distilled (the documented
-    label), or `"unused"` when in no branch) and the position within its group of the sibling the teacher was shown (None without one): the
-    columns `log_completions` adds to the completions table."""
+    """Per rollout, its branch (`"correct"`/`"fallback"`/`"failed"` on GRPO, `"sdpo"` when distilled: the
+    documented label, or `"unused"` when in no branch) and the position within its group of the sibling the teacher
+    was shown (None without one): the columns `log_completions` adds to the completions table."""
     labels = []
     for distilled, grpo, correct, fallback in zip(
         routes.distilled.tolist(), routes.grpo.tolist(), routes.correct.tolist(), routes.fallback.tolist(), strict=True

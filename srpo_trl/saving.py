@@ -44,7 +44,7 @@ class PolicySaving:
         card = os.path.join(self.args.output_dir, "README.md")
         if not (self.is_world_process_zero() and os.path.isfile(card)):
             return
-        source = causal_lm(self.model).config._name_or_path
+        source = causal_lm(self.model).config.name_or_path
         named = f"the local model `{source}`" if source and os.path.isdir(source) else "a model without a Hub id"
         with open(card, encoding="utf-8") as file:
             text = file.read()

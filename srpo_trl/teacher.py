@@ -29,6 +29,7 @@ from transformers.trainer_callback import TrainerCallback
 from trl.models import prepare_deepspeed
 from trl.trainer.utils import use_adapter
 
+from .compat import empty_model_like
 from .model_parts import is_peft
 
 TEACHER_ADAPTER = "srpo_teacher"
@@ -377,7 +378,7 @@ def build_self_teacher(policy, args, accelerator, is_zero3: bool, is_fsdp: bool)
     if hasattr(next(policy.parameters()), "ds_id"):
         # Already partitioned (loaded from a model id under zero.Init): a copy would share DeepSpeed's per-parameter
         # state. Build a partitioned twin and copy the policy's shards, which line up.
-        model = type(policy)._from_config(policy.config, dtype=policy.dtype)
+        model = empty_model_like(policy)
         with torch.no_grad():
             for teacher_weight, weight in zip(model.parameters(), policy.parameters(), strict=True):
                 teacher_weight.ds_tensor.copy_(weight.ds_tensor)

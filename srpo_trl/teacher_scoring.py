@@ -11,23 +11,28 @@ taken at the backbone and turned into the teacher's statistics in chunks (`vocab
 Under ZeRO-3 and FSDP2 a forward pass is a collective: every process makes as many passes as the busiest one.
 """
 
-import copy
 import functools
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch.distributed.fsdp import FSDPModule
-from transformers import DynamicCache, cache_utils
 from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
 
-from .compat import cache_argument, output_cache
+from .compat import (
+    NO_LOGITS,
+    cache_argument,
+    cache_rows,
+    cache_rows_selectable,
+    has_length_dependent_rope,
+    head_not_called,
+    output_cache,
+    reset_dynamic_rope,
+)
 from .model_parts import backbone_and_head, captured_hidden_states, causal_lm
 from .teacher import SelfTeacher
 from .vocab import Logits, teacher_statistics
-
-_NO_LOGITS = torch.empty(0, dtype=torch.long)  # `logits_to_keep` that projects no position
 
 
 @dataclass
@@ -65,95 +70,6 @@ class Prefix:
     cache: object
     attention_mask: torch.Tensor
     last_hidden: torch.Tensor
-
-
-class _ParameterTable(dict):
-    """An empty parameter table that takes attributes."""
-
-
-class _NoPositions(torch.nn.Module):
-    """Stands in for a causal LM's head in passes that project no position (`logits_to_keep=_NO_LOGITS`): `(…, 0,
-    vocab)` logits, without the head's module call. Under ZeRO-3 that call alone gathers the whole head from every
-    process (its forward hook does, whatever the number of positions: 1.24 GB for Qwen3-8B in bf16, per teacher pass)."""
-
-    def __init__(self, vocab_size: int):
-        super().__init__()
-        self.vocab_size = vocab_size
-        # DeepSpeed 0.19.0's engine flags every module's parameter table before each forward
-        # (`module._parameters._in_forward = True`): ZeRO-3's tables take attributes, a plain dict does not.
-        self._parameters = _ParameterTable()
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden.new_zeros(()).expand(*hidden.shape[:-1], self.vocab_size)  # no memory, whatever the positions
-
-
-@contextmanager
-def _head_not_called(model):
-    """`model`'s LM head replaced by `_NoPositions` for the teacher's passes (the statistics use its weights, gathered
-    once per call, `vocab.teacher_statistics`); the model's top-level forward still runs, whose module order ZeRO-3's
-    prefetching follows."""
-    lm = causal_lm(model)
-    head = lm.get_output_embeddings()
-    name = next(name for name, module in lm.named_modules() if module is head)
-    parent_name, _, attribute = name.rpartition(".")
-    parent = lm.get_submodule(parent_name)
-    setattr(parent, attribute, _NoPositions(getattr(head, "out_features", None) or head.weight.size(0)))
-    try:
-        yield
-    finally:
-        setattr(parent, attribute, head)
-
-
-def cache_rows(cache, rows: torch.Tensor):
-    """A cache holding the batch `rows` of `cache`, which stays as it was (for the next chunk of continuations).
-    Shallow copies of the cache and its layers: selecting rows makes new key/value tensors (advanced indexing) and a
-    continuation appends to the copy's, so only the selected rows are copied, never the whole prefix cache (a deep
-    copy was ~5.6 GiB per chunk at the Qwen3-8B recipe's sizes)."""
-    selected = copy.copy(cache)
-    selected.layers = [copy.copy(layer) for layer in cache.layers]
-    selected.batch_select_indices(rows)
-    return selected
-
-
-def rope_types(config) -> set[str]:
-    """The RoPE types of a model (one per layer type where a model mixes them), read as transformers 5 reads them:
-    `rope_parameters`, or the older `rope_scaling`; "default" without either."""
-    text = config.get_text_config()
-    parameters = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
-    per_layer_type = parameters and all(isinstance(value, dict) for value in parameters.values())
-    groups = parameters.values() if per_layer_type else [parameters]
-    return {str(group.get("rope_type", group.get("type", "default"))) for group in groups}
-
-
-def has_length_dependent_rope(config) -> bool:
-    """Whether a model's RoPE frequencies depend on the longest position of each forward call: transformers'
-    `dynamic_rope_update` rescales them for dynamic NTK (any "dynamic" type) and switches LongRoPE (Phi-3,
-    Phi-4-mini) to its long factors past `original_max_position_embeddings`. A cached prefix and its continuation
-    (or a row padded to a longer one) would then be scored with other frequencies than the row alone."""
-    return any("dynamic" in rope_type or rope_type == "longrope" for rope_type in rope_types(config))
-
-
-def reset_dynamic_rope(model: torch.nn.Module) -> None:
-    """Return dynamic-NTK rotary embeddings to their original frequencies. transformers keeps the frequencies of
-    the longest call so far and only recomputes them for a longer one: a row's scores would depend on the rows scored
-    before it. Done here as transformers' own reset does it (its original frequencies back in `inv_freq`, the cached
-    length back to the original), without a forward call (no module hook runs: ZeRO-3 would record it in its prefetch
-    trace) and whichever attribute name the installed version keeps the cached length under (transformers 5.10 writes
-    it as `None_max_seq_len_cached` and so never resets by itself)."""
-    for module in model.modules():
-        if not hasattr(module, "original_inv_freq") or not hasattr(module, "max_seq_len_cached"):
-            continue
-        layer_types = list(module.rope_type) if isinstance(module.rope_type, dict) else [None]
-        for layer_type in layer_types:
-            rope_type = module.rope_type if layer_type is None else module.rope_type[layer_type]
-            prefix = "" if layer_type is None else f"{layer_type}_"
-            original = getattr(module, f"{prefix}original_inv_freq", None)
-            if "dynamic" not in rope_type or original is None:
-                continue
-            device = getattr(module, f"{prefix}inv_freq").device
-            module.register_buffer(f"{prefix}inv_freq", original.to(device), persistent=False)
-            for name in {f"{prefix}max_seq_len_cached", f"{layer_type}_max_seq_len_cached"}:
-                setattr(module, name, module.original_max_seq_len)
 
 
 def unique_prefixes(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
@@ -207,14 +123,7 @@ class TeacherScorer:
         and recurrent layers (hybrid models such as Nemotron-H) keep a running state instead. And the RoPE frequencies
         must not depend on the length of each call (`has_length_dependent_rope`), or the prefix and its continuation
         would use different ones. Other models score each teacher prompt with its completion in one pass."""
-        if self.length_dependent_rope:
-            return False
-        try:
-            layers = DynamicCache(config=self._config).layers
-        except Exception:  # a cache transformers cannot build from the config: one pass per row is always right
-            return False
-        linear = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())  # transformers >= 5.18
-        return all(hasattr(layer, "batch_select_indices") and not isinstance(layer, linear) for layer in layers)
+        return not self.length_dependent_rope and cache_rows_selectable(self._config)
 
     def score(
         self,
@@ -258,7 +167,7 @@ class TeacherScorer:
         hidden, tokens = [], []
         started = time.perf_counter()
         with torch.no_grad(), self.teacher.active() as model, self.accelerator.autocast():
-            with _head_not_called(model):  # the passes project no logits: no head call (ZeRO-3 gathers it)
+            with head_not_called(model):  # the passes project no logits: no head call (ZeRO-3 gathers it)
                 for prefix_batch, row_chunks in plan:
                     prefix = self.prefix_pass(model, [prefixes[p] for p in prefix_batch]) if shares else None
                     for chunk in row_chunks:
@@ -330,7 +239,7 @@ class TeacherScorer:
         input_ids, attention_mask = self._left_padded(prefixes)
         with captured_hidden_states(model) as captured, self.span("teacher_prefix"):
             output = model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=_NO_LOGITS
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=NO_LOGITS
             )
         return Prefix(output_cache(output), attention_mask, captured[-1][:, -1])
 
@@ -345,7 +254,7 @@ class TeacherScorer:
                 input_ids=batch["completion_ids"][index],
                 attention_mask=attention_mask,
                 use_cache=True,
-                logits_to_keep=_NO_LOGITS,
+                logits_to_keep=NO_LOGITS,
                 **{self.cache_argument: cache},
             )
         # Completion token t is predicted from position t - 1: the first one from the prompt's last position.
@@ -366,7 +275,7 @@ class TeacherScorer:
                 input_ids=torch.cat([prompt_ids, batch["completion_ids"][index, :length]], dim=1),
                 attention_mask=torch.cat([prompt_mask, completion_mask[:, :length]], dim=1),
                 use_cache=False,
-                logits_to_keep=_NO_LOGITS,
+                logits_to_keep=NO_LOGITS,
             )
         # Completion token t is predicted from position t - 1: the first one from the prompt's last position.
         hidden = captured[-1][:, prompt_ids.size(1) - 1 : -1]

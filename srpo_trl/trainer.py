@@ -15,7 +15,7 @@ The trainer is glue at GRPOTrainer's extension points; the method lives in the m
 weights) that GRPOTrainer then shuffles and splits into micro-batches; the loss computes the distillation term from
 the hidden states of GRPOTrainer's own forward pass (the student needs no pass of its own). Under ZeRO-3 and FSDP2
 weights are gathered collectively, so every process makes as many teacher passes and LM-head uses as the busiest one
-(docs/scaling.md). TRL's private names are listed in `compat.py`.
+(docs/scaling.md). TRL's private names are listed in `compat/`.
 """
 
 import functools
@@ -30,10 +30,18 @@ from trl.extras.profiling import profiling_context
 from . import checks
 from .checkpointing import TeacherCheckpointing
 from .compat import (
+    add_completion_columns,
+    distributed_layout,
+    drop_grpo_token_statistics,
+    entropy_bonus_enabled,
     fused_head_scores_only,
-    is_grpo_token_statistic,
+    log_metrics,
+    logged_extra,
+    metric_counts,
+    pad_token_id,
     policy_token_logps,
     quiet_trl_checkpointing_calls,
+    replace_logged_advantages,
     tokenize_one_prompt,
 )
 from .config import SRPOConfig
@@ -97,7 +105,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args: SRPOConfig | None = None, **kwargs):
         if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
+            name = model if isinstance(model, str) else model.config.name_or_path
             args = SRPOConfig(f"{str(name).split('/')[-1]}-SRPO")
         elif not isinstance(args, SRPOConfig):
             raise TypeError(
@@ -114,6 +122,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         bind_evaluation_callbacks(self)  # evaluation callbacks given in `callbacks=[...]` need the trainer
         use_cpu_weight_sync(self)  # vLLM colocate on a CPU engine: weight sync through vLLM's reload path
         self.teacher = None
+        self.distributed = distributed_layout(self)  # `is_zero3`, `is_fsdp`
         self.teacher_states = {"train": None, "eval": None}  # the teacher's states the loss needs, per mode
         self._routing_watch = RoutingWatch(args.success_reward_threshold, ROUTING_WATCH_BATCHES)
         self._warned: set[str] = set()  # keys of the warnings given once
@@ -125,9 +134,9 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             raise ValueError(problem)
         if not self.routing_mode.uses_teacher:
             return
-        zero = self.accelerator.state.deepspeed_plugin.deepspeed_config if self._dist.is_zero3 else {}
+        zero = self.accelerator.state.deepspeed_plugin.deepspeed_config if self.distributed.is_zero3 else {}
         vocab_size = causal_lm(self.model).config.get_text_config().vocab_size
-        extras = (self._entropy_bonus_enabled, self.aux_loss_enabled, zero.get("zero_optimization"))
+        extras = (entropy_bonus_enabled(self), self.aux_loss_enabled, zero.get("zero_optimization"))
         if problem := checks.teacher_setup_problem(args, vocab_size, self.loss_type, *extras):
             raise ValueError(problem)
         self._context_length = context_length(self.model)
@@ -137,13 +146,13 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             warnings.warn(message, stacklevel=2)
         self._logit_scale_and_softcap = logit_scale_and_softcap(causal_lm(self.model).config)
         self.teacher, self._teacher_engine = build_self_teacher(
-            self.model, args, self.accelerator, self._dist.is_zero3, self._dist.is_fsdp
+            self.model, args, self.accelerator, self.distributed.is_zero3, self.distributed.is_fsdp
         )
-        pad_token_id, span = self._tokenizer.pad_token_id, functools.partial(profiling_context, self)
+        span = functools.partial(profiling_context, self)
         self.teacher_scorer = TeacherScorer(
-            self.teacher, self.accelerator, pad_token_id, self._logits, self._dist, span
+            self.teacher, self.accelerator, pad_token_id(self), self._logits, self.distributed, span
         )
-        self.add_callback(SelfTeacherCallback(self.teacher, self.accelerator, shard=self._dist.is_fsdp))
+        self.add_callback(SelfTeacherCallback(self.teacher, self.accelerator, shard=self.distributed.is_fsdp))
 
     def add_callback(self, callback) -> None:
         super().add_callback(callback)
@@ -151,14 +160,14 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
 
     def shard_teacher_like_policy(self) -> None:
         """FSDP2: shard the teacher as Accelerate sharded the policy (once: on resume, or when training starts)."""
-        if self.teacher is not None and self._dist.is_fsdp:
+        if self.teacher is not None and self.distributed.is_fsdp:
             shard_like_policy(self.teacher, self.accelerator, self.accelerator.unwrap_model(self.model))
 
     @property
     def _sharded(self) -> bool:
         """Whether weights are sharded across processes (ZeRO-3, FSDP2): forward passes and LM-head gathers are then
         collectives, which every process makes alike."""
-        return self._dist.is_zero3 or self._dist.is_fsdp
+        return self.distributed.is_zero3 or self.distributed.is_fsdp
 
     # ---- generation time: route, then score the routed rows with the teacher ----
 
@@ -169,7 +178,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         feedback = None
         if self.args.teacher_feedback and self.teacher is not None:
             # Logged through `log_extra` by the reward functions just called; GRPOTrainer flushes it afterwards.
-            feedback = list(self._pending_extra_logs.get(FEEDBACK_COLUMN, []))
+            feedback = logged_extra(self, FEEDBACK_COLUMN)
             if problem := checks.feedback_problem(feedback, len(prompts), FEEDBACK_COLUMN):
                 raise ValueError(problem)
         contexts = privileged_contexts(inputs)  # the dataset column, per rollout (GRPOTrainer keeps extra columns)
@@ -197,9 +206,8 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         # (`srpo/teacher_prompt_dropped_frac`); routes are global, so every process learns every process's rows.
         if routes.needs_teacher.any():
             dropped = self.accelerator.gather(prompts.no_room.to(batch["completion_mask"].device)).bool()
-            self._metrics[mode]["srpo/teacher_prompt_dropped_frac"].append(
-                dropped.sum().item() / routes.needs_teacher.sum().item()
-            )
+            dropped_frac = dropped.sum().item() / routes.needs_teacher.sum().item()
+            log_metrics(self, mode, {"srpo/teacher_prompt_dropped_frac": dropped_frac})
             if dropped.any():
                 routes = route(not_shown=dropped, privileged=privileged)
         self._log_route_labels(routes, mode)
@@ -272,8 +280,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             weights = distilled_tokens.float()
         truncated = prompts.truncated.to(mask.device)
         metrics = routing_metrics(routes, mask, scores, weights, truncated, local, self._all_reduce)
-        for key, value in metrics.items():
-            self._metrics[mode][key].append(value)
+        log_metrics(self, mode, metrics)
         if self.routing_mode.teacher_mixes_advantages:
             old_token_logps = batch.get("old_per_token_logps")
             if old_token_logps is None:  # GRPOTrainer skips them when π_old is the policy being trained
@@ -308,11 +315,11 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         if not self.log_completions:
             return
         labels, siblings = route_labels(routes, self.num_generations if mode == "train" else self.num_generations_eval)
-        self._logs["extra"]["route"].extend(labels)
-        self._logs["extra"]["teacher_sibling"].extend(siblings)
-        advantages = self._logs["advantages"]  # GRPOTrainer's, for this batch's rows last, in `routes`' order
-        batch = [advantages.pop() for _ in labels][::-1]
-        advantages.extend(trained_advantages(batch, routes, self.args.routed_grpo_weight))
+        add_completion_columns(self, {"route": labels, "teacher_sibling": siblings})
+        # GRPOTrainer's advantages, for this batch's rows last, in `routes`' order
+        replace_logged_advantages(
+            self, len(labels), lambda batch: trained_advantages(batch, routes, self.args.routed_grpo_weight)
+        )
 
     def _watch_routing(self, routes: Routes, rewards: torch.Tensor, mode: str) -> None:
         """Warn once when the first training batches show that `success_reward_threshold` does not fit the rewards."""
@@ -352,7 +359,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         # tokens alone: a routed rollout carries one signal, the distillation term (method §12).
         grpo_inputs = {**inputs, "tool_mask": grpo_tokens.to(inputs["completion_mask"].dtype)}
         policy = self.accelerator.unwrap_model(model)
-        logged_before = {key: len(values) for key, values in self._metrics[mode].items()}
+        logged_before = metric_counts(self, mode)
         with captured_hidden_states(policy) as captured, fused_head_scores_only(causal_lm(policy), grpo_rows):
             grpo_loss = super()._compute_loss(model, grpo_inputs)
         if self.loss_type in LOCAL_TOKEN_LOSS_TYPES:  # bnpo divided by the GRPO tokens; SRPO shares all of them
@@ -419,14 +426,9 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         counts = torch.cat([values, grpo_tokens.sum().float().reshape(1)])
         gathered = self.accelerator.gather(counts.unsqueeze(0))
         grpo_value, distillation_value = (gathered[:, :2].mean(dim=0) * scale).tolist()
-        metrics = self._metrics[mode]
-        metrics["srpo/loss/grpo"].append(grpo_value)
-        metrics["srpo/loss/sdpo"].append(distillation_value)
+        log_metrics(self, mode, {"srpo/loss/grpo": grpo_value, "srpo/loss/sdpo": distillation_value})
         if not gathered[:, 2].sum():
-            for key in [key for key in metrics if is_grpo_token_statistic(key)]:
-                del metrics[key][logged_before.get(key, 0) :]
-                if not metrics[key]:
-                    del metrics[key]
+            drop_grpo_token_statistics(self, mode, logged_before)
         where = f"training step {self.state.global_step + 1}" if mode == "train" else "evaluation"
         if problem := checks.non_finite_loss_problem(where, grpo_value, distillation_value):
             raise FloatingPointError(problem)

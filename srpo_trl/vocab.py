@@ -18,7 +18,7 @@ log-normaliser and its entropy (`teacher_statistics`); in the loss the student p
 logits it computes anyway (`student_topk_logps`), and the teacher's log-probs on that support are a k-row dot
 product (`logps_on_support`), rounded like the full product. No extra student pass, and the support is the current
 policy's (method §5). TRL 1.16's `ChunkedLogProbFunction` returns log-probs and entropy but no top-k, so only its
-head gathering (`maybe_gather_lm_head_ctx`) and its fp32 gradient accumulation (`_addmm_fp32`) are used here.
+head gathering (`maybe_gather_lm_head_ctx`) and its fp32 gradient accumulation (`compat.accumulate_fp32`) are used here.
 
 Under DeepSpeed ZeRO-3 the head is partitioned outside its module's forward: each function gathers it once per call
 (forward, and again in the student's backward), whatever the number of positions. Under FSDP2 the head is a
@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributed.tensor import DTensor
-from trl.kernels.chunked_logprob import _addmm_fp32
 from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from .compat import accumulate_fp32
 
 LOGITS_PER_CHUNK = 2**24  # on CPUs and devices whose free memory torch cannot tell
 GPU_MEMORY_SHARE = 1 / 8  # of the free memory (what the caching allocator holds unused included), for one chunk
@@ -239,7 +240,7 @@ class _TopKLogProbs(torch.autograd.Function):
                     if grad_product.dtype == accumulate:
                         grad_weight.addmm_(grad_product.T, hidden_chunk)
                     else:
-                        _addmm_fp32(grad_weight, grad_product.T, hidden_chunk)
+                        accumulate_fp32(grad_weight, grad_product.T, hidden_chunk)
                 if grad_bias is not None:
                     grad_bias += grad_product.sum(0, dtype=accumulate)
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)

