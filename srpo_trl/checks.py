@@ -10,7 +10,7 @@ import os
 import torch
 from datasets import Dataset
 
-from .losses import LOCAL_TOKEN_LOSS_TYPES
+from .compat import divides_by_local_tokens
 from .prompts import prompt_column_problem
 
 
@@ -38,7 +38,7 @@ def inexact_setup_problem(
     routing: str, loss_type: str, entropy_bonus: bool, aux_loss: bool, zero_config: dict | None
 ) -> str | None:
     """Settings under which SRPO's objective would be silently wrong."""
-    if loss_type in LOCAL_TOKEN_LOSS_TYPES and (entropy_bonus or aux_loss):
+    if divides_by_local_tokens(loss_type) and (entropy_bonus or aux_loss):
         extra = (
             "an entropy bonus (entropy_coef / use_adaptive_entropy)"
             if entropy_bonus

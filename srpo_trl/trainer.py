@@ -35,6 +35,7 @@ from .compat import (
     drop_grpo_token_statistics,
     entropy_bonus_enabled,
     fused_head_scores_only,
+    global_token_normaliser,
     log_metrics,
     logged_extra,
     metric_counts,
@@ -47,13 +48,7 @@ from .compat import (
 from .config import SRPOConfig
 from .diagnostics import RoutingWatch, no_demonstration_room, routing_metrics
 from .evaluation import bind_evaluation_callbacks
-from .losses import (
-    LOCAL_TOKEN_LOSS_TYPES,
-    aggregate_token_loss,
-    distillation_token_losses,
-    mixed_token_advantages,
-    teacher_entropy_weights,
-)
+from .losses import LossInputs, mixed_token_advantages, srpo_loss, teacher_entropy_weights
 from .model_parts import backbone_and_head, captured_hidden_states, causal_lm, context_length
 from .prompts import batch_teacher_prompts, privileged_contexts, privileged_rollouts, teacher_prompt_budget
 from .rewards import checked_reward_function
@@ -353,7 +348,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         mask = _loss_mask(inputs)
         grpo_rows, distilled_rows = inputs["srpo_grpo_rows"], inputs["srpo_distilled_rows"]
-        grpo_tokens = mask & grpo_rows.unsqueeze(1)
+        grpo_tokens, distilled_tokens = mask & grpo_rows.unsqueeze(1), mask & distilled_rows.unsqueeze(1)
         # GRPOTrainer's loss sees GRPO tokens only (through its `tool_mask`), so that its other per-token terms (the
         # reference KL, the entropy bonus) and the statistics that choose tokens (entropy quantiles) act on GRPO
         # tokens alone: a routed rollout carries one signal, the distillation term (method §12).
@@ -362,59 +357,57 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         logged_before = metric_counts(self, mode)
         with captured_hidden_states(policy) as captured, fused_head_scores_only(causal_lm(policy), grpo_rows):
             grpo_loss = super()._compute_loss(model, grpo_inputs)
-        if self.loss_type in LOCAL_TOKEN_LOSS_TYPES:  # bnpo divided by the GRPO tokens; SRPO shares all of them
-            grpo_loss = grpo_loss * (grpo_tokens.sum().clamp(min=1) / mask.sum().clamp(min=1))
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        loss_inputs = LossInputs(
+            grpo_loss,
+            mask,
+            grpo_tokens,
+            distilled_tokens,
+            global_token_normaliser(
+                inputs["num_items_in_batch"],
+                self.accelerator.num_processes,
+                accumulation,
+                self.args.steps_per_generation if mode == "train" else 1,
+            ),
+        )
         # Under ZeRO-3 the distillation gathers the LM heads, a collective: every process joins, routed rows or not
         # (the teacher's states exist on every process or on none: routing is global).
         teacher_states = self.teacher_states[mode]
-        distillation_loss = torch.zeros((), device=grpo_loss.device)
         if teacher_states is not None and (distilled_rows.any() or self._sharded):
             hidden = captured[0] if len(captured) == 1 else torch.cat(captured)  # one forward unless GRPO chunked it
-            distilled_tokens = mask & distilled_rows.unsqueeze(1)
-            distillation_loss = self._distillation_loss(
-                policy, hidden, inputs, mask, distilled_tokens, teacher_states, mode
-            )
+            self._add_distillation_inputs(loss_inputs, policy, hidden, inputs, teacher_states)
         if mode == "eval":  # one loss per scored eval batch: do not hold its teacher states through training
             self.teacher_states["eval"] = None
-        self._log_loss_terms(mode, grpo_loss, distillation_loss, grpo_tokens, logged_before)
-        return grpo_loss + distillation_loss
-
-    def _distillation_loss(
-        self, policy, hidden, inputs, mask, distilled_tokens, teacher_states, mode: str
-    ) -> torch.Tensor:
-        """The distillation term of this micro-batch, reduced as GRPOTrainer reduces its loss for `loss_type`."""
-        start = inputs["prompt_ids"].size(1) - 1
-        hidden = hidden[:, start : start + inputs["completion_ids"].size(1)][distilled_tokens]
-        with self.accelerator.autocast():
-            logits = self._logits(hidden)
-        rollout_ratio = None
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            rollout_ratio = inputs["importance_sampling_ratio"].expand_as(distilled_tokens)[distilled_tokens]
-        with profiling_context(self, "distillation"):
-            token_losses = distillation_token_losses(
-                hidden,
-                backbone_and_head(policy)[1],
-                logits,
-                inputs["completion_ids"][distilled_tokens],
-                teacher_states,
-                inputs["srpo_teacher_state_index"][distilled_tokens].long(),
-                inputs["srpo_token_weights"][distilled_tokens],
-                # π_old as GRPOTrainer has it: computed at generation when the policy has moved since, else this policy
-                inputs["old_per_token_logps"][distilled_tokens] if "old_per_token_logps" in inputs else None,
-                rollout_ratio,
-                self.args.distillation_topk,
-                self.args.distillation_alpha,
-                self.args.distillation_is_clip,
-            )
-        per_token = torch.zeros(mask.shape, dtype=token_losses.dtype, device=mask.device)
-        return aggregate_token_loss(
-            per_token.masked_scatter(distilled_tokens, token_losses),
-            mask,
-            self.loss_type,
-            self.current_gradient_accumulation_steps if mode == "train" else 1,
-            self.max_completion_length,
-            self._token_normalizer(inputs, mode),
+        loss, terms = srpo_loss(
+            loss_inputs,
+            loss_type=self.loss_type,
+            accumulation_steps=accumulation,
+            max_completion_length=self.max_completion_length,
+            topk=self.args.distillation_topk,
+            alpha=self.args.distillation_alpha,
+            is_clip=self.args.distillation_is_clip,
+            span=functools.partial(profiling_context, self),
         )
+        self._log_loss_terms(mode, terms["grpo"], terms["distillation"], grpo_tokens, logged_before)
+        return loss
+
+    def _add_distillation_inputs(self, loss_inputs: LossInputs, policy, hidden, inputs, teacher_states) -> None:
+        """The distilled tokens' part of `LossInputs`: the student's hidden states at them (from GRPOTrainer's own
+        forward), the teacher's states, the entropy weights, π_old and vLLM's rollout ratio."""
+        tokens = loss_inputs.distilled_tokens
+        start = inputs["prompt_ids"].size(1) - 1
+        loss_inputs.student_hidden = hidden[:, start : start + inputs["completion_ids"].size(1)][tokens]
+        with self.accelerator.autocast():
+            loss_inputs.student_logits = self._logits(loss_inputs.student_hidden)
+        loss_inputs.student_head = backbone_and_head(policy)[1]
+        loss_inputs.tokens = inputs["completion_ids"][tokens]
+        loss_inputs.teacher = teacher_states
+        loss_inputs.teacher_state_index = inputs["srpo_teacher_state_index"][tokens].long()
+        loss_inputs.token_weights = inputs["srpo_token_weights"][tokens]
+        if "old_per_token_logps" in inputs:  # computed at generation when the policy has moved since
+            loss_inputs.old_logps = inputs["old_per_token_logps"][tokens]
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            loss_inputs.rollout_ratio = inputs["importance_sampling_ratio"].expand_as(tokens)[tokens]
 
     def _log_loss_terms(self, mode, grpo_loss, distillation_loss, grpo_tokens, logged_before) -> None:
         """Each branch's share of the step's loss (one gather), and a stop at the first non-finite one. GRPOTrainer's
@@ -432,11 +425,3 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         where = f"training step {self.state.global_step + 1}" if mode == "train" else "evaluation"
         if problem := checks.non_finite_loss_problem(where, grpo_value, distillation_value):
             raise FloatingPointError(problem)
-
-    def _token_normalizer(self, inputs, mode: str) -> torch.Tensor:
-        # GRPOTrainer's token-count normaliser for loss_type "dapo"/"cispo"/"vespo": the generation batch's valid
-        # tokens (all processes), per process and per micro-batch. test_trainer's accumulation test guards the match.
-        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-        if mode == "train":
-            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-        return normalizer
