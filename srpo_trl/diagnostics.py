@@ -153,10 +153,14 @@ def routing_metrics(
 
 
 def no_demonstration_room(
-    prompt_length: int, budget: int, max_teacher_prompt_length: int, context: int | None
+    prompt_length: int, budget: int, max_teacher_prompt_length: int, context: int | None, crowded_by=()
 ) -> tuple[str, str]:
     """The warning (its key, to give it once, and its text) for a teacher prompt that leaves no room for the
-    demonstration within `budget` tokens: the setting's or, below it, the model's context minus the completions'."""
+    demonstration within `budget` tokens: the setting's or, below it, the model's context minus the completions'.
+    `crowded_by`: what else the prompt carries that is never cut (the privileged context, feedback): named as a
+    cause, and its shortening as a fix."""
+    uncut = ", ".join(["its question", "system turns", *crowded_by]) + " and closing instruction are never cut"
+    shorten = "shorter prompts" + "".join(f" or a shorter {part}" for part in crowded_by)
     consequence = (
         "Such rollouts are trained as if no sibling were correct (by GRPO under routing='srpo'), not distilled by "
         "a teacher that never saw the correct answer (counted in srpo/teacher_prompt_dropped_frac)."
@@ -165,14 +169,13 @@ def no_demonstration_room(
         return "no_context_room", (
             f"The model's context ({context} positions) minus this batch's completions ({context - budget} tokens) "
             f"leaves {budget} tokens for the teacher prompt, which takes {prompt_length} tokens without its "
-            f"demonstration (its question, system turns and closing instruction are never cut). {consequence} Use a "
-            "model with a longer context, a shorter max_completion_length, or shorter prompts."
+            f"demonstration ({uncut}). {consequence} Use a model with a longer context, a shorter "
+            f"max_completion_length, or {shorten}."
         )
     return "no_demonstration_room", (
         f"max_teacher_prompt_length={max_teacher_prompt_length} leaves no room for the demonstration: a teacher "
-        f"prompt takes {prompt_length} tokens without it (its question, system turns and closing instruction are "
-        f"never cut). {consequence} Raise max_teacher_prompt_length above {prompt_length} by a demonstration's "
-        "length, or shorten the prompts."
+        f"prompt takes {prompt_length} tokens without it ({uncut}). {consequence} Raise max_teacher_prompt_length "
+        f"above {prompt_length} by a demonstration's length, or use {shorten}."
     )
 
 

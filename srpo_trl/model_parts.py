@@ -17,9 +17,10 @@ def causal_lm(model) -> PreTrainedModel:
 
 
 def backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The decoder stack (returns final hidden states) and the LM head of a causal LM, PEFT-wrapped or not."""
+    """The decoder stack (returns final hidden states) and the LM head of a causal LM, PEFT-wrapped or not: the
+    module `get_decoder()` names, which the causal LM's forward calls (OPT's calls `model.decoder`, not `model`)."""
     lm = causal_lm(model)
-    return lm.base_model, lm.get_output_embeddings()
+    return lm.get_decoder(), lm.get_output_embeddings()
 
 
 def context_length(model) -> int | None:
@@ -44,3 +45,16 @@ def captured_hidden_states(model):
         yield captured
     finally:
         handle.remove()
+    if not captured:  # checked at construction where weights are whole; under sharding, at the first pass
+        raise RuntimeError(uncaptured_message(model, "no call of it", "(rows, length, hidden)"))
+
+
+def uncaptured_message(model, seen: str, expected: str) -> str:
+    """Why the final hidden states of `model` could not be read: a forward pass gave `seen`, not `expected`."""
+    backbone, _ = backbone_and_head(model)
+    return (
+        f"SRPO reads the final hidden states of {type(causal_lm(model)).__name__} at its decoder stack "
+        f"({type(backbone).__name__}, what `get_decoder()` returns), and a forward pass gave {seen} (expected "
+        f"{expected}): this model family computes its layers around that module, so the self-teacher cannot "
+        "score it. Train it with routing='grpo', or use a model family whose forward calls its decoder stack."
+    )

@@ -187,6 +187,8 @@ class BatchTeacherPrompts:
         no_room: `(rows,)` which routed rows' prompt leaves no room for any of the demonstration (or for the
             completion, within the model's context): they are routed as if no sibling were correct.
         longest_without_room: the length of such a prompt without its demonstration, for the warning (0 if none).
+        crowded_by: what else such prompts carry that is never cut (`"privileged context"`, `"feedback"`), for the
+            warning: it, not the question, may be what fills them.
         solution_tokens: `(rows, longest completion)` `solution_departure_tokens` of the rows that keep their teacher.
     """
 
@@ -195,6 +197,7 @@ class BatchTeacherPrompts:
     no_room: torch.Tensor
     longest_without_room: int = 0
     solution_tokens: torch.Tensor | None = None
+    crowded_by: tuple[str, ...] = ()
 
 
 def batch_teacher_prompts(
@@ -225,7 +228,7 @@ def batch_teacher_prompts(
     """
     truncated = torch.zeros(len(prompts), dtype=torch.bool)
     no_room = torch.zeros_like(truncated)
-    ids, built, longest, shown_whole = [], {}, 0, []
+    ids, built, longest, shown_whole, crowded_by = [], {}, 0, [], set()
 
     @functools.cache
     def sibling_completion(index: int) -> str:
@@ -253,6 +256,10 @@ def batch_teacher_prompts(
         if (kept == 0 and demonstration) or (over_context and len(prompt_ids) > budget):
             no_room[row] = True
             longest = max(longest, len(prompt_ids))
+            if contexts is not None and contexts[row]:
+                crowded_by.add("privileged context")
+            if feedback is not None and feedback[row]:
+                crowded_by.add("feedback")
         else:
             truncated[row] = kept < len(demonstration or "")
             ids.append(prompt_ids)
@@ -264,7 +271,7 @@ def batch_teacher_prompts(
         solution_tokens = solution_departure_tokens(
             shown_whole, completion_ids, sibling_ids, demonstrations, sibling_completion
         )
-    return BatchTeacherPrompts(ids, truncated, no_room, longest, solution_tokens)
+    return BatchTeacherPrompts(ids, truncated, no_room, longest, solution_tokens, tuple(sorted(crowded_by)))
 
 
 def teacher_prompt_budget(setting: int, context: int | None, completion_length: int) -> tuple[int, bool]:

@@ -144,9 +144,9 @@ def route_rollouts(
         num_generations: group size `G`; `N` must be a multiple of it.
         success_reward_threshold: a rollout is correct iff its reward is at least this.
         routing: a key of `ROUTING_MODES`.
-        not_shown: `(N,)` rollouts whose teacher prompt had no room for their sibling's demonstration: routed as if
-            no sibling were correct (a teacher that never saw a correct answer has nothing to teach), though
-            `teacher_available` still counts the sibling.
+        not_shown: `(N,)` rollouts whose teacher prompt had no room for their sibling's demonstration (or, for a
+            privileged one, no room at all): routed as if no sibling were correct (a teacher that never saw a correct
+            answer has nothing to teach), though `teacher_available` still counts the sibling.
         privileged: `(N,)` rollouts whose question has a privileged context the teacher may use without a
             demonstration (`distill_without_sibling`): under a mode that distils failed rollouts, a failed one with no
             correct sibling is distilled from it (HDPO's rule, arXiv 2603.23871) instead of falling back to GRPO.
@@ -165,6 +165,8 @@ def route_rollouts(
     from_context = None
     if privileged is not None:
         from_context = privileged & ~teacher_available & ~correct & ~torch.isnan(rewards) & mode.distils_failed
+        if not_shown is not None:  # a context-only prompt with no room in the model's context cannot be scored
+            from_context = from_context & ~not_shown
         distilled = distilled | from_context
     grpo = ~distilled if mode.grpo_for_the_rest else torch.zeros_like(distilled)
     needs_teacher = distillable if mode.teacher_mixes_advantages else distilled

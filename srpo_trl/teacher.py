@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers.trainer_callback import TrainerCallback
@@ -47,6 +48,7 @@ class TeacherKind:
             not the EMA's `θ_T <- (1-η) θ_T + η θ` from the teacher's own.
         peft_adapter_disabled: with PEFT the teacher is the base model with every adapter disabled (no copy: the
             frozen base is the initial student when the student's adapter starts as the identity, LoRA's default).
+            An adapter that does not (`adapter_is_identity`) gets a frozen copy instead, as `trust_region` does.
     """
 
     keeps_copy: bool
@@ -97,6 +99,29 @@ def refresh_persistent(weights: list[torch.Tensor]) -> None:
     if persistent:
         persistent[0].partition(persistent)
         persistent[0].all_gather(persistent)
+
+
+def adapter_is_identity(policy, adapter: str) -> bool:
+    """Whether the PEFT `policy`'s `adapter` adds nothing yet, so that the base model with adapters disabled computes
+    the student: every layer of it is LoRA with a zero `B` (LoRA's default initialisation). Any other initialisation
+    (PiSSA, OLoRA, `init_lora_weights=False`, which also move the base weights or start `B` off zero), an adapter
+    trained before, another adapter type, or weights already sharded (each process would see only its part) count as
+    not the identity: the safe answer, which costs a copy of the adapter."""
+    for module in policy.modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        names = [name for name in module.adapter_layer_names if adapter in getattr(module, name, {})]
+        if not names:
+            continue
+        if not set(names) <= {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}:
+            return False
+        for name in ("lora_B", "lora_embedding_B"):
+            if name in names:
+                part = getattr(module, name)[adapter]
+                weight = part.weight if isinstance(part, torch.nn.Module) else part
+                if isinstance(weight, DTensor) or hasattr(weight, "ds_id") or weight.count_nonzero():
+                    return False
+    return True
 
 
 def save_student_adapter_only(policy, student_adapter: str) -> None:
@@ -160,7 +185,10 @@ class SelfTeacher:
         self.kind = TEACHER_KINDS[kind]
         self.peft = is_peft(policy)
         # The teacher's weights: an adapter of its own (PEFT), a copy (full fine-tuning), or none (the policy's).
-        self.owns_adapter = self.peft and self.kind.keeps_copy and not self.kind.peft_adapter_disabled
+        # Adapters disabled are the initial student only if the student's adapter adds nothing yet; otherwise (PiSSA,
+        # `init_lora_weights=False`, an adapter trained before) the teacher is a frozen copy of it.
+        disabled = self.peft and self.kind.peft_adapter_disabled and adapter_is_identity(policy, policy.active_adapter)
+        self.owns_adapter = self.peft and self.kind.keeps_copy and not disabled
         self.owns_model = not self.peft and self.kind.keeps_copy
         if self.peft:
             self.student_adapter = policy.active_adapter
@@ -272,7 +300,7 @@ class SelfTeacher:
         self.model.eval()
         if self.owns_adapter:
             adapter = use_adapter(self.model, TEACHER_ADAPTER)
-        elif self.peft and self.kind.peft_adapter_disabled:
+        elif self.peft and self.kind.peft_adapter_disabled:  # an identity adapter: the base model is the student
             adapter = use_adapter(self.model, None)
         else:
             adapter = nullcontext()

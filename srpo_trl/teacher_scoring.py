@@ -12,6 +12,7 @@ Under ZeRO-3 and FSDP2 a forward pass is a collective: every process makes as ma
 """
 
 import functools
+import inspect
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from .compat import (
     output_cache,
     reset_dynamic_rope,
 )
-from .model_parts import backbone_and_head, captured_hidden_states, causal_lm
+from .model_parts import backbone_and_head, captured_hidden_states, causal_lm, uncaptured_message
 from .teacher import SelfTeacher
 from .vocab import Logits, teacher_statistics
 
@@ -70,6 +71,28 @@ class Prefix:
     cache: object
     attention_mask: torch.Tensor
     last_hidden: torch.Tensor
+
+
+def uncaptured_backbone_problem(model) -> str | None:
+    """Why SRPO cannot read `model`'s final hidden states, or None: a two-token forward (no gradient, no logits)
+    must run the decoder stack that `backbone_and_head` names and give hidden states as wide as the LM head's input.
+    A family whose causal LM forward calls its layers some other way (around that module) would leave the teacher
+    and the distillation term without them."""
+    _, head = backbone_and_head(model)
+    lm = causal_lm(model)
+    ids = torch.zeros((1, 2), dtype=torch.long, device=head.weight.device)
+    captured = []
+    try:
+        with torch.no_grad(), head_not_called(model), captured_hidden_states(model) as captured:
+            lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=NO_LOGITS)
+    except RuntimeError as error:
+        if not str(error).startswith("SRPO reads the final hidden states"):
+            raise
+        return str(error)
+    hidden, width = captured[-1], head.weight.size(-1)
+    if hidden.dim() == 3 and tuple(hidden.shape) == (1, 2, width):
+        return None
+    return uncaptured_message(model, f"an output of shape {tuple(hidden.shape)}", f"(1, 2, {width})")
 
 
 def unique_prefixes(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
@@ -114,6 +137,9 @@ class TeacherScorer:
         config = causal_lm(teacher.model).config
         self.length_dependent_rope = has_length_dependent_rope(config)
         self.cache_argument = cache_argument(type(causal_lm(teacher.model)))
+        self.takes_position_ids = (
+            "position_ids" in inspect.signature(type(causal_lm(teacher.model)).forward).parameters
+        )
         self._config = config
 
     @functools.cached_property
@@ -144,6 +170,11 @@ class TeacherScorer:
         EMA moves it before the loss has used this batch). `solution_tokens` `(rows, length)`: a second token per
         position (-1: none; narrower than `mask` when its completions are shorter) whose log-prob the statistics also
         give, from the same logits (no pass of its own)."""
+        if len(rows) != len(teacher_prompts):  # they are paired by position: a missing prompt shifts every later row
+            raise RuntimeError(
+                f"{len(rows)} routed rows but {len(teacher_prompts)} teacher prompts: every row the teacher scores "
+                "needs its own prompt (a row whose prompt was dropped must be routed away first)."
+            )
         device = mask.device
         teacher_state_index = torch.full(mask.shape, -1, dtype=torch.int32, device=device)
         teacher_token_logps = torch.zeros(mask.shape, device=device)
@@ -224,6 +255,15 @@ class TeacherScorer:
         with maybe_gather_lm_head_ctx(head.weight, head.bias):  # a collective under ZeRO-3: every process calls
             return head.weight.detach().clone(), None if head.bias is None else head.bias.detach().clone()
 
+    def _positions(self, attention_mask: torch.Tensor, last: int | None = None) -> dict:
+        """`position_ids` counted over the attention mask (the last `last` columns), as generation counts them, for
+        a forward that takes them: a row's positions then do not depend on the left padding of the pass it is in
+        (learned absolute positions, GPT-2's, would otherwise shift with it; RoPE is unchanged by the shift)."""
+        if not self.takes_position_ids:
+            return {}
+        positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        return {"position_ids": positions if last is None else positions[:, -last:]}
+
     def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.accelerator.device
         ids = [torch.tensor(prompt) for prompt in prompts]
@@ -239,7 +279,11 @@ class TeacherScorer:
         input_ids, attention_mask = self._left_padded(prefixes)
         with captured_hidden_states(model) as captured, self.span("teacher_prefix"):
             output = model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=NO_LOGITS
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=True,
+                logits_to_keep=NO_LOGITS,
+                **self._positions(attention_mask),
             )
         return Prefix(output_cache(output), attention_mask, captured[-1][:, -1])
 
@@ -256,6 +300,7 @@ class TeacherScorer:
                 use_cache=True,
                 logits_to_keep=NO_LOGITS,
                 **{self.cache_argument: cache},
+                **self._positions(attention_mask, last=batch["completion_ids"].size(1)),
             )
         # Completion token t is predicted from position t - 1: the first one from the prompt's last position.
         return torch.cat([prefix.last_hidden[at].unsqueeze(1), captured[-1][:, :-1]], dim=1)
@@ -270,12 +315,14 @@ class TeacherScorer:
         length = int(completion_mask.any(0).nonzero().max()) + 1 if completion_mask.any() else 1
         if self.length_dependent_rope:
             reset_dynamic_rope(model)
+        attention_mask = torch.cat([prompt_mask, completion_mask[:, :length]], dim=1)
         with captured_hidden_states(model) as captured, self.span("teacher_whole_sequence"):
             model(
                 input_ids=torch.cat([prompt_ids, batch["completion_ids"][index, :length]], dim=1),
-                attention_mask=torch.cat([prompt_mask, completion_mask[:, :length]], dim=1),
+                attention_mask=attention_mask,
                 use_cache=False,
                 logits_to_keep=NO_LOGITS,
+                **self._positions(attention_mask),
             )
         # Completion token t is predicted from position t - 1: the first one from the prompt's last position.
         hidden = captured[-1][:, prompt_ids.size(1) - 1 : -1]

@@ -64,7 +64,7 @@ from .routing import (
 )
 from .saving import PolicySaving
 from .teacher import SelfTeacherCallback, build_self_teacher, shard_like_policy
-from .teacher_scoring import TeacherScorer
+from .teacher_scoring import TeacherScorer, uncaptured_backbone_problem
 from .vllm_cpu import check_cpu_vllm_settings, use_cpu_weight_sync
 from .vocab import Logits, logit_scale_and_softcap, sampling_logits
 
@@ -143,6 +143,10 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         self.teacher, self._teacher_engine = build_self_teacher(
             self.model, args, self.accelerator, self.distributed.is_zero3, self.distributed.is_fsdp
         )
+        if not self._sharded:  # sharded weights: a forward is a collective; the first pass checks it then
+            with self.teacher.active() as teacher_model:
+                if problem := uncaptured_backbone_problem(teacher_model):
+                    raise ValueError(problem)
         span = functools.partial(profiling_context, self)
         self.teacher_scorer = TeacherScorer(
             self.teacher, self.accelerator, pad_token_id(self), self._logits, self.distributed, span
@@ -244,7 +248,11 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         if prompts.no_room.any():
             self._warn_once(
                 *no_demonstration_room(
-                    prompts.longest_without_room, budget, self.args.max_teacher_prompt_length, self._context_length
+                    prompts.longest_without_room,
+                    budget,
+                    self.args.max_teacher_prompt_length,
+                    self._context_length,
+                    prompts.crowded_by,
                 )
             )
         return prompts

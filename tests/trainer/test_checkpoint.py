@@ -2,6 +2,7 @@
 while `save_model`/`push_to_hub` write the policy alone, with an SRPO model card made by TRL's card machinery. All
 offline."""
 
+import json
 import math
 import os
 import shutil
@@ -282,3 +283,40 @@ def test_save_model_writes_a_model_card_that_names_a_local_base_model(char_token
     assert "Sample-Routed Policy Optimization" in card
     assert f"a fine-tuned version of the local model `{base}`" in card
     assert "[None]" not in card
+    # TRL's placeholders filled: the quick start loads this model, no `licence: license`, the SRPO settings recorded
+    assert f'pipeline("text-generation", model={str(tmp_path / "saved")!r}' in card and 'model="None"' not in card
+    assert "licence" not in card
+    for row in (
+        "| `routing` | `'srpo'` |",
+        "| `success_reward_threshold` | `1.0` |",
+        "| `teacher_model_kind` | `'ema'` |",
+    ):
+        assert row in card, row
+    assert (
+        "| `teacher_update_rate` | `0.05` |" in card
+        and "| reward functions × weights | `first_letter_reward` × 1 |" in card
+    )
+
+
+def test_a_lora_adapter_saved_from_a_relative_base_path_reloads_from_anywhere(char_tokenizer, tmp_path, monkeypatch):
+    # The base given as a relative folder ("tiny"): the adapter records its absolute path, so loading it from
+    # another folder finds the base instead of asking the Hub; transformers (PEFT 0.21) and PEFT load it alike.
+    from peft import AutoPeftModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    build_tiny_model(char_tokenizer, seed=0).save_pretrained(tmp_path / "tiny")
+    trainer = make_trainer(char_tokenizer, tmp_path / "run", model="tiny", peft_config=LoraConfig(**LORA), max_steps=1)
+    trainer.train()
+    trainer.save_model()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tmp_path / "tiny")
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"the local model `{tmp_path / 'tiny'}`" in card and "| LoRA adapter | `r=4`, `lora_alpha=8` |" in card
+    ids = torch.tensor([[3, 5, 7, 9]])
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    merged = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "run").merge_and_unload()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
+    logits = [model(ids).logits for model in (loaded, merged, base)]
+    assert torch.allclose(logits[0], logits[1], atol=1e-5) and not torch.allclose(logits[0], logits[2], atol=1e-5)

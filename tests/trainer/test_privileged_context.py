@@ -139,3 +139,35 @@ def test_teacher_solution_prob_is_logged(char_tokenizer, tmp_path):
     trainer.train()
     values = logged(trainer, "srpo/teacher_solution_prob")
     assert values and all(0.0 < value < 1.0 for value in values)
+
+
+def test_a_context_only_row_without_room_falls_back_instead_of_staying_routed():
+    # Before: the row whose context-only prompt had no room stayed distilled, and the scorer paired every later row
+    # with the next row's prompt.
+    rewards = torch.zeros(4)
+    privileged = torch.tensor([True, True, True, True])
+    not_shown = torch.tensor([False, True, False, False])
+    routes = route_rollouts(rewards, 2, 1.0, "srpo", not_shown=not_shown, privileged=privileged)
+    assert routes.distilled.tolist() == [True, False, True, True]
+    assert routes.needs_teacher.tolist() == routes.distilled.tolist()
+    assert routes.fallback.tolist() == [False, True, False, False]
+
+
+def test_the_scorer_refuses_rows_and_prompts_that_do_not_pair(char_tokenizer, tmp_path):
+    trainer = make_trainer(char_tokenizer, tmp_path)
+    batch = {"completion_ids": torch.ones(2, 3, dtype=torch.long), "completion_mask": torch.ones(2, 3)}
+    with pytest.raises(RuntimeError, match="2 routed rows but 1 teacher prompts"):
+        trainer.teacher_scorer.score(batch, batch["completion_mask"].bool(), [0, 1], [[5, 6]], 8, False, True)
+
+
+def test_contexts_too_long_for_the_model_fall_back_and_are_named(char_tokenizer, tmp_path):
+    model = build_tiny_model(char_tokenizer, seed=0)
+    model.config.max_position_embeddings = 120
+    rows = [dict(row, privileged_context="reference " * 20) for row in PROMPTS.to_list()]
+    args = make_trainer(char_tokenizer, tmp_path, max_steps=1, distill_without_sibling=True).args
+    trainer = SRPOTrainer(model, never_correct, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=char_tokenizer)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"system turns, privileged context and closing.*shorter privileged context"):
+        trainer.train()
+    assert logged(trainer, "srpo/route/sdpo_frac") == [0.0] and logged(trainer, "srpo/route/fallback_frac") == [1.0]
+    assert logged(trainer, "srpo/teacher_prompt_dropped_frac") == [1.0] and logged(trainer, "srpo/loss/sdpo") == [0.0]

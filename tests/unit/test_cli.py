@@ -30,7 +30,7 @@ def test_help_starts_with_a_description_and_an_example_and_lists_srpo_before_grp
     )
     assert result.returncode == 0, result.stderr[-2000:]
     text = result.stdout
-    assert text.startswith("usage: python -m srpo_trl.train")
+    assert text.startswith("usage: python -m srpo_trl.train [--config YAML]")
     assert (
         text.index("Train a model with SRPO")
         < text.index("python -m srpo_trl.train --config")
@@ -99,7 +99,7 @@ def _own_task(tmp_path, columns=("prompt",), splits=("train", "test")):
     ]  # fmt: skip
 
 
-def test_own_jsonl_folder_trains_and_evaluates_on_its_test_split(tmp_path, monkeypatch):
+def test_own_jsonl_folder_trains_and_evaluates_on_its_test_split(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     argv = _own_task(tmp_path)
     argv += ["--eval_strategy", "steps", "--eval_steps", "1", "--per_device_eval_batch_size", "8"]
@@ -118,6 +118,7 @@ def test_own_jsonl_folder_trains_and_evaluates_on_its_test_split(tmp_path, monke
     logged = {key for row in trainer.state.log_history for key in row}
     assert {"srpo/route/sdpo_frac", "eval_reward", "eval_avg@2", "eval_mean_reward@2"} <= logged
     assert (tmp_path / "out" / "model.safetensors").exists()
+    assert f"Model saved to {tmp_path / 'out'}." in capsys.readouterr().out  # as `trl grpo` ends
 
 
 def test_own_dataset_errors_name_the_argument_and_the_fix(tmp_path, monkeypatch):
@@ -139,12 +140,15 @@ def test_a_missing_test_split_turns_avg_at_k_off_unless_asked_for(tmp_path, monk
         main(*parse_args([*argv, "--eval_every_steps", "2"]))
     trainer = main(*parse_args(argv))  # no test split, no evaluation asked for: trains
     assert not any("eval_avg@16" in row for row in trainer.state.log_history)
+    # `trl grpo`'s --test_split_size carves one out of train.jsonl (seeded: the same rows on every process and run)
+    trainer = main(*parse_args([*argv, "--test_split_size", "0.25", "--eval_every_steps", "1", "--eval_k", "2"]))
+    assert len(trainer.train_dataset) == 6 and any("eval_avg@2" in row for row in trainer.state.log_history)
 
 
 def test_example_scripts_default_task_and_the_cpu_recipe_parse():
-    script_args, training_args, _ = parse_args(["--use_cpu", "true", "--bf16", "false"], task="physics")
+    script_args, training_args, *_ = parse_args(["--use_cpu", "true", "--bf16", "false"], task="physics")
     assert script_args.task == "physics" and training_args.routing == "srpo"
-    script_args, training_args, model_args = parse_args(
+    script_args, training_args, model_args, _ = parse_args(
         ["--config", str(ROOT / "recipes" / "cpu_tiny.yaml"), "--model_name_or_path", "tiny", "--dataset_name", "d"]
     )
     assert (training_args.use_cpu, training_args.bf16, model_args.dtype) == (True, False, "float32")
@@ -191,3 +195,46 @@ def test_readme_own_task_commands_train_and_route(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "outputs" / "my_task")  # the README's reload
     assert model.config.vocab_size == len(AutoTokenizer.from_pretrained(tmp_path / "outputs" / "my_task"))
+
+
+def test_usage_names_the_command_as_it_was_called():
+    from srpo_trl import cli as cli_module
+
+    assert cli_module._prog(str(ROOT / "srpo_trl" / "train.py")) == "python -m srpo_trl.train"
+    assert cli_module._prog("/usr/local/bin/srpo-trl") == "srpo-trl"
+    usage = cli_module.SRPOParser(prog="srpo-trl").format_usage()
+    assert usage.startswith("usage: srpo-trl [--config YAML] [--task TASK | --dataset_name DATA]")
+
+
+def test_without_data_or_model_the_error_names_what_is_missing(tmp_path, monkeypatch):
+    # Nothing but a model on a CPU: no bf16 refusal first, no chemistry benchmark fetched from the Hub.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--model_name_or_path is required"):
+        main(*parse_args([]))
+    with pytest.raises(ValueError, match=r"No data: give --dataset_name .* or --task, one of the paper's benchmarks"):
+        main(*parse_args(["--model_name_or_path", str(tmp_path / "tiny")]))
+
+
+def test_datasets_mixture_streaming_and_test_split_size_as_trl_grpo_takes_them(tmp_path, monkeypatch):
+    from trl import DatasetMixtureConfig
+
+    from srpo_trl.train import _Splits
+
+    monkeypatch.chdir(tmp_path)
+    argv = _own_task(tmp_path, splits=("train",))
+    data = argv[argv.index("--dataset_name") + 1]
+    config = tmp_path / "mixture.yaml"
+    config.write_text(f"datasets:\n  - path: {data}\n  - path: {data}\ntest_split_size: 0.25\n")
+    mixture = [a for a in argv if a not in ("--dataset_name", data)] + ["--config", str(config)]
+    script_args, training_args, _, dataset_args = parse_args(mixture)
+    assert len(dataset_args.datasets) == 2 and dataset_args.test_split_size == 0.25
+    splits = [_Splits(script_args, dataset_args) for _ in range(2)]
+    assert [len(s.train()) for s in splits] == [12, 12] and [len(s.test()) for s in splits] == [4, 4]
+    with pytest.raises(ValueError, match="a `datasets` mixture needs a reward: --reward_funcs"):
+        main(*parse_args([a for a in mixture if a not in ("--reward_funcs", "my_rewards.first_letter")]))
+    with pytest.raises(ValueError, match="--task is for the paper's benchmarks, a `datasets` mixture for your own"):
+        main(*parse_args([*mixture, "--task", "physics"]))
+    streamed, *_ = parse_args([*argv, "--dataset_streaming", "true", "--max_train_samples", "3"])
+    assert len(list(_Splits(streamed, DatasetMixtureConfig()).train())) == 3  # an IterableDataset
+    with pytest.raises(ValueError, match="--test_split_size cannot split a streamed dataset"):
+        main(*parse_args([*argv, "--dataset_streaming", "true", "--test_split_size", "0.25"]))
