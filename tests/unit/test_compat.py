@@ -15,7 +15,7 @@ PACKAGE = Path(srpo_trl.__file__).parent
 
 
 def is_private(name: str) -> bool:
-    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+    return name.startswith("_") and name != "_" and not (name.startswith("__") and name.endswith("__"))
 
 
 def private_uses(tree: ast.AST) -> set[str]:
@@ -65,7 +65,14 @@ def class_members(tree: ast.AST) -> dict[str, set[str]]:
                 elif isinstance(statement, (ast.Assign, ast.AnnAssign)):
                     targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
                     names.update(target.id for target in targets if isinstance(target, ast.Name))
-            names.update(definitions(node) - {node.name})
+            names.update(
+                child.attr
+                for child in ast.walk(node)
+                if isinstance(child, ast.Attribute)
+                and isinstance(child.ctx, ast.Store)
+                and isinstance(child.value, ast.Name)
+                and child.value.id == "self"
+            )
             members[node.name] = {name for name in names if is_private(name)}
     return members
 
