@@ -1,10 +1,15 @@
 """The parts of a causal LM that SRPO reaches into, for the policy and the teacher alike: the transformers model inside
-a PEFT wrapper, its decoder stack and LM head, the backbone's final hidden states of a forward, its context length."""
+a PEFT wrapper, its decoder stack and LM head, the backbone's final hidden states of a forward (and whether a family
+gives them), its context length, a PEFT policy's saving of its own adapter, and a copy's forward patches."""
 
+import functools
+import types
 from contextlib import contextmanager
 
 import torch
 from transformers import PreTrainedModel
+
+from .compat import NO_LOGITS, head_not_called
 
 
 def is_peft(model) -> bool:
@@ -58,3 +63,68 @@ def uncaptured_message(model, seen: str, expected: str) -> str:
         f"{expected}): this model family computes its layers around that module, so the self-teacher cannot "
         "score it. Train it with routing='grpo', or use a model family whose forward calls its decoder stack."
     )
+
+
+def uncaptured_backbone_problem(model) -> str | None:
+    """Why SRPO cannot read `model`'s final hidden states, or None: a two-token forward (no gradient, no logits)
+    must run the decoder stack that `backbone_and_head` names and give hidden states as wide as the LM head's input.
+    A family whose causal LM forward calls its layers some other way (around that module) would leave the teacher
+    and the distillation term without them."""
+    _, head = backbone_and_head(model)
+    lm = causal_lm(model)
+    ids = torch.zeros((1, 2), dtype=torch.long, device=head.weight.device)
+    captured = []
+    try:
+        with torch.no_grad(), head_not_called(lm), captured_hidden_states(model) as captured:
+            lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=NO_LOGITS)
+    except RuntimeError as error:
+        if not str(error).startswith("SRPO reads the final hidden states"):
+            raise
+        return str(error)
+    hidden, width = captured[-1], head.weight.size(-1)
+    if hidden.dim() == 3 and tuple(hidden.shape) == (1, 2, width):
+        return None
+    return uncaptured_message(model, f"an output of shape {tuple(hidden.shape)}", f"(1, 2, {width})")
+
+
+def save_student_adapter_only(policy, student_adapter: str) -> None:
+    """Make the PEFT `policy`'s `save_pretrained` write `student_adapter` alone by default, wherever it is called
+    (`trainer.save_model`, `push_to_hub`, or the user's own `trainer.model.save_pretrained(...)`): PEFT's default
+    saves every adapter, which would publish the teacher's, training state. An explicit `selected_adapters` wins."""
+    policy.save_pretrained = functools.partial(
+        type(policy).save_pretrained, policy, selected_adapters=[student_adapter]
+    )
+
+
+def _closure_values(function: types.FunctionType) -> list:
+    values = []
+    for cell in function.__closure__ or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # a free variable not yet assigned
+            values.append(cell)
+    return values
+
+
+def rebind_forwards(copied: torch.nn.Module, original: torch.nn.Module) -> None:
+    """Point the instance-level `forward` patches of `copied`'s submodules at `copied`'s own modules. A deep copy
+    keeps functions as they are, so a patch closing over `original`'s modules goes on computing with the original's
+    weights: TRL's `cast_lm_head_to_fp32` replaces `lm_head.forward` by a closure over the policy's head, which
+    under ZeRO-3 and FSDP2 then met the policy's shards (`size mismatch, got input (0)`)."""
+    name_of = {id(module): name for name, module in original.named_modules()}
+    twins = dict(copied.named_modules())
+    for module in copied.modules():
+        forward = module.__dict__.get("forward")
+        if not isinstance(forward, types.FunctionType):
+            continue
+        values = _closure_values(forward)
+        if not any(id(value) in name_of for value in values):
+            continue
+        cells = tuple(
+            types.CellType(twins[name_of[id(value)]]) if id(value) in name_of else forward.__closure__[i]
+            for i, value in enumerate(values)
+        )
+        rebound = types.FunctionType(
+            forward.__code__, forward.__globals__, forward.__name__, forward.__defaults__, cells
+        )
+        module.forward = functools.update_wrapper(rebound, forward)

@@ -11,6 +11,9 @@ import numpy
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from accelerate.utils import gather_object
+
+from .routing import siblings_to_share
 
 THINK_BLOCK = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
 TEACHER_TEMPLATE = "{question}{solution}{context}{feedback}\nCorrectly solve the original question."
@@ -336,3 +339,20 @@ def solution_departure_tokens(
         if position is not None:
             tokens[row, position] = shown[position]
     return tokens
+
+
+def sibling_completions(routes, completion_ids: list[list[int]], local: slice, num_processes: int):
+    """`sibling_ids(index)`: the completion of the rollout at global `index`, this process's own (`completion_ids`,
+    global rows `local`) or fetched from the process that holds it. Only the demonstrations some process needs from
+    another cross (`routing.siblings_to_share`), in one collective when any do (every process agrees whether)."""
+    shared = {}
+    to_share = siblings_to_share(routes, num_processes) if routes.needs_teacher.any() else []
+    if to_share:
+        mine = {i: completion_ids[i - local.start] for i in to_share if local.start <= i < local.stop}
+        for part in gather_object([mine]):
+            shared.update(part)
+
+    def sibling_ids(index: int) -> list[int]:
+        return completion_ids[index - local.start] if local.start <= index < local.stop else shared[index]
+
+    return sibling_ids

@@ -15,8 +15,6 @@ shards it under FSDP2. How it scores completions is `teacher_scoring.py`.
 """
 
 import copy
-import functools
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ from trl.models import prepare_deepspeed
 from trl.trainer.utils import use_adapter
 
 from .compat import empty_model_like
-from .model_parts import is_peft
+from .model_parts import is_peft, rebind_forwards, save_student_adapter_only
 
 TEACHER_ADAPTER = "srpo_teacher"
 
@@ -122,49 +120,6 @@ def adapter_is_identity(policy, adapter: str) -> bool:
                 if isinstance(weight, DTensor) or hasattr(weight, "ds_id") or weight.count_nonzero():
                     return False
     return True
-
-
-def save_student_adapter_only(policy, student_adapter: str) -> None:
-    """Make the PEFT `policy`'s `save_pretrained` write `student_adapter` alone by default, wherever it is called
-    (`trainer.save_model`, `push_to_hub`, or the user's own `trainer.model.save_pretrained(...)`): PEFT's default
-    saves every adapter, which would publish the teacher's, training state. An explicit `selected_adapters` wins."""
-    policy.save_pretrained = functools.partial(
-        type(policy).save_pretrained, policy, selected_adapters=[student_adapter]
-    )
-
-
-def _closure_values(function: types.FunctionType) -> list:
-    values = []
-    for cell in function.__closure__ or ():
-        try:
-            values.append(cell.cell_contents)
-        except ValueError:  # a free variable not yet assigned
-            values.append(cell)
-    return values
-
-
-def rebind_forwards(copied: torch.nn.Module, original: torch.nn.Module) -> None:
-    """Point the instance-level `forward` patches of `copied`'s submodules at `copied`'s own modules. A deep copy
-    keeps functions as they are, so a patch closing over `original`'s modules goes on computing with the original's
-    weights: TRL's `cast_lm_head_to_fp32` replaces `lm_head.forward` by a closure over the policy's head, which
-    under ZeRO-3 and FSDP2 then met the policy's shards (`size mismatch, got input (0)`)."""
-    name_of = {id(module): name for name, module in original.named_modules()}
-    twins = dict(copied.named_modules())
-    for module in copied.modules():
-        forward = module.__dict__.get("forward")
-        if not isinstance(forward, types.FunctionType):
-            continue
-        values = _closure_values(forward)
-        if not any(id(value) in name_of for value in values):
-            continue
-        cells = tuple(
-            types.CellType(twins[name_of[id(value)]]) if id(value) in name_of else forward.__closure__[i]
-            for i, value in enumerate(values)
-        )
-        rebound = types.FunctionType(
-            forward.__code__, forward.__globals__, forward.__name__, forward.__defaults__, cells
-        )
-        module.forward = functools.update_wrapper(rebound, forward)
 
 
 class SelfTeacher:

@@ -31,7 +31,7 @@ from .compat import (
     output_cache,
     reset_dynamic_rope,
 )
-from .model_parts import backbone_and_head, captured_hidden_states, causal_lm, uncaptured_message
+from .model_parts import backbone_and_head, captured_hidden_states, causal_lm
 from .teacher import SelfTeacher
 from .vocab import Logits, teacher_statistics
 
@@ -73,28 +73,6 @@ class Prefix:
     last_hidden: torch.Tensor
 
 
-def uncaptured_backbone_problem(model) -> str | None:
-    """Why SRPO cannot read `model`'s final hidden states, or None: a two-token forward (no gradient, no logits)
-    must run the decoder stack that `backbone_and_head` names and give hidden states as wide as the LM head's input.
-    A family whose causal LM forward calls its layers some other way (around that module) would leave the teacher
-    and the distillation term without them."""
-    _, head = backbone_and_head(model)
-    lm = causal_lm(model)
-    ids = torch.zeros((1, 2), dtype=torch.long, device=head.weight.device)
-    captured = []
-    try:
-        with torch.no_grad(), head_not_called(model), captured_hidden_states(model) as captured:
-            lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=NO_LOGITS)
-    except RuntimeError as error:
-        if not str(error).startswith("SRPO reads the final hidden states"):
-            raise
-        return str(error)
-    hidden, width = captured[-1], head.weight.size(-1)
-    if hidden.dim() == 3 and tuple(hidden.shape) == (1, 2, width):
-        return None
-    return uncaptured_message(model, f"an output of shape {tuple(hidden.shape)}", f"(1, 2, {width})")
-
-
 def unique_prefixes(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
     """The distinct teacher prompts, in first-seen order, and which one each row uses. The routed rollouts of a group
     share theirs (the question, the same correct sibling, the instruction), so each is computed once."""
@@ -113,6 +91,80 @@ def shared_prefix_plan(prefix_of_row: list[int], rows_per_pass: int) -> list[tup
         rows = [row for row, prefix in enumerate(prefix_of_row) if prefix in batch]
         plan.append((batch, [rows[i : i + rows_per_pass] for i in range(0, len(rows), rows_per_pass)]))
     return plan
+
+
+@dataclass
+class TeacherPassPlan:
+    """The teacher's forward passes over one batch's routed rows, decided before any runs.
+
+    Attributes:
+        prefixes: the distinct teacher prompts (`unique_prefixes`).
+        prefix_of_row: for each routed row (its position in the scorer's `rows`), the index of its prompt.
+        batches: `(prefix indices, row chunks)` per batch of prompts (`shared_prefix_plan`): each row chunk is one
+            pass of rows continuing those prompts' cached keys and values.
+        continues_prefixes: each batch of prompts is one pass of its own whose cache the row chunks continue; else
+            every row chunk is scored whole, prompts included.
+    """
+
+    prefixes: list[list[int]]
+    prefix_of_row: list[int]
+    batches: list[tuple[list[int], list[list[int]]]]
+    continues_prefixes: bool
+
+    @property
+    def pass_count(self) -> int:
+        return sum(int(self.continues_prefixes) + len(chunks) for _, chunks in self.batches)
+
+
+def plan_teacher_passes(teacher_prompts, rows_per_pass: int, continues_prefixes: bool) -> TeacherPassPlan:
+    """The passes that score rows after their `teacher_prompts` entries, at most `rows_per_pass` sequences each."""
+    prefixes, prefix_of_row = unique_prefixes(teacher_prompts)
+    batches = shared_prefix_plan(prefix_of_row, rows_per_pass)
+    return TeacherPassPlan(prefixes, prefix_of_row, batches, continues_prefixes)
+
+
+def widened(solution_tokens: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
+    """`solution_tokens` padded with -1 (none) to `mask`'s width and device."""
+    if solution_tokens is None:
+        return None
+    width = mask.size(1) - solution_tokens.size(1)
+    return torch.nn.functional.pad(solution_tokens.to(mask.device), (0, width), value=-1)
+
+
+def asked_tokens(completion_ids: torch.Tensor, solution_tokens: torch.Tensor | None) -> torch.Tensor:
+    """The tokens whose log-probs the statistics give: the sampled ones `(rows, length)`, with the solution's second
+    `(rows, length, 2)` when there is one."""
+    if solution_tokens is None:
+        return completion_ids
+    return torch.stack([completion_ids, solution_tokens.clamp(min=0)], dim=-1)
+
+
+def teacher_token_statistics(hidden: torch.Tensor, head, logits: Logits, tokens: torch.Tensor):
+    """The teacher's log-normaliser `(n,)`, log-probs of the asked `tokens` (`(n,)` or `(n, 2)`) and entropy `(n,)`
+    at its final hidden states `(n, hidden)` (`vocab.teacher_statistics` with the LM `head`)."""
+    return teacher_statistics(hidden, head.weight, head.bias, logits, tokens)
+
+
+def per_token_scores(state_index: torch.Tensor, statistics, solution_tokens: torch.Tensor | None):
+    """The statistics of the scored tokens spread over the batch's `(rows, length)` grid, by `state_index` (-1 off
+    them): the sampled token's log-prob and the entropy (0 off them), and the solution token's log-prob (NaN off them
+    and where there is none; None without `solution_tokens`). `statistics`: `teacher_token_statistics`' result, or
+    None when no pass ran."""
+    token_logps = torch.zeros(state_index.shape, device=state_index.device)
+    entropy = torch.zeros_like(token_logps)
+    solution_logps = None if solution_tokens is None else torch.full_like(token_logps, torch.nan)
+    if statistics is None:
+        return token_logps, entropy, solution_logps
+    _, scored_logps, scored_entropy = statistics
+    scored = state_index >= 0
+    at = state_index[scored]
+    if solution_logps is not None:
+        scored_logps, solution_scored = scored_logps.unbind(-1)
+        solution_logps[scored] = solution_scored[at]
+        solution_logps[solution_tokens < 0] = torch.nan
+    token_logps[scored] = scored_logps[at]
+    entropy[scored] = scored_entropy[at]
+    return token_logps, entropy, solution_logps
 
 
 class TeacherScorer:
@@ -163,87 +215,91 @@ class TeacherScorer:
         snapshot_head: bool = False,
         solution_tokens: torch.Tensor | None = None,
     ) -> TeacherScores:
-        """Teacher passes over this process's routed batch `rows` (each after its `teacher_prompts` entry) and its
-        statistics on their `mask`ed tokens. `lockstep`: weights are sharded and some process has routed rows, so
-        every process makes as many passes as the busiest (agreed on first) and one statistics call. `keep`: the loss
-        distils, so what it needs is kept (`TeacherScores.states`), with a copy of the head if `snapshot_head` (the
-        EMA moves it before the loss has used this batch). `solution_tokens` `(rows, length)`: a second token per
-        position (-1: none; narrower than `mask` when its completions are shorter) whose log-prob the statistics also
-        give, from the same logits (no pass of its own)."""
+        """The teacher's scores of this process's routed batch rows: plan the passes (`plan_teacher_passes`), run
+        them (`run_passes`), then the statistics of their hidden states (`teacher_token_statistics`, spread over the
+        batch's tokens by `per_token_scores`).
+
+        Args:
+            batch: GRPOTrainer's batch (`completion_ids`, `completion_mask`).
+            mask: `(rows, length)` bool, the tokens scored.
+            rows: the routed batch rows, each scored after its `teacher_prompts` entry (paired by position).
+            teacher_prompts: one token-id list per routed row.
+            rows_per_pass: the most sequences one pass holds.
+            lockstep: weights are sharded and some process has routed rows: every process makes as many passes as
+                the busiest (agreed on first) and one statistics call.
+            keep: the loss distils: what it needs is kept (`TeacherScores.states`).
+            snapshot_head: keep a copy of the head (the EMA moves it before the loss has used this batch).
+            solution_tokens: `(rows, length')`, a second token per position (-1: none; narrower than `mask` when
+                its completions are shorter) whose log-prob the statistics also give, from the same logits.
+        """
         if len(rows) != len(teacher_prompts):  # they are paired by position: a missing prompt shifts every later row
             raise RuntimeError(
                 f"{len(rows)} routed rows but {len(teacher_prompts)} teacher prompts: every row the teacher scores "
                 "needs its own prompt (a row whose prompt was dropped must be routed away first)."
             )
-        device = mask.device
-        teacher_state_index = torch.full(mask.shape, -1, dtype=torch.int32, device=device)
-        teacher_token_logps = torch.zeros(mask.shape, device=device)
-        entropy = torch.zeros_like(teacher_token_logps)
-        solution_logps = None
-        if solution_tokens is not None:
-            width = mask.size(1) - solution_tokens.size(1)
-            solution_tokens = torch.nn.functional.pad(solution_tokens.to(device), (0, width), value=-1)
-            solution_logps = torch.full_like(teacher_token_logps, torch.nan)
-        asked = (
-            batch["completion_ids"]
-            if solution_tokens is None
-            else torch.stack([batch["completion_ids"], solution_tokens.clamp(min=0)], dim=-1)
-        )
-        prefixes, prefix_of_row = unique_prefixes(teacher_prompts)
         # Length-dependent RoPE: a row gets the frequencies of its own length only in a pass of its own.
-        plan = shared_prefix_plan(prefix_of_row, 1 if self.length_dependent_rope else rows_per_pass)
-        shares = self.continues_from_cache
-        passes = sum(int(shares) + len(row_chunks) for _, row_chunks in plan)
-        most = int(self.accelerator.gather(torch.tensor([passes], device=device)).max()) if lockstep else passes
-        hidden, tokens = [], []
+        per_pass = 1 if self.length_dependent_rope else rows_per_pass
+        plan = plan_teacher_passes(teacher_prompts, per_pass, self.continues_from_cache)
+        total = plan.pass_count
+        if lockstep:
+            total = int(self.accelerator.gather(torch.tensor([total], device=mask.device)).max())
+        solution_tokens = widened(solution_tokens, mask)
+        asked = asked_tokens(batch["completion_ids"], solution_tokens)
         started = time.perf_counter()
+        statistics, states = None, None
         with torch.no_grad(), self.teacher.active() as model, self.accelerator.autocast():
-            with head_not_called(model):  # the passes project no logits: no head call (ZeRO-3 gathers it)
-                for prefix_batch, row_chunks in plan:
-                    prefix = self.prefix_pass(model, [prefixes[p] for p in prefix_batch]) if shares else None
-                    for chunk in row_chunks:
-                        index = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device)
-                        chunk_rows, positions = mask[index].nonzero(as_tuple=True)
-                        start = sum(len(h) for h in hidden)
-                        teacher_state_index[index[chunk_rows], positions] = torch.arange(
-                            start, start + len(positions), dtype=torch.int32, device=device
-                        )
-                        if prefix is None:
-                            prompts = [prefixes[prefix_of_row[i]] for i in chunk]
-                            chunk_hidden = self.whole_sequence_hidden(model, prompts, batch, index)
-                        else:
-                            continues = [prefix_batch.index(prefix_of_row[i]) for i in chunk]
-                            chunk_hidden = self.continuation_hidden(model, prefix, continues, batch, index)
-                        hidden.append(chunk_hidden[mask[index]])
-                        tokens.append(asked[index][mask[index]])
-                for _ in range(most - passes):  # a one-token dummy prompt; its empty result keeps the states' shapes
-                    hidden.append(self.prefix_pass(model, [[self.pad_token_id]]).last_hidden[:0])
-                    tokens.append(asked.new_zeros((0, *asked.shape[2:])))
-            if hidden:
-                hidden, tokens = torch.cat(hidden), torch.cat(tokens)
+            hidden, tokens, state_index = self.run_passes(model, plan, total, batch, mask, rows, asked)
+            if total:  # every process calls, with or without tokens of its own (a collective under ZeRO-3)
                 logits = self.logits(hidden)
                 _, head = backbone_and_head(model)
                 with self.span("teacher_statistics"):
-                    log_normalizer, token_logps, token_entropy = teacher_statistics(
-                        hidden, head.weight, head.bias, logits, tokens
-                    )
-                scored = teacher_state_index >= 0
-                if solution_logps is not None:
-                    token_logps, asked_logps = token_logps.unbind(-1)
-                    solution_logps[scored] = asked_logps[teacher_state_index[scored]]
-                    solution_logps[solution_tokens < 0] = torch.nan
-                teacher_token_logps[scored] = token_logps[teacher_state_index[scored]]
-                entropy[scored] = token_entropy[teacher_state_index[scored]]
-            # FSDP2 keeps some units' weights whole after a forward (the root's: a backward would need them at once);
-            # the teacher has no backward, and its EMA works on shards.
-            for unit in model.modules() if self.fsdp else ():
-                if isinstance(unit, FSDPModule):
-                    unit.reshard()
+                    statistics = teacher_token_statistics(hidden, head, logits, tokens)
+            self.reshard(model)
         seconds = time.perf_counter() - started
-        states = None
-        if keep and most:
-            states = TeacherStates(hidden, log_normalizer, self.head_for_loss(snapshot_head), logits)
-        return TeacherScores(teacher_state_index, teacher_token_logps, entropy, seconds, states, solution_logps)
+        if keep and total:
+            states = TeacherStates(hidden, statistics[0], self.head_for_loss(snapshot_head), logits)
+        token_logps, entropy, solution_logps = per_token_scores(state_index, statistics, solution_tokens)
+        return TeacherScores(state_index, token_logps, entropy, seconds, states, solution_logps)
+
+    def run_passes(self, model, plan: "TeacherPassPlan", total: int, batch, mask, rows: list[int], asked):
+        """The teacher's `plan`ned passes, then dummy ones up to `total` (one-token prompts whose empty results keep
+        the shapes). Returns the final hidden states predicting each scored token `(n, hidden)`, the tokens asked
+        about there `(n,)` (or `(n, 2)`), and the `(rows, length)` index of each token's row (-1 off them)."""
+        device = mask.device
+        state_index = torch.full(mask.shape, -1, dtype=torch.int32, device=device)
+        hidden, tokens = [], []
+        with head_not_called(causal_lm(model)):  # the passes project no logits: no head call (ZeRO-3 gathers it)
+            for prefix_batch, row_chunks in plan.batches:
+                prompts = [plan.prefixes[p] for p in prefix_batch]
+                prefix = self.prefix_pass(model, prompts) if plan.continues_prefixes else None
+                for chunk in row_chunks:
+                    index = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device)
+                    chunk_rows, positions = mask[index].nonzero(as_tuple=True)
+                    start = sum(len(h) for h in hidden)
+                    state_index[index[chunk_rows], positions] = torch.arange(
+                        start, start + len(positions), dtype=torch.int32, device=device
+                    )
+                    if prefix is None:
+                        chunk_prompts = [plan.prefixes[plan.prefix_of_row[i]] for i in chunk]
+                        chunk_hidden = self.whole_sequence_hidden(model, chunk_prompts, batch, index)
+                    else:
+                        continues = [prefix_batch.index(plan.prefix_of_row[i]) for i in chunk]
+                        chunk_hidden = self.continuation_hidden(model, prefix, continues, batch, index)
+                    hidden.append(chunk_hidden[mask[index]])
+                    tokens.append(asked[index][mask[index]])
+            for _ in range(total - plan.pass_count):
+                hidden.append(self.prefix_pass(model, [[self.pad_token_id]]).last_hidden[:0])
+                tokens.append(asked.new_zeros((0, *asked.shape[2:])))
+        if not hidden:
+            return None, None, state_index
+        return torch.cat(hidden), torch.cat(tokens), state_index
+
+    def reshard(self, model) -> None:
+        """FSDP2 keeps some units' weights whole after a forward (the root's: a backward would need them at once);
+        the teacher has no backward, and its EMA works on shards."""
+        for unit in model.modules() if self.fsdp else ():
+            if isinstance(unit, FSDPModule):
+                unit.reshard()
 
     def head_for_loss(self, snapshot: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The teacher's LM head (weight, bias) for the loss: the live parameters, or a copy when the EMA will move

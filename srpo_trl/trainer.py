@@ -7,7 +7,7 @@ The trainer is glue at GRPOTrainer's extension points; the method lives in the m
 | `__init__` | refusals, checked reward functions, the self-teacher and its scorer | `checks.py`, `rewards.py`, `teacher.py`, `teacher_scoring.py` |
 | `_calculate_rewards` | keeps what routing needs (prompts, completion ids, the batch's rewards, feedback) | `checks.py` |
 | `_generate_and_score_completions` | routes the batch, builds teacher prompts, scores the routed rows, logs | `routing.py`, `prompts.py`, `teacher_scoring.py`, `losses.py`, `diagnostics.py` |
-| `_compute_loss` | one per-token loss: GRPO's on GRPO tokens, the distillation term on distilled tokens | `losses.py`, `vocab.py` |
+| `_compute_loss` | GRPO's loss on GRPO tokens, then `losses.srpo_loss` on `losses.LossInputs`: the distillation term, one normaliser | `losses.py`, `vocab.py`, `compat/grpo_loss.py` |
 | checkpoint hooks (mixed in) | the teacher's state in every checkpoint | `checkpointing.py` |
 | `save_model`, `create_model_card` (mixed in) | the policy alone, with a card naming a local base model | `saving.py` |
 
@@ -23,59 +23,38 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import gather_object
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
 
-from . import checks
+from . import checks, compat, routing
 from .checkpointing import TeacherCheckpointing
-from .compat import (
-    add_completion_columns,
-    distributed_layout,
-    drop_grpo_token_statistics,
-    entropy_bonus_enabled,
-    fused_head_scores_only,
-    global_token_normaliser,
-    log_metrics,
-    logged_extra,
-    metric_counts,
-    pad_token_id,
-    policy_token_logps,
-    quiet_trl_checkpointing_calls,
-    replace_logged_advantages,
-    tokenize_one_prompt,
-)
 from .config import SRPOConfig
 from .diagnostics import RoutingWatch, no_demonstration_room, routing_metrics
 from .evaluation import bind_evaluation_callbacks
 from .losses import LossInputs, mixed_token_advantages, srpo_loss, teacher_entropy_weights
-from .model_parts import backbone_and_head, captured_hidden_states, causal_lm, context_length
-from .prompts import batch_teacher_prompts, privileged_contexts, privileged_rollouts, teacher_prompt_budget
-from .rewards import checked_reward_function
-from .routing import (
-    ROUTING_MODES,
-    Routes,
-    grpo_advantage_weights,
-    route_labels,
-    route_rollouts,
-    siblings_to_share,
-    trained_advantages,
-    weighted_rewards,
+from .model_parts import (
+    backbone_and_head,
+    captured_hidden_states,
+    causal_lm,
+    context_length,
+    uncaptured_backbone_problem,
 )
+from .prompts import (
+    batch_teacher_prompts,
+    privileged_contexts,
+    privileged_rollouts,
+    sibling_completions,
+    teacher_prompt_budget,
+)
+from .rewards import checked_reward_function
 from .saving import PolicySaving
 from .teacher import SelfTeacherCallback, build_self_teacher, shard_like_policy
-from .teacher_scoring import TeacherScorer, uncaptured_backbone_problem
+from .teacher_scoring import TeacherScorer
 from .vllm_cpu import check_cpu_vllm_settings, use_cpu_weight_sync
 from .vocab import Logits, logit_scale_and_softcap, sampling_logits
 
 FEEDBACK_COLUMN = "feedback"  # the `log_extra` column reward functions write feedback to (`teacher_feedback`)
 ROUTING_WATCH_BATCHES = 5  # training generation batches after which routing that never distils is reported
-
-
-def _loss_mask(batch: dict) -> torch.Tensor:
-    """The completion tokens GRPOTrainer's loss counts (tool outputs excluded), as a bool `(rows, length)`."""
-    mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
-    return mask.bool()
 
 
 @dataclass
@@ -108,16 +87,16 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
                 "SRPOConfig.from_grpo_config(your_config), which keeps what you set and takes SRPO's defaults for "
                 "the rest (pass routing='grpo' for plain GRPO)."
             )
-        self.routing_mode = ROUTING_MODES[args.routing]
+        self.routing_mode = routing.ROUTING_MODES[args.routing]
         if self.routing_mode.uses_teacher and (problem := checks.fsdp1_problem(args)):  # before the model loads
             raise NotImplementedError(problem)
         check_cpu_vllm_settings(args)  # before GRPOTrainer starts vLLM: the CPU backend has no sleep mode
-        quiet_trl_checkpointing_calls()
+        compat.quiet_trl_checkpointing_calls()
         super().__init__(model, reward_funcs, args=args, **kwargs)
         bind_evaluation_callbacks(self)  # evaluation callbacks given in `callbacks=[...]` need the trainer
         use_cpu_weight_sync(self)  # vLLM colocate on a CPU engine: weight sync through vLLM's reload path
         self.teacher = None
-        self.distributed = distributed_layout(self)  # `is_zero3`, `is_fsdp`
+        self.distributed = compat.distributed_layout(self)  # `is_zero3`, `is_fsdp`
         self.teacher_states = {"train": None, "eval": None}  # the teacher's states the loss needs, per mode
         self._routing_watch = RoutingWatch(args.success_reward_threshold, ROUTING_WATCH_BATCHES)
         self._warned: set[str] = set()  # keys of the warnings given once
@@ -131,7 +110,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             return
         zero = self.accelerator.state.deepspeed_plugin.deepspeed_config if self.distributed.is_zero3 else {}
         vocab_size = causal_lm(self.model).config.get_text_config().vocab_size
-        extras = (entropy_bonus_enabled(self), self.aux_loss_enabled, zero.get("zero_optimization"))
+        extras = (compat.entropy_bonus_enabled(self), self.aux_loss_enabled, zero.get("zero_optimization"))
         if problem := checks.teacher_setup_problem(args, vocab_size, self.loss_type, *extras):
             raise ValueError(problem)
         self._context_length = context_length(self.model)
@@ -149,7 +128,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
                     raise ValueError(problem)
         span = functools.partial(profiling_context, self)
         self.teacher_scorer = TeacherScorer(
-            self.teacher, self.accelerator, pad_token_id(self), self._logits, self.distributed, span
+            self.teacher, self.accelerator, compat.pad_token_id(self), self._logits, self.distributed, span
         )
         self.add_callback(SelfTeacherCallback(self.teacher, self.accelerator, shard=self.distributed.is_fsdp))
 
@@ -177,7 +156,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         feedback = None
         if self.args.teacher_feedback and self.teacher is not None:
             # Logged through `log_extra` by the reward functions just called; GRPOTrainer flushes it afterwards.
-            feedback = logged_extra(self, FEEDBACK_COLUMN)
+            feedback = compat.logged_extra(self, FEEDBACK_COLUMN)
             if problem := checks.feedback_problem(feedback, len(prompts), FEEDBACK_COLUMN):
                 raise ValueError(problem)
         contexts = privileged_contexts(inputs)  # the dataset column, per rollout (GRPOTrainer keeps extra columns)
@@ -191,11 +170,11 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         if self.teacher is None:
             return batch
         scored, self._scored = self._scored, None
-        rewards = weighted_rewards(scored.rewards_per_func, self.reward_weights)
+        rewards = routing.weighted_rewards(scored.rewards_per_func, self.reward_weights)
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         threshold = self.args.success_reward_threshold
         privileged = privileged_rollouts(scored.contexts, self.args.distill_without_sibling, self.accelerator)
-        route = functools.partial(route_rollouts, rewards, num_generations, threshold, self.args.routing)
+        route = functools.partial(routing.route_rollouts, rewards, num_generations, threshold, self.args.routing)
         routes = route(privileged=privileged)  # again below, with the rows whose prompt had no room
         self._watch_routing(routes, rewards, mode)
         start = self.accelerator.process_index * len(scored.prompts)
@@ -206,26 +185,17 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         if routes.needs_teacher.any():
             dropped = self.accelerator.gather(prompts.no_room.to(batch["completion_mask"].device)).bool()
             dropped_frac = dropped.sum().item() / routes.needs_teacher.sum().item()
-            log_metrics(self, mode, {"srpo/teacher_prompt_dropped_frac": dropped_frac})
+            compat.log_metrics(self, mode, {"srpo/teacher_prompt_dropped_frac": dropped_frac})
             if dropped.any():
                 routes = route(not_shown=dropped, privileged=privileged)
         self._log_route_labels(routes, mode)
         batch.update(self._score_with_teacher(batch, routes, prompts, local, mode))
         return batch
 
-    def _teacher_prompts(self, scored: _ScoredRollouts, routes: Routes, local: slice, mode: str):
+    def _teacher_prompts(self, scored: _ScoredRollouts, routes: routing.Routes, local: slice, mode: str):
         """This process's routed rows' teacher prompts (method §3), each sibling's completion fetched from the process
         that holds it: only those some process needs from another cross (a collective when any do)."""
-        shared = {}
-        to_share = siblings_to_share(routes, self.accelerator.num_processes) if routes.needs_teacher.any() else []
-        if to_share:
-            mine = {i: scored.completion_ids[i - local.start] for i in to_share if local.start <= i < local.stop}
-            for part in gather_object([mine]):
-                shared.update(part)
-
-        def sibling_ids(index: int) -> list[int]:
-            return scored.completion_ids[index - local.start] if local.start <= index < local.stop else shared[index]
-
+        sibling_ids = sibling_completions(routes, scored.completion_ids, local, self.accelerator.num_processes)
         budget, over_context = teacher_prompt_budget(
             self.args.max_teacher_prompt_length, self._context_length, max(map(len, scored.completion_ids), default=0)
         )
@@ -236,7 +206,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
                 scored.prompts,
                 sibling_ids,
                 functools.partial(self.processing_class.decode, skip_special_tokens=True),
-                functools.partial(tokenize_one_prompt, self),
+                functools.partial(compat.tokenize_one_prompt, self),
                 budget,
                 over_context,
                 scored.feedback,
@@ -257,11 +227,11 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             )
         return prompts
 
-    def _score_with_teacher(self, batch, routes: Routes, prompts, local: slice, mode: str) -> dict:
+    def _score_with_teacher(self, batch, routes: routing.Routes, prompts, local: slice, mode: str) -> dict:
         """The teacher's scores of this process's routed rows: what the loss needs is kept on the trainer; the batch
         gets per-token tensors (an index into those states, the entropy weights) or, for `advantage_mix`, the mixed
         advantages."""
-        mask = _loss_mask(batch)
+        mask = compat.loss_mask(batch)
         rows = routes.needs_teacher[local].nonzero().squeeze(1).tolist()
         scores = self.teacher_scorer.score(
             batch,
@@ -283,11 +253,11 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             weights = distilled_tokens.float()
         truncated = prompts.truncated.to(mask.device)
         metrics = routing_metrics(routes, mask, scores, weights, truncated, local, self._all_reduce)
-        log_metrics(self, mode, metrics)
+        compat.log_metrics(self, mode, metrics)
         if self.routing_mode.teacher_mixes_advantages:
             old_token_logps = batch.get("old_per_token_logps")
             if old_token_logps is None:  # GRPOTrainer skips them when π_old is the policy being trained
-                old_token_logps = policy_token_logps(self, batch, self._rows_per_pass(mode))
+                old_token_logps = compat.policy_token_logps(self, batch, self._rows_per_pass(mode))
             advantages = mixed_token_advantages(
                 batch["advantages"],
                 scores.token_logps,
@@ -296,7 +266,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
                 self.args.advantage_mix_lambda,
             )
             return {"advantages": advantages * mask}
-        grpo_weights = grpo_advantage_weights(routes, self.args.routed_grpo_weight)[local]
+        grpo_weights = routing.grpo_advantage_weights(routes, self.args.routed_grpo_weight)[local]
         return {
             # GRPOTrainer's loss then trains exactly the rows with a GRPO weight: the others carry no advantage.
             "advantages": batch["advantages"] * grpo_weights,
@@ -312,19 +282,21 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         when the batch is used within one optimizer step, as GRPOTrainer decides when it skips `old_per_token_logps`."""
         return self.args.gradient_accumulation_steps % (self.args.steps_per_generation * self.num_iterations) == 0
 
-    def _log_route_labels(self, routes: Routes, mode: str) -> None:
+    def _log_route_labels(self, routes: routing.Routes, mode: str) -> None:
         """The completions table (`log_completions`): `route` and `teacher_sibling` columns say what each rollout
         was trained with (README, "Metrics"), and its `advantage` column what a GRPO term trained with."""
         if not self.log_completions:
             return
-        labels, siblings = route_labels(routes, self.num_generations if mode == "train" else self.num_generations_eval)
-        add_completion_columns(self, {"route": labels, "teacher_sibling": siblings})
+        labels, siblings = routing.route_labels(
+            routes, self.num_generations if mode == "train" else self.num_generations_eval
+        )
+        compat.add_completion_columns(self, {"route": labels, "teacher_sibling": siblings})
         # GRPOTrainer's advantages, for this batch's rows last, in `routes`' order
-        replace_logged_advantages(
-            self, len(labels), lambda batch: trained_advantages(batch, routes, self.args.routed_grpo_weight)
+        compat.replace_logged_advantages(
+            self, len(labels), lambda batch: routing.trained_advantages(batch, routes, self.args.routed_grpo_weight)
         )
 
-    def _watch_routing(self, routes: Routes, rewards: torch.Tensor, mode: str) -> None:
+    def _watch_routing(self, routes: routing.Routes, rewards: torch.Tensor, mode: str) -> None:
         """Warn once when the first training batches show that `success_reward_threshold` does not fit the rewards."""
         message = self._routing_watch.observe(routes, rewards) if mode == "train" else None
         if message is not None and self.accelerator.is_main_process:  # every process sees the same global rewards
@@ -354,7 +326,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         if "srpo_token_weights" not in inputs:  # nothing distilled: GRPOTrainer's loss as is
             return super()._compute_loss(model, inputs)
         mode = "train" if self.model.training else "eval"
-        mask = _loss_mask(inputs)
+        mask = compat.loss_mask(inputs)
         grpo_rows, distilled_rows = inputs["srpo_grpo_rows"], inputs["srpo_distilled_rows"]
         grpo_tokens, distilled_tokens = mask & grpo_rows.unsqueeze(1), mask & distilled_rows.unsqueeze(1)
         # GRPOTrainer's loss sees GRPO tokens only (through its `tool_mask`), so that its other per-token terms (the
@@ -362,22 +334,15 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         # tokens alone: a routed rollout carries one signal, the distillation term (method §12).
         grpo_inputs = {**inputs, "tool_mask": grpo_tokens.to(inputs["completion_mask"].dtype)}
         policy = self.accelerator.unwrap_model(model)
-        logged_before = metric_counts(self, mode)
-        with captured_hidden_states(policy) as captured, fused_head_scores_only(causal_lm(policy), grpo_rows):
+        logged_before = compat.metric_counts(self, mode)
+        with captured_hidden_states(policy) as captured, compat.fused_head_scores_only(causal_lm(policy), grpo_rows):
             grpo_loss = super()._compute_loss(model, grpo_inputs)
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
-        loss_inputs = LossInputs(
-            grpo_loss,
-            mask,
-            grpo_tokens,
-            distilled_tokens,
-            global_token_normaliser(
-                inputs["num_items_in_batch"],
-                self.accelerator.num_processes,
-                accumulation,
-                self.args.steps_per_generation if mode == "train" else 1,
-            ),
-        )
+        training = mode == "train"
+        accumulation = self.current_gradient_accumulation_steps if training else 1
+        per_generation = self.args.steps_per_generation if training else 1
+        processes = self.accelerator.num_processes
+        count = compat.global_token_normaliser(inputs["num_items_in_batch"], processes, accumulation, per_generation)
+        loss_inputs = LossInputs(grpo_loss, mask, grpo_tokens, distilled_tokens, count)
         # Under ZeRO-3 the distillation gathers the LM heads, a collective: every process joins, routed rows or not
         # (the teacher's states exist on every process or on none: routing is global).
         teacher_states = self.teacher_states[mode]
@@ -427,9 +392,9 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         counts = torch.cat([values, grpo_tokens.sum().float().reshape(1)])
         gathered = self.accelerator.gather(counts.unsqueeze(0))
         grpo_value, distillation_value = (gathered[:, :2].mean(dim=0) * scale).tolist()
-        log_metrics(self, mode, {"srpo/loss/grpo": grpo_value, "srpo/loss/sdpo": distillation_value})
+        compat.log_metrics(self, mode, {"srpo/loss/grpo": grpo_value, "srpo/loss/sdpo": distillation_value})
         if not gathered[:, 2].sum():
-            drop_grpo_token_statistics(self, mode, logged_before)
+            compat.drop_grpo_token_statistics(self, mode, logged_before)
         where = f"training step {self.state.global_step + 1}" if mode == "train" else "evaluation"
         if problem := checks.non_finite_loss_problem(where, grpo_value, distillation_value):
             raise FloatingPointError(problem)

@@ -12,8 +12,6 @@ from contextlib import contextmanager
 import torch
 from transformers import DynamicCache, cache_utils
 
-from ..model_parts import causal_lm
-
 NO_LOGITS = torch.empty(0, dtype=torch.long)  # `logits_to_keep` that projects no position
 
 
@@ -127,11 +125,10 @@ class NoPositions(torch.nn.Module):
 
 
 @contextmanager
-def head_not_called(model):
-    """`model`'s LM head replaced by `NoPositions` for the teacher's passes (the statistics use its weights, gathered
-    once per call, `vocab.teacher_statistics`); the model's top-level forward still runs, whose module order ZeRO-3's
-    prefetching follows."""
-    lm = causal_lm(model)
+def head_not_called(lm):
+    """The causal LM `lm`'s head replaced by `NoPositions` for passes that project no logits (the statistics use its
+    weights, gathered once per call, `vocab.teacher_statistics`); the model's top-level forward still runs, whose
+    module order ZeRO-3's prefetching follows."""
     head = lm.get_output_embeddings()
     name = next(name for name, module in lm.named_modules() if module is head)
     parent_name, _, attribute = name.rpartition(".")

@@ -98,6 +98,12 @@ def policy_token_logps(trainer, batch: dict, rows_per_pass: int) -> torch.Tensor
     return logps
 
 
+def loss_mask(batch: dict) -> torch.Tensor:
+    """The completion tokens GRPOTrainer's loss counts (its `tool_mask` excludes tool outputs), bool `(rows, length)`."""
+    mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
+    return mask.bool()
+
+
 def accumulate_fp32(accumulator: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
     """`accumulator += left @ right` with an fp32 `accumulator` and lower-precision factors, as TRL's chunked
     log-prob kernel accumulates its LM-head gradient (`_addmm_fp32`)."""
