@@ -77,16 +77,23 @@ def routing_metrics(
     routes,
     mask: torch.Tensor,
     scores,
+    *,
     weights: torch.Tensor,
     truncated: torch.Tensor,
     local: slice,
     all_reduce,
 ) -> dict[str, float]:
-    """The routing metrics of one generation batch (method §9), from the global `routes` and this process's tokens
-    (`mask`, the teacher's `scores` of them, a `teacher_scoring.TeacherScores`, the entropy `weights`, which routed
-    rows of `local` had their demonstration `truncated`): two collectives, a sum and an elementwise max
-    (`all_reduce(tensor, op)`). Statistics of the teacher's rows and tokens are left out of batches without any (no
-    `None` in the logs).
+    """The routing metrics of one generation batch (method §9), in two collectives. Statistics of the teacher's rows
+    and tokens are left out of batches without any (no `None` in the logs).
+
+    Args:
+        routes: the global `routing.Routes`.
+        mask: `(rows, length)` bool, this process's loss tokens.
+        scores: the teacher's `teacher_scoring.TeacherScores` of them.
+        weights: `(rows, length)`, the entropy weights.
+        truncated: `(rows,)` bool, the routed rows whose demonstration was cut.
+        local: this process's rows of the global batch.
+        all_reduce: `all_reduce(tensor, op)`, a sum or an elementwise max over the processes.
 
     `srpo/teacher_rejects_sampled_frac` is the share of distilled tokens to which the teacher gives less than half its
     probability: where the distillation moves the student off what it sampled (for a teacher as confident as the

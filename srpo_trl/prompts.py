@@ -209,6 +209,7 @@ def batch_teacher_prompts(
     sibling_ids: Callable[[int], list[int]],
     decode: Callable[[list[int]], str],
     tokenize: Callable[[str | list[dict], int], list[int]],
+    *,
     budget: int,
     over_context: bool,
     feedback: list[str | None] | None = None,
@@ -217,17 +218,24 @@ def batch_teacher_prompts(
     contexts: list[str | None] | None = None,
     completion_ids: list[list[int]] | None = None,
 ) -> BatchTeacherPrompts:
-    """The teacher prompts (method §3) of the `routed` rows, `(row, sibling)` pairs of this process's batch row and
-    the global index of its demonstration (`-1`: none, a rollout distilled from its privileged context alone), within
-    `budget` tokens; each row's privileged `contexts` entry (the dataset's, per rollout) is shown where present.
+    """The teacher prompts (method §3) of this process's `routed` rows. A group's routed rows share one teacher
+    prompt (the question, the same sibling). A prompt the template cannot rewrite (a streamed dataset's, met here
+    rather than at construction) is an error naming `source` and the prompt.
 
-    `sibling_ids(index)` are the completion ids of the rollout at global `index`, `decode` makes them text (the
-    sibling's completion); `completion_ids`, this process's rows' own (for `solution_tokens`); `tokenize(prompt, row)`
-    renders a prompt as the student's row `row` is rendered. A group's routed rows share one teacher prompt (the
-    question, the same sibling), built once when `one_per_sibling` (not with per-row feedback or tool environments).
-    `over_context`: `budget` is the model's context, not the setting: a prompt over it cannot be scored at all.
-    A prompt the template cannot rewrite (a streamed dataset's, met here rather than at construction) is an error
-    naming `source` and the prompt.
+    Args:
+        routed: `(row, sibling)` pairs: this process's batch row, and the global index of its demonstration (`-1`:
+            none, a rollout distilled from its privileged context alone).
+        prompts: this process's rows' prompts.
+        sibling_ids: `sibling_ids(index)`, the completion ids of the rollout at global `index`.
+        decode: makes completion ids text (the sibling's completion).
+        tokenize: `tokenize(prompt, row)` renders a prompt as the student's row `row` is rendered.
+        budget: the most tokens a teacher prompt may have.
+        over_context: `budget` is the model's context, not the setting: a prompt over it cannot be scored at all.
+        feedback: per row, the reward functions' feedback shown to the teacher (`teacher_feedback`), or None.
+        one_per_sibling: build a group's shared prompt once (not with per-row feedback or tool environments).
+        source: how errors name the dataset.
+        contexts: per row, the dataset's privileged context, shown where present.
+        completion_ids: this process's rows' own completions (for `solution_tokens`).
     """
     truncated = torch.zeros(len(prompts), dtype=torch.bool)
     no_room = torch.zeros_like(truncated)

@@ -207,9 +207,9 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
                 sibling_ids,
                 functools.partial(self.processing_class.decode, skip_special_tokens=True),
                 functools.partial(compat.tokenize_one_prompt, self),
-                budget,
-                over_context,
-                scored.feedback,
+                budget=budget,
+                over_context=over_context,
+                feedback=scored.feedback,
                 one_per_sibling=scored.feedback is None and self.environment_factories is None,
                 source=f"the {mode} dataset",
                 contexts=scored.contexts,
@@ -251,8 +251,10 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             weights = teacher_entropy_weights(scores.entropy, distilled_tokens, temperature, self._all_reduce)
         else:
             weights = distilled_tokens.float()
-        truncated = prompts.truncated.to(mask.device)
-        metrics = routing_metrics(routes, mask, scores, weights, truncated, local, self._all_reduce)
+        truncated, reduce = prompts.truncated.to(mask.device), self._all_reduce
+        metrics = routing_metrics(
+            routes, mask, scores, weights=weights, truncated=truncated, local=local, all_reduce=reduce
+        )
         compat.log_metrics(self, mode, metrics)
         if self.routing_mode.teacher_mixes_advantages:
             old_token_logps = batch.get("old_per_token_logps")
@@ -365,8 +367,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         return loss
 
     def _add_distillation_inputs(self, loss_inputs: LossInputs, policy, hidden, inputs, teacher_states) -> None:
-        """The distilled tokens' part of `LossInputs`: the student's hidden states at them (from GRPOTrainer's own
-        forward), the teacher's states, the entropy weights, π_old and vLLM's rollout ratio."""
+        """The distilled tokens' part of `LossInputs` (the student's hidden states from GRPOTrainer's own forward)."""
         tokens = loss_inputs.distilled_tokens
         start = inputs["prompt_ids"].size(1) - 1
         loss_inputs.student_hidden = hidden[:, start : start + inputs["completion_ids"].size(1)][tokens]
@@ -384,9 +385,8 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
 
     def _log_loss_terms(self, mode, grpo_loss, distillation_loss, grpo_tokens, logged_before) -> None:
         """Each branch's share of the step's loss (one gather), and a stop at the first non-finite one. GRPOTrainer's
-        statistics over its loss mask (`entropy`, `kl`, `clip_ratio/*`, ...) average the GRPO tokens of all processes:
-        with none (every row distilled) they come out 0 or NaN, and are left out, as SRPO's own statistics of empty
-        selections are."""
+        statistics over its loss mask (`entropy`, `kl`, `clip_ratio/*`, ...) are left out of a step with no GRPO token
+        on any process (every row distilled): they come out 0 or NaN, not statistics."""
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1  # per-step share, method §9
         values = torch.stack([grpo_loss.detach().float(), distillation_loss.detach().float()])
         counts = torch.cat([values, grpo_tokens.sum().float().reshape(1)])
