@@ -10,7 +10,8 @@ import os
 import torch
 from datasets import Dataset
 
-from .compat import divides_by_local_tokens
+from .compat import NO_LOGITS, divides_by_local_tokens, head_not_called
+from .model_parts import backbone_and_head, captured_hidden_states, causal_lm, uncaptured_message
 from .prompts import prompt_column_problem
 
 
@@ -159,3 +160,25 @@ def non_finite_loss_problem(where: str, grpo_value: float, distillation_value: f
                 "weights are finite."
             )
     return None
+
+
+def uncaptured_backbone_problem(model) -> str | None:
+    """Why SRPO cannot read `model`'s final hidden states, or None: a two-token forward (no gradient, no logits)
+    must run the decoder stack that `backbone_and_head` names and give hidden states as wide as the LM head's input.
+    A family whose causal LM forward calls its layers some other way (around that module) would leave the teacher
+    and the distillation term without them."""
+    _, head = backbone_and_head(model)
+    lm = causal_lm(model)
+    ids = torch.zeros((1, 2), dtype=torch.long, device=head.weight.device)
+    captured = []
+    try:
+        with torch.no_grad(), head_not_called(lm), captured_hidden_states(model) as captured:
+            lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=NO_LOGITS)
+    except RuntimeError as error:
+        if not str(error).startswith("SRPO reads the final hidden states"):
+            raise
+        return str(error)
+    hidden, width = captured[-1], head.weight.size(-1)
+    if hidden.dim() == 3 and tuple(hidden.shape) == (1, 2, width):
+        return None
+    return uncaptured_message(model, f"an output of shape {tuple(hidden.shape)}", f"(1, 2, {width})")

@@ -9,6 +9,7 @@ Arguments come from four dataclasses, parsed by a `trl.TrlParser` from a YAML `-
 import argparse
 import dataclasses
 import importlib
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -113,6 +114,31 @@ class SRPOScriptArguments(ScriptArguments):
     eval_budgets_hours: list[float] = field(
         default_factory=lambda: [1.0, 5.0, 10.0], metadata={"help": "Training-time budgets (hours)."}
     )
+
+    def __post_init__(self):
+        # Checked here, naming the flag, rather than where the values are used (a slice, the evaluation callback).
+        counts = {"max_train_samples": 1, "max_eval_samples": 1, "eval_every_steps": 0, "eval_k": 1}
+        counts["eval_max_new_tokens"] = 1
+        for name, least in counts.items():
+            value = getattr(self, name)
+            optional = name != "eval_k"
+            if (value is None and optional) or (
+                isinstance(value, int) and not isinstance(value, bool) and value >= least
+            ):
+                continue
+            meaning = " (0: no avg@k)" if name == "eval_every_steps" else ""
+            raise ValueError(f"--{name} must be an integer >= {least}{meaning}; got {value!r}.")
+        if not (isinstance(self.eval_temperature, (int, float)) and 0 < self.eval_temperature < math.inf):
+            raise ValueError(
+                f"--eval_temperature must be > 0 (avg@k samples; the paper's is 0.6); got {self.eval_temperature!r}."
+            )
+        if not (isinstance(self.eval_top_p, (int, float)) and 0 < self.eval_top_p <= 1):
+            raise ValueError(f"--eval_top_p must be in (0, 1]; got {self.eval_top_p!r}.")
+        hours = self.eval_budgets_hours
+        if not isinstance(hours, (list, tuple)) or not all(
+            isinstance(h, (int, float)) and not isinstance(h, bool) and 0 < h < math.inf for h in hours
+        ):
+            raise ValueError(f"--eval_budgets_hours must be positive numbers of hours, e.g. 1 5 10; got {hours!r}.")
 
 
 def srpo_field_names() -> set[str]:

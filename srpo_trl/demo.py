@@ -13,7 +13,7 @@ from transformers import PrinterCallback, TrainerCallback
 
 from . import SRPOConfig, SRPOTrainer
 from .evaluation import avg_at_k
-from .testbed.pretrain import pretrained_testbed_model
+from .testbed.pretrain import PretrainConfig, config_hash, default_cache_dir, pretrained_testbed_model
 from .testbed.task import make_testbed_dataset, reward
 
 COLUMNS = (
@@ -45,6 +45,17 @@ class RoutingTable(TrainerCallback):
         print("  ".join(cells), flush=True)
 
 
+def loading_message(config: PretrainConfig | None = None) -> str:
+    """What the demo does before its first step: load the cached testbed model, or pre-train it (minutes, silent)."""
+    config = config or PretrainConfig()
+    if (default_cache_dir() / config_hash(config)).is_dir():
+        return f"Loading the testbed model from its cache ({default_cache_dir()}) ..."
+    return (
+        f"Pre-training the tiny testbed model on generated two-digit additions ({config.max_steps} steps on one CPU "
+        "core: about two minutes, more on busy cores; cached for later runs). The SRPO steps follow ..."
+    )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="SRPO optimizer steps")
@@ -55,8 +66,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)  # tiny models are fastest (and steadiest) on one thread
 
     started = time.monotonic()
-    print("Loading the testbed model (pre-trained on CPU on the first run, then cached) ...", flush=True)
+    print(loading_message(), flush=True)
     model, tokenizer = pretrained_testbed_model()
+    print(f"  ready ({time.monotonic() - started:.0f} s)", flush=True)
     data = make_testbed_dataset(num_train=1000, num_test=100, seed=args.seed)
     config = SRPOConfig(
         output_dir=args.output_dir,

@@ -197,8 +197,10 @@ class RoutingWatch:
     correct: list[torch.Tensor] = field(default_factory=list)
     distilled: list[torch.Tensor] = field(default_factory=list)
 
-    def observe(self, routes, rewards: torch.Tensor) -> str | None:
-        if len(self.rewards) >= self.batches:
+    def observe(self, routes, rewards: torch.Tensor, batches_before: int = 0) -> str | None:
+        """Keep one training generation batch; the misfit's message once `batches` are kept. `batches_before`: the
+        training batches of the run before this process started (a resume): past `batches`, they were checked."""
+        if len(self.rewards) >= self.batches or (not self.rewards and batches_before >= self.batches):
             return None  # checked once
         self.rewards.append(rewards.detach().cpu())
         self.correct.append(routes.correct.cpu())
@@ -208,3 +210,26 @@ class RoutingWatch:
         return threshold_misfit(
             torch.cat(self.rewards), torch.cat(self.correct), self.threshold, self.batches, torch.cat(self.distilled)
         )
+
+
+# Set by a launcher that started several processes: torchrun and Accelerate's GPU/DeepSpeed/FSDP launchers
+# (WORLD_SIZE), mpirun (Open MPI, MPICH/Intel MPI, MVAPICH).
+_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def one_process_of_several(env: dict, num_processes: int) -> str | None:
+    """A warning when `accelerate launch` was asked for several processes and started one: its CPU launcher
+    (`--cpu --num_processes 2`, or a MULTI_CPU config) starts them only through mpirun, and otherwise runs the script
+    once, with `MASTER_ADDR` set (for more than one process) but no world size."""
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in env
+    several_asked = "MASTER_ADDR" in env and not any(name in env for name in _WORLD_SIZE_VARIABLES)
+    if num_processes != 1 or not (launched_by_accelerate and several_asked):
+        return None
+    return (
+        "accelerate launch was asked for several processes but started one: on CPU (--cpu --num_processes N, or a "
+        "MULTI_CPU config) Accelerate starts several only through mpirun. This run trains on 1 process. For 2 CPU "
+        "processes: torchrun --standalone --nproc_per_node=2 your_script.py (SRPOConfig(use_cpu=True, "
+        "ddp_backend='gloo'); the CLI: torchrun --standalone --nproc_per_node=2 -m srpo_trl.train ... --ddp_backend "
+        "gloo), or DeepSpeed: DS_ACCELERATOR=cpu accelerate launch --config_file accelerate_configs/cpu_zero2.yaml "
+        "your_script.py."
+    )

@@ -1,6 +1,7 @@
 """The parts of a causal LM that SRPO reaches into, for the policy and the teacher alike: the transformers model inside
-a PEFT wrapper, its decoder stack and LM head, the backbone's final hidden states of a forward (and whether a family
-gives them), its context length, a PEFT policy's saving of its own adapter, and a copy's forward patches."""
+a PEFT wrapper, its decoder stack and LM head, the backbone's final hidden states of a forward (`checks.
+uncaptured_backbone_problem` tells whether a family gives them), its context length, a PEFT policy's saving of its own
+adapter, and a copy's forward patches."""
 
 import functools
 import types
@@ -8,8 +9,6 @@ from contextlib import contextmanager
 
 import torch
 from transformers import PreTrainedModel
-
-from .compat import NO_LOGITS, head_not_called
 
 
 def is_peft(model) -> bool:
@@ -63,28 +62,6 @@ def uncaptured_message(model, seen: str, expected: str) -> str:
         f"{expected}): this model family computes its layers around that module, so the self-teacher cannot "
         "score it. Train it with routing='grpo', or use a model family whose forward calls its decoder stack."
     )
-
-
-def uncaptured_backbone_problem(model) -> str | None:
-    """Why SRPO cannot read `model`'s final hidden states, or None: a two-token forward (no gradient, no logits)
-    must run the decoder stack that `backbone_and_head` names and give hidden states as wide as the LM head's input.
-    A family whose causal LM forward calls its layers some other way (around that module) would leave the teacher
-    and the distillation term without them."""
-    _, head = backbone_and_head(model)
-    lm = causal_lm(model)
-    ids = torch.zeros((1, 2), dtype=torch.long, device=head.weight.device)
-    captured = []
-    try:
-        with torch.no_grad(), head_not_called(lm), captured_hidden_states(model) as captured:
-            lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=NO_LOGITS)
-    except RuntimeError as error:
-        if not str(error).startswith("SRPO reads the final hidden states"):
-            raise
-        return str(error)
-    hidden, width = captured[-1], head.weight.size(-1)
-    if hidden.dim() == 3 and tuple(hidden.shape) == (1, 2, width):
-        return None
-    return uncaptured_message(model, f"an output of shape {tuple(hidden.shape)}", f"(1, 2, {width})")
 
 
 def save_student_adapter_only(policy, student_adapter: str) -> None:

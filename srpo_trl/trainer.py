@@ -19,6 +19,7 @@ weights are gathered collectively, so every process makes as many teacher passes
 """
 
 import functools
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -29,16 +30,10 @@ from trl.extras.profiling import profiling_context
 from . import checks, compat, routing
 from .checkpointing import TeacherCheckpointing
 from .config import SRPOConfig
-from .diagnostics import RoutingWatch, no_demonstration_room, routing_metrics
+from .diagnostics import RoutingWatch, no_demonstration_room, one_process_of_several, routing_metrics
 from .evaluation import bind_evaluation_callbacks
 from .losses import LossInputs, mixed_token_advantages, srpo_loss, teacher_entropy_weights
-from .model_parts import (
-    backbone_and_head,
-    captured_hidden_states,
-    causal_lm,
-    context_length,
-    uncaptured_backbone_problem,
-)
+from .model_parts import backbone_and_head, captured_hidden_states, causal_lm, context_length
 from .prompts import (
     batch_teacher_prompts,
     privileged_contexts,
@@ -93,6 +88,8 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         check_cpu_vllm_settings(args)  # before GRPOTrainer starts vLLM: the CPU backend has no sleep mode
         compat.quiet_trl_checkpointing_calls()
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        if message := one_process_of_several(os.environ, self.accelerator.num_processes):
+            warnings.warn(message, stacklevel=2)
         bind_evaluation_callbacks(self)  # evaluation callbacks given in `callbacks=[...]` need the trainer
         use_cpu_weight_sync(self)  # vLLM colocate on a CPU engine: weight sync through vLLM's reload path
         self.teacher = None
@@ -114,9 +111,10 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         if problem := checks.teacher_setup_problem(args, vocab_size, self.loss_type, *extras):
             raise ValueError(problem)
         self._context_length = context_length(self.model)
-        if message := checks.teacher_context_warning(
-            args.max_teacher_prompt_length, self._context_length, args.max_completion_length
-        ):
+        # A budget is capped to the context anyway: warn only of a value the user chose (not the default 10240)
+        length = args.max_teacher_prompt_length
+        message = checks.teacher_context_warning(length, self._context_length, args.max_completion_length)
+        if message and length != SRPOConfig.max_teacher_prompt_length:
             warnings.warn(message, stacklevel=2)
         self._logit_scale_and_softcap = logit_scale_and_softcap(causal_lm(self.model).config)
         self.teacher, self._teacher_engine = build_self_teacher(
@@ -124,7 +122,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         )
         if not self._sharded:  # sharded weights: a forward is a collective; the first pass checks it then
             with self.teacher.active() as teacher_model:
-                if problem := uncaptured_backbone_problem(teacher_model):
+                if problem := checks.uncaptured_backbone_problem(teacher_model):
                     raise ValueError(problem)
         span = functools.partial(profiling_context, self)
         self.teacher_scorer = TeacherScorer(
@@ -289,18 +287,19 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         was trained with (README, "Metrics"), and its `advantage` column what a GRPO term trained with."""
         if not self.log_completions:
             return
-        labels, siblings = routing.route_labels(
-            routes, self.num_generations if mode == "train" else self.num_generations_eval
-        )
+        group = self.num_generations if mode == "train" else self.num_generations_eval
+        labels, siblings = routing.route_labels(routes, group)
         compat.add_completion_columns(self, {"route": labels, "teacher_sibling": siblings})
-        # GRPOTrainer's advantages, for this batch's rows last, in `routes`' order
-        compat.replace_logged_advantages(
+        compat.replace_logged_advantages(  # GRPOTrainer's, for this batch's rows, in `routes`' order
             self, len(labels), lambda batch: routing.trained_advantages(batch, routes, self.args.routed_grpo_weight)
         )
 
     def _watch_routing(self, routes: routing.Routes, rewards: torch.Tensor, mode: str) -> None:
         """Warn once when the first training batches show that `success_reward_threshold` does not fit the rewards."""
-        message = self._routing_watch.observe(routes, rewards) if mode == "train" else None
+        if mode != "train":
+            return
+        done = self.state.global_step * self.args.gradient_accumulation_steps // self.args.steps_per_generation
+        message = self._routing_watch.observe(routes, rewards, batches_before=done)  # a resume: done ones checked
         if message is not None and self.accelerator.is_main_process:  # every process sees the same global rewards
             warnings.warn(message, stacklevel=2)
 

@@ -5,14 +5,16 @@ Everything else goes through a function below: the metric buffers (`_metrics`), 
 the reward functions' `log_extra` buffer (`_pending_extra_logs`), the distributed layout (`_dist`), the tokenizer
 (`_tokenizer`), the entropy bonus switch (`_entropy_bonus_enabled`), prompt tokenization (`_tokenize_prompts`,
 `_batch_environments`), the policy's log-probs (`_get_per_token_logps_and_entropies`), one generation call
-(`_generate_single_turn`), the fused LM head's CPU switch (`trl.trainer.utils._use_triton`) and its fp32 gradient
+(`_generate_single_turn`), GRPOTrainer's own reward call for avg@k (`_calculate_rewards`, `_pending_metrics`), the fused LM head's CPU switch (`trl.trainer.utils._use_triton`) and its fp32 gradient
 accumulation (`trl.kernels.chunked_logprob._addmm_fp32`).
 """
 
 import warnings
+from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
+from trl import GRPOTrainer
 from trl.kernels.chunked_logprob import _addmm_fp32
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import utils as trl_utils
@@ -180,3 +182,19 @@ def adopt_class(instance, subclass: type) -> None:
     """Give `instance` (made by TRL) `subclass` of its class: the same object and state, overridden methods."""
     if not isinstance(instance, subclass):
         instance.__class__ = subclass
+
+
+def grpo_rewards(trainer, inputs: list[dict], prompts: list, completions: list, completion_ids: list) -> torch.Tensor:
+    """This process's `(samples, reward functions)` scores of `completions`, NaN where a function returned None,
+    computed by GRPOTrainer's own reward call (`_calculate_rewards`, not an override of it): reward models, async
+    functions, `trainer_state`, every dataset column of `inputs` (one row per sample), exactly as in training. What the
+    functions log (`log_extra`, `log_metric`) is dropped: it belongs to no training batch. GRPOTrainer gathers the
+    rewards of every process, so every process must score as many samples."""
+    pending = trainer._pending_extra_logs, trainer._pending_metrics
+    trainer._pending_extra_logs, trainer._pending_metrics = defaultdict(list), defaultdict(list)
+    try:
+        gathered = GRPOTrainer._calculate_rewards(trainer, inputs, prompts, completions, completion_ids)
+    finally:
+        trainer._pending_extra_logs, trainer._pending_metrics = pending
+    index = trainer.accelerator.process_index
+    return gathered.view(-1, len(prompts), gathered.size(-1))[index].double().cpu()

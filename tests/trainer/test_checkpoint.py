@@ -320,3 +320,18 @@ def test_a_lora_adapter_saved_from_a_relative_base_path_reloads_from_anywhere(ch
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
     logits = [model(ids).logits for model in (loaded, merged, base)]
     assert torch.allclose(logits[0], logits[1], atol=1e-5) and not torch.allclose(logits[0], logits[2], atol=1e-5)
+
+
+def test_the_threshold_warning_of_the_first_batches_is_not_repeated_after_a_resume(char_tokenizer, tmp_path):
+    from helpers.tiny_trainer import graded_reward
+
+    def threshold_warnings(trainer, **train):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train(**train)
+        return [w for w in caught if "first 5 generation batches" in str(w.message)]
+
+    settings = dict(reward=graded_reward, save_strategy="steps", save_steps=6)
+    assert len(threshold_warnings(make_trainer(char_tokenizer, tmp_path, max_steps=6, **settings))) == 1
+    resumed = make_trainer(char_tokenizer, tmp_path, max_steps=12, **settings)  # 6 batches more
+    assert not threshold_warnings(resumed, resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
