@@ -285,7 +285,7 @@ def teacher_prompt_budget(setting: int, context: int | None, completion_length: 
 
 def privileged_contexts(inputs: list[dict]) -> list[str | None]:
     """Each rollout's `privileged_context` (GRPOTrainer's `inputs` repeat a dataset row per rollout and keep its
-    extra columns), None where the row has none (an empty text counts as none)."""
+    extra columns), None where the row has none (an empty or blank text counts as none)."""
     contexts = [example.get(PRIVILEGED_CONTEXT_COLUMN) for example in inputs]
     for context in contexts:
         if context is not None and not isinstance(context, str):
@@ -294,7 +294,7 @@ def privileged_contexts(inputs: list[dict]) -> list[str | None]:
                 f"(or None) per row; got {type(context).__name__} {context!r:.100}. Convert it to text, or rename "
                 "the column if it is not meant for the teacher."
             )
-    return [context or None for context in contexts]
+    return [context if context and context.strip() else None for context in contexts]  # blank: no context
 
 
 def privileged_rollouts(contexts: list[str | None], enabled: bool, accelerator) -> torch.Tensor | None:

@@ -132,6 +132,8 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         ]
         if problem := checks.datasets_problem(self.train_dataset, self.eval_dataset, self.routing.uses_teacher):
             raise ValueError(problem)
+        if problem := checks.privileged_context_problem(self.train_dataset, args.distill_without_sibling):
+            raise ValueError(problem)
         if not self.routing.uses_teacher:
             return
         zero = self.accelerator.state.deepspeed_plugin.deepspeed_config if self._dist.is_zero3 else {}
@@ -207,7 +209,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         privileged = privileged_rollouts(scored.contexts, self.args.distill_without_sibling, self.accelerator)
         route = functools.partial(route_rollouts, rewards, num_generations, threshold, self.args.routing)
         routes = route(privileged=privileged)  # again below, with the rows whose prompt had no room
-        self._watch_routing(routes, rewards, mode)
+        self._watch_routing(routes, rewards, mode, scored.rewards_per_func)
         start = self.accelerator.process_index * len(scored.prompts)
         local = slice(start, start + len(scored.prompts))
         prompts = self._teacher_prompts(scored, routes, local, mode)
@@ -336,7 +338,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         batch = [advantages.pop() for _ in labels][::-1]
         advantages.extend(trained_advantages(batch, routes, self.args.routed_grpo_weight))
 
-    def _watch_routing(self, routes: Routes, rewards: torch.Tensor, mode: str) -> None:
+    def _watch_routing(self, routes: Routes, rewards: torch.Tensor, mode: str, rewards_per_func: torch.Tensor) -> None:
         """Warn once when the first training batches show that `success_reward_threshold` does not fit the rewards."""
         if mode != "train":
             return
@@ -345,7 +347,9 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         )
         if not self._routing_watch.rewards and batches_before >= self._routing_watch.batches:
             return  # resumed past the watched batches: the run's first batches were checked before the checkpoint
-        message = self._routing_watch.observe(routes, rewards)
+        message = self._routing_watch.observe(
+            routes, rewards, rewards_per_func, self.reward_weights, self.reward_func_names
+        )
         if message is not None and self.accelerator.is_main_process:  # every process sees the same global rewards
             warnings.warn(message, stacklevel=2)
 
