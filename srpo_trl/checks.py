@@ -120,7 +120,9 @@ def dataset_problem(name: str, dataset, teacher: bool) -> str | None:
         return None
     if len(dataset) == 0:
         return f"{name} has no rows: check the split and any filter applied to it."
-    found = prompt_column_problem(dataset.select_columns(["prompt"]).with_format("arrow")[:]["prompt"], teacher)
+    prompts = dataset.select_columns(["prompt"])
+    decode = lambda row: prompts[row]["prompt"]  # noqa: E731  (as the trainer reads it)
+    found = prompt_column_problem(prompts.with_format("arrow")[:]["prompt"], teacher, decode)
     return None if found is None else f"{name} row {found[0]}: {found[1]}"
 
 

@@ -62,19 +62,23 @@ def empty_prompt_problem(prompt) -> str | None:
     return None
 
 
-def prompt_column_problem(column: pa.ChunkedArray, teacher: bool) -> tuple[int, str] | None:
+def prompt_column_problem(
+    column: pa.ChunkedArray, teacher: bool, decode: Callable[[int], object] | None = None
+) -> tuple[int, str] | None:
     """The first row of a dataset's `prompt` column that cannot be trained (empty), or, with `teacher`, that the
     teacher prompt cannot be built from (`teacher_prompt_problem`), with why; None when every row is fine.
 
     Column-wise on the Arrow data (fast on millions of rows): the vectorised tests only find candidate rows, and
-    the row-level functions decide on those, in order, so the answer is exactly theirs."""
+    the row-level functions decide on those, in order, so the answer is exactly theirs. `decode(row)` gives a row's
+    prompt as the dataset hands it to the trainer (`datasets` decodes some columns: messages with keys of their own,
+    a `name`, are stored as JSON text); without it, the Arrow value as it is."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     lengths = pc.fill_null(pc.utf8_length(column) if _is_text(column.type) else _list_lengths(column), 0)
     candidates = numpy.flatnonzero(lengths.to_numpy(zero_copy_only=False) == 0)
     if teacher and _is_list(column.type):
         candidates = numpy.union1d(candidates, _rows_whose_user_turn_may_not_be_text(column))
     for row in candidates.tolist():
-        prompt = column[row].as_py()
+        prompt = column[row].as_py() if decode is None else decode(row)
         problem = empty_prompt_problem(prompt) or (teacher_prompt_problem(prompt) if teacher else None)
         if problem is not None:
             return row, problem
