@@ -7,12 +7,14 @@ Every message names the setting, field, column or reward function at fault and t
 import math
 import os
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
 from .compat import NO_LOGITS, divides_by_local_tokens, head_not_called
 from .model_parts import backbone_and_head, captured_hidden_states, causal_lm, uncaptured_message
-from .prompts import prompt_column_problem
+from .prompts import PRIVILEGED_CONTEXT_COLUMN, prompt_column_problem
 
 
 def fsdp_version(args) -> int | None:
@@ -119,8 +121,36 @@ def dataset_problem(name: str, dataset, teacher: bool) -> str | None:
         return None
     if len(dataset) == 0:
         return f"{name} has no rows: check the split and any filter applied to it."
-    found = prompt_column_problem(dataset.select_columns(["prompt"]).with_format("arrow")[:]["prompt"], teacher)
+    prompts = dataset.select_columns(["prompt"])
+    decode = lambda row: prompts[row]["prompt"]  # noqa: E731  (as the trainer reads it)
+    found = prompt_column_problem(prompts.with_format("arrow")[:]["prompt"], teacher, decode)
     return None if found is None else f"{name} row {found[0]}: {found[1]}"
+
+
+def privileged_context_problem(dataset, distill_without_sibling: bool) -> str | None:
+    """`distill_without_sibling` does nothing without a privileged context to distil from: a training set (whose
+    columns are known) without a `privileged_context` column, or whose contexts are all empty or blank."""
+    columns = getattr(dataset, "column_names", None)
+    if not distill_without_sibling or columns is None:
+        return None
+    if PRIVILEGED_CONTEXT_COLUMN not in columns:
+        return (
+            f"SRPOConfig.distill_without_sibling=True distils all-failed groups from the dataset's "
+            f"{PRIVILEGED_CONTEXT_COLUMN!r} column, and train_dataset has none (its columns: {columns}): add one (a "
+            "reference solution per row, None where there is none), or leave distill_without_sibling False."
+        )
+    if not isinstance(dataset, Dataset):
+        return None
+    column = dataset.select_columns([PRIVILEGED_CONTEXT_COLUMN]).with_format("arrow")[:][PRIVILEGED_CONTEXT_COLUMN]
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)):
+        return None  # not text: refused, naming the column, when a row of it is met
+    if pa.types.is_null(column.type) or not pc.max(pc.utf8_length(pc.utf8_trim_whitespace(column))).as_py():
+        return (
+            f"SRPOConfig.distill_without_sibling=True, but every {PRIVILEGED_CONTEXT_COLUMN!r} of train_dataset is "
+            "empty or blank: no rollout can be distilled from one. Fill the column, or leave distill_without_sibling "
+            "False."
+        )
+    return None
 
 
 def infinite_reward_problem(rewards_per_func: torch.Tensor, names: list[str]) -> str | None:

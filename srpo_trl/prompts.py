@@ -65,19 +65,23 @@ def empty_prompt_problem(prompt) -> str | None:
     return None
 
 
-def prompt_column_problem(column: pa.ChunkedArray, teacher: bool) -> tuple[int, str] | None:
+def prompt_column_problem(
+    column: pa.ChunkedArray, teacher: bool, decode: Callable[[int], object] | None = None
+) -> tuple[int, str] | None:
     """The first row of a dataset's `prompt` column that cannot be trained (empty), or, with `teacher`, that the
     teacher prompt cannot be built from (`teacher_prompt_problem`), with why; None when every row is fine.
 
     Column-wise on the Arrow data (fast on millions of rows): the vectorised tests only find candidate rows, and
-    the row-level functions decide on those, in order, so the answer is exactly theirs."""
+    the row-level functions decide on those, in order, so the answer is exactly theirs. `decode(row)` gives a row's
+    prompt as the dataset hands it to the trainer (`datasets` decodes some columns: messages with keys of their own,
+    a `name`, are stored as JSON text); without it, the Arrow value as it is."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     lengths = pc.fill_null(pc.utf8_length(column) if _is_text(column.type) else _list_lengths(column), 0)
     candidates = numpy.flatnonzero(lengths.to_numpy(zero_copy_only=False) == 0)
     if teacher and _is_list(column.type):
         candidates = numpy.union1d(candidates, _rows_whose_user_turn_may_not_be_text(column))
     for row in candidates.tolist():
-        prompt = column[row].as_py()
+        prompt = column[row].as_py() if decode is None else decode(row)
         problem = empty_prompt_problem(prompt) or (teacher_prompt_problem(prompt) if teacher else None)
         if problem is not None:
             return row, problem
@@ -296,7 +300,7 @@ def teacher_prompt_budget(setting: int, context: int | None, completion_length: 
 
 def privileged_contexts(inputs: list[dict]) -> list[str | None]:
     """Each rollout's `privileged_context` (GRPOTrainer's `inputs` repeat a dataset row per rollout and keep its
-    extra columns), None where the row has none (an empty text counts as none)."""
+    extra columns), None where the row has none (an empty or blank text counts as none)."""
     contexts = [example.get(PRIVILEGED_CONTEXT_COLUMN) for example in inputs]
     for context in contexts:
         if context is not None and not isinstance(context, str):
@@ -305,7 +309,7 @@ def privileged_contexts(inputs: list[dict]) -> list[str | None]:
                 f"(or None) per row; got {type(context).__name__} {context!r:.100}. Convert it to text, or rename "
                 "the column if it is not meant for the teacher."
             )
-    return [context or None for context in contexts]
+    return [context if context and context.strip() else None for context in contexts]  # blank: no context
 
 
 def privileged_rollouts(contexts: list[str | None], enabled: bool, accelerator) -> torch.Tensor | None:

@@ -54,8 +54,8 @@ ROUTING_WATCH_BATCHES = 5  # training generation batches after which routing tha
 
 @dataclass
 class _ScoredRollouts:
-    """What `_calculate_rewards` saw: this process's prompts and completions (and the rewards' feedback on them, with
-    `teacher_feedback`), the dataset's `privileged_context` of each, and every process's rewards."""
+    """What `_calculate_rewards` saw: this process's prompts, completions, their feedback (`teacher_feedback`) and
+    `privileged_context`, and every process's rewards."""
 
     prompts: list
     completion_ids: list[list[int]]
@@ -103,6 +103,8 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         ]
         if problem := checks.datasets_problem(self.train_dataset, self.eval_dataset, self.routing_mode.uses_teacher):
             raise ValueError(problem)
+        if problem := checks.privileged_context_problem(self.train_dataset, args.distill_without_sibling):
+            raise ValueError(problem)
         if not self.routing_mode.uses_teacher:
             return
         zero = self.accelerator.state.deepspeed_plugin.deepspeed_config if self.distributed.is_zero3 else {}
@@ -141,8 +143,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
 
     @property
     def _sharded(self) -> bool:
-        """Whether weights are sharded across processes (ZeRO-3, FSDP2): forward passes and LM-head gathers are then
-        collectives, which every process makes alike."""
+        """Weights sharded (ZeRO-3, FSDP2): forward passes and LM-head gathers are collectives every process makes."""
         return self.distributed.is_zero3 or self.distributed.is_fsdp
 
     # ---- generation time: route, then score the routed rows with the teacher ----
@@ -174,7 +175,7 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
         privileged = privileged_rollouts(scored.contexts, self.args.distill_without_sibling, self.accelerator)
         route = functools.partial(routing.route_rollouts, rewards, num_generations, threshold, self.args.routing)
         routes = route(privileged=privileged)  # again below, with the rows whose prompt had no room
-        self._watch_routing(routes, rewards, mode)
+        self._watch_routing(routes, rewards, mode, scored.rewards_per_func)
         start = self.accelerator.process_index * len(scored.prompts)
         local = slice(start, start + len(scored.prompts))
         prompts = self._teacher_prompts(scored, routes, local, mode)
@@ -214,15 +215,12 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
                 completion_ids=scored.completion_ids,
             )
         if prompts.no_room.any():
-            self._warn_once(
-                *no_demonstration_room(
-                    prompts.longest_without_room,
-                    budget,
-                    self.args.max_teacher_prompt_length,
-                    self._context_length,
-                    prompts.crowded_by,
-                )
+            setting, context, longest = (
+                self.args.max_teacher_prompt_length,
+                self._context_length,
+                prompts.longest_without_room,
             )
+            self._warn_once(*no_demonstration_room(longest, budget, setting, context, prompts.crowded_by))
         return prompts
 
     def _score_with_teacher(self, batch, routes: routing.Routes, prompts, local: slice, mode: str) -> dict:
@@ -294,12 +292,14 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             self, len(labels), lambda batch: routing.trained_advantages(batch, routes, self.args.routed_grpo_weight)
         )
 
-    def _watch_routing(self, routes: routing.Routes, rewards: torch.Tensor, mode: str) -> None:
+    def _watch_routing(self, routes: routing.Routes, rewards: torch.Tensor, mode: str, rewards_per_func) -> None:
         """Warn once when the first training batches show that `success_reward_threshold` does not fit the rewards."""
         if mode != "train":
             return
         done = self.state.global_step * self.args.gradient_accumulation_steps // self.args.steps_per_generation
-        message = self._routing_watch.observe(routes, rewards, batches_before=done)  # a resume: done ones checked
+        message = self._routing_watch.observe(  # a resume: the batches done before it were checked
+            routes, rewards, rewards_per_func, self.reward_weights, self.reward_func_names, batches_before=done
+        )
         if message is not None and self.accelerator.is_main_process:  # every process sees the same global rewards
             warnings.warn(message, stacklevel=2)
 
