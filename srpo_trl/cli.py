@@ -9,14 +9,15 @@ Arguments come from four dataclasses, parsed by a `trl.TrlParser` from a YAML `-
 import argparse
 import dataclasses
 import importlib
+import math
 import os
 import sys
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from trl import DatasetMixtureConfig, GRPOConfig, ModelConfig, ScriptArguments, TrlParser
+from trl import DatasetMixtureConfig, GRPOConfig, ModelConfig, ScriptArguments
 
+from .compat import GroupedParser
 from .config import SRPOConfig
 from .tasks import TASKS, get_reward_funcs, multiple_choice_reward, tool_use_reward
 
@@ -114,6 +115,31 @@ class SRPOScriptArguments(ScriptArguments):
         default_factory=lambda: [1.0, 5.0, 10.0], metadata={"help": "Training-time budgets (hours)."}
     )
 
+    def __post_init__(self):
+        # Checked here, naming the flag, rather than where the values are used (a slice, the evaluation callback).
+        counts = {"max_train_samples": 1, "max_eval_samples": 1, "eval_every_steps": 0, "eval_k": 1}
+        counts["eval_max_new_tokens"] = 1
+        for name, least in counts.items():
+            value = getattr(self, name)
+            optional = name != "eval_k"
+            if (value is None and optional) or (
+                isinstance(value, int) and not isinstance(value, bool) and value >= least
+            ):
+                continue
+            meaning = " (0: no avg@k)" if name == "eval_every_steps" else ""
+            raise ValueError(f"--{name} must be an integer >= {least}{meaning}; got {value!r}.")
+        if not (isinstance(self.eval_temperature, (int, float)) and 0 < self.eval_temperature < math.inf):
+            raise ValueError(
+                f"--eval_temperature must be > 0 (avg@k samples; the paper's is 0.6); got {self.eval_temperature!r}."
+            )
+        if not (isinstance(self.eval_top_p, (int, float)) and 0 < self.eval_top_p <= 1):
+            raise ValueError(f"--eval_top_p must be in (0, 1]; got {self.eval_top_p!r}.")
+        hours = self.eval_budgets_hours
+        if not isinstance(hours, (list, tuple)) or not all(
+            isinstance(h, (int, float)) and not isinstance(h, bool) and 0 < h < math.inf for h in hours
+        ):
+            raise ValueError(f"--eval_budgets_hours must be positive numbers of hours, e.g. 1 5 10; got {hours!r}.")
+
 
 def srpo_field_names() -> set[str]:
     """SRPOConfig's own fields and the GRPO fields whose default SRPO changes (the paper's, method §10)."""
@@ -130,11 +156,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Defaults shown, and the description's example commands kept as written."""
 
 
-class SRPOParser(TrlParser):
+class SRPOParser(GroupedParser):
     """`TrlParser` over [`SRPOScriptArguments`], [`SRPOConfig`], `ModelConfig` and `DatasetMixtureConfig`, its
     `--help` in titled groups: data and rewards, SRPO, model, then GRPO and the `Trainer`'s (about 200 fields) last."""
 
-    GROUPS = (
+    group_order = (
         "Data, rewards and evaluation",
         "SRPO (SRPOConfig)",
         "Model (trl.ModelConfig)",
@@ -142,6 +168,7 @@ class SRPOParser(TrlParser):
     )
 
     def __init__(self, prog: str | None = None):
+        self._srpo_fields = srpo_field_names()
         super().__init__(
             (SRPOScriptArguments, SRPOConfig, ModelConfig, DatasetMixtureConfig),
             prog=prog or _prog(sys.argv[0]),
@@ -149,29 +176,14 @@ class SRPOParser(TrlParser):
             usage="%(prog)s [--config YAML] [--task TASK | --dataset_name DATA] [--ARGUMENT VALUE ...]",
             formatter_class=_HelpFormatter,
         )
-        rank = {title: i for i, title in enumerate(self.GROUPS)}
-        self._action_groups.sort(key=lambda group: rank.get(group.title, -1))  # argparse's own groups first
+        self.order_groups()
 
-    def _add_dataclass_arguments(self, dtype):
-        # HfArgumentParser's loop, with each field sent to its group.
-        hints = typing.get_type_hints(dtype)
-        srpo = srpo_field_names() if dtype is SRPOConfig else set()
-        for spec in dataclasses.fields(dtype):
-            if spec.init:
-                spec.type = hints[spec.name]
-                self._parse_dataclass_field(self._group(dtype, spec.name in srpo), spec)
-
-    def _group(self, dtype, srpo_field: bool):
+    def group_title(self, dtype, field_name: str) -> str:
         if dtype in (SRPOScriptArguments, DatasetMixtureConfig):
-            title = self.GROUPS[0]
-        elif dtype is SRPOConfig:
-            title = self.GROUPS[1] if srpo_field else self.GROUPS[3]
-        else:
-            title = self.GROUPS[2]
-        for group in self._action_groups:
-            if group.title == title:
-                return group
-        return self.add_argument_group(title)
+            return self.group_order[0]
+        if dtype is SRPOConfig:
+            return self.group_order[1] if field_name in self._srpo_fields else self.group_order[3]
+        return self.group_order[2]
 
 
 def _prog(argv0: str) -> str:

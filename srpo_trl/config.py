@@ -43,7 +43,8 @@ class SRPOConfig(GRPOConfig):
 
         teacher_model_kind (`str`, *optional*, defaults to `"ema"`):
             Which model is the teacher (method §4), named as TRL's SDPO names them. `"ema"`: the paper's EMA of the
-            student. `"base"`: the initial student, frozen (with PEFT, the base model with the adapters disabled).
+            student. `"base"`: the initial student, frozen (with PEFT, the base model with the adapters disabled,
+            or a frozen copy of an adapter that does not start as the identity).
             `"live"`: the current student itself, no copy (with PEFT, the student's adapter). `"trust_region"`: after
             lasgroup/SDPO's trust-region teacher, the weights `(1-η) θ_0 + η θ` between the initial student `θ_0` and
             the current one, at `η = teacher_update_rate` (lasgroup mixes the two models' logits; here their weights,
@@ -91,8 +92,6 @@ class SRPOConfig(GRPOConfig):
             token-level log-ratio, after the combined-advantage baseline of the SDPO paper
             ([arXiv 2601.20802](https://huggingface.co/papers/2601.20802)).
     """
-
-    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS
 
     routing: str = field(
         default="srpo",
@@ -204,9 +203,11 @@ class SRPOConfig(GRPOConfig):
 
         A field "set" is one whose value differs from `GRPOConfig`'s default (a field set to GRPO's own default
         therefore reads as unset). So `learning_rate`, `scale_rewards`, `epsilon_high` and the vLLM
-        importance-sampling fields take the paper's values unless the GRPO config changed them (method §10). The
-        generation batch (`generation_batch_size` or `steps_per_generation`, both filled in once a config is built)
-        is carried over as `steps_per_generation`, so that the same number of rollouts is generated per batch.
+        importance-sampling fields take the paper's values unless the GRPO config changed them (method §10); a
+        warning lists those that did, with GRPO's value, to pass in `changes` where GRPO's was meant. An
+        `SRPOConfig` given is copied with `changes`, its SRPO fields kept. The generation batch
+        (`generation_batch_size` or `steps_per_generation`, both filled in once a config is built) is carried over as
+        `steps_per_generation`, so that the same number of rollouts is generated per batch.
 
         Args:
             config (`GRPOConfig`):
@@ -225,7 +226,28 @@ class SRPOConfig(GRPOConfig):
         (4, 5e-06, 'none')
         ```
         """
-        kept = {name: value for name, value in _fields_set(config).items() if name not in _GENERATION_BATCH}
+        if not isinstance(config, GRPOConfig):
+            raise TypeError(
+                f"SRPOConfig.from_grpo_config converts a GRPOConfig; got {type(config).__name__}. Build the config "
+                "from settings with SRPOConfig(**settings), or convert GRPOConfig(**settings)."
+            )
+        base = SRPOConfig if isinstance(config, SRPOConfig) else GRPOConfig
+        kept = {name: value for name, value in _fields_set(config, base).items() if name not in _GENERATION_BATCH}
+        replaced = {
+            name: (getattr(config, name), default)
+            for name, default in _paper_defaults().items()
+            if base is GRPOConfig and name not in kept and name not in changes and getattr(config, name) != default
+        }
+        if replaced:
+            warnings.warn(
+                "SRPOConfig.from_grpo_config: the GRPOConfig left these at GRPO's defaults, and they take SRPO's (the "
+                "paper's): "
+                + ", ".join(f"{name}={grpo!r} -> {srpo!r}" for name, (grpo, srpo) in replaced.items())
+                + ". To keep GRPO's value, pass it: SRPOConfig.from_grpo_config(config, "
+                + ", ".join(f"{name}={grpo!r}" for name, (grpo, _) in replaced.items())
+                + ").",
+                stacklevel=2,
+            )
         if config.steps_per_generation != config.gradient_accumulation_steps and not _GENERATION_BATCH & set(changes):
             kept["steps_per_generation"] = config.steps_per_generation
         return cls(**{**kept, **changes})
@@ -282,14 +304,28 @@ def _bf16_accelerator() -> bool:
 _GENERATION_BATCH = {"generation_batch_size", "steps_per_generation"}
 
 
-def _fields_set(config: GRPOConfig) -> dict:
-    """The init fields of `config` whose value differs from their declared default in `GRPOConfig`. A value filled in
+def _default(spec):
+    return spec.default if spec.default_factory is MISSING else spec.default_factory()
+
+
+def _paper_defaults() -> dict:
+    """The GRPOConfig fields whose default SRPOConfig sets differently (method §10), with SRPO's default."""
+    grpo = {spec.name: _default(spec) for spec in fields(GRPOConfig)}
+    return {
+        spec.name: _default(spec)
+        for spec in fields(SRPOConfig)
+        if spec.name in grpo and _default(spec) != grpo[spec.name]
+    }
+
+
+def _fields_set(config: GRPOConfig, base: type = GRPOConfig) -> dict:
+    """The init fields of `config` whose value differs from their declared default in `base`. A value filled in
     by `__post_init__` (`report_to=[]` for `"none"`, `bf16` on a CPU) also differs; built again, it gives itself."""
     changed = {}
-    for spec in fields(GRPOConfig):
+    for spec in fields(base):
         if not spec.init:
             continue
-        default = spec.default if spec.default_factory is MISSING else spec.default_factory()
+        default = _default(spec)
         value = getattr(config, spec.name)
         if value != default:
             changed[spec.name] = value

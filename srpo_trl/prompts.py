@@ -11,6 +11,9 @@ import numpy
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from accelerate.utils import gather_object
+
+from .routing import siblings_to_share
 
 THINK_BLOCK = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
 TEACHER_TEMPLATE = "{question}{solution}{context}{feedback}\nCorrectly solve the original question."
@@ -62,19 +65,23 @@ def empty_prompt_problem(prompt) -> str | None:
     return None
 
 
-def prompt_column_problem(column: pa.ChunkedArray, teacher: bool) -> tuple[int, str] | None:
+def prompt_column_problem(
+    column: pa.ChunkedArray, teacher: bool, decode: Callable[[int], object] | None = None
+) -> tuple[int, str] | None:
     """The first row of a dataset's `prompt` column that cannot be trained (empty), or, with `teacher`, that the
     teacher prompt cannot be built from (`teacher_prompt_problem`), with why; None when every row is fine.
 
     Column-wise on the Arrow data (fast on millions of rows): the vectorised tests only find candidate rows, and
-    the row-level functions decide on those, in order, so the answer is exactly theirs."""
+    the row-level functions decide on those, in order, so the answer is exactly theirs. `decode(row)` gives a row's
+    prompt as the dataset hands it to the trainer (`datasets` decodes some columns: messages with keys of their own,
+    a `name`, are stored as JSON text); without it, the Arrow value as it is."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     lengths = pc.fill_null(pc.utf8_length(column) if _is_text(column.type) else _list_lengths(column), 0)
     candidates = numpy.flatnonzero(lengths.to_numpy(zero_copy_only=False) == 0)
     if teacher and _is_list(column.type):
         candidates = numpy.union1d(candidates, _rows_whose_user_turn_may_not_be_text(column))
     for row in candidates.tolist():
-        prompt = column[row].as_py()
+        prompt = column[row].as_py() if decode is None else decode(row)
         problem = empty_prompt_problem(prompt) or (teacher_prompt_problem(prompt) if teacher else None)
         if problem is not None:
             return row, problem
@@ -187,6 +194,8 @@ class BatchTeacherPrompts:
         no_room: `(rows,)` which routed rows' prompt leaves no room for any of the demonstration (or for the
             completion, within the model's context): they are routed as if no sibling were correct.
         longest_without_room: the length of such a prompt without its demonstration, for the warning (0 if none).
+        crowded_by: what else such prompts carry that is never cut (`"privileged context"`, `"feedback"`), for the
+            warning: it, not the question, may be what fills them.
         solution_tokens: `(rows, longest completion)` `solution_departure_tokens` of the rows that keep their teacher.
     """
 
@@ -195,6 +204,7 @@ class BatchTeacherPrompts:
     no_room: torch.Tensor
     longest_without_room: int = 0
     solution_tokens: torch.Tensor | None = None
+    crowded_by: tuple[str, ...] = ()
 
 
 def batch_teacher_prompts(
@@ -203,6 +213,7 @@ def batch_teacher_prompts(
     sibling_ids: Callable[[int], list[int]],
     decode: Callable[[list[int]], str],
     tokenize: Callable[[str | list[dict], int], list[int]],
+    *,
     budget: int,
     over_context: bool,
     feedback: list[str | None] | None = None,
@@ -211,21 +222,28 @@ def batch_teacher_prompts(
     contexts: list[str | None] | None = None,
     completion_ids: list[list[int]] | None = None,
 ) -> BatchTeacherPrompts:
-    """The teacher prompts (method §3) of the `routed` rows, `(row, sibling)` pairs of this process's batch row and
-    the global index of its demonstration (`-1`: none, a rollout distilled from its privileged context alone), within
-    `budget` tokens; each row's privileged `contexts` entry (the dataset's, per rollout) is shown where present.
+    """The teacher prompts (method §3) of this process's `routed` rows. A group's routed rows share one teacher
+    prompt (the question, the same sibling). A prompt the template cannot rewrite (a streamed dataset's, met here
+    rather than at construction) is an error naming `source` and the prompt.
 
-    `sibling_ids(index)` are the completion ids of the rollout at global `index`, `decode` makes them text (the
-    sibling's completion); `completion_ids`, this process's rows' own (for `solution_tokens`); `tokenize(prompt, row)`
-    renders a prompt as the student's row `row` is rendered. A group's routed rows share one teacher prompt (the
-    question, the same sibling), built once when `one_per_sibling` (not with per-row feedback or tool environments).
-    `over_context`: `budget` is the model's context, not the setting: a prompt over it cannot be scored at all.
-    A prompt the template cannot rewrite (a streamed dataset's, met here rather than at construction) is an error
-    naming `source` and the prompt.
+    Args:
+        routed: `(row, sibling)` pairs: this process's batch row, and the global index of its demonstration (`-1`:
+            none, a rollout distilled from its privileged context alone).
+        prompts: this process's rows' prompts.
+        sibling_ids: `sibling_ids(index)`, the completion ids of the rollout at global `index`.
+        decode: makes completion ids text (the sibling's completion).
+        tokenize: `tokenize(prompt, row)` renders a prompt as the student's row `row` is rendered.
+        budget: the most tokens a teacher prompt may have.
+        over_context: `budget` is the model's context, not the setting: a prompt over it cannot be scored at all.
+        feedback: per row, the reward functions' feedback shown to the teacher (`teacher_feedback`), or None.
+        one_per_sibling: build a group's shared prompt once (not with per-row feedback or tool environments).
+        source: how errors name the dataset.
+        contexts: per row, the dataset's privileged context, shown where present.
+        completion_ids: this process's rows' own completions (for `solution_tokens`).
     """
     truncated = torch.zeros(len(prompts), dtype=torch.bool)
     no_room = torch.zeros_like(truncated)
-    ids, built, longest, shown_whole = [], {}, 0, []
+    ids, built, longest, shown_whole, crowded_by = [], {}, 0, [], set()
 
     @functools.cache
     def sibling_completion(index: int) -> str:
@@ -253,6 +271,10 @@ def batch_teacher_prompts(
         if (kept == 0 and demonstration) or (over_context and len(prompt_ids) > budget):
             no_room[row] = True
             longest = max(longest, len(prompt_ids))
+            if contexts is not None and contexts[row]:
+                crowded_by.add("privileged context")
+            if feedback is not None and feedback[row]:
+                crowded_by.add("feedback")
         else:
             truncated[row] = kept < len(demonstration or "")
             ids.append(prompt_ids)
@@ -264,7 +286,7 @@ def batch_teacher_prompts(
         solution_tokens = solution_departure_tokens(
             shown_whole, completion_ids, sibling_ids, demonstrations, sibling_completion
         )
-    return BatchTeacherPrompts(ids, truncated, no_room, longest, solution_tokens)
+    return BatchTeacherPrompts(ids, truncated, no_room, longest, solution_tokens, tuple(sorted(crowded_by)))
 
 
 def teacher_prompt_budget(setting: int, context: int | None, completion_length: int) -> tuple[int, bool]:
@@ -278,7 +300,7 @@ def teacher_prompt_budget(setting: int, context: int | None, completion_length: 
 
 def privileged_contexts(inputs: list[dict]) -> list[str | None]:
     """Each rollout's `privileged_context` (GRPOTrainer's `inputs` repeat a dataset row per rollout and keep its
-    extra columns), None where the row has none (an empty text counts as none)."""
+    extra columns), None where the row has none (an empty or blank text counts as none)."""
     contexts = [example.get(PRIVILEGED_CONTEXT_COLUMN) for example in inputs]
     for context in contexts:
         if context is not None and not isinstance(context, str):
@@ -287,7 +309,7 @@ def privileged_contexts(inputs: list[dict]) -> list[str | None]:
                 f"(or None) per row; got {type(context).__name__} {context!r:.100}. Convert it to text, or rename "
                 "the column if it is not meant for the teacher."
             )
-    return [context or None for context in contexts]
+    return [context if context and context.strip() else None for context in contexts]  # blank: no context
 
 
 def privileged_rollouts(contexts: list[str | None], enabled: bool, accelerator) -> torch.Tensor | None:
@@ -329,3 +351,20 @@ def solution_departure_tokens(
         if position is not None:
             tokens[row, position] = shown[position]
     return tokens
+
+
+def sibling_completions(routes, completion_ids: list[list[int]], local: slice, num_processes: int):
+    """`sibling_ids(index)`: the completion of the rollout at global `index`, this process's own (`completion_ids`,
+    global rows `local`) or fetched from the process that holds it. Only the demonstrations some process needs from
+    another cross (`routing.siblings_to_share`), in one collective when any do (every process agrees whether)."""
+    shared = {}
+    to_share = siblings_to_share(routes, num_processes) if routes.needs_teacher.any() else []
+    if to_share:
+        mine = {i: completion_ids[i - local.start] for i in to_share if local.start <= i < local.stop}
+        for part in gather_object([mine]):
+            shared.update(part)
+
+    def sibling_ids(index: int) -> list[int]:
+        return completion_ids[index - local.start] if local.start <= index < local.stop else shared[index]
+
+    return sibling_ids

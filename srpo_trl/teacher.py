@@ -15,20 +15,21 @@ shards it under FSDP2. How it scores completions is `teacher_scoring.py`.
 """
 
 import copy
-import functools
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-from transformers import PreTrainedModel
 from transformers.trainer_callback import TrainerCallback
 from trl.models import prepare_deepspeed
 from trl.trainer.utils import use_adapter
+
+from .compat import empty_model_like
+from .model_parts import is_peft, rebind_forwards, save_student_adapter_only
 
 TEACHER_ADAPTER = "srpo_teacher"
 
@@ -45,6 +46,7 @@ class TeacherKind:
             not the EMA's `θ_T <- (1-η) θ_T + η θ` from the teacher's own.
         peft_adapter_disabled: with PEFT the teacher is the base model with every adapter disabled (no copy: the
             frozen base is the initial student when the student's adapter starts as the identity, LoRA's default).
+            An adapter that does not (`adapter_is_identity`) gets a frozen copy instead, as `trust_region` does.
     """
 
     keeps_copy: bool
@@ -97,73 +99,27 @@ def refresh_persistent(weights: list[torch.Tensor]) -> None:
         persistent[0].all_gather(persistent)
 
 
-def is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-def causal_lm(model) -> PreTrainedModel:
-    """The transformers model inside a PEFT wrapper (adapters injected), or the model itself."""
-    return model.get_base_model() if is_peft(model) else model
-
-
-def backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The decoder stack (returns final hidden states) and the LM head of a causal LM, PEFT-wrapped or not."""
-    lm = causal_lm(model)
-    return lm.base_model, lm.get_output_embeddings()
-
-
-def save_student_adapter_only(policy, student_adapter: str) -> None:
-    """Make the PEFT `policy`'s `save_pretrained` write `student_adapter` alone by default, wherever it is called
-    (`trainer.save_model`, `push_to_hub`, or the user's own `trainer.model.save_pretrained(...)`): PEFT's default
-    saves every adapter, which would publish the teacher's, training state. An explicit `selected_adapters` wins."""
-    policy.save_pretrained = functools.partial(
-        type(policy).save_pretrained, policy, selected_adapters=[student_adapter]
-    )
-
-
-def context_length(model) -> int | None:
-    """How many positions `model` scores (`max_position_embeddings`, GPT-2's `n_positions`), None when its
-    configuration names no limit."""
-    config = causal_lm(model).config.get_text_config()
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def _closure_values(function: types.FunctionType) -> list:
-    values = []
-    for cell in function.__closure__ or ():
-        try:
-            values.append(cell.cell_contents)
-        except ValueError:  # a free variable not yet assigned
-            values.append(cell)
-    return values
-
-
-def rebind_forwards(copied: torch.nn.Module, original: torch.nn.Module) -> None:
-    """Point the instance-level `forward` patches of `copied`'s submodules at `copied`'s own modules. A deep copy
-    keeps functions as they are, so a patch closing over `original`'s modules goes on computing with the original's
-    weights: TRL's `cast_lm_head_to_fp32` replaces `lm_head.forward` by a closure over the policy's head, which
-    under ZeRO-3 and FSDP2 then met the policy's shards (`size mismatch, got input (0)`)."""
-    name_of = {id(module): name for name, module in original.named_modules()}
-    twins = dict(copied.named_modules())
-    for module in copied.modules():
-        forward = module.__dict__.get("forward")
-        if not isinstance(forward, types.FunctionType):
+def adapter_is_identity(policy, adapter: str) -> bool:
+    """Whether the PEFT `policy`'s `adapter` adds nothing yet, so that the base model with adapters disabled computes
+    the student: every layer of it is LoRA with a zero `B` (LoRA's default initialisation). Any other initialisation
+    (PiSSA, OLoRA, `init_lora_weights=False`, which also move the base weights or start `B` off zero), an adapter
+    trained before, another adapter type, or weights already sharded (each process would see only its part) count as
+    not the identity: the safe answer, which costs a copy of the adapter."""
+    for module in policy.modules():
+        if not isinstance(module, BaseTunerLayer):
             continue
-        values = _closure_values(forward)
-        if not any(id(value) in name_of for value in values):
+        names = [name for name in module.adapter_layer_names if adapter in getattr(module, name, {})]
+        if not names:
             continue
-        cells = tuple(
-            types.CellType(twins[name_of[id(value)]]) if id(value) in name_of else forward.__closure__[i]
-            for i, value in enumerate(values)
-        )
-        rebound = types.FunctionType(
-            forward.__code__, forward.__globals__, forward.__name__, forward.__defaults__, cells
-        )
-        module.forward = functools.update_wrapper(rebound, forward)
+        if not set(names) <= {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}:
+            return False
+        for name in ("lora_B", "lora_embedding_B"):
+            if name in names:
+                part = getattr(module, name)[adapter]
+                weight = part.weight if isinstance(part, torch.nn.Module) else part
+                if isinstance(weight, DTensor) or hasattr(weight, "ds_id") or weight.count_nonzero():
+                    return False
+    return True
 
 
 class SelfTeacher:
@@ -184,7 +140,10 @@ class SelfTeacher:
         self.kind = TEACHER_KINDS[kind]
         self.peft = is_peft(policy)
         # The teacher's weights: an adapter of its own (PEFT), a copy (full fine-tuning), or none (the policy's).
-        self.owns_adapter = self.peft and self.kind.keeps_copy and not self.kind.peft_adapter_disabled
+        # Adapters disabled are the initial student only if the student's adapter adds nothing yet; otherwise (PiSSA,
+        # `init_lora_weights=False`, an adapter trained before) the teacher is a frozen copy of it.
+        disabled = self.peft and self.kind.peft_adapter_disabled and adapter_is_identity(policy, policy.active_adapter)
+        self.owns_adapter = self.peft and self.kind.keeps_copy and not disabled
         self.owns_model = not self.peft and self.kind.keeps_copy
         if self.peft:
             self.student_adapter = policy.active_adapter
@@ -296,7 +255,7 @@ class SelfTeacher:
         self.model.eval()
         if self.owns_adapter:
             adapter = use_adapter(self.model, TEACHER_ADAPTER)
-        elif self.peft and self.kind.peft_adapter_disabled:
+        elif self.peft and self.kind.peft_adapter_disabled:  # an identity adapter: the base model is the student
             adapter = use_adapter(self.model, None)
         else:
             adapter = nullcontext()
@@ -365,18 +324,25 @@ class SelfTeacher:
 
 
 class SelfTeacherCallback(TrainerCallback):
-    """Keeps the self-teacher in step with training: sharded like the policy once training starts (FSDP2; the
-    policy is sharded when `train()` prepares it), and its EMA after every optimizer step (`on_step_end` follows
-    `optimizer.step()`)."""
+    """Keeps the self-teacher in step with training, on the model the callback events carry: sharded like the policy
+    once training starts (FSDP2, when `shard` is set; the policy is sharded when `train()` prepares it), and its EMA
+    after every optimizer step (`on_step_end` follows `optimizer.step()`).
 
-    def __init__(self, trainer):
-        self.trainer = trainer
+    Args:
+        teacher: the `SelfTeacher`.
+        accelerator: the trainer's; it unwraps the model the events pass.
+        shard: shard the teacher like the policy when training begins (FSDP2).
+    """
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer.shard_teacher_like_policy()
+    def __init__(self, teacher: "SelfTeacher", accelerator, shard: bool):
+        self.teacher, self.accelerator, self.shard = teacher, accelerator, shard
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.teacher.update(self.trainer.accelerator.unwrap_model(self.trainer.model))
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.shard:
+            shard_like_policy(self.teacher, self.accelerator, self.accelerator.unwrap_model(model))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.teacher.update(self.accelerator.unwrap_model(model))
 
 
 def build_self_teacher(policy, args, accelerator, is_zero3: bool, is_fsdp: bool):
@@ -395,7 +361,7 @@ def build_self_teacher(policy, args, accelerator, is_zero3: bool, is_fsdp: bool)
     if hasattr(next(policy.parameters()), "ds_id"):
         # Already partitioned (loaded from a model id under zero.Init): a copy would share DeepSpeed's per-parameter
         # state. Build a partitioned twin and copy the policy's shards, which line up.
-        model = type(policy)._from_config(policy.config, dtype=policy.dtype)
+        model = empty_model_like(policy)
         with torch.no_grad():
             for teacher_weight, weight in zip(model.parameters(), policy.parameters(), strict=True):
                 teacher_weight.ds_tensor.copy_(weight.ds_tensor)

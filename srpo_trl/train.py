@@ -58,6 +58,12 @@ def main(
         eval_every_steps = PAPER_EVAL_EVERY_STEPS if splits.has_test else 0
     wants_test = eval_every_steps > 0 or training_args.eval_strategy != "no"
     test_dataset = splits.test() if wants_test else None
+    train_dataset = splits.train()
+    if isinstance(train_dataset, IterableDataset) and training_args.max_steps <= 0:
+        raise ValueError(
+            "A streamed training set (--dataset_streaming, or a streamed `datasets` mixture) has no length, so "
+            "epochs cannot be counted, --max_train_samples or not: set --max_steps."
+        )
     callbacks = []
     if eval_every_steps > 0:
         callbacks.append(
@@ -76,7 +82,7 @@ def main(
         model=model_args.model_name_or_path,
         reward_funcs=reward_funcs,
         args=training_args,
-        train_dataset=splits.train(),
+        train_dataset=train_dataset,
         eval_dataset=test_dataset if training_args.eval_strategy != "no" else None,  # as `trl grpo`
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),

@@ -15,6 +15,8 @@ import importlib.util
 
 from trl.generation.vllm_generation import VLLMGeneration
 
+from .compat import adopt_class, trl_weights_for_vllm
+
 
 def is_cpu_vllm() -> bool:
     """Whether vLLM is installed and runs on its CPU backend (no import of vLLM when it is not installed)."""
@@ -41,7 +43,7 @@ def check_cpu_vllm_settings(args) -> None:
 
 class CPUColocateVLLMGeneration(VLLMGeneration):
     """TRL's `VLLMGeneration` whose colocate weight sync goes through vLLM's own reload path, which vLLM's CPU
-    backend needs. The weights are TRL's own (`_iter_named_params`: gathered under ZeRO-3, the policy adapter merged
+    backend needs. The weights are TRL's own (`compat.trl_weights_for_vllm`: gathered under ZeRO-3, the adapter merged
     under PEFT, names as vLLM's checkpoint loader expects them); only the call that loads them differs."""
 
     def sync_weights(self):
@@ -53,7 +55,7 @@ class CPUColocateVLLMGeneration(VLLMGeneration):
         aliases = tied_weight_aliases(self.model)
 
         def weights():
-            for name, tensor in self._iter_named_params():
+            for name, tensor in trl_weights_for_vllm(self):
                 copy = tensor.detach().clone()
                 yield name, copy
                 # A tied LM head (the input embeddings' matrix) is one parameter to torch, yielded once under the
@@ -82,7 +84,5 @@ def use_cpu_weight_sync(trainer) -> bool:
     needs. Returns whether it was applied (False: no vLLM, server mode, or not a CPU engine)."""
     if not (_colocate(trainer.args) and is_cpu_vllm()):
         return False
-    generation = trainer.vllm_generation
-    if not isinstance(generation, CPUColocateVLLMGeneration):
-        generation.__class__ = CPUColocateVLLMGeneration  # the same object and state; one method overridden
+    adopt_class(trainer.vllm_generation, CPUColocateVLLMGeneration)  # the same object and state; one method overridden
     return True

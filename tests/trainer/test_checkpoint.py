@@ -2,6 +2,7 @@
 while `save_model`/`push_to_hub` write the policy alone, with an SRPO model card made by TRL's card machinery. All
 offline."""
 
+import json
 import math
 import os
 import shutil
@@ -241,10 +242,21 @@ def test_a_failed_teacher_write_names_the_file_and_the_fix(char_tokenizer, tmp_p
     def disk_full(tensors, path, metadata=None):
         raise SafetensorError('Error while serializing: IoError(Os { code: 28, message: "No space left" })')
 
+    # The first checkpoint: nothing to resume from (resume_from_checkpoint=True would find no complete checkpoint).
     monkeypatch.setattr(srpo_trl.checkpointing, "save_file", disk_full)
     with pytest.raises(OSError, match=r"Cannot write the SRPO teacher state .*checkpoint-1/srpo_teacher\.safetensors"
-                       r".*No space left.*free disk space.*resume_from_checkpoint=True"):  # fmt: skip
+                       r".*No space left.*free disk space.*start the run again: no earlier checkpoint"):  # fmt: skip
         make_trainer(char_tokenizer, tmp_path, max_steps=1, save_strategy="steps", save_steps=1).train()
+    # A later one: resume_from_checkpoint=True takes the complete one before it.
+    monkeypatch.undo()
+    real_save = srpo_trl.checkpointing.save_file
+    monkeypatch.setattr(
+        srpo_trl.checkpointing,
+        "save_file",
+        lambda t, path, **kw: (disk_full if "checkpoint-2" in path else real_save)(t, path, **kw),
+    )
+    with pytest.raises(OSError, match=r"checkpoint-2/.*resume_from_checkpoint=True, which takes .*checkpoint-1\)"):
+        make_trainer(char_tokenizer, tmp_path / "later", max_steps=2, save_strategy="steps", save_steps=1).train()
 
 
 def test_lora_save_pretrained_writes_the_policy_adapter_only(char_tokenizer, tmp_path):
@@ -282,3 +294,85 @@ def test_save_model_writes_a_model_card_that_names_a_local_base_model(char_token
     assert "Sample-Routed Policy Optimization" in card
     assert f"a fine-tuned version of the local model `{base}`" in card
     assert "[None]" not in card
+    # TRL's placeholders filled: the quick start loads this model, no `licence: license`, the SRPO settings recorded
+    assert f'pipeline("text-generation", model={str(tmp_path / "saved")!r}' in card and 'model="None"' not in card
+    assert "licence" not in card
+    for row in (
+        "| `routing` | `'srpo'` |",
+        "| `success_reward_threshold` | `1.0` |",
+        "| `teacher_model_kind` | `'ema'` |",
+    ):
+        assert row in card, row
+    assert (
+        "| `teacher_update_rate` | `0.05` |" in card
+        and "| reward functions × weights | `first_letter_reward` × 1 |" in card
+    )
+
+
+def test_a_lora_adapter_saved_from_a_relative_base_path_reloads_from_anywhere(char_tokenizer, tmp_path, monkeypatch):
+    # The base given as a relative folder ("tiny"): the adapter records its absolute path, so loading it from
+    # another folder finds the base instead of asking the Hub; transformers (PEFT 0.21) and PEFT load it alike.
+    from peft import AutoPeftModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    build_tiny_model(char_tokenizer, seed=0).save_pretrained(tmp_path / "tiny")
+    trainer = make_trainer(char_tokenizer, tmp_path / "run", model="tiny", peft_config=LoraConfig(**LORA), max_steps=1)
+    trainer.train()
+    trainer.save_model()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tmp_path / "tiny")
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"the local model `{tmp_path / 'tiny'}`" in card and "| LoRA adapter | `r=4`, `lora_alpha=8` |" in card
+    ids = torch.tensor([[3, 5, 7, 9]])
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    merged = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "run").merge_and_unload()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
+    logits = [model(ids).logits for model in (loaded, merged, base)]
+    assert torch.allclose(logits[0], logits[1], atol=1e-5) and not torch.allclose(logits[0], logits[2], atol=1e-5)
+
+
+def test_the_threshold_warning_of_the_first_batches_is_not_repeated_after_a_resume(char_tokenizer, tmp_path):
+    from helpers.tiny_trainer import graded_reward
+
+    def threshold_warnings(trainer, **train):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train(**train)
+        return [w for w in caught if "first 5 generation batches" in str(w.message)]
+
+    settings = dict(reward=graded_reward, save_strategy="steps", save_steps=6)
+    assert len(threshold_warnings(make_trainer(char_tokenizer, tmp_path, max_steps=6, **settings))) == 1
+    resumed = make_trainer(char_tokenizer, tmp_path, max_steps=12, **settings)  # 6 batches more
+    assert not threshold_warnings(resumed, resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+
+
+def test_complete_means_loadable_and_a_resume_without_one_names_the_folder(char_tokenizer, tmp_path):
+    # Before: a cut trainer_state.json counted as complete, and with no complete checkpoint resume=True warned
+    # "resuming from nothing" and handed True to Trainer, which failed on the incomplete folder (FileNotFoundError).
+    make_trainer(char_tokenizer, tmp_path, max_steps=1, save_strategy="steps", save_steps=1).train()
+    cut = tmp_path / "checkpoint-2"
+    cut.mkdir()
+    (cut / "trainer_state.json").write_text('{"global_step": 2, "log_hist')
+    assert not srpo_trl.checkpointing.is_complete(str(cut))
+    trainer = make_trainer(char_tokenizer, tmp_path, max_steps=2, save_strategy="no")
+    with pytest.warns(UserWarning, match=r"checkpoint-2 lacks trainer_state\.json, or holds a cut one.*checkpoint-1"):
+        trainer.train(resume_from_checkpoint=True)
+    with pytest.raises(ValueError, match=r"checkpoint-2' is incomplete: .*Resume from .*checkpoint-1, the newest"):
+        make_trainer(char_tokenizer, tmp_path, max_steps=2).train(resume_from_checkpoint=str(cut))
+    shutil.rmtree(tmp_path / "checkpoint-1")
+    with pytest.raises(ValueError, match=r"holds no complete checkpoint; .*checkpoint-2 lacks trainer_state\.json"):
+        make_trainer(char_tokenizer, tmp_path, max_steps=2).train(resume_from_checkpoint=True)
+
+
+def test_a_teacher_rebuilt_from_the_initial_model_names_a_dtype_change(char_tokenizer, tmp_path):
+    # Before: the refusal listed other causes (another model passed, another number of processes, another seed).
+    saving = dict(max_steps=1, teacher_model_kind="base", save_strategy="steps", save_steps=1)
+    bf16 = build_tiny_model(char_tokenizer, seed=0, dtype=torch.bfloat16)
+    make_trainer(char_tokenizer, tmp_path, model=bf16, **saving).train()
+    resumed = make_trainer(char_tokenizer, tmp_path, **dict(saving, max_steps=2))
+    with pytest.raises(
+        ValueError, match=r"saved by a run whose model was torch\.bfloat16, and this run's is torch\.float32"
+    ):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))

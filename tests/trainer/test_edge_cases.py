@@ -2,6 +2,7 @@
 models, rewards and prompts of the wrong shape. Tiny local models, a step or two each."""
 
 import math
+import warnings
 
 import numpy
 import pytest
@@ -114,11 +115,12 @@ def tiny_gpt2(tokenizer, positions):
 def test_a_gpt2_with_a_short_context_trains(char_tokenizer, tmp_path, positions):
     # The teacher prompt without its demonstration is 92 tokens here, the completions 6: at 48 positions no teacher
     # prompt fits, at 100 none with a demonstration (GRPO, with a warning); at 110 they fit. No pass exceeds the
-    # context (GPT-2's position embeddings end there: an IndexError before).
-    with pytest.warns(
-        UserWarning, match=rf"max_teacher_prompt_length=10240 exceeds the model's context \({positions}"
-    ):
+    # context (GPT-2's position embeddings end there: an IndexError before). The default max_teacher_prompt_length
+    # (10240) is capped to the context without a warning: only a value the user set is reported.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         trainer = make_trainer(char_tokenizer, tmp_path, model=tiny_gpt2(char_tokenizer, positions), max_steps=1)
+    assert not [w for w in caught if "exceeds the model's context" in str(w.message)]
     widths = widest_teacher_pass(trainer)
     if positions < 110:
         left = positions - 6
@@ -212,3 +214,27 @@ def test_a_reward_of_the_wrong_shape_names_the_function_and_what_it_returned(
 
 def test_rewards_as_arrays_and_numpy_numbers_train(char_tokenizer, tmp_path):
     built(char_tokenizer, tmp_path, reward=array_reward).train()
+
+
+def json_lines_with_names(tmp_path, bad_row=None):
+    """A JSON Lines file whose messages carry an extra key (`name`, which the chat format allows): `datasets` stores
+    such messages as JSON text, decoded when a row is read."""
+    import json
+
+    from datasets import load_dataset
+
+    rows = [{"prompt": [{"role": "user", "content": f"Spell {w}"}]} for w in "abcdefghijklmnop"]
+    rows[0]["prompt"][0]["name"] = "ann"  # some messages with the key, others without
+    if bad_row is not None:
+        rows[5] = {"prompt": bad_row}
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return load_dataset("json", data_files=str(tmp_path / "train.jsonl"))["train"]
+
+
+def test_messages_with_extra_keys_from_json_lines_train(char_tokenizer, tmp_path):
+    # Before: the prompt check read the JSON text as messages: AttributeError deep inside, where GRPOTrainer trains.
+    dataset = json_lines_with_names(tmp_path)
+    built(char_tokenizer, tmp_path, dataset=dataset).train()
+    system_only = [{"role": "system", "content": "Spell a", "name": "ann"}]
+    with pytest.raises(ValueError, match=r"train_dataset row 5: .*no user turn \(roles found: \['system'\]\)"):
+        built(char_tokenizer, tmp_path, dataset=json_lines_with_names(tmp_path, system_only))

@@ -179,3 +179,29 @@ def test_resume_with_another_teacher_kind_is_refused(char_tokenizer, tmp_path):
     resumed = make_trainer(char_tokenizer, tmp_path, teacher_model_kind="trust_region", **dict(saving, max_steps=3))
     with pytest.raises(ValueError, match="holds a teacher_model_kind='ema' teacher, but this run's is 'trust_region'"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+@pytest.mark.parametrize("init", [False, "pissa"])
+def test_base_teacher_is_the_initial_student_whatever_the_lora_initialisation(char_tokenizer, tmp_path, init):
+    # Before: "adapters disabled" was the teacher, 0.4-0.7 in max |Δ logits| from the initial student for a LoRA
+    # that does not start as the identity.
+    torch.manual_seed(0)
+    trainer = make_trainer(
+        char_tokenizer, tmp_path, peft_config=LoraConfig(**LORA, init_lora_weights=init), teacher_model_kind="base",
+        max_steps=2,
+    )  # fmt: skip
+    policy, teacher, ids = trainer.model, trainer.teacher, torch.tensor([[1, 5, 7, 9, 4]])
+    policy.eval()
+    initial = logits(policy, ids)
+    with teacher.active() as model:
+        torch.testing.assert_close(logits(model, ids), initial, rtol=0, atol=1e-6)
+    trainer.train()
+    with teacher.active() as model:
+        torch.testing.assert_close(logits(model, ids), initial, rtol=0, atol=1e-6)
+    policy.eval()
+    assert not torch.allclose(logits(policy, ids), initial), "the student's adapter must have moved"
+
+
+def test_base_teacher_of_a_default_lora_keeps_no_copy(char_tokenizer, tmp_path):
+    trainer = lora_trainer(char_tokenizer, tmp_path, "base")
+    assert TEACHER_ADAPTER not in trainer.model.peft_config and not trainer.teacher.owns_weights

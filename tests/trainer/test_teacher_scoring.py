@@ -178,3 +178,62 @@ def test_teacher_passes_never_call_the_lm_head(char_tokenizer, tmp_path):
             length = int(mask[row].sum())
             expected = own_forward_logps(trainer.teacher.model, prompt, batch["completion_ids"][row, :length])
             torch.testing.assert_close(teacher_logps[row, :length], expected, rtol=1e-5, atol=1e-5)
+
+
+def tiny_absolute_position_model(char_tokenizer, family: str):
+    """A tiny decoder with learned absolute positions: GPT-2 counts them from 0 whatever the padding, OPT from the
+    attention mask (and its causal LM calls `model.decoder`, around `model`)."""
+    ids = dict(pad_token_id=char_tokenizer.pad_token_id, eos_token_id=char_tokenizer.eos_token_id)
+    config = {
+        "gpt2": lambda: transformers.GPT2Config(
+            vocab_size=len(char_tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+            bos_token_id=char_tokenizer.eos_token_id, **ids,
+        ),
+        "opt": lambda: transformers.OPTConfig(
+            vocab_size=len(char_tokenizer), max_position_embeddings=256, hidden_size=32, ffn_dim=64,
+            num_hidden_layers=2, num_attention_heads=2, word_embed_proj_dim=32, bos_token_id=char_tokenizer.eos_token_id,
+            **ids,
+        ),
+    }[family]()  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_absolute_position_teacher_equals_each_rows_own_forward(char_tokenizer, tmp_path, family):
+    # Before: GPT-2's teacher scores moved with the left padding of the pass a row was in (positions from 0 over the
+    # padding); OPT's forward never ran the module the hidden states were taken at (IndexError).
+    trainer = make_trainer(char_tokenizer, tmp_path, model=tiny_absolute_position_model(char_tokenizer, family))
+    batch, prompts = routed_batch(char_tokenizer)
+    mask = batch["completion_mask"].bool()
+    teacher_logps = trainer.teacher_scorer.score(batch, mask, [0, 1, 2, 3], prompts, 8, False, False).token_logps
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):
+            length = int(mask[row].sum())
+            expected = own_forward_logps(trainer.teacher.model, prompt, batch["completion_ids"][row, :length])
+            torch.testing.assert_close(teacher_logps[row, :length], expected, rtol=1e-5, atol=1e-5)
+    trainer.train()  # the policy's hidden states are read the same way
+
+
+class AroundTheDecoder(transformers.Qwen3ForCausalLM):
+    """A causal LM whose forward runs the decoder's layers itself, never calling the decoder stack module."""
+
+    def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kwargs):
+        hidden = self.model.embed_tokens(input_ids)
+        positions = torch.arange(hidden.size(1))[None]
+        rotary = self.model.rotary_emb(hidden, positions)
+        for layer in self.model.layers:
+            hidden = layer(hidden, position_embeddings=rotary, position_ids=positions)
+        hidden = self.model.norm(hidden)
+        hidden = hidden[:, logits_to_keep] if isinstance(logits_to_keep, torch.Tensor) else hidden
+        return transformers.modeling_outputs.CausalLMOutputWithPast(logits=self.lm_head(hidden))
+
+
+def test_a_family_whose_forward_bypasses_the_decoder_stack_is_refused_at_construction(char_tokenizer, tmp_path):
+    model = build_tiny_model(char_tokenizer, seed=0)
+    bypassing = AroundTheDecoder(model.config)
+    with pytest.raises(
+        ValueError, match=r"AroundTheDecoder at its decoder stack \(Qwen3Model.*no call of it.*routing='grpo'"
+    ):
+        make_trainer(char_tokenizer, tmp_path, model=bypassing)
+    make_trainer(char_tokenizer, tmp_path, model=bypassing, routing="grpo")  # GRPO reads no hidden states

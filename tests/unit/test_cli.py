@@ -238,3 +238,52 @@ def test_datasets_mixture_streaming_and_test_split_size_as_trl_grpo_takes_them(t
     assert len(list(_Splits(streamed, DatasetMixtureConfig()).train())) == 3  # an IterableDataset
     with pytest.raises(ValueError, match="--test_split_size cannot split a streamed dataset"):
         main(*parse_args([*argv, "--dataset_streaming", "true", "--test_split_size", "0.25"]))
+
+
+@pytest.mark.slow
+def test_readme_two_cpu_processes_command_starts_two(tmp_path):
+    # The Scaling section's torchrun command on the "Your own task" files, one step: 2 processes x 4 prompts of the
+    # 256 make 1/32 of an epoch (one process would make 1/64). A random tiny model: plumbing, not learning.
+    from srpo_trl.testbed import save_tiny_model
+
+    readme = (ROOT / "README.md").read_text()
+    for block in re.findall(r"```python\n(# (\S+\.py)\n.*?)```", _readme_own_task(), re.S):
+        (tmp_path / block[1]).write_text(block[0])
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    subprocess.run([sys.executable, "make_data.py"], cwd=tmp_path, check=True)
+    save_tiny_model(tmp_path / "tiny-qwen3")
+    scaling = readme[readme.index("## Scaling") :].split("\n## ", 1)[0]
+    (command,) = [c for c in re.findall(r"```bash\n(.*?)```", scaling, re.S)[0].replace("\\\n", " ").splitlines()
+                  if c.startswith("torchrun")]  # fmt: skip
+    argv = [*shlex.split(command), "--max_steps", "1", "--eval_every_steps", "0", "--disable_tqdm", "true"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'epoch': '0.03125'" in result.stdout and result.stdout.count("Training completed.") == 1
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--eval_k", "-2"], r"--eval_k must be an integer >= 1; got -2"),
+        (["--eval_k", "0"], r"--eval_k must be an integer >= 1; got 0"),
+        (["--max_train_samples", "-3"], r"--max_train_samples must be an integer >= 1; got -3"),
+        (["--max_eval_samples", "0"], r"--max_eval_samples must be an integer >= 1"),
+        (["--eval_every_steps", "-5"], r"--eval_every_steps must be an integer >= 0 \(0: no avg@k\); got -5"),
+        (["--eval_max_new_tokens", "0"], r"--eval_max_new_tokens must be an integer >= 1"),
+        (["--eval_temperature", "0"], r"--eval_temperature must be > 0"),
+        (["--eval_top_p", "1.5"], r"--eval_top_p must be in \(0, 1\]"),
+        (["--eval_budgets_hours", "0"], r"--eval_budgets_hours must be positive numbers of hours"),
+    ],
+)
+def test_cli_argument_checks_name_the_flag(flags, match):
+    # Before: a negative count sliced the data silently, a zero temperature or interval failed after the first step.
+    with pytest.raises(ValueError, match=match):
+        parse_args(["--model_name_or_path", "tiny", "--dataset_name", "data", *flags])
+
+
+def test_a_streamed_training_set_needs_max_steps(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = _own_task(tmp_path)
+    argv[argv.index("--max_steps") + 1] = "-1"
+    with pytest.raises(ValueError, match=r"streamed training set .* set --max_steps"):
+        main(*parse_args([*argv, "--dataset_streaming", "true", "--max_train_samples", "3"]))

@@ -162,3 +162,31 @@ def test_bf16_left_unset_is_off_where_no_gpu_supports_it():
     args = SRPOConfig(output_dir="/tmp/srpo-config-test", chat_template_kwargs={"enable_thinking": False})
     assert args.bf16 is is_torch_bf16_gpu_available()
     assert SRPOConfig(output_dir="/tmp/srpo-config-test", use_cpu=True).bf16  # use_cpu: as in GRPO (CPU autocast)
+
+
+def test_from_grpo_config_keeps_an_srpo_configs_fields_and_names_the_defaults_it_replaces(tmp_path):
+    # Before: an SRPOConfig lost every SRPO field; GRPO's own defaults set on purpose became SRPO's without a word.
+    from trl import GRPOConfig
+
+    srpo = config(routing="sdpo", success_reward_threshold=2.0, teacher_model_kind="base", learning_rate=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        copied = SRPOConfig.from_grpo_config(srpo, distillation_topk=7)
+    assert (copied.routing, copied.success_reward_threshold, copied.teacher_model_kind) == ("sdpo", 2.0, "base")
+    assert (copied.learning_rate, copied.distillation_topk) == (1e-6, 7)
+    grpo = GRPOConfig(str(tmp_path), use_cpu=True, bf16=False, learning_rate=1e-6, scale_rewards="group")
+    with pytest.warns(UserWarning, match=r"learning_rate=1e-06 -> 5e-06, .*scale_rewards='group' -> 'none'.*"
+                      r"from_grpo_config\(config, learning_rate=1e-06, .*scale_rewards='group'"):  # fmt: skip
+        converted = SRPOConfig.from_grpo_config(grpo)
+    assert (converted.learning_rate, converted.scale_rewards) == (5e-6, "none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = SRPOConfig.from_grpo_config(
+            grpo, learning_rate=1e-6, scale_rewards="group", epsilon_high=None,
+            vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_max=3.0,
+        )  # fmt: skip
+    assert (kept.learning_rate, kept.scale_rewards) == (1e-6, "group")
+    with pytest.raises(
+        TypeError, match=r"from_grpo_config converts a GRPOConfig; got dict.*SRPOConfig\(\*\*settings\)"
+    ):
+        SRPOConfig.from_grpo_config({"learning_rate": 1e-6})

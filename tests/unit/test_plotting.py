@@ -1,6 +1,6 @@
 import json
 
-from srpo_trl.plotting import load_history, plot_run, series
+from srpo_trl.plotting import load_history, plot_run, quality_title, series
 
 HISTORY = [
     {
@@ -25,3 +25,9 @@ def test_series_and_history_sources(tmp_path):
 def test_plot_run_writes_a_png(tmp_path):
     path = plot_run(HISTORY, tmp_path / "run.png", title="toy")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_accuracy_panel_promises_a_held_out_line_only_when_there_is_one():
+    assert quality_title(HISTORY) == "reward and held-out accuracy"
+    trained_only = [entry for entry in HISTORY if "eval_avg@16" not in entry]  # the notebook's run: no evaluation
+    assert "held-out accuracy" not in quality_title(trained_only)
