@@ -5,6 +5,7 @@ The trainer and its rewards: tests/helpers/real_model.py (every step routes, dis
 
 import ast
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -150,8 +151,11 @@ def test_chemistry_recipe_trains_and_evaluates_avg_at_k(model_dir, shared_data, 
     command = [sys.executable, str(ROOT / "examples" / "train_chemistry.py")]
     command += ["--config", str(ROOT / "recipes" / "smollm2_cpu_chemistry.yaml"), f"--model_name_or_path={model_dir}"]
     command += [f"--data_path={shared_data}", f"--output_dir={tmp_path / 'out'}", "--max_steps=2", "--seed=0"]
-    command += ["--max_completion_length=8", "--max_train_samples=8", "--max_eval_samples=2"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    # 1 prompt x 2 rollouts x 8 tokens a step: the questions (a few hundred tokens) make the policy's passes the cost
+    command += ["--per_device_train_batch_size=2", "--num_generations=2", "--max_completion_length=8"]
+    command += ["--max_train_samples=4", "--max_eval_samples=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread, as the tests in this process
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [ast.literal_eval(line) for line in result.stdout.splitlines() if line.startswith("{")]
     steps = [row for row in rows if "loss" in row]
