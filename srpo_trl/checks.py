@@ -12,7 +12,8 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
-from .losses import LOCAL_TOKEN_LOSS_TYPES
+from .compat import NO_LOGITS, divides_by_local_tokens, head_not_called
+from .model_parts import backbone_and_head, captured_hidden_states, causal_lm, uncaptured_message
 from .prompts import PRIVILEGED_CONTEXT_COLUMN, prompt_column_problem
 
 
@@ -40,7 +41,7 @@ def inexact_setup_problem(
     routing: str, loss_type: str, entropy_bonus: bool, aux_loss: bool, zero_config: dict | None
 ) -> str | None:
     """Settings under which SRPO's objective would be silently wrong."""
-    if loss_type in LOCAL_TOKEN_LOSS_TYPES and (entropy_bonus or aux_loss):
+    if divides_by_local_tokens(loss_type) and (entropy_bonus or aux_loss):
         extra = (
             "an entropy bonus (entropy_coef / use_adaptive_entropy)"
             if entropy_bonus
@@ -189,3 +190,25 @@ def non_finite_loss_problem(where: str, grpo_value: float, distillation_value: f
                 "weights are finite."
             )
     return None
+
+
+def uncaptured_backbone_problem(model) -> str | None:
+    """Why SRPO cannot read `model`'s final hidden states, or None: a two-token forward (no gradient, no logits)
+    must run the decoder stack that `backbone_and_head` names and give hidden states as wide as the LM head's input.
+    A family whose causal LM forward calls its layers some other way (around that module) would leave the teacher
+    and the distillation term without them."""
+    _, head = backbone_and_head(model)
+    lm = causal_lm(model)
+    ids = torch.zeros((1, 2), dtype=torch.long, device=head.weight.device)
+    captured = []
+    try:
+        with torch.no_grad(), head_not_called(lm), captured_hidden_states(model) as captured:
+            lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=NO_LOGITS)
+    except RuntimeError as error:
+        if not str(error).startswith("SRPO reads the final hidden states"):
+            raise
+        return str(error)
+    hidden, width = captured[-1], head.weight.size(-1)
+    if hidden.dim() == 3 and tuple(hidden.shape) == (1, 2, width):
+        return None
+    return uncaptured_message(model, f"an output of shape {tuple(hidden.shape)}", f"(1, 2, {width})")

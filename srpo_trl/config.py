@@ -93,8 +93,6 @@ class SRPOConfig(GRPOConfig):
             ([arXiv 2601.20802](https://huggingface.co/papers/2601.20802)).
     """
 
-    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS
-
     routing: str = field(
         default="srpo",
         metadata={"help": "How rollouts are trained.", "choices": list(ROUTING_MODES)},

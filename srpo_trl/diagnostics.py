@@ -92,16 +92,23 @@ def routing_metrics(
     routes,
     mask: torch.Tensor,
     scores,
+    *,
     weights: torch.Tensor,
     truncated: torch.Tensor,
     local: slice,
     all_reduce,
 ) -> dict[str, float]:
-    """The routing metrics of one generation batch (method §9), from the global `routes` and this process's tokens
-    (`mask`, the teacher's `scores` of them, a `teacher_scoring.TeacherScores`, the entropy `weights`, which routed
-    rows of `local` had their demonstration `truncated`): two collectives, a sum and an elementwise max
-    (`all_reduce(tensor, op)`). Statistics of the teacher's rows and tokens are left out of batches without any (no
-    `None` in the logs).
+    """The routing metrics of one generation batch (method §9), in two collectives. Statistics of the teacher's rows
+    and tokens are left out of batches without any (no `None` in the logs).
+
+    Args:
+        routes: the global `routing.Routes`.
+        mask: `(rows, length)` bool, this process's loss tokens.
+        scores: the teacher's `teacher_scoring.TeacherScores` of them.
+        weights: `(rows, length)`, the entropy weights.
+        truncated: `(rows,)` bool, the routed rows whose demonstration was cut.
+        local: this process's rows of the global batch.
+        all_reduce: `all_reduce(tensor, op)`, a sum or an elementwise max over the processes.
 
     `srpo/teacher_rejects_sampled_frac` is the share of distilled tokens to which the teacher gives less than half its
     probability: where the distillation moves the student off what it sampled (for a teacher as confident as the
@@ -114,13 +121,13 @@ def routing_metrics(
     entropy, teacher_token_logps, solution_logps = scores.entropy, scores.token_logps, scores.solution_logps
     departures = mask & ~solution_logps.isnan() if solution_logps is not None else torch.zeros_like(mask)
     solution_probs = solution_logps.nan_to_num().exp() * departures if solution_logps is not None else departures
-    sdpo_tokens = mask & routes.sdpo[local].unsqueeze(1)
+    distilled_tokens = mask & routes.distilled[local].unsqueeze(1)
     teacher_tokens = mask & routes.needs_teacher[local].unsqueeze(1)
-    rejected = sdpo_tokens & (teacher_token_logps < math.log(0.5))
+    rejected = distilled_tokens & (teacher_token_logps < math.log(0.5))
     sums = all_reduce(
         torch.stack(
             [
-                sdpo_tokens.sum(),
+                distilled_tokens.sum(),
                 mask.sum(),
                 (entropy * teacher_tokens).sum(),
                 teacher_tokens.sum(),
@@ -132,8 +139,8 @@ def routing_metrics(
         ).float(),
         "sum",
     ).tolist()
-    sdpo_count, token_count, entropy_sum, teacher_count, truncated_count, rejected_count, departed, solution_sum = sums
-    selected = weights[sdpo_tokens].float()
+    distilled, token_count, entropy_sum, teacher_count, truncated_count, rejected_count, departed, solution_sum = sums
+    selected = weights[distilled_tokens].float()
     none = torch.tensor(-math.inf, device=weights.device)
     extremes = torch.stack(
         [
@@ -144,11 +151,11 @@ def routing_metrics(
     )
     negative_min_weight, max_weight, most_seconds = all_reduce(extremes, "max").tolist()
     metrics = {
-        "srpo/route/sdpo_frac": routes.sdpo.float().mean().item(),
+        "srpo/route/sdpo_frac": routes.distilled.float().mean().item(),
         "srpo/route/correct_frac": routes.correct.float().mean().item(),
         "srpo/route/fallback_frac": routes.fallback.float().mean().item(),
         "srpo/teacher_available_frac": routes.teacher_available.float().mean().item(),
-        "srpo/sdpo_token_frac": sdpo_count / max(token_count, 1.0),
+        "srpo/sdpo_token_frac": distilled / max(token_count, 1.0),
         "srpo/time/teacher_s": most_seconds,
     }
     if departed:
@@ -160,10 +167,10 @@ def routing_metrics(
     teacher_rows = routes.needs_teacher.sum().item()
     if teacher_rows:
         metrics["srpo/teacher_prompt_truncated_frac"] = truncated_count / teacher_rows
-    if sdpo_count:
+    if distilled:
         metrics["srpo/weight/min"] = -negative_min_weight
         metrics["srpo/weight/max"] = max_weight
-        metrics["srpo/teacher_rejects_sampled_frac"] = rejected_count / sdpo_count
+        metrics["srpo/teacher_rejects_sampled_frac"] = rejected_count / distilled
     return metrics
 
 
@@ -249,13 +256,21 @@ class RoutingWatch:
     warned: bool = False
 
     def observe(
-        self, routes, rewards: torch.Tensor, rewards_per_func: torch.Tensor | None = None, weights=None, names=()
+        self,
+        routes,
+        rewards: torch.Tensor,
+        rewards_per_func: torch.Tensor | None = None,
+        weights=None,
+        names=(),
+        batches_before: int = 0,
     ) -> str | None:
-        if len(self.rewards) >= self.batches or self.warned:
+        """Keep one training generation batch; a misfit's message once one shows. `batches_before`: the training
+        batches of the run before this process started (a resume): past `batches`, they were checked."""
+        if len(self.rewards) >= self.batches or self.warned or (not self.rewards and batches_before >= self.batches):
             return None  # checked once
         self.rewards.append(rewards.detach().cpu())
         self.correct.append(routes.correct.cpu())
-        self.distilled.append(routes.sdpo.cpu())
+        self.distilled.append(routes.distilled.cpu())
         complete = len(self.rewards) == self.batches
         correct = torch.cat(self.correct)
         message = None

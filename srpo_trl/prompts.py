@@ -11,6 +11,9 @@ import numpy
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from accelerate.utils import gather_object
+
+from .routing import siblings_to_share
 
 THINK_BLOCK = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
 TEACHER_TEMPLATE = "{question}{solution}{context}{feedback}\nCorrectly solve the original question."
@@ -210,6 +213,7 @@ def batch_teacher_prompts(
     sibling_ids: Callable[[int], list[int]],
     decode: Callable[[list[int]], str],
     tokenize: Callable[[str | list[dict], int], list[int]],
+    *,
     budget: int,
     over_context: bool,
     feedback: list[str | None] | None = None,
@@ -218,17 +222,24 @@ def batch_teacher_prompts(
     contexts: list[str | None] | None = None,
     completion_ids: list[list[int]] | None = None,
 ) -> BatchTeacherPrompts:
-    """The teacher prompts (method §3) of the `routed` rows, `(row, sibling)` pairs of this process's batch row and
-    the global index of its demonstration (`-1`: none, a rollout distilled from its privileged context alone), within
-    `budget` tokens; each row's privileged `contexts` entry (the dataset's, per rollout) is shown where present.
+    """The teacher prompts (method §3) of this process's `routed` rows. A group's routed rows share one teacher
+    prompt (the question, the same sibling). A prompt the template cannot rewrite (a streamed dataset's, met here
+    rather than at construction) is an error naming `source` and the prompt.
 
-    `sibling_ids(index)` are the completion ids of the rollout at global `index`, `decode` makes them text (the
-    sibling's completion); `completion_ids`, this process's rows' own (for `solution_tokens`); `tokenize(prompt, row)`
-    renders a prompt as the student's row `row` is rendered. A group's routed rows share one teacher prompt (the
-    question, the same sibling), built once when `one_per_sibling` (not with per-row feedback or tool environments).
-    `over_context`: `budget` is the model's context, not the setting: a prompt over it cannot be scored at all.
-    A prompt the template cannot rewrite (a streamed dataset's, met here rather than at construction) is an error
-    naming `source` and the prompt.
+    Args:
+        routed: `(row, sibling)` pairs: this process's batch row, and the global index of its demonstration (`-1`:
+            none, a rollout distilled from its privileged context alone).
+        prompts: this process's rows' prompts.
+        sibling_ids: `sibling_ids(index)`, the completion ids of the rollout at global `index`.
+        decode: makes completion ids text (the sibling's completion).
+        tokenize: `tokenize(prompt, row)` renders a prompt as the student's row `row` is rendered.
+        budget: the most tokens a teacher prompt may have.
+        over_context: `budget` is the model's context, not the setting: a prompt over it cannot be scored at all.
+        feedback: per row, the reward functions' feedback shown to the teacher (`teacher_feedback`), or None.
+        one_per_sibling: build a group's shared prompt once (not with per-row feedback or tool environments).
+        source: how errors name the dataset.
+        contexts: per row, the dataset's privileged context, shown where present.
+        completion_ids: this process's rows' own completions (for `solution_tokens`).
     """
     truncated = torch.zeros(len(prompts), dtype=torch.bool)
     no_room = torch.zeros_like(truncated)
@@ -340,3 +351,20 @@ def solution_departure_tokens(
         if position is not None:
             tokens[row, position] = shown[position]
     return tokens
+
+
+def sibling_completions(routes, completion_ids: list[list[int]], local: slice, num_processes: int):
+    """`sibling_ids(index)`: the completion of the rollout at global `index`, this process's own (`completion_ids`,
+    global rows `local`) or fetched from the process that holds it. Only the demonstrations some process needs from
+    another cross (`routing.siblings_to_share`), in one collective when any do (every process agrees whether)."""
+    shared = {}
+    to_share = siblings_to_share(routes, num_processes) if routes.needs_teacher.any() else []
+    if to_share:
+        mine = {i: completion_ids[i - local.start] for i in to_share if local.start <= i < local.stop}
+        for part in gather_object([mine]):
+            shared.update(part)
+
+    def sibling_ids(index: int) -> list[int]:
+        return completion_ids[index - local.start] if local.start <= index < local.stop else shared[index]
+
+    return sibling_ids

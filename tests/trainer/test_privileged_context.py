@@ -42,7 +42,7 @@ def test_route_distils_all_failed_groups_with_a_privileged_context():
     rewards = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0])
     privileged = torch.tensor([True, True, False, False, True, True])
     routes = route_rollouts(rewards, 2, 1.0, "srpo", privileged=privileged)
-    assert routes.sdpo.tolist() == [True, True, False, False, True, False]
+    assert routes.distilled.tolist() == [True, True, False, False, True, False]
     assert routes.privileged.tolist() == [True, True, False, False, False, False], "row 4 has a sibling"
     assert routes.sibling.tolist() == [-1, -1, -1, -1, 5, -1]
     assert routes.fallback.tolist() == [False, False, True, True, False, False]
@@ -148,7 +148,8 @@ def test_a_context_only_row_without_room_falls_back_instead_of_staying_routed():
     privileged = torch.tensor([True, True, True, True])
     not_shown = torch.tensor([False, True, False, False])
     routes = route_rollouts(rewards, 2, 1.0, "srpo", not_shown=not_shown, privileged=privileged)
-    assert routes.sdpo.tolist() == [True, False, True, True] and routes.needs_teacher.tolist() == routes.sdpo.tolist()
+    assert routes.distilled.tolist() == [True, False, True, True]
+    assert routes.needs_teacher.tolist() == routes.distilled.tolist()
     assert routes.fallback.tolist() == [False, True, False, False]
 
 
