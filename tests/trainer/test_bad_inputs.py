@@ -11,9 +11,9 @@ trains (issue 12): 77 cases, 46 clear errors, 9 warnings, 22 fine. The second sw
 it to 135 cases: 75 clear errors, 18 warnings, 42 fine, 0 unclear errors, 0 silent; the package before that issue's
 fixes gave 50 clear errors, 10 warnings, 34 fine, 16 unclear errors, 25 silent. The third sweep (issue 29,
 `THIRD_SWEEP`: privileged contexts, teacher kinds under PEFT, `from_grpo_config`, the avg@k callback, thresholds that
-count partial credit, model families, JSON Lines, the CLI's flags, checkpoints) brings it to 198 cases: 111 clear
-errors, 26 warnings, 61 fine, 0 unclear errors, 0 silent; the package before that issue's fixes gave 75 clear errors,
-18 warnings, 49 fine, 25 unclear errors, 31 silent (its 63 new cases: 7 fine, 25 unclear errors, 31 silent).
+count partial credit, model families, JSON Lines, the CLI's flags, checkpoints) brings it to 200 cases: 112 clear
+errors, 26 warnings, 62 fine, 0 unclear errors, 0 silent; the package before that issue's fixes gave 75 clear errors,
+18 warnings, 49 fine, 27 unclear errors, 31 silent (its 65 new cases: 7 fine, 27 unclear errors, 31 silent).
 """
 
 import contextlib
@@ -779,6 +779,19 @@ def avg_at_k_with_a_reward_model(tokenizer, tmp_path):
     assert evaluation.history
 
 
+def standalone_avg_at_k(reward_of):
+    """`avg_at_k` called directly (no trainer) with `reward_of(tokenizer)`."""
+
+    def run(tokenizer, tmp_path):
+        from srpo_trl.evaluation import avg_at_k
+
+        value = avg_at_k(build_tiny_model(tokenizer, seed=0), tokenizer, PROMPTS.select(range(2)), [reward_of(tokenizer)],
+                         k=2, max_new_tokens=3)  # fmt: skip
+        assert 0.0 <= value <= 1.0
+
+    return run
+
+
 def callback_length_is_the_trainers(evaluation, trainer):
     assert evaluation.kwargs["max_new_tokens"] == trainer.args.max_completion_length, evaluation.kwargs
 
@@ -991,6 +1004,9 @@ THIRD_SWEEP = [
     Case("avg@k streamed test set", "fine", "", with_callback(streamed(PROMPTS.select(range(3))))),
     Case("avg@k length is the trainer's", "fine", "", with_callback(check=callback_length_is_the_trainers)),
     Case("avg@k reward logging extras", "fine", "", with_callback(reward=feedback_or_none)),
+    Case("avg_at_k alone, async reward", "fine", "", standalone_avg_at_k(lambda tokenizer: async_first_letter)),
+    Case("avg_at_k alone, reward model", "error", r"avg_at_k scores a reward model .* only through a trainer",
+         standalone_avg_at_k(reward_model_and_function)),
     # ---- thresholds that count partial credit, and a model that solves nothing yet ----
     Case("format reward beside correctness, threshold 1", "warning", r"got the lowest score of the reward function "
          r"'first_letter_reward'", train(reward=[first_letter_reward, vowel_format_reward], max_steps=2)),
