@@ -11,9 +11,9 @@ trains (issue 12): 77 cases, 46 clear errors, 9 warnings, 22 fine. The second sw
 it to 135 cases: 75 clear errors, 18 warnings, 42 fine, 0 unclear errors, 0 silent; the package before that issue's
 fixes gave 50 clear errors, 10 warnings, 34 fine, 16 unclear errors, 25 silent. The third sweep (issue 29,
 `THIRD_SWEEP`: privileged contexts, teacher kinds under PEFT, `from_grpo_config`, the avg@k callback, thresholds that
-count partial credit, model families, JSON Lines, the CLI's flags, checkpoints) brings it to 200 cases: 112 clear
-errors, 26 warnings, 62 fine, 0 unclear errors, 0 silent; the package before that issue's fixes gave 75 clear errors,
-18 warnings, 49 fine, 27 unclear errors, 31 silent (its 65 new cases: 7 fine, 27 unclear errors, 31 silent).
+count partial credit, model families, JSON Lines, the CLI's flags, checkpoints) brings it to 206 cases: 112 clear
+errors, 31 warnings, 63 fine, 0 unclear errors, 0 silent; the package before that issue's fixes gave 75 clear errors,
+18 warnings, 50 fine, 27 unclear errors, 36 silent (its 71 new cases: 8 fine, 27 unclear errors, 36 silent).
 """
 
 import contextlib
@@ -957,6 +957,18 @@ THIRD_SWEEP = [
          build(distill_without_sibling=True, dataset=contexts_of(" \n\t"))),
     Case("distill_without_sibling, all contexts None", "error", r"every 'privileged_context' .* empty or blank",
          build(distill_without_sibling=True, dataset=contexts_of(None))),
+    Case("teacher_feedback=True, routing=grpo", "warning", r"teacher_feedback=True has no effect: routing='grpo'",
+         config(routing="grpo", teacher_feedback=True)),
+    Case("teacher_update_rate with a base teacher", "warning", r"teacher_update_rate=0\.2 has no effect",
+         config(teacher_model_kind="base", teacher_update_rate=0.2)),
+    Case("distillation settings, routing=advantage_mix", "warning", r"distillation_alpha=0\.1 has no effect",
+         config(routing="advantage_mix", distillation_alpha=0.1)),
+    Case("advantage_mix_lambda, routing=srpo", "warning", r"advantage_mix_lambda=0\.5 has no effect",
+         config(advantage_mix_lambda=0.5)),
+    Case("weighting_temperature without dynamic weighting", "warning", r"weighting_temperature=3\.0 has no effect",
+         config(dynamic_weighting=False, weighting_temperature=3.0)),
+    Case("settings the routing reads", "fine", r"has no effect",
+         config(routing="sdpo", teacher_model_kind="trust_region", teacher_update_rate=0.2, weighting_temperature=2.0)),
     Case("context column without distill_without_sibling", "fine", "",
          train(dataset=contexts_of("It is spelt so."), check=finite_loss)),
     # ---- teacher kinds under PEFT ----
