@@ -211,18 +211,21 @@ def credit_misfit(
 ) -> str | None:
     """Rollouts counted as correct although a reward function gave them its lowest score (of those seen, among
     scores that vary), or None: "correct" on a format reward, or on another function's partial credit, alone. Such
-    rollouts are shown to the teacher as solutions. Functions of weight <= 0 (penalties) are left out. `rewards`: the
+    rollouts are shown to the teacher as solutions. Only the main rewards count: those of the widest weighted range
+    (a right answer without the format bonus, weighted 0.2, is correct); functions of weight <= 0 (penalties) never. `rewards`: the
     weighted sums routing compared, for the message. Every rollout correct is `threshold_misfit`'s to report."""
     if correct.all():
         return None
-    for column, name in enumerate(names):
-        scores = rewards_per_func[:, column]
-        scorable = ~torch.isnan(scores)
-        if weights[column] <= 0 or not scorable.any():
-            continue
-        low, high = scores[scorable].min().item(), scores[scorable].max().item()
-        at_lowest = correct & scorable & (scores == low)
-        if low < high and at_lowest.any():
+    spans = {}  # each function's weighted range: the widest is the main reward (correctness beside a format bonus)
+    for column in range(len(names)):
+        scores = rewards_per_func[:, column][~torch.isnan(rewards_per_func[:, column])]
+        if weights[column] > 0 and scores.numel():
+            spans[column] = (scores.min().item(), scores.max().item())
+    widest = max((float(weights[c]) * (high - low) for c, (low, high) in spans.items()), default=0.0)
+    for column, (low, high) in spans.items():
+        name, scores = names[column], rewards_per_func[:, column]
+        at_lowest = correct & (scores == low)
+        if low < high and float(weights[column]) * (high - low) >= widest and at_lowest.any():
             weighted = rewards[~torch.isnan(rewards)]
             top = _number(weighted.max().item())
             return (

@@ -52,9 +52,31 @@ class CPUColocateVLLMGeneration(VLLMGeneration):
         # No sleep mode on CPU (`check_cpu_vllm_settings`), so nothing to wake. `reload_weights` loads the
         # checkpoint-format tensors layer by layer and repacks each layer once its weights are all in; it holds the
         # tensors until then, so each is copied while TRL's iterator has it gathered (ZeRO-3) or merged (LoRA).
-        weights = ((name, tensor.detach().clone()) for name, tensor in trl_weights_for_vllm(self))
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        aliases = tied_weight_aliases(self.model)
+
+        def weights():
+            for name, tensor in trl_weights_for_vllm(self):
+                copy = tensor.detach().clone()
+                yield name, copy
+                # A tied LM head (the input embeddings' matrix) is one parameter to torch, yielded once under the
+                # embeddings' name; the engine repacks the head as a layer of its own, refreshed only when a weight
+                # of that name arrives, so without this its logits stay the old weights'.
+                for alias in aliases.get(name, ()):
+                    yield alias, copy
+
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
+
+
+def tied_weight_aliases(model) -> dict[str, list[str]]:
+    """Each weight the model holds under several names (tied input and output embeddings): its first name, the one
+    `named_parameters()` and so TRL's sync yield, to the others; names as the engine's checkpoint loader reads them
+    (a PEFT model's base model's, without LoRA's `.base_layer`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names: dict[int, list[str]] = {}
+    for name, weight in base.named_parameters(remove_duplicate=False):
+        names.setdefault(id(weight), []).append(name.replace(".base_layer", ""))
+    return {first: others for first, *others in names.values() if others}
 
 
 def use_cpu_weight_sync(trainer) -> bool:

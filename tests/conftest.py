@@ -18,7 +18,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="srpo-trackio-"))
 
 TESTS = Path(__file__).resolve().parent
-SHARED_DATA = TESTS.parents[1] / "shared" / "data"
+# The benchmark splits beside the checkout, or where SRPO_TEST_DATA says (a checkout elsewhere, e.g. a git worktree).
+SHARED_DATA = Path(os.environ.get("SRPO_TEST_DATA") or TESTS.parents[1] / "shared" / "data")
 if str(TESTS) not in sys.path:  # pytest's default ("prepend") mode has put it there already
     sys.path.insert(0, str(TESTS))
 

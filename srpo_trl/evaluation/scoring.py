@@ -1,5 +1,7 @@
 """avg@k (method §10): sampling `k` completions per problem and scoring them as training routes them."""
 
+import asyncio
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -165,8 +167,21 @@ def _discard(*args, **kwargs) -> None:
 
 
 def _scores(reward_funcs: Sequence[Callable], **inputs) -> torch.Tensor:
-    """`(samples, reward functions)` scores, NaN where a function returned `None`."""
-    columns = [[math.nan if s is None else s for s in reward_func(**inputs)] for reward_func in reward_funcs]
+    """`(samples, reward functions)` scores, NaN where a function returned `None`, of plain reward functions (an async
+    one is awaited). Reward models, and rewards reading `trainer_state`, need the trainer: the callback scores through
+    it (`compat.grpo_rewards`)."""
+    columns = []
+    for reward_func in reward_funcs:
+        if isinstance(reward_func, torch.nn.Module):
+            raise ValueError(
+                f"avg_at_k scores a reward model ({type(reward_func).__name__}) only through a trainer: evaluate with "
+                "BestWithinBudgetsCallback(test_dataset, trainer=your_trainer), which calls every reward as "
+                "GRPOTrainer does."
+            )
+        output = reward_func(**inputs)
+        if inspect.isawaitable(output):
+            output = asyncio.run(output)
+        columns.append([math.nan if s is None else s for s in output])
     return torch.tensor(columns, dtype=torch.float64).T
 
 

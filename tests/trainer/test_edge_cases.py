@@ -60,7 +60,7 @@ def percent_reward(completions, **kwargs):
 
 def test_a_reward_scale_the_threshold_does_not_fit_warns_once(char_tokenizer, tmp_path):
     trainer = make_trainer(char_tokenizer, tmp_path, reward=percent_reward, max_steps=6)
-    with pytest.warns(UserWarning, match=r"success_reward_threshold=1\.0 looks low.*\[0\.0, 100\.0\].*\d+%") as said:
+    with pytest.warns(UserWarning, match=r"success_reward_threshold=1\.0 looks low.*\[0\.0, \d+\.0\].*\d+%") as said:
         trainer.train()
     assert len([w for w in said if "looks low" in str(w.message)]) == 1
 

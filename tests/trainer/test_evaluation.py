@@ -285,3 +285,15 @@ def test_avg_at_k_refuses_what_evaluates_nothing(char_tokenizer):
         avg_at_k(model, char_tokenizer, Dataset.from_dict({"prompt": ["a"]}), [reward], k=0)
     with pytest.raises(ValueError, match="the test set has no rows"):
         avg_at_k(model, char_tokenizer, Dataset.from_dict({"prompt": []}), [reward], k=1)
+
+
+def test_avg_at_k_alone_awaits_async_rewards_and_names_what_needs_a_trainer(char_tokenizer):
+    model = build_tiny_model(char_tokenizer)
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "a"}]]})
+
+    async def one(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    assert avg_at_k(model, char_tokenizer, dataset, [one], k=2, max_new_tokens=2) == 1.0
+    with pytest.raises(ValueError, match=r"scores a reward model \(Qwen3ForSequenceClassification\) only through"):
+        avg_at_k(model, char_tokenizer, dataset, [tiny_reward_model(char_tokenizer)], k=1, max_new_tokens=2)
