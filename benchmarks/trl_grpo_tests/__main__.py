@@ -31,8 +31,26 @@ STAND_INS = {
     "tiny-LlamaForSequenceClassification-3.2": ("LlamaForSequenceClassification", "LlamaConfig"),
     "tiny-MistralForCausalLM-0.2": ("MistralForCausalLM", "MistralConfig"),
 }
-# The stand-in of `trl-internal-testing/zen`: prompt-only rows, as plain text and as a conversation.
-QUESTIONS = [f"What color is the sky on day {i}?" for i in range(17)]
+# The stand-in of `trl-internal-testing/zen`: prompt-only rows, as plain text and as a conversation. Fewer rows than
+# the Hub's 17: the tests train for TrainingArguments' 3 epochs over the whole split, and a CPU takes minutes per test.
+QUESTIONS = [f"What color is the sky on day {i}?" for i in range(6)]
+
+# A pytest plugin for both runs: `is_<package>_available` helpers that TRL's test utilities import but the installed
+# TRL lacks (the checkout may be another version) answer False, so that the tests needing them skip.
+SHIM = '''
+"""Missing `trl.import_utils.is_*_available` helpers answer False (both runs)."""
+import re
+from pathlib import Path
+
+import importlib
+
+import_utils = importlib.import_module("trl.import_utils")
+
+source = (Path(__file__).parent / "trl_tests" / "testing_utils.py").read_text()
+for name in set(re.findall(r"\\b(is_\\w+_available)\\b", source)):
+    if not hasattr(import_utils, name):
+        setattr(import_utils, name, lambda *args, **kwargs: False)
+'''
 
 BINDING = '''
 """Binds GRPOTrainer/GRPOConfig to SRPO's before TRL's test module imports them (a pytest plugin)."""
@@ -89,7 +107,7 @@ def build_stand_ins(where: Path) -> None:
 
 def run(workdir: Path, bound: bool, keyword: str | None, report: Path) -> dict[str, str]:
     """Run TRL's GRPO tests (CPU, offline) in `workdir`; returns each test's outcome."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", "-p", "trl_shim"]
     command += ["--junitxml", str(report), "trl_tests/test_grpo_trainer.py"]
     if bound:
         command[3:3] = ["-p", "srpo_binding"]
@@ -129,6 +147,7 @@ def main() -> None:
     shutil.copytree(args.trl_tests, workdir / "trl_tests", ignore=shutil.ignore_patterns("__pycache__"))
     (workdir / "trl_tests" / "__init__.py").touch()
     (workdir / "srpo_binding.py").write_text(BINDING)
+    (workdir / "trl_shim.py").write_text(SHIM)
     build_stand_ins(workdir)
     grpo = run(workdir, False, args.keyword, workdir / "grpo.xml")
     srpo = run(workdir, True, args.keyword, workdir / "srpo.xml")
