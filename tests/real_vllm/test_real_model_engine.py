@@ -1,7 +1,7 @@
 """The real pretrained model (SmolLM2-135M-Instruct, `srpo_trl.testbed.real_model`) in a real colocated vLLM CPU
 engine: SRPO generates with it, routes and distils, syncs the engine after each step and evaluates avg@k with it.
-Its input embeddings and LM head are one tied matrix, sent to the engine once under the embedding's name: after a
-sync, the engine's log-probs and greedy completions are the policy's.
+Its input embeddings and LM head are one tied matrix, which the sync sends under both names (sent once, the engine's
+LM head stayed stale): after a sync, the engine's log-probs and greedy completions are the policy's.
 
 The model comes from the cache (`make real-model`; `make test` fetches it first in CI); the trainer and its placed
 rewards from tests/helpers/real_model.py."""
