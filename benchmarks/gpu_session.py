@@ -105,8 +105,8 @@ def environment() -> dict:
 
 def rehearsal_command(model_dir: Path, data: str, output_dir: Path, dry: bool) -> list[str]:
     """`accelerate launch ... examples/train_chemistry.py --config recipes/qwen3_8b/srpo.yaml` as shipped, with what one
-    offline GPU forces overridden (dry: what a CPU forces, tests/recipe_rehearsal.py's overrides)."""
-    from recipe_rehearsal import cpu_overrides
+    offline GPU forces overridden (dry: what a CPU forces, tests/helpers/recipe_rehearsal.py's overrides)."""
+    from helpers.recipe_rehearsal import cpu_overrides
 
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     launch += (
@@ -132,10 +132,10 @@ def rehearsal_command(model_dir: Path, data: str, output_dir: Path, dry: bool) -
 
 
 def build_rehearsal_model(folder: Path, dry: bool) -> int:
-    """The answering model of tests/recipe_rehearsal.py: Qwen3-0.6B's width, depth and vocabulary on a GPU (its heads
+    """The answering model of tests/helpers/recipe_rehearsal.py: Qwen3-0.6B's width, depth and vocabulary on a GPU (its heads
     are 64 wide, not 128), the tiny default when dry. Returns its parameter count."""
     import torch
-    from recipe_rehearsal import answering_tiny_model
+    from helpers.recipe_rehearsal import answering_tiny_model
 
     from srpo_trl.testbed.tokenizer import build_char_tokenizer
 

@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from srpo_trl.teacher import backbone_and_head  # noqa: E402
+from srpo_trl.model_parts import backbone_and_head  # noqa: E402
 from srpo_trl.teacher_scoring import TeacherScorer  # noqa: E402
 from srpo_trl.trainer import SRPOTrainer  # noqa: E402
 

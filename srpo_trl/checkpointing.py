@@ -8,6 +8,7 @@ the fix), or restarted from the resumed policy when the checkpoint holds none. `
 resumes the newest *complete* checkpoint.
 """
 
+import json
 import math
 import os
 import re
@@ -23,11 +24,24 @@ TEACHER_STATE_FILE = "srpo_teacher.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"  # Trainer writes it last: a checkpoint without it is incomplete
 STEP_KEY = "global_step"  # the teacher file's metadata: the optimizer step whose teacher it holds
 KIND_KEY = "teacher_model_kind"  # and the kind of teacher it holds (files without it hold the EMA)
+DTYPE_KEY = (
+    "model_dtype"  # and the dtype of the model that saved it (a teacher rebuilt from the initial model needs it)
+)
+
+
+def is_complete(checkpoint: str) -> bool:
+    """Whether Trainer finished writing `checkpoint`: its `trainer_state.json`, written last, is there and readable
+    (a run stopped, or a disk filled, while writing it leaves a cut one)."""
+    try:
+        with open(os.path.join(checkpoint, TRAINER_STATE_FILE)) as file:
+            return isinstance(json.load(file), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def last_complete_checkpoint(folder: str) -> tuple[str | None, list[str]]:
-    """The newest `checkpoint-N` in `folder` that Trainer finished writing (it holds `trainer_state.json`), and the
-    newer incomplete ones passed over (a run stopped while writing them), newest first."""
+    """The newest `checkpoint-N` in `folder` that Trainer finished writing (`is_complete`), and the newer incomplete
+    ones passed over (a run stopped while writing them), newest first."""
     pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
     steps = {}
     for name in os.listdir(folder) if os.path.isdir(folder) else ():
@@ -36,7 +50,7 @@ def last_complete_checkpoint(folder: str) -> tuple[str | None, list[str]]:
             steps[int(match.group(1))] = os.path.join(folder, name)
     skipped = []
     for step in sorted(steps, reverse=True):
-        if os.path.exists(os.path.join(steps[step], TRAINER_STATE_FILE)):
+        if is_complete(steps[step]):
             return steps[step], skipped
         skipped.append(steps[step])
     return None, skipped
@@ -91,37 +105,68 @@ class TeacherCheckpointing:
         file there, never a cut one; a failed write (a full disk) is an error naming the file and the fix."""
         partial = f"{path}.partial"
         try:
-            metadata = {STEP_KEY: str(self.state.global_step), KIND_KEY: self.args.teacher_model_kind}
+            metadata = {
+                STEP_KEY: str(self.state.global_step),
+                KIND_KEY: self.args.teacher_model_kind,
+                DTYPE_KEY: str(self.accelerator.unwrap_model(self.model).dtype),
+            }
             save_file(self.teacher.state_dict(), partial, metadata=metadata)
             with open(partial, "rb") as file:
                 os.fsync(file.fileno())  # on disk before the name says the checkpoint holds it
             os.replace(partial, path)
         except (SafetensorError, OSError) as error:
+            earlier, _ = last_complete_checkpoint(self.args.output_dir)
+            then = (
+                f"then resume with resume_from_checkpoint=True, which takes the newest complete checkpoint ({earlier})"
+                if earlier is not None
+                else "then start the run again: no earlier checkpoint is complete"
+            )
             raise OSError(
                 f"Cannot write the SRPO teacher state {path} ({type(error).__name__}: {error}). The checkpoint is "
                 "incomplete (no trainer_state.json) and the older ones were kept: free disk space where output_dir "
-                "is (or lower save_total_limit, or set output_dir elsewhere), then resume with "
-                "resume_from_checkpoint=True, which takes the newest complete checkpoint."
+                f"is (or lower save_total_limit, or set output_dir elsewhere), {then}."
             ) from error
         finally:
             if os.path.exists(partial):
                 os.remove(partial)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        # Trainer resolves True to the newest checkpoint folder, complete or not: a run stopped while writing one
-        # (Ctrl-C, a full disk) leaves one without trainer_state.json, on which the resume fails.
+        # Trainer resolves True to the newest checkpoint folder, complete or not, and loads a folder given by path
+        # whatever its state: a run stopped while writing one (Ctrl-C, a full disk) leaves one without
+        # trainer_state.json, or with a cut one, on which the resume fails. "Complete" is loadable (`is_complete`).
         if resume_from_checkpoint is True:
-            checkpoint, skipped = last_complete_checkpoint(self.args.output_dir)
-            if checkpoint is not None:
-                resume_from_checkpoint = checkpoint
-            if skipped:
-                warnings.warn(
-                    f"resume_from_checkpoint=True: {', '.join(skipped)} lacks {TRAINER_STATE_FILE} (the run stopped "
-                    f"while writing it), so it is incomplete and skipped; resuming from "
-                    f"{checkpoint or 'nothing (no complete checkpoint)'}. Delete the incomplete folder.",
-                    stacklevel=2,
-                )
+            resume_from_checkpoint = self._newest_complete_checkpoint()
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)) and not is_complete(resume_from_checkpoint):
+            given = str(resume_from_checkpoint)
+            if not os.path.isdir(given):
+                raise ValueError(f"resume_from_checkpoint={given!r}: no such checkpoint folder.")
+            earlier, _ = last_complete_checkpoint(os.path.dirname(os.path.abspath(given)))
+            raise ValueError(
+                f"resume_from_checkpoint={given!r} is incomplete: it lacks {TRAINER_STATE_FILE}, or holds a cut one "
+                "(the run stopped while writing it). Resume from "
+                + (f"{earlier}, the newest complete checkpoint beside it" if earlier else "a complete checkpoint")
+                + ", or with resume_from_checkpoint=True."
+            )
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _newest_complete_checkpoint(self):
+        """What `resume_from_checkpoint=True` resumes: the newest complete checkpoint of `output_dir`, the newer
+        incomplete ones skipped (a warning names them); with none but incomplete ones, an error naming them; with
+        none at all, True (Trainer's own error)."""
+        checkpoint, skipped = last_complete_checkpoint(self.args.output_dir)
+        cut = f"{', '.join(skipped)} lacks {TRAINER_STATE_FILE}, or holds a cut one (the run stopped while writing it)"
+        if checkpoint is None and skipped:  # Trainer would pick the incomplete one, and fail on it
+            raise ValueError(
+                f"resume_from_checkpoint=True: {self.args.output_dir} holds no complete checkpoint; {cut}. Delete "
+                "the incomplete folder to start afresh, or resume from another run's checkpoint by path."
+            )
+        if skipped:
+            warnings.warn(
+                f"resume_from_checkpoint=True: {cut}, so it is incomplete and skipped; resuming from {checkpoint}. "
+                "Delete the incomplete folder.",
+                stacklevel=3,
+            )
+        return checkpoint if checkpoint is not None else True
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -174,6 +219,15 @@ class TeacherCheckpointing:
                 f"The SRPO teacher state {path} holds a teacher_model_kind={saved_kind!r} teacher, but this run's is "
                 f"{self.args.teacher_model_kind!r}: resume with teacher_model_kind={saved_kind!r}, or delete "
                 f"{file_name} to start this run's teacher from the resumed policy (an 'ema' teacher restarts there)."
+            )
+        dtype = str(self.accelerator.unwrap_model(self.model).dtype)
+        if not self.teacher.kind.has_history and metadata.get(DTYPE_KEY, dtype) != dtype:
+            raise ValueError(
+                f"The SRPO teacher state {path} was saved by a run whose model was {metadata[DTYPE_KEY]}, and this "
+                f"run's is {dtype}: a teacher_model_kind={self.args.teacher_model_kind!r} teacher is rebuilt from the "
+                f"initial model, whose weights differ in another dtype. Resume with the model in "
+                f"{metadata[DTYPE_KEY]} (model_init_kwargs={{'dtype': ...}}, --dtype), or delete {file_name} to rebuild "
+                "the teacher from this run's model."
             )
         non_finite = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
         if non_finite:

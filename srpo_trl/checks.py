@@ -7,11 +7,14 @@ Every message names the setting, field, column or reward function at fault and t
 import math
 import os
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
-from .losses import LOCAL_TOKEN_LOSS_TYPES
-from .prompts import prompt_column_problem
+from .compat import NO_LOGITS, divides_by_local_tokens, head_not_called
+from .model_parts import backbone_and_head, captured_hidden_states, causal_lm, uncaptured_message
+from .prompts import PRIVILEGED_CONTEXT_COLUMN, prompt_column_problem
 
 
 def fsdp_version(args) -> int | None:
@@ -38,7 +41,7 @@ def inexact_setup_problem(
     routing: str, loss_type: str, entropy_bonus: bool, aux_loss: bool, zero_config: dict | None
 ) -> str | None:
     """Settings under which SRPO's objective would be silently wrong."""
-    if loss_type in LOCAL_TOKEN_LOSS_TYPES and (entropy_bonus or aux_loss):
+    if divides_by_local_tokens(loss_type) and (entropy_bonus or aux_loss):
         extra = (
             "an entropy bonus (entropy_coef / use_adaptive_entropy)"
             if entropy_bonus
@@ -118,8 +121,36 @@ def dataset_problem(name: str, dataset, teacher: bool) -> str | None:
         return None
     if len(dataset) == 0:
         return f"{name} has no rows: check the split and any filter applied to it."
-    found = prompt_column_problem(dataset.select_columns(["prompt"]).with_format("arrow")[:]["prompt"], teacher)
+    prompts = dataset.select_columns(["prompt"])
+    decode = lambda row: prompts[row]["prompt"]  # noqa: E731  (as the trainer reads it)
+    found = prompt_column_problem(prompts.with_format("arrow")[:]["prompt"], teacher, decode)
     return None if found is None else f"{name} row {found[0]}: {found[1]}"
+
+
+def privileged_context_problem(dataset, distill_without_sibling: bool) -> str | None:
+    """`distill_without_sibling` does nothing without a privileged context to distil from: a training set (whose
+    columns are known) without a `privileged_context` column, or whose contexts are all empty or blank."""
+    columns = getattr(dataset, "column_names", None)
+    if not distill_without_sibling or columns is None:
+        return None
+    if PRIVILEGED_CONTEXT_COLUMN not in columns:
+        return (
+            f"SRPOConfig.distill_without_sibling=True distils all-failed groups from the dataset's "
+            f"{PRIVILEGED_CONTEXT_COLUMN!r} column, and train_dataset has none (its columns: {columns}): add one (a "
+            "reference solution per row, None where there is none), or leave distill_without_sibling False."
+        )
+    if not isinstance(dataset, Dataset):
+        return None
+    column = dataset.select_columns([PRIVILEGED_CONTEXT_COLUMN]).with_format("arrow")[:][PRIVILEGED_CONTEXT_COLUMN]
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)):
+        return None  # not text: refused, naming the column, when a row of it is met
+    if pa.types.is_null(column.type) or not pc.max(pc.utf8_length(pc.utf8_trim_whitespace(column))).as_py():
+        return (
+            f"SRPOConfig.distill_without_sibling=True, but every {PRIVILEGED_CONTEXT_COLUMN!r} of train_dataset is "
+            "empty or blank: no rollout can be distilled from one. Fill the column, or leave distill_without_sibling "
+            "False."
+        )
+    return None
 
 
 def infinite_reward_problem(rewards_per_func: torch.Tensor, names: list[str]) -> str | None:
@@ -159,3 +190,25 @@ def non_finite_loss_problem(where: str, grpo_value: float, distillation_value: f
                 "weights are finite."
             )
     return None
+
+
+def uncaptured_backbone_problem(model) -> str | None:
+    """Why SRPO cannot read `model`'s final hidden states, or None: a two-token forward (no gradient, no logits)
+    must run the decoder stack that `backbone_and_head` names and give hidden states as wide as the LM head's input.
+    A family whose causal LM forward calls its layers some other way (around that module) would leave the teacher
+    and the distillation term without them."""
+    _, head = backbone_and_head(model)
+    lm = causal_lm(model)
+    ids = torch.zeros((1, 2), dtype=torch.long, device=head.weight.device)
+    captured = []
+    try:
+        with torch.no_grad(), head_not_called(lm), captured_hidden_states(model) as captured:
+            lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=NO_LOGITS)
+    except RuntimeError as error:
+        if not str(error).startswith("SRPO reads the final hidden states"):
+            raise
+        return str(error)
+    hidden, width = captured[-1], head.weight.size(-1)
+    if hidden.dim() == 3 and tuple(hidden.shape) == (1, 2, width):
+        return None
+    return uncaptured_message(model, f"an output of shape {tuple(hidden.shape)}", f"(1, 2, {width})")

@@ -12,12 +12,12 @@ import importlib
 import math
 import os
 import sys
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from trl import DatasetMixtureConfig, GRPOConfig, ModelConfig, ScriptArguments, TrlParser
+from trl import DatasetMixtureConfig, GRPOConfig, ModelConfig, ScriptArguments
 
+from .compat import GroupedParser
 from .config import SRPOConfig
 from .tasks import TASKS, get_reward_funcs, multiple_choice_reward, tool_use_reward
 
@@ -156,11 +156,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Defaults shown, and the description's example commands kept as written."""
 
 
-class SRPOParser(TrlParser):
+class SRPOParser(GroupedParser):
     """`TrlParser` over [`SRPOScriptArguments`], [`SRPOConfig`], `ModelConfig` and `DatasetMixtureConfig`, its
     `--help` in titled groups: data and rewards, SRPO, model, then GRPO and the `Trainer`'s (about 200 fields) last."""
 
-    GROUPS = (
+    group_order = (
         "Data, rewards and evaluation",
         "SRPO (SRPOConfig)",
         "Model (trl.ModelConfig)",
@@ -168,6 +168,7 @@ class SRPOParser(TrlParser):
     )
 
     def __init__(self, prog: str | None = None):
+        self._srpo_fields = srpo_field_names()
         super().__init__(
             (SRPOScriptArguments, SRPOConfig, ModelConfig, DatasetMixtureConfig),
             prog=prog or _prog(sys.argv[0]),
@@ -175,29 +176,14 @@ class SRPOParser(TrlParser):
             usage="%(prog)s [--config YAML] [--task TASK | --dataset_name DATA] [--ARGUMENT VALUE ...]",
             formatter_class=_HelpFormatter,
         )
-        rank = {title: i for i, title in enumerate(self.GROUPS)}
-        self._action_groups.sort(key=lambda group: rank.get(group.title, -1))  # argparse's own groups first
+        self.order_groups()
 
-    def _add_dataclass_arguments(self, dtype):
-        # HfArgumentParser's loop, with each field sent to its group.
-        hints = typing.get_type_hints(dtype)
-        srpo = srpo_field_names() if dtype is SRPOConfig else set()
-        for spec in dataclasses.fields(dtype):
-            if spec.init:
-                spec.type = hints[spec.name]
-                self._parse_dataclass_field(self._group(dtype, spec.name in srpo), spec)
-
-    def _group(self, dtype, srpo_field: bool):
+    def group_title(self, dtype, field_name: str) -> str:
         if dtype in (SRPOScriptArguments, DatasetMixtureConfig):
-            title = self.GROUPS[0]
-        elif dtype is SRPOConfig:
-            title = self.GROUPS[1] if srpo_field else self.GROUPS[3]
-        else:
-            title = self.GROUPS[2]
-        for group in self._action_groups:
-            if group.title == title:
-                return group
-        return self.add_argument_group(title)
+            return self.group_order[0]
+        if dtype is SRPOConfig:
+            return self.group_order[1] if field_name in self._srpo_fields else self.group_order[3]
+        return self.group_order[2]
 
 
 def _prog(argv0: str) -> str:

@@ -93,8 +93,6 @@ class SRPOConfig(GRPOConfig):
             ([arXiv 2601.20802](https://huggingface.co/papers/2601.20802)).
     """
 
-    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS
-
     routing: str = field(
         default="srpo",
         metadata={"help": "How rollouts are trained.", "choices": list(ROUTING_MODES)},
@@ -197,6 +195,8 @@ class SRPOConfig(GRPOConfig):
                 "batch, which then spans more or less than one optimizer step.",
                 stacklevel=3,
             )
+        if message := inert_settings_message(self):
+            warnings.warn(message, stacklevel=3)
 
     @classmethod
     def from_grpo_config(cls, config: GRPOConfig, **changes) -> "SRPOConfig":
@@ -295,6 +295,42 @@ class SRPOConfig(GRPOConfig):
         if not ok:
             value = getattr(self, name)
             raise ValueError(f"SRPOConfig.{name} must be {expected}; got {value!r} ({type(value).__name__}).")
+
+
+# SRPO's settings that only some routings and teachers read.
+_TEACHER_SETTINGS = ("teacher_model_kind", "teacher_update_rate", "max_teacher_prompt_length", "teacher_feedback")
+_DISTILLATION_SETTINGS = (
+    "distillation_topk", "distillation_alpha", "distillation_is_clip", "dynamic_weighting", "weighting_temperature",
+)  # fmt: skip
+
+
+def inert_settings_message(config: SRPOConfig) -> str | None:
+    """A warning naming the SRPO settings changed from their default that the chosen routing or teacher never reads
+    (an option that does nothing, where a user expects it to act), or None."""
+    mode, kind = ROUTING_MODES[config.routing], TEACHER_KINDS[config.teacher_model_kind]
+    unread = {}
+    if not mode.uses_teacher:
+        why = f"routing={config.routing!r} builds no teacher"
+        unread.update(dict.fromkeys((*_TEACHER_SETTINGS, *_DISTILLATION_SETTINGS), why))
+    elif not mode.distils:
+        unread.update(dict.fromkeys(_DISTILLATION_SETTINGS, f"routing={config.routing!r} distils nothing"))
+    if not mode.teacher_mixes_advantages:
+        unread["advantage_mix_lambda"] = "only routing='advantage_mix' reads it"
+    if mode.uses_teacher and not kind.updates:
+        unread.setdefault(
+            "teacher_update_rate", f"teacher_model_kind={config.teacher_model_kind!r} has no update rate"
+        )
+    if not config.dynamic_weighting:
+        unread.setdefault("weighting_temperature", "dynamic_weighting=False weights every token 1")
+    defaults = {spec.name: _default(spec) for spec in fields(SRPOConfig) if spec.name in unread}
+    changed = [name for name in unread if getattr(config, name) != defaults[name]]
+    if not changed:
+        return None
+    return (
+        "SRPOConfig: "
+        + "; ".join(f"{name}={getattr(config, name)!r} has no effect: {unread[name]}" for name in changed)
+        + ". Remove it, or choose the routing or teacher that uses it."
+    )
 
 
 def _bf16_accelerator() -> bool:

@@ -16,7 +16,12 @@ def _number(value: float) -> str:
 
 
 def threshold_misfit(
-    rewards: torch.Tensor, correct: torch.Tensor, threshold: float, batches: int, distilled: torch.Tensor | None = None
+    rewards: torch.Tensor,
+    correct: torch.Tensor,
+    threshold: float,
+    batches: int,
+    distilled: torch.Tensor | None = None,
+    complete: bool = True,
 ) -> str | None:
     """Why `success_reward_threshold` does not fit the rewards of the first `batches` generation batches, or None.
 
@@ -27,12 +32,15 @@ def threshold_misfit(
         batches: how many generation batches `rewards` covers (for the message).
         distilled: which rollouts routing sent to the teacher (default: none). A mode that also distils correct
             rollouts (`routing="sdpo"`) distils when every rollout is correct: no misfit then.
+        complete: the watched batches are all in. Before, only the last misfit is looked for (it shows at once).
 
-    Three misfits: no rollout correct (nothing is ever distilled: SRPO is GRPO), every rollout correct (nothing is
-    distilled), and a threshold on another scale than the rewards: most rollouts count as correct although the
-    threshold lies in the lower half of the rewards' scale (from 0, or the lowest reward if negative, to the best)
-    and some of the "correct" ones earned less than half way from it to the best reward (partial credit on 0-100
-    under the default 1.0). Binary rewards never meet the last: their correct rollouts all earn the best reward.
+    Three misfits: no rollout correct (nothing distilled yet: SRPO is GRPO; either the model solves none of these
+    prompts yet, which is no misfit, or correct rollouts earn less than the threshold: the message names both), every
+    rollout correct (nothing is distilled), and a threshold on another scale than the rewards: rollouts count as
+    correct although the threshold lies in the lower half of the rewards' scale (from 0, or the lowest reward if
+    negative, to the best) and some of the "correct" ones earned less than half way from it to the best reward
+    (partial credit on 0-10 or 0-100 under the default 1.0), however few. Binary rewards never meet the last: their
+    correct rollouts all earn the best reward.
     """
     scored = rewards[~torch.isnan(rewards)]
     first = f"the first {batches} generation batches"
@@ -42,12 +50,18 @@ def threshold_misfit(
     else:
         seen = "no rollout was scored"
     if not correct.any():
+        if not complete:
+            return None
         return (
             f"No rollout of {first} reached success_reward_threshold={threshold} ({seen}): "
-            "srpo/teacher_available_frac stays 0 and nothing is distilled (routing='srpo' trains as plain GRPO, "
-            "routing='sdpo' trains nothing). Set success_reward_threshold to the reward a correct rollout earns."
+            "srpo/teacher_available_frac stays 0 and nothing is distilled yet (routing='srpo' trains as plain GRPO, "
+            "routing='sdpo' trains nothing). Two causes: the model solves none of these prompts yet (then nothing is "
+            "wrong: SRPO trains as GRPO until a rollout is correct, and routes from the first one; a stronger or "
+            "pre-trained model, or easier prompts, get there sooner), or a correct rollout earns less than the "
+            "threshold (a reward on another scale, weights): then set success_reward_threshold to the reward a "
+            "correct rollout earns."
         )
-    if correct.all() and (distilled is None or not distilled.any()):
+    if complete and correct.all() and (distilled is None or not distilled.any()):
         return (
             f"Every rollout of {first} reached success_reward_threshold={threshold} ({seen}): "
             "srpo/route/correct_frac stays 1 and nothing is distilled. The threshold applies to the weighted sum "
@@ -57,15 +71,16 @@ def threshold_misfit(
         )
     correct_rewards = rewards[correct]
     fraction = correct_rewards.numel() / scored.numel()
+    first = f"the first {batches} generation batches" if complete else "the first generation batches"
     # The lower half of the rewards' scale, which starts at 0 or below: for a positive threshold, the best reward is
     # more than twice it. Partial credit on [0, 1] under a threshold of 0.5 is a choice, not a misfit.
     floor = min(low, 0.0)
     in_lower_half = threshold - floor < high - threshold
     far_below_best = bool((correct_rewards < (threshold + high) / 2).any())
-    if fraction > 0.5 and in_lower_half and far_below_best:
+    if in_lower_half and far_below_best:
         return (
             f"success_reward_threshold={threshold} looks low for these rewards: {seen}, and {fraction:.0%} of the "
-            f"rollouts of {first} reached it and counted as correct, many of them far below the best reward. Correct "
+            f"rollouts of {first} reached it and counted as correct, some of them far below the best reward. Correct "
             "rollouts are the teacher's demonstrations and are never distilled, so partial credit is taught as the "
             "answer. Set success_reward_threshold to what only a correct rollout earns (perhaps "
             f"{_number(high)}), or scale the rewards to it."
@@ -77,16 +92,23 @@ def routing_metrics(
     routes,
     mask: torch.Tensor,
     scores,
+    *,
     weights: torch.Tensor,
     truncated: torch.Tensor,
     local: slice,
     all_reduce,
 ) -> dict[str, float]:
-    """The routing metrics of one generation batch (method §9), from the global `routes` and this process's tokens
-    (`mask`, the teacher's `scores` of them, a `teacher_scoring.TeacherScores`, the entropy `weights`, which routed
-    rows of `local` had their demonstration `truncated`): two collectives, a sum and an elementwise max
-    (`all_reduce(tensor, op)`). Statistics of the teacher's rows and tokens are left out of batches without any (no
-    `None` in the logs).
+    """The routing metrics of one generation batch (method §9), in two collectives. Statistics of the teacher's rows
+    and tokens are left out of batches without any (no `None` in the logs).
+
+    Args:
+        routes: the global `routing.Routes`.
+        mask: `(rows, length)` bool, this process's loss tokens.
+        scores: the teacher's `teacher_scoring.TeacherScores` of them.
+        weights: `(rows, length)`, the entropy weights.
+        truncated: `(rows,)` bool, the routed rows whose demonstration was cut.
+        local: this process's rows of the global batch.
+        all_reduce: `all_reduce(tensor, op)`, a sum or an elementwise max over the processes.
 
     `srpo/teacher_rejects_sampled_frac` is the share of distilled tokens to which the teacher gives less than half its
     probability: where the distillation moves the student off what it sampled (for a teacher as confident as the
@@ -99,13 +121,13 @@ def routing_metrics(
     entropy, teacher_token_logps, solution_logps = scores.entropy, scores.token_logps, scores.solution_logps
     departures = mask & ~solution_logps.isnan() if solution_logps is not None else torch.zeros_like(mask)
     solution_probs = solution_logps.nan_to_num().exp() * departures if solution_logps is not None else departures
-    sdpo_tokens = mask & routes.sdpo[local].unsqueeze(1)
+    distilled_tokens = mask & routes.distilled[local].unsqueeze(1)
     teacher_tokens = mask & routes.needs_teacher[local].unsqueeze(1)
-    rejected = sdpo_tokens & (teacher_token_logps < math.log(0.5))
+    rejected = distilled_tokens & (teacher_token_logps < math.log(0.5))
     sums = all_reduce(
         torch.stack(
             [
-                sdpo_tokens.sum(),
+                distilled_tokens.sum(),
                 mask.sum(),
                 (entropy * teacher_tokens).sum(),
                 teacher_tokens.sum(),
@@ -117,8 +139,8 @@ def routing_metrics(
         ).float(),
         "sum",
     ).tolist()
-    sdpo_count, token_count, entropy_sum, teacher_count, truncated_count, rejected_count, departed, solution_sum = sums
-    selected = weights[sdpo_tokens].float()
+    distilled, token_count, entropy_sum, teacher_count, truncated_count, rejected_count, departed, solution_sum = sums
+    selected = weights[distilled_tokens].float()
     none = torch.tensor(-math.inf, device=weights.device)
     extremes = torch.stack(
         [
@@ -129,11 +151,11 @@ def routing_metrics(
     )
     negative_min_weight, max_weight, most_seconds = all_reduce(extremes, "max").tolist()
     metrics = {
-        "srpo/route/sdpo_frac": routes.sdpo.float().mean().item(),
+        "srpo/route/sdpo_frac": routes.distilled.float().mean().item(),
         "srpo/route/correct_frac": routes.correct.float().mean().item(),
         "srpo/route/fallback_frac": routes.fallback.float().mean().item(),
         "srpo/teacher_available_frac": routes.teacher_available.float().mean().item(),
-        "srpo/sdpo_token_frac": sdpo_count / max(token_count, 1.0),
+        "srpo/sdpo_token_frac": distilled / max(token_count, 1.0),
         "srpo/time/teacher_s": most_seconds,
     }
     if departed:
@@ -145,10 +167,10 @@ def routing_metrics(
     teacher_rows = routes.needs_teacher.sum().item()
     if teacher_rows:
         metrics["srpo/teacher_prompt_truncated_frac"] = truncated_count / teacher_rows
-    if sdpo_count:
+    if distilled:
         metrics["srpo/weight/min"] = -negative_min_weight
         metrics["srpo/weight/max"] = max_weight
-        metrics["srpo/teacher_rejects_sampled_frac"] = rejected_count / sdpo_count
+        metrics["srpo/teacher_rejects_sampled_frac"] = rejected_count / distilled
     return metrics
 
 
@@ -179,28 +201,90 @@ def no_demonstration_room(
     )
 
 
+def credit_misfit(
+    rewards_per_func: torch.Tensor,
+    weights: torch.Tensor,
+    rewards: torch.Tensor,
+    correct: torch.Tensor,
+    names: list[str],
+    threshold: float,
+) -> str | None:
+    """Rollouts counted as correct although a reward function gave them its lowest score (of those seen, among
+    scores that vary), or None: "correct" on a format reward, or on another function's partial credit, alone. Such
+    rollouts are shown to the teacher as solutions. Only the main rewards count: those of the widest weighted range
+    (a right answer without the format bonus, weighted 0.2, is correct); functions of weight <= 0 (penalties) never. `rewards`: the
+    weighted sums routing compared, for the message. Every rollout correct is `threshold_misfit`'s to report."""
+    if correct.all():
+        return None
+    spans = {}  # each function's weighted range: the widest is the main reward (correctness beside a format bonus)
+    for column in range(len(names)):
+        scores = rewards_per_func[:, column][~torch.isnan(rewards_per_func[:, column])]
+        if weights[column] > 0 and scores.numel():
+            spans[column] = (scores.min().item(), scores.max().item())
+    widest = max((float(weights[c]) * (high - low) for c, (low, high) in spans.items()), default=0.0)
+    for column, (low, high) in spans.items():
+        name, scores = names[column], rewards_per_func[:, column]
+        at_lowest = correct & (scores == low)
+        if low < high and float(weights[column]) * (high - low) >= widest and at_lowest.any():
+            weighted = rewards[~torch.isnan(rewards)]
+            top = _number(weighted.max().item())
+            return (
+                f"{int(at_lowest.sum())} of the {int(correct.sum())} rollouts counted as correct (weighted reward >= "
+                f"success_reward_threshold={threshold}; the weighted rewards ranged over "
+                f"[{_number(weighted.min().item())}, {top}]) got the lowest score of the reward function '{name}' "
+                f"({_number(low)}; its scores ranged over [{_number(low)}, {_number(high)}]): they reached the "
+                "threshold on the other functions alone (a format reward, partial credit), and the teacher is shown "
+                f"them as solutions. The threshold applies to the weighted sum of the reward functions (here up to "
+                f"{top}): set success_reward_threshold to what only a correct rollout earns, or weight the rewards "
+                "with reward_weights."
+            )
+    return None
+
+
 @dataclass
 class RoutingWatch:
-    """The first `batches` training generation batches' routing, checked once against the threshold
-    (`threshold_misfit`): `observe` returns the warning when that batch completes the watch and something is off."""
+    """The first `batches` training generation batches' routing, checked against the threshold: a threshold below
+    partial credit (`credit_misfit`, `threshold_misfit`'s scale check) at each batch, as soon as it shows, and the
+    rest (`threshold_misfit`) once the watch is complete. `observe` returns the warning (one per run) or None."""
 
     threshold: float
     batches: int = 5
     rewards: list[torch.Tensor] = field(default_factory=list)
     correct: list[torch.Tensor] = field(default_factory=list)
     distilled: list[torch.Tensor] = field(default_factory=list)
+    per_function: list[torch.Tensor] = field(default_factory=list)
+    warned: bool = False
 
-    def observe(self, routes, rewards: torch.Tensor) -> str | None:
-        if len(self.rewards) >= self.batches:
+    def observe(
+        self,
+        routes,
+        rewards: torch.Tensor,
+        rewards_per_func: torch.Tensor | None = None,
+        weights=None,
+        names=(),
+        batches_before: int = 0,
+    ) -> str | None:
+        """Keep one training generation batch; a misfit's message once one shows. `batches_before`: the training
+        batches of the run before this process started (a resume): past `batches`, they were checked."""
+        if len(self.rewards) >= self.batches or self.warned or (not self.rewards and batches_before >= self.batches):
             return None  # checked once
         self.rewards.append(rewards.detach().cpu())
         self.correct.append(routes.correct.cpu())
-        self.distilled.append(routes.sdpo.cpu())
-        if len(self.rewards) < self.batches:
-            return None
-        return threshold_misfit(
-            torch.cat(self.rewards), torch.cat(self.correct), self.threshold, self.batches, torch.cat(self.distilled)
+        self.distilled.append(routes.distilled.cpu())
+        complete = len(self.rewards) == self.batches
+        correct = torch.cat(self.correct)
+        message = None
+        if rewards_per_func is not None:
+            self.per_function.append(rewards_per_func.detach().float().cpu())
+            per_function, weights = torch.cat(self.per_function), torch.as_tensor(weights).cpu()
+            message = credit_misfit(
+                per_function, weights, torch.cat(self.rewards), correct, list(names), self.threshold
+            )
+        message = message or threshold_misfit(
+            torch.cat(self.rewards), correct, self.threshold, len(self.rewards), torch.cat(self.distilled), complete
         )
+        self.warned = message is not None
+        return message
 
 
 # Set by a launcher that started several processes: torchrun and Accelerate's GPU/DeepSpeed/FSDP launchers

@@ -1,19 +1,161 @@
-"""The SRPO math on tensors (method §5-§6): divergences, weights and the two branches' per-token terms.
+"""SRPO's objective, in one file (method §2, §5, §6): read `LossInputs` and `srpo_loss` first.
 
-Shapes: `n` tokens, `k` support size. Everything is a pure function of its inputs; the trainer only gathers the
-tensors and calls these. The GRPO branch is GRPOTrainer's own clipped surrogate and is not re-implemented here.
-The divergence is TRL SDPO's (`trl.experimental.sdpo.loss_utils`: `compute_divergence`, `add_tail_bucket`), taking the
-support's log-probs rather than full logits, which the chunked scoring never holds; tests/unit/test_trl_agreement.py checks
-that the two agree.
+One micro-batch's loss is one per-token loss with one normaliser:
+
+    L = reduce( ℓ_GRPO(t) on the GRPO tokens  +  w_t · IS_t · D_t on the distilled tokens )
+
+- *Who goes where* is routing's (`routing.ROUTING_MODES`: under `"srpo"` correct rollouts and failed ones with no
+  correct sibling are GRPO's, failed ones with a correct sibling are distilled); the loss sees the two token masks.
+- *The GRPO term* `ℓ_GRPO` is GRPOTrainer's own clipped surrogate (with its KL and entropy terms), computed by TRL on
+  the GRPO tokens alone and handed in already reduced (`LossInputs.grpo_loss`); it is not re-implemented here.
+- *The distillation term* is `w_t · IS_t · D_t` (`distillation_token_losses`): `D_t` the generalised JSD between the
+  student and the EMA self-teacher on the student's top-k support plus a tail bucket (`topk_distillation_divergence`),
+  `IS_t` the clipped importance ratio (`clipped_importance_ratio`), `w_t` the teacher-entropy weights computed when
+  the batch was scored (`teacher_entropy_weights`).
+- *The shared normaliser* is GRPOTrainer's for `loss_type` (`compat.grpo_loss.GRPO_REDUCTIONS`, TRL 1.16's table):
+  the distillation term is reduced over the whole loss mask exactly as TRL reduces GRPO's, and where TRL divides by
+  the tokens it saw (`bnpo`), GRPO's term is rescaled to the tokens both branches share.
+
+The divergence is TRL SDPO's (`trl.experimental.sdpo.loss_utils`: `compute_divergence`, `add_tail_bucket`), taking
+the support's log-probs rather than full logits, which the chunked scoring never holds; tests/unit/test_trl_agreement.py
+checks that the two agree. `advantage_mix` (method §8) mixes the teacher into the advantages instead
+(`mixed_token_advantages`) and has no distillation term.
 """
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .vocab import logps_on_support, student_topk_logps
+from .compat import divides_by_local_tokens, reduce_token_loss
+from .vocab import Logits, logps_on_support, student_topk_logps
+
+
+@dataclass
+class LossInputs:
+    """One micro-batch of SRPO's loss. `rows` completions of `length` tokens; `n` distilled tokens (the True entries
+    of `distilled_tokens`, in row-major order); `hidden` the model's width; `vocab` its vocabulary.
+
+    Attributes:
+        grpo_loss: `()`, GRPOTrainer's loss on this micro-batch with its loss mask cut to `grpo_tokens`, reduced by
+            TRL for `loss_type` (its clipped surrogate and, when set, its KL and entropy terms).
+        loss_mask: `(rows, length)` bool, the completion tokens GRPOTrainer's loss counts (tool outputs excluded).
+        grpo_tokens: `(rows, length)` bool, the GRPO branch's tokens.
+        distilled_tokens: `(rows, length)` bool, the distilled branch's tokens.
+        global_token_count: `()`, the "global_tokens" divisor of one micro-batch of one process
+            (`compat.global_token_normaliser`); unused by the other loss types.
+        teacher: the teacher's states of this generation batch (`teacher_scoring.TeacherStates`: hidden states
+            `(m, hidden)`, log-normalisers `(m,)`, LM head, `Logits`), or None: no distillation term.
+        teacher_state_index: `(n,)` long, each distilled token's row of `teacher`.
+        student_hidden: `(n, hidden)`, the policy's final hidden states predicting the distilled tokens, from
+            GRPOTrainer's own forward (differentiable).
+        student_head: the policy's LM head (`weight` `(vocab, hidden)`, `bias`).
+        student_logits: `vocab.Logits`, how hidden states become the sampling distribution's logits.
+        tokens: `(n,)` long, the sampled token ids.
+        token_weights: `(n,)`, the entropy weights `w_t` (1 without `dynamic_weighting`).
+        old_logps: `(n,)`, π_old of the sampled tokens where GRPOTrainer computed it (the policy has moved since
+            sampling), else None: π_old is this policy.
+        rollout_ratio: `(n,)`, vLLM's rollout importance weight, or None.
+    """
+
+    grpo_loss: torch.Tensor
+    loss_mask: torch.Tensor
+    grpo_tokens: torch.Tensor
+    distilled_tokens: torch.Tensor
+    global_token_count: torch.Tensor | float = 1.0
+    teacher: object | None = None
+    teacher_state_index: torch.Tensor | None = None
+    student_hidden: torch.Tensor | None = None
+    student_head: torch.nn.Module | None = None
+    student_logits: Logits | None = None
+    tokens: torch.Tensor | None = None
+    token_weights: torch.Tensor | None = None
+    old_logps: torch.Tensor | None = None
+    rollout_ratio: torch.Tensor | None = None
+
+
+def srpo_loss(
+    inputs: LossInputs,
+    *,
+    loss_type: str,
+    accumulation_steps: float,
+    max_completion_length: int,
+    topk: int,
+    alpha: float,
+    is_clip: float,
+    span: Callable | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SRPO's loss of one micro-batch and its two terms (method §6).
+
+    Args:
+        inputs: the micro-batch (`LossInputs`).
+        loss_type: GRPOTrainer's `loss_type`, whose reduction both terms share (`compat.GRPO_REDUCTIONS`).
+        accumulation_steps: micro-batches per optimizer step (1 in evaluation).
+        max_completion_length: the `dr_grpo` divisor's length.
+        topk: the student's support size `k` (`distillation_topk`).
+        alpha: the generalised JSD's `α` (`distillation_alpha`).
+        is_clip: the importance ratio's clip (`distillation_is_clip`).
+        span: `span(name)` times the `distillation` term and, within it, `student_topk`.
+
+    Returns:
+        `(loss, {"grpo": ..., "distillation": ...})`: the loss to back-propagate and each term's share of it.
+    """
+    span = span or (lambda name: nullcontext())
+    grpo = inputs.grpo_loss
+    if divides_by_local_tokens(loss_type):  # TRL divided by the GRPO tokens it saw; SRPO shares all of them
+        grpo = grpo * (inputs.grpo_tokens.sum().clamp(min=1) / inputs.loss_mask.sum().clamp(min=1))
+    distillation = torch.zeros((), device=grpo.device)
+    if inputs.teacher is not None:
+        with span("distillation"):
+            token_losses = distillation_token_losses(inputs, topk=topk, alpha=alpha, is_clip=is_clip, span=span)
+        per_token = torch.zeros(inputs.loss_mask.shape, dtype=token_losses.dtype, device=token_losses.device)
+        distillation = reduce_token_loss(
+            per_token.masked_scatter(inputs.distilled_tokens, token_losses),
+            inputs.loss_mask,
+            loss_type,
+            accumulation_steps=accumulation_steps,
+            max_completion_length=max_completion_length,
+            global_token_count=inputs.global_token_count,
+        )
+    return grpo + distillation, {"grpo": grpo.detach(), "distillation": distillation.detach()}
+
+
+def distillation_token_losses(
+    inputs: LossInputs, *, topk: int, alpha: float, is_clip: float, span: Callable | None = None
+) -> torch.Tensor:
+    """`w_t · IS_t · D_t` at the `n` distilled tokens `(n,)` (method §5), differentiable through
+    `inputs.student_hidden`. The support is the current student's top-k; the teacher's log-probs on it come from its
+    kept states (`inputs.teacher`, rows `inputs.teacher_state_index`)."""
+    support, support_logps, token_logps = student_topk_logps(
+        inputs.student_hidden,
+        inputs.student_head.weight,
+        inputs.student_head.bias,
+        inputs.student_logits,
+        inputs.tokens,
+        topk,
+        span,
+    )
+    teacher, index = inputs.teacher, inputs.teacher_state_index
+    teacher_support_logps = logps_on_support(
+        teacher.hidden[index], *teacher.head, teacher.logits, teacher.log_normalizer[index], support
+    )
+    divergence = topk_distillation_divergence(support_logps, teacher_support_logps, alpha)
+    old_logps = token_logps.detach() if inputs.old_logps is None else inputs.old_logps
+    ratio = clipped_importance_ratio(token_logps, old_logps, is_clip)
+    if inputs.rollout_ratio is not None:
+        ratio = ratio * inputs.rollout_ratio
+    return distillation_term(divergence, inputs.token_weights, ratio)
+
+
+def distillation_term(divergence: torch.Tensor, token_weights: torch.Tensor, importance_ratio: torch.Tensor):
+    """`w_t · IS_t · D_t` per distilled token: the distilled branch's per-token loss (method §5, §12)."""
+    return token_weights * importance_ratio * divergence
+
+
+# ---- the building blocks: divergences, weights, ratios, mixed advantages ----
 
 
 def add_tail_bucket(support_logps: torch.Tensor) -> torch.Tensor:
@@ -86,82 +228,3 @@ def mixed_token_advantages(
     """`λ A_i + (1-λ) (log q_t(y_t) - log π_old(y_t))` per token, the second term zero without a teacher (§8)."""
     dense = (teacher_token_logps - old_token_logps) * has_teacher.unsqueeze(1)
     return mix_lambda * advantages.unsqueeze(1) + (1.0 - mix_lambda) * dense
-
-
-def sdpo_token_losses(
-    divergence: torch.Tensor, token_weights: torch.Tensor, importance_ratio: torch.Tensor
-) -> torch.Tensor:
-    """`w_t · IS_t · D_t` per SDPO token: the SDPO branch's per-token loss, aggregated with GRPO's (method §6, §12)."""
-    return token_weights * importance_ratio * divergence
-
-
-# How GRPOTrainer (TRL 1.16) turns a per-token loss into a micro-batch loss, by `loss_type`: the normaliser is the
-# one thing SRPO's two branches must share (method §6, §12).
-SEQUENCE_MEAN_LOSS_TYPES = ("grpo", "sapo")  # mean over sequences of each sequence's token mean
-SEQUENCE_SUM_LOSS_TYPES = ("luspo",)  # mean over sequences of each sequence's token sum
-LOCAL_TOKEN_LOSS_TYPES = ("bnpo",)  # the micro-batch's own token count
-CONSTANT_LOSS_TYPES = ("dr_grpo",)  # sequences x max_completion_length
-GLOBAL_TOKEN_LOSS_TYPES = ("dapo", "cispo", "vespo")  # the generation batch's token count (method §6's N)
-LOSS_TYPES = (
-    SEQUENCE_MEAN_LOSS_TYPES + SEQUENCE_SUM_LOSS_TYPES + LOCAL_TOKEN_LOSS_TYPES + CONSTANT_LOSS_TYPES
-) + GLOBAL_TOKEN_LOSS_TYPES
-
-
-def aggregate_token_loss(
-    per_token_loss: torch.Tensor,
-    mask: torch.Tensor,
-    loss_type: str,
-    accumulation_steps: float,
-    max_completion_length: int,
-    global_token_count: torch.Tensor | float,
-) -> torch.Tensor:
-    """A micro-batch's `(rows, length)` per-token loss, zero off `mask`, reduced as GRPOTrainer reduces its own for
-    `loss_type`, divided for gradient accumulation. `global_token_count` is the token-count normaliser of the
-    `GLOBAL_TOKEN_LOSS_TYPES`, already scaled to one micro-batch of one process."""
-    mask = mask.to(per_token_loss.dtype)
-    summed = (per_token_loss * mask).sum(-1)
-    if loss_type in SEQUENCE_MEAN_LOSS_TYPES:
-        return (summed / mask.sum(-1).clamp(min=1.0)).mean() / accumulation_steps
-    if loss_type in SEQUENCE_SUM_LOSS_TYPES:
-        return summed.mean() / accumulation_steps
-    if loss_type in LOCAL_TOKEN_LOSS_TYPES:
-        return summed.sum() / mask.sum().clamp(min=1.0) / accumulation_steps
-    if loss_type in CONSTANT_LOSS_TYPES:
-        return summed.sum() / (per_token_loss.size(0) * max_completion_length) / accumulation_steps
-    if loss_type in GLOBAL_TOKEN_LOSS_TYPES:
-        return summed.sum() / global_token_count
-    raise ValueError(f"Unknown loss_type {loss_type!r}; one of {LOSS_TYPES}.")
-
-
-def distillation_token_losses(
-    student_hidden: torch.Tensor,
-    head: torch.nn.Module,
-    logits,
-    tokens: torch.Tensor,
-    teacher,
-    teacher_index: torch.Tensor,
-    token_weights: torch.Tensor,
-    old_logps: torch.Tensor | None,
-    rollout_ratio: torch.Tensor | None,
-    topk: int,
-    alpha: float,
-    is_clip: float,
-) -> torch.Tensor:
-    """`w_t · IS_t · D_t` at `n` distilled tokens (method §5), differentiable through the student's final hidden
-    states `student_hidden` `(n, hidden)` (its LM `head`, `logits` its `vocab.Logits`, `tokens` the sampled ids).
-
-    The support is the current student's top-k; the teacher's log-probs on it come from its scoring (`teacher`, a
-    `teacher_scoring.TeacherCache`, rows `teacher_index`). `old_logps`: π_old where GRPOTrainer computed it (the policy
-    has moved since sampling), else None (π_old is this policy). `rollout_ratio`: vLLM's rollout importance weight.
-    """
-    support, support_logps, token_logps = student_topk_logps(
-        student_hidden, head.weight, head.bias, logits, tokens, topk
-    )
-    teacher_support_logps = logps_on_support(
-        teacher.hidden[teacher_index], *teacher.head, teacher.logits, teacher.log_normalizer[teacher_index], support
-    )
-    divergence = topk_distillation_divergence(support_logps, teacher_support_logps, alpha)
-    ratio = clipped_importance_ratio(token_logps, token_logps.detach() if old_logps is None else old_logps, is_clip)
-    if rollout_ratio is not None:
-        ratio = ratio * rollout_ratio
-    return sdpo_token_losses(divergence, token_weights, ratio)

@@ -11,6 +11,9 @@ import numpy
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from accelerate.utils import gather_object
+
+from .routing import siblings_to_share
 
 THINK_BLOCK = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
 TEACHER_TEMPLATE = "{question}{solution}{context}{feedback}\nCorrectly solve the original question."
@@ -62,19 +65,23 @@ def empty_prompt_problem(prompt) -> str | None:
     return None
 
 
-def prompt_column_problem(column: pa.ChunkedArray, teacher: bool) -> tuple[int, str] | None:
+def prompt_column_problem(
+    column: pa.ChunkedArray, teacher: bool, decode: Callable[[int], object] | None = None
+) -> tuple[int, str] | None:
     """The first row of a dataset's `prompt` column that cannot be trained (empty), or, with `teacher`, that the
     teacher prompt cannot be built from (`teacher_prompt_problem`), with why; None when every row is fine.
 
     Column-wise on the Arrow data (fast on millions of rows): the vectorised tests only find candidate rows, and
-    the row-level functions decide on those, in order, so the answer is exactly theirs."""
+    the row-level functions decide on those, in order, so the answer is exactly theirs. `decode(row)` gives a row's
+    prompt as the dataset hands it to the trainer (`datasets` decodes some columns: messages with keys of their own,
+    a `name`, are stored as JSON text); without it, the Arrow value as it is."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     lengths = pc.fill_null(pc.utf8_length(column) if _is_text(column.type) else _list_lengths(column), 0)
     candidates = numpy.flatnonzero(lengths.to_numpy(zero_copy_only=False) == 0)
     if teacher and _is_list(column.type):
         candidates = numpy.union1d(candidates, _rows_whose_user_turn_may_not_be_text(column))
     for row in candidates.tolist():
-        prompt = column[row].as_py()
+        prompt = column[row].as_py() if decode is None else decode(row)
         problem = empty_prompt_problem(prompt) or (teacher_prompt_problem(prompt) if teacher else None)
         if problem is not None:
             return row, problem
@@ -206,6 +213,7 @@ def batch_teacher_prompts(
     sibling_ids: Callable[[int], list[int]],
     decode: Callable[[list[int]], str],
     tokenize: Callable[[str | list[dict], int], list[int]],
+    *,
     budget: int,
     over_context: bool,
     feedback: list[str | None] | None = None,
@@ -214,17 +222,24 @@ def batch_teacher_prompts(
     contexts: list[str | None] | None = None,
     completion_ids: list[list[int]] | None = None,
 ) -> BatchTeacherPrompts:
-    """The teacher prompts (method §3) of the `routed` rows, `(row, sibling)` pairs of this process's batch row and
-    the global index of its demonstration (`-1`: none, a rollout distilled from its privileged context alone), within
-    `budget` tokens; each row's privileged `contexts` entry (the dataset's, per rollout) is shown where present.
+    """The teacher prompts (method §3) of this process's `routed` rows. A group's routed rows share one teacher
+    prompt (the question, the same sibling). A prompt the template cannot rewrite (a streamed dataset's, met here
+    rather than at construction) is an error naming `source` and the prompt.
 
-    `sibling_ids(index)` are the completion ids of the rollout at global `index`, `decode` makes them text (the
-    sibling's completion); `completion_ids`, this process's rows' own (for `solution_tokens`); `tokenize(prompt, row)`
-    renders a prompt as the student's row `row` is rendered. A group's routed rows share one teacher prompt (the
-    question, the same sibling), built once when `one_per_sibling` (not with per-row feedback or tool environments).
-    `over_context`: `budget` is the model's context, not the setting: a prompt over it cannot be scored at all.
-    A prompt the template cannot rewrite (a streamed dataset's, met here rather than at construction) is an error
-    naming `source` and the prompt.
+    Args:
+        routed: `(row, sibling)` pairs: this process's batch row, and the global index of its demonstration (`-1`:
+            none, a rollout distilled from its privileged context alone).
+        prompts: this process's rows' prompts.
+        sibling_ids: `sibling_ids(index)`, the completion ids of the rollout at global `index`.
+        decode: makes completion ids text (the sibling's completion).
+        tokenize: `tokenize(prompt, row)` renders a prompt as the student's row `row` is rendered.
+        budget: the most tokens a teacher prompt may have.
+        over_context: `budget` is the model's context, not the setting: a prompt over it cannot be scored at all.
+        feedback: per row, the reward functions' feedback shown to the teacher (`teacher_feedback`), or None.
+        one_per_sibling: build a group's shared prompt once (not with per-row feedback or tool environments).
+        source: how errors name the dataset.
+        contexts: per row, the dataset's privileged context, shown where present.
+        completion_ids: this process's rows' own completions (for `solution_tokens`).
     """
     truncated = torch.zeros(len(prompts), dtype=torch.bool)
     no_room = torch.zeros_like(truncated)
@@ -285,7 +300,7 @@ def teacher_prompt_budget(setting: int, context: int | None, completion_length: 
 
 def privileged_contexts(inputs: list[dict]) -> list[str | None]:
     """Each rollout's `privileged_context` (GRPOTrainer's `inputs` repeat a dataset row per rollout and keep its
-    extra columns), None where the row has none (an empty text counts as none)."""
+    extra columns), None where the row has none (an empty or blank text counts as none)."""
     contexts = [example.get(PRIVILEGED_CONTEXT_COLUMN) for example in inputs]
     for context in contexts:
         if context is not None and not isinstance(context, str):
@@ -294,7 +309,7 @@ def privileged_contexts(inputs: list[dict]) -> list[str | None]:
                 f"(or None) per row; got {type(context).__name__} {context!r:.100}. Convert it to text, or rename "
                 "the column if it is not meant for the teacher."
             )
-    return [context or None for context in contexts]
+    return [context if context and context.strip() else None for context in contexts]  # blank: no context
 
 
 def privileged_rollouts(contexts: list[str | None], enabled: bool, accelerator) -> torch.Tensor | None:
@@ -336,3 +351,20 @@ def solution_departure_tokens(
         if position is not None:
             tokens[row, position] = shown[position]
     return tokens
+
+
+def sibling_completions(routes, completion_ids: list[list[int]], local: slice, num_processes: int):
+    """`sibling_ids(index)`: the completion of the rollout at global `index`, this process's own (`completion_ids`,
+    global rows `local`) or fetched from the process that holds it. Only the demonstrations some process needs from
+    another cross (`routing.siblings_to_share`), in one collective when any do (every process agrees whether)."""
+    shared = {}
+    to_share = siblings_to_share(routes, num_processes) if routes.needs_teacher.any() else []
+    if to_share:
+        mine = {i: completion_ids[i - local.start] for i in to_share if local.start <= i < local.stop}
+        for part in gather_object([mine]):
+            shared.update(part)
+
+    def sibling_ids(index: int) -> list[int]:
+        return completion_ids[index - local.start] if local.start <= index < local.stop else shared[index]
+
+    return sibling_ids

@@ -85,9 +85,9 @@ class Routes:
     Attributes:
         correct: `r_i >= success_reward_threshold` (up to float rounding: `reaches_threshold`).
         teacher_available: some *other* rollout of the group is correct.
-        sdpo: rows trained by self-distillation (the SDPO branch).
+        distilled: rows trained by self-distillation (the distilled branch).
         grpo: rows trained by GRPO's surrogate; rows in neither branch (`routing="sdpo"`'s rest) add no loss.
-        needs_teacher: rows the self-teacher scores (SDPO rows, or every teacher-available row for `advantage_mix`).
+        needs_teacher: rows the self-teacher scores (distilled rows, or every teacher-available row for `advantage_mix`).
         sibling: global index of the rollout whose completion is the demonstration, `-1` where there is none.
         privileged: failed rollouts of an all-failed group distilled from their privileged context alone, without
             a demonstration (`distill_without_sibling`, beyond the paper); None when routing was given no contexts.
@@ -95,7 +95,7 @@ class Routes:
 
     correct: torch.Tensor
     teacher_available: torch.Tensor
-    sdpo: torch.Tensor
+    distilled: torch.Tensor
     grpo: torch.Tensor
     needs_teacher: torch.Tensor
     sibling: torch.Tensor
@@ -161,34 +161,34 @@ def route_rollouts(
     # An unscorable rollout (NaN: no reward function scored it) is neither a demonstration nor distilled; it stays on
     # GRPO's branch, where GRPOTrainer gives it a zero advantage (method §12).
     distillable = shown & ~torch.isnan(rewards)
-    sdpo = distillable & ((~correct & mode.distils_failed) | (correct & mode.distils_correct))
+    distilled = distillable & ((~correct & mode.distils_failed) | (correct & mode.distils_correct))
     from_context = None
     if privileged is not None:
         from_context = privileged & ~teacher_available & ~correct & ~torch.isnan(rewards) & mode.distils_failed
         if not_shown is not None:  # a context-only prompt with no room in the model's context cannot be scored
             from_context = from_context & ~not_shown
-        sdpo = sdpo | from_context
-    grpo = ~sdpo if mode.grpo_for_the_rest else torch.zeros_like(sdpo)
-    needs_teacher = distillable if mode.teacher_mixes_advantages else sdpo
+        distilled = distilled | from_context
+    grpo = ~distilled if mode.grpo_for_the_rest else torch.zeros_like(distilled)
+    needs_teacher = distillable if mode.teacher_mixes_advantages else distilled
     sibling = torch.where(needs_teacher, sibling, -1)
-    return Routes(correct, teacher_available, sdpo, grpo, needs_teacher, sibling, from_context)
+    return Routes(correct, teacher_available, distilled, grpo, needs_teacher, sibling, from_context)
 
 
 def grpo_advantage_weights(routes: Routes, routed_grpo_weight: float) -> torch.Tensor:
     """The share of its GRPO advantage each rollout trains with: 1 on GRPO's branch, `routed_grpo_weight` for a
     distilled one (0, the paper's: it carries the distillation term alone), 0 for one in no branch."""
-    return routes.grpo.float() + routed_grpo_weight * routes.sdpo.float()
+    return routes.grpo.float() + routed_grpo_weight * routes.distilled.float()
 
 
 def route_labels(routes: Routes, num_generations: int) -> tuple[list[str], list[int | None]]:
-    """Per rollout, its branch (`"correct"`/`"fallback"`/`"failed"` on GRPO, `"sdpo"`, or `"unused"` when in no
-    branch) and the position within its group of the sibling the teacher was shown (None without one): the
-    columns `log_completions` adds to the completions table."""
+    """Per rollout, its branch (`"correct"`/`"fallback"`/`"failed"` on GRPO, `"sdpo"` when distilled: the
+    documented label, or `"unused"` when in no branch) and the position within its group of the sibling the teacher
+    was shown (None without one): the columns `log_completions` adds to the completions table."""
     labels = []
-    for sdpo, grpo, correct, fallback in zip(
-        routes.sdpo.tolist(), routes.grpo.tolist(), routes.correct.tolist(), routes.fallback.tolist(), strict=True
+    for distilled, grpo, correct, fallback in zip(
+        routes.distilled.tolist(), routes.grpo.tolist(), routes.correct.tolist(), routes.fallback.tolist(), strict=True
     ):
-        if sdpo:
+        if distilled:
             labels.append("sdpo")
         elif not grpo:
             labels.append("unused")

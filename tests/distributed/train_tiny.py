@@ -59,7 +59,7 @@ def main():
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    import srpo_trl.trainer
+    import srpo_trl.prompts
     from srpo_trl import SRPOConfig, SRPOTrainer
     from srpo_trl.testbed.model import build_tiny_model
     from srpo_trl.testbed.tokenizer import build_char_tokenizer
@@ -146,14 +146,14 @@ def main():
     if args.backend.startswith("zero"):
         assert trainer.accelerator.state.deepspeed_plugin.zero_stage == int(args.backend[-1])
     exchanged = []  # how many completions crossed processes for the teacher prompts, per exchange
-    gather = srpo_trl.trainer.gather_object
+    gather = srpo_trl.prompts.gather_object  # the teacher prompts' exchange of demonstrations
 
     def counting_gather(objects):
         gathered = gather(objects)
         exchanged.append(sum(len(part) for part in gathered))
         return gathered
 
-    srpo_trl.trainer.gather_object = counting_gather
+    srpo_trl.prompts.gather_object = counting_gather
     head_calls = []  # the sizes of the teacher's LM head weight seen by its module calls (gathered: its whole size)
     if not args.lora:  # the teacher is its own model, whose head only the teacher's passes could call
         teacher_head = trainer.teacher.model.get_output_embeddings()

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from script_loader import load_script
+from helpers.script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SESSION = ROOT / "benchmarks" / "gpu_session.sh"

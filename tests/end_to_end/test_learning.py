@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
-from script_loader import load_script
+from helpers.script_loader import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "learning" / "run.py"
 

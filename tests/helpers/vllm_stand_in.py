@@ -60,26 +60,26 @@ def record_distillation(monkeypatch) -> list[dict]:
     import srpo_trl.losses
     import srpo_trl.prompts
 
-    distilled = []
-    token_losses = srpo_trl.losses.sdpo_token_losses
-    distillation = SRPOTrainer._distillation_loss
+    distilled, batch = [], {}
+    term = srpo_trl.losses.distillation_term
+    compute_loss = SRPOTrainer._compute_loss
 
-    def record_inputs(self, model, hidden, inputs, *args):
-        distilled.append({"inputs": inputs})
-        return distillation(self, model, hidden, inputs, *args)
+    def keep_inputs(self, model, inputs):
+        batch["inputs"] = inputs
+        return compute_loss(self, model, inputs)
 
-    def record_ratio(divergence, weights, ratio):
-        distilled[-1]["ratio"] = ratio.detach()
-        return token_losses(divergence, weights, ratio)
+    def record(divergence, weights, ratio):
+        distilled.append({"inputs": batch["inputs"], "ratio": ratio.detach()})
+        return term(divergence, weights, ratio)
 
-    monkeypatch.setattr(SRPOTrainer, "_distillation_loss", record_inputs)
-    monkeypatch.setattr(srpo_trl.losses, "sdpo_token_losses", record_ratio)
+    monkeypatch.setattr(SRPOTrainer, "_compute_loss", keep_inputs)
+    monkeypatch.setattr(srpo_trl.losses, "distillation_term", record)
     return distilled
 
 
 def rollout_importance_ratio(inputs) -> torch.Tensor:
     """vLLM's rollout importance ratio at a micro-batch's distilled tokens, in the distillation's token order."""
-    rows = inputs["srpo_sdpo_mask"].nonzero().squeeze(1)
+    rows = inputs["srpo_distilled_rows"].nonzero().squeeze(1)
     mask = inputs["completion_mask"][rows].bool()
     return inputs["importance_sampling_ratio"].expand_as(inputs["completion_mask"])[rows][mask]
 

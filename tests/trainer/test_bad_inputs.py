@@ -9,7 +9,11 @@ of the `srpo_trl` on the path, so the sweep can be re-measured against any versi
 issue's fixes gave 21 clear errors, 1 warning, 19 fine, 11 unclear errors, 24 silent. Since then every GRPO loss type
 trains (issue 12): 77 cases, 46 clear errors, 9 warnings, 22 fine. The second sweep (issue 22, `SECOND_SWEEP`) brings
 it to 135 cases: 75 clear errors, 18 warnings, 42 fine, 0 unclear errors, 0 silent; the package before that issue's
-fixes gave 50 clear errors, 10 warnings, 34 fine, 16 unclear errors, 25 silent.
+fixes gave 50 clear errors, 10 warnings, 34 fine, 16 unclear errors, 25 silent. The third sweep (issue 29,
+`THIRD_SWEEP`: privileged contexts, teacher kinds under PEFT, `from_grpo_config`, the avg@k callback, thresholds that
+count partial credit, model families, JSON Lines, the CLI's flags, checkpoints) brings it to 206 cases: 112 clear
+errors, 31 warnings, 63 fine, 0 unclear errors, 0 silent; the package before that issue's fixes gave 75 clear errors,
+18 warnings, 50 fine, 27 unclear errors, 36 silent (its 71 new cases: 8 fine, 27 unclear errors, 36 silent).
 """
 
 import contextlib
@@ -530,7 +534,7 @@ SECOND_SWEEP = [
          train(success_reward_threshold=-1.0, max_steps=5)),
     # ---- routing: groups of one, scales ----
     Case("num_generations_eval=1", "fine", "", eval_groups_of_one),
-    Case("rewards on 0-100, threshold 1", "warning", r"success_reward_threshold=1\.0 looks low.*\[0\.0, 100\.0\]",
+    Case("rewards on 0-100, threshold 1", "warning", r"success_reward_threshold=1\.0 looks low.*\[0\.0, \d+\.0\]",
          train(reward=percent_reward, max_steps=5)),
     Case("rewards on 0-100, threshold 100", "fine", r"success_reward_threshold",
          train(reward=percent_reward, max_steps=5, success_reward_threshold=100.0)),
@@ -608,6 +612,457 @@ SECOND_SWEEP = [
     Case("teacher write: no space left", "error", r"Cannot write the SRPO teacher state .*checkpoint-1.*No space left"
          r".*free disk space", teacher_write_without_space),
     Case("LoRA model reused, saved", "fine", "", lora_model_reused),
+]  # fmt: skip
+
+
+# ---- the third sweep (issue 29): the CLI, the avg@k callback, from_grpo_config, teacher kinds, privileged contexts,
+# model families; each class with the instances the issue met and others ----
+
+
+def contexts_of(text, rows=PROMPTS):
+    return Dataset.from_list([dict(row, privileged_context=text) for row in rows.to_list()])
+
+
+def never_correct(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+def short_model(tokenizer, positions):
+    model = build_tiny_model(tokenizer, seed=0)
+    model.config.max_position_embeddings = positions
+    return model
+
+
+def contexts_without_room(mixed):
+    """distill_without_sibling with privileged contexts too long for the model's context (every row's, or every
+    other row's): such rows fall back to GRPO, and every scored row keeps its own teacher prompt."""
+
+    def run(tokenizer, tmp_path):
+        rows = PROMPTS.to_list()
+        long, short = "reference " * 20, "It is short."
+        data = Dataset.from_list(
+            [dict(r, privileged_context=short if mixed and i % 2 else long) for i, r in enumerate(rows)]
+        )
+        args = make_args(tmp_path, max_steps=2, distill_without_sibling=True)
+        trainer = SRPOTrainer(short_model(tokenizer, 120), never_correct, args=args, train_dataset=data,
+                              processing_class=tokenizer)  # fmt: skip
+        trainer.train()
+        sdpo, fallback = logged(trainer, "srpo/route/sdpo_frac"), logged(trainer, "srpo/route/fallback_frac")
+        assert all(abs(a + b - 1.0) < 1e-6 for a, b in zip(sdpo, fallback, strict=True)), (sdpo, fallback)
+        assert mixed or sdpo == [0.0, 0.0], "a row whose prompt was dropped must not stay distilled"
+
+    return run
+
+
+def lora_base_teacher(init):
+    """teacher_model_kind='base' with a LoRA of `init`: the teacher is the initial student."""
+
+    def run(tokenizer, tmp_path):
+        from peft import LoraConfig
+
+        torch.manual_seed(0)
+        trainer = SRPOTrainer(
+            build_tiny_model(tokenizer, seed=0), first_letter_reward,
+            args=make_args(tmp_path, max_steps=1, teacher_model_kind="base"), train_dataset=PROMPTS,
+            processing_class=tokenizer, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init),
+        )  # fmt: skip
+        ids = torch.tensor([[1, 5, 7, 9, 4]])
+        trainer.model.eval()
+        with torch.no_grad():
+            initial = trainer.model(input_ids=ids).logits
+            with trainer.teacher.active() as teacher:
+                difference = (teacher(input_ids=ids).logits - initial).abs().max().item()
+        assert difference < 1e-6, f"the base teacher differs from the initial student by {difference:.3g}"
+        trainer.train()
+
+    return run
+
+
+def from_grpo(config_of, **changes):
+    def run(tokenizer, tmp_path):
+        converted = SRPOConfig.from_grpo_config(config_of(tmp_path), **changes)
+        given = config_of(tmp_path)
+        if isinstance(given, SRPOConfig):
+            for name in ("routing", "success_reward_threshold", "teacher_model_kind", "learning_rate"):
+                assert getattr(converted, name) == getattr(given, name), f"{name} was not kept"
+
+    return run
+
+
+def a_srpo_config(tmp_path):
+    return make_args(
+        tmp_path, routing="sdpo", success_reward_threshold=2.0, teacher_model_kind="base", learning_rate=1e-6
+    )
+
+
+def grpo_defaults_on_purpose(tmp_path):
+    return make_args(tmp_path, GRPOConfig, learning_rate=1e-6, scale_rewards="group")
+
+
+def with_callback(test_set=None, reward=first_letter_reward, train_set=PROMPTS, check=None, max_steps=1, **callback):
+    """An SRPOTrainer with a BestWithinBudgetsCallback on `test_set` (every step, k=2), trained `max_steps`."""
+
+    def run(tokenizer, tmp_path):
+        from srpo_trl.evaluation import BestWithinBudgetsCallback
+
+        evaluation = BestWithinBudgetsCallback(
+            PROMPTS.select(range(3)) if test_set is None else test_set, **{"eval_steps": 1, "k": 2, **callback}
+        )
+        trainer = SRPOTrainer(
+            build_tiny_model(tokenizer, seed=0), reward, args=make_args(tmp_path, max_steps=max_steps), train_dataset=train_set,
+            processing_class=tokenizer, callbacks=[evaluation], reward_processing_classes=None,
+        )  # fmt: skip
+        trainer.train()
+        assert evaluation.history, "avg@k never ran"
+        assert all(0.0 <= value <= 1.0 and math.isfinite(value.mean_reward) for _, _, value in evaluation.history)
+        if check is not None:
+            check(evaluation, trainer)
+
+    return run
+
+
+def no_test_set(tokenizer, tmp_path):
+    from srpo_trl.evaluation import BestWithinBudgetsCallback
+
+    BestWithinBudgetsCallback(None, eval_steps=1)
+
+
+def callback_only(test_set=None, **callback):
+    def run(tokenizer, tmp_path):
+        from srpo_trl.evaluation import BestWithinBudgetsCallback
+
+        BestWithinBudgetsCallback(PROMPTS.select(range(3)) if test_set is None else test_set, **callback)
+
+    return run
+
+
+async def async_first_letter(completions, **kwargs):
+    return first_letter_reward(completions)
+
+
+def staged_first_letter(completions, trainer_state, **kwargs):
+    return [r * (1.0 if trainer_state.global_step >= 0 else 0.0) for r in first_letter_reward(completions)]
+
+
+def answer_reward(completions, answer, **kwargs):
+    return [1.0 if c[0]["content"][:1] == a else 0.0 for c, a in zip(completions, answer, strict=True)]
+
+
+def lenient_answer_reward(completions, **kwargs):
+    return [1.0 if kwargs.get("answer") else 0.0 for _ in completions]
+
+
+WITH_ANSWERS = PROMPTS.add_column("answer", list("abcdefghijklmnop"))
+
+
+def reward_model_and_function(tokenizer):
+    from transformers import Qwen3Config, Qwen3ForSequenceClassification
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return Qwen3ForSequenceClassification(config)
+
+
+def avg_at_k_with_a_reward_model(tokenizer, tmp_path):
+    from srpo_trl.evaluation import BestWithinBudgetsCallback
+
+    evaluation = BestWithinBudgetsCallback(PROMPTS.select(range(3)), eval_steps=1, k=2)
+    trainer = SRPOTrainer(
+        build_tiny_model(tokenizer, seed=0), [reward_model_and_function(tokenizer), first_letter_reward],
+        args=make_args(tmp_path, max_steps=1), train_dataset=PROMPTS, processing_class=tokenizer,
+        callbacks=[evaluation], reward_processing_classes=[tokenizer, None],
+    )  # fmt: skip
+    trainer.train()
+    assert evaluation.history
+
+
+def standalone_avg_at_k(reward_of):
+    """`avg_at_k` called directly (no trainer) with `reward_of(tokenizer)`."""
+
+    def run(tokenizer, tmp_path):
+        from srpo_trl.evaluation import avg_at_k
+
+        value = avg_at_k(build_tiny_model(tokenizer, seed=0), tokenizer, PROMPTS.select(range(2)), [reward_of(tokenizer)],
+                         k=2, max_new_tokens=3)  # fmt: skip
+        assert 0.0 <= value <= 1.0
+
+    return run
+
+
+def callback_length_is_the_trainers(evaluation, trainer):
+    assert evaluation.kwargs["max_new_tokens"] == trainer.args.max_completion_length, evaluation.kwargs
+
+
+def family(build, check_scores=True):
+    """An SRPOTrainer over another model family: its teacher's scores equal each row's own unpadded forward (no
+    padding moves them), and it trains a step."""
+
+    def run(tokenizer, tmp_path):
+        from test_teacher_scoring import own_forward_logps, routed_batch
+
+        trainer = SRPOTrainer(build(tokenizer), first_letter_reward, args=make_args(tmp_path, max_steps=1),
+                              train_dataset=PROMPTS, processing_class=tokenizer)  # fmt: skip
+        if check_scores:
+            batch, prompts = routed_batch(tokenizer)
+            mask = batch["completion_mask"].bool()
+            scores = trainer.teacher_scorer.score(batch, mask, [0, 1, 2, 3], prompts, 8, False, False).token_logps
+            with torch.no_grad():
+                for row, prompt in enumerate(prompts):
+                    length = int(mask[row].sum())
+                    expected = own_forward_logps(trainer.teacher.model, prompt, batch["completion_ids"][row, :length])
+                    gap = (scores[row, :length] - expected).abs().max().item()
+                    assert gap < 1e-4, f"row {row}'s teacher scores move with padding by {gap:.3g} nats"
+        trainer.train()
+
+    return run
+
+
+def absolute_positions(kind):
+    def build(tokenizer):
+        from test_teacher_scoring import tiny_absolute_position_model
+
+        return tiny_absolute_position_model(tokenizer, kind)
+
+    return build
+
+
+def gpt_neo(tokenizer):
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    config = GPTNeoConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=256, hidden_size=32, num_layers=2, num_heads=2,
+        attention_types=[[["global", "local"], 1]], window_size=64, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return GPTNeoForCausalLM(config)
+
+
+def bypassing_family(tokenizer):
+    from test_teacher_scoring import AroundTheDecoder
+
+    return AroundTheDecoder(build_tiny_model(tokenizer, seed=0).config)
+
+
+def json_lines(tokenizer, tmp_path, bad_row=None):
+    import json
+
+    from datasets import load_dataset
+
+    rows = [{"prompt": [{"role": "user", "content": f"Spell {w}"}]} for w in "abcdefghijklmnop"]
+    rows[0]["prompt"][0]["name"] = "ann"
+    rows[1]["prompt"].insert(0, {"role": "system", "content": "Be brief", "tool_calls": None})
+    if bad_row is not None:
+        rows[7] = {"prompt": bad_row}
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return load_dataset("json", data_files=str(tmp_path / "train.jsonl"))["train"]
+
+
+def json_lines_trained(bad_row=None):
+    def run(tokenizer, tmp_path):
+        trained(tokenizer, tmp_path, dataset=json_lines(tokenizer, tmp_path, bad_row))
+
+    return run
+
+
+def cli(*flags):
+    def run(tokenizer, tmp_path):
+        from srpo_trl.cli import parse_args
+
+        parse_args(["--model_name_or_path", "tiny", "--dataset_name", "data", *flags])
+
+    return run
+
+
+def streamed_without_max_steps(tokenizer, tmp_path):
+    import json
+
+    from srpo_trl.cli import parse_args
+    from srpo_trl.testbed import save_tiny_model
+    from srpo_trl.train import main
+
+    (tmp_path / "data").mkdir()
+    rows = "".join(json.dumps({"prompt": [{"role": "user", "content": f"Spell {w}"}]}) + "\n" for w in "abcdefgh")
+    (tmp_path / "data" / "train.jsonl").write_text(rows)
+    save_tiny_model(tmp_path / "tiny")
+    main(*parse_args([
+        "--model_name_or_path", str(tmp_path / "tiny"), "--dataset_name", str(tmp_path / "data"),
+        "--reward_funcs", "accuracy_reward", "--output_dir", str(tmp_path / "out"),
+        "--use_cpu", "true", "--bf16", "false", "--report_to", "none", "--dataset_streaming", "true",
+        "--max_train_samples", "4", "--max_steps", "-1",
+    ]))  # fmt: skip
+
+
+def resume_with(damage, explicit=False):
+    """Save checkpoint-1, add a damaged checkpoint-2 (`damage(folder)`), resume (True, or checkpoint-2 by path)."""
+
+    def run(tokenizer, tmp_path):
+        checkpoint = checkpointed(tokenizer, tmp_path)
+        cut = checkpoint.parent / "checkpoint-2"
+        cut.mkdir()
+        damage(cut, checkpoint)
+        trainer = built(tokenizer, checkpoint.parent, max_steps=2)
+        trainer.train(resume_from_checkpoint=str(cut) if explicit else True)
+        assert trainer.state.global_step == 2
+
+    return run
+
+
+def cut_trainer_state(cut, complete):
+    shutil.copytree(complete, cut, dirs_exist_ok=True)
+    state = (complete / "trainer_state.json").read_text()
+    (cut / "trainer_state.json").write_text(state[: len(state) // 2])
+
+
+def only_incomplete(cut, complete):
+    cut_trainer_state(cut, complete)
+    shutil.rmtree(complete)
+
+
+def dtype_changed(tokenizer, tmp_path):
+    saving = dict(max_steps=1, teacher_model_kind="base", save_strategy="steps", save_steps=1)
+    SRPOTrainer(build_tiny_model(tokenizer, seed=0, dtype=torch.bfloat16), first_letter_reward,
+                args=make_args(tmp_path, **saving), train_dataset=PROMPTS, processing_class=tokenizer).train()  # fmt: skip
+    built(tokenizer, tmp_path, **dict(saving, max_steps=2)).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-1")
+    )
+
+
+def vowel_format_reward(completions, **kwargs):
+    """A format reward most completions of the random model earn, some not: beside a 0/1 correctness reward, the sum
+    reaches 1 on format alone."""
+    return [1.0 if set(c[0]["content"]) & set("aeiou ") else 0.0 for c in completions]
+
+
+def graded_0_to_10(completions, **kwargs):
+    """10 for a right answer, 0-3 of partial credit otherwise."""
+    return [
+        10.0 if r else float(len(set(c[0]["content"])) % 4)
+        for c, r in zip(completions, first_letter_reward(completions), strict=True)
+    ]
+
+
+THIRD_SWEEP = [
+    # ---- privileged contexts: routing, room, options that do nothing ----
+    Case("context too long for the model, every row", "warning", r"system turns, privileged context and closing",
+         contexts_without_room(mixed=False)),
+    Case("context too long for the model, every other row", "warning", r"privileged context",
+         contexts_without_room(mixed=True)),
+    Case("distill_without_sibling, no context column", "error",
+         r"distill_without_sibling=True .* train_dataset has none", build(distill_without_sibling=True)),
+    Case("distill_without_sibling, blank contexts", "error", r"every 'privileged_context' of train_dataset is empty",
+         build(distill_without_sibling=True, dataset=contexts_of(" \n\t"))),
+    Case("distill_without_sibling, all contexts None", "error", r"every 'privileged_context' .* empty or blank",
+         build(distill_without_sibling=True, dataset=contexts_of(None))),
+    Case("teacher_feedback=True, routing=grpo", "warning", r"teacher_feedback=True has no effect: routing='grpo'",
+         config(routing="grpo", teacher_feedback=True)),
+    Case("teacher_update_rate with a base teacher", "warning", r"teacher_update_rate=0\.2 has no effect",
+         config(teacher_model_kind="base", teacher_update_rate=0.2)),
+    Case("distillation settings, routing=advantage_mix", "warning", r"distillation_alpha=0\.1 has no effect",
+         config(routing="advantage_mix", distillation_alpha=0.1)),
+    Case("advantage_mix_lambda, routing=srpo", "warning", r"advantage_mix_lambda=0\.5 has no effect",
+         config(advantage_mix_lambda=0.5)),
+    Case("weighting_temperature without dynamic weighting", "warning", r"weighting_temperature=3\.0 has no effect",
+         config(dynamic_weighting=False, weighting_temperature=3.0)),
+    Case("settings the routing reads", "fine", r"has no effect",
+         config(routing="sdpo", teacher_model_kind="trust_region", teacher_update_rate=0.2, weighting_temperature=2.0)),
+    Case("context column without distill_without_sibling", "fine", "",
+         train(dataset=contexts_of("It is spelt so."), check=finite_loss)),
+    # ---- teacher kinds under PEFT ----
+    Case("base teacher, LoRA init_lora_weights=False", "fine", "", lora_base_teacher(False)),
+    Case("base teacher, LoRA PiSSA", "fine", "", lora_base_teacher("pissa")),
+    Case("base teacher, LoRA default", "fine", "", lora_base_teacher(True)),
+    Case("base teacher, LoRA gaussian", "fine", "", lora_base_teacher("gaussian")),
+    # ---- from_grpo_config ----
+    Case("from_grpo_config(SRPOConfig)", "fine", r"took SRPO|take SRPO", from_grpo(a_srpo_config)),
+    Case("from_grpo_config, GRPO defaults on purpose", "warning", r"learning_rate=1e-06 -> 5e-06.*scale_rewards='group'",
+         from_grpo(grpo_defaults_on_purpose)),
+    Case("from_grpo_config, GRPO values passed on", "fine", r"take SRPO",
+         from_grpo(grpo_defaults_on_purpose, learning_rate=1e-6, scale_rewards="group", epsilon_high=None,
+                   vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_max=3.0)),
+    Case("from_grpo_config(dict)", "error", r"TypeError: SRPOConfig\.from_grpo_config converts a GRPOConfig; got dict",
+         lambda tokenizer, tmp_path: SRPOConfig.from_grpo_config({"learning_rate": 1e-6})),
+    # ---- the avg@k callback: arguments, test sets, rewards called as GRPOTrainer calls them ----
+    Case("avg@k k=0", "error", r"BestWithinBudgetsCallback: k must be a positive integer; got 0", callback_only(k=0)),
+    Case("avg@k k=-3", "error", r"k must be a positive integer; got -3", callback_only(k=-3)),
+    Case("avg@k k=2.5", "error", r"k must be a positive integer; got 2\.5", callback_only(k=2.5)),
+    Case("avg@k empty test set", "error", r"\(the avg@k test set\) has no rows",
+         callback_only(PROMPTS.select([]))),
+    Case("avg@k eval_steps=0", "error", r"eval_steps must be a positive", callback_only(eval_steps=0)),
+    Case("avg@k eval_steps=-1", "error", r"eval_steps must be a positive", callback_only(eval_steps=-1)),
+    Case("avg@k eval_steps=None", "error", r"eval_steps must be a positive", callback_only(eval_steps=None)),
+    Case("avg@k temperature=0", "error", r"temperature must be a number > 0", callback_only(temperature=0.0)),
+    Case("avg@k top_p=0", "error", r"top_p must be in \(0, 1\]", callback_only(top_p=0.0)),
+    Case("avg@k budgets as a number", "error", r"budgets_hours must be a list .*got 5", callback_only(budgets_hours=5)),
+    Case("avg@k a zero budget", "error", r"budgets_hours must be a list", callback_only(budgets_hours=[0, 1])),
+    Case("avg@k max_new_tokens=0", "error", r"max_new_tokens must be a positive integer",
+         callback_only(max_new_tokens=0)),
+    Case("avg@k unknown argument", "error", r"unknown avg_at_k arguments \['samples'\]", callback_only(samples=4)),
+    Case("avg@k test set None", "error", r"eval_dataset is None", no_test_set),
+    Case("avg@k test set without prompt", "error", r"\(the avg@k test set\) has no 'prompt' column",
+         callback_only(PROMPTS.rename_column("prompt", "question"))),
+    Case("avg@k test set with an empty prompt", "error", r"\(the avg@k test set\) row 1: the prompt is \[\]",
+         callback_only(rows_with([], 1, count=3))),
+    Case("avg@k test set without the reward's column", "error", r"'answer_reward' reads the column 'answer'",
+         with_callback(PROMPTS.select(range(3)), reward=answer_reward, train_set=WITH_ANSWERS)),
+    Case("avg@k test set without a column read from kwargs", "warning", r"test set lacks the training columns \['answer'\]",
+         with_callback(PROMPTS.select(range(3)), reward=lenient_answer_reward, train_set=WITH_ANSWERS)),
+    Case("avg@k async reward", "fine", "", with_callback(reward=async_first_letter)),
+    Case("avg@k reward taking trainer_state", "fine", "", with_callback(reward=staged_first_letter)),
+    Case("avg@k reward model", "fine", "", avg_at_k_with_a_reward_model),
+    Case("avg@k streamed test set", "fine", "", with_callback(streamed(PROMPTS.select(range(3))))),
+    Case("avg@k length is the trainer's", "fine", "", with_callback(check=callback_length_is_the_trainers)),
+    Case("avg@k reward logging extras", "fine", "", with_callback(reward=feedback_or_none)),
+    Case("avg_at_k alone, async reward", "fine", "", standalone_avg_at_k(lambda tokenizer: async_first_letter)),
+    Case("avg_at_k alone, reward model", "error", r"avg_at_k scores a reward model .* only through a trainer",
+         standalone_avg_at_k(reward_model_and_function)),
+    # ---- thresholds that count partial credit, and a model that solves nothing yet ----
+    Case("format reward beside correctness, threshold 1", "warning", r"got the lowest score of the reward function "
+         r"'first_letter_reward'", train(reward=[first_letter_reward, vowel_format_reward], max_steps=2)),
+    Case("graded 0-10 reward, threshold 1", "warning", r"success_reward_threshold=1\.0 looks low",
+         train(reward=graded_0_to_10, max_steps=2)),
+    Case("graded 0-10 reward, threshold 10", "fine", r"looks low|lowest score",
+         train(reward=graded_0_to_10, max_steps=2, success_reward_threshold=10.0)),
+    Case("weighted format reward, threshold 1", "fine", r"lowest score",
+         train(reward=[first_letter_reward, vowel_format_reward], reward_weights=[1.0, 0.2], max_steps=2)),
+    Case("a model that solves nothing yet", "warning", r"the model solves none of these prompts yet",
+         train(reward=never_correct, max_steps=5)),
+    # ---- model families: positions, and the hidden states SRPO reads ----
+    Case("GPT-2 (learned positions)", "fine", "", family(absolute_positions("gpt2"))),
+    Case("OPT (calls model.decoder)", "fine", "", family(absolute_positions("opt"))),
+    Case("GPT-Neo (learned positions)", "fine", "", family(gpt_neo)),
+    Case("a family bypassing the decoder stack", "error", r"AroundTheDecoder at its decoder stack.*routing='grpo'",
+         family(bypassing_family, check_scores=False)),
+    # ---- datasets as JSON Lines writes them ----
+    Case("JSON Lines messages with extra keys", "fine", "", json_lines_trained()),
+    Case("JSON Lines, a system-only row", "error", r"train_dataset row 7: .*no user turn",
+         json_lines_trained([{"role": "system", "content": "Spell a", "name": "x"}])),
+    # ---- the CLI's arguments ----
+    Case("--eval_k -1", "error", r"--eval_k must be an integer >= 1; got -1", cli("--eval_k", "-1")),
+    Case("--eval_temperature 0", "error", r"--eval_temperature must be > 0", cli("--eval_temperature", "0")),
+    Case("--eval_top_p 2", "error", r"--eval_top_p must be in \(0, 1\]", cli("--eval_top_p", "2")),
+    Case("--max_train_samples -1", "error", r"--max_train_samples must be an integer >= 1",
+         cli("--max_train_samples", "-1")),
+    Case("--max_eval_samples 0", "error", r"--max_eval_samples must be an integer >= 1", cli("--max_eval_samples", "0")),
+    Case("--eval_every_steps -5", "error", r"--eval_every_steps must be an integer >= 0", cli("--eval_every_steps", "-5")),
+    Case("--eval_max_new_tokens 0", "error", r"--eval_max_new_tokens must be", cli("--eval_max_new_tokens", "0")),
+    Case("--eval_budgets_hours 0", "error", r"--eval_budgets_hours must be positive", cli("--eval_budgets_hours", "0")),
+    Case("--dataset_streaming without --max_steps", "error", r"streamed training set .* set --max_steps",
+         streamed_without_max_steps),
+    # ---- checkpoints: complete means loadable ----
+    Case("resume=True, newest trainer_state.json cut", "warning", r"checkpoint-2 lacks trainer_state\.json, or holds "
+         r"a cut one.*resuming from .*checkpoint-1", resume_with(cut_trainer_state)),
+    Case("resume=True, only a cut checkpoint", "error", r"holds no complete checkpoint; .*checkpoint-2",
+         resume_with(only_incomplete)),
+    Case("resume from a cut checkpoint by path", "error", r"checkpoint-2' is incomplete.*checkpoint-1, the newest",
+         resume_with(cut_trainer_state, explicit=True)),
+    Case("resume by path, no such folder", "error", r"no such checkpoint folder",
+         lambda tokenizer, tmp_path: built(tokenizer, tmp_path).train(resume_from_checkpoint=str(tmp_path / "nope"))),
+    Case("resume a base teacher in another dtype", "error", r"model was torch\.bfloat16, and this run's is "
+         r"torch\.float32", dtype_changed),
 ]  # fmt: skip
 
 
@@ -754,6 +1209,7 @@ CASES = [
     Case("ZeRO-3 teacher files, one process", "error", r"srpo_teacher-rank0-of-2\.safetensors.*2 processes.*ZeRO-3",
          resume_after(rename_teacher_file("srpo_teacher-rank0-of-2.safetensors"))),
     *SECOND_SWEEP,
+    *THIRD_SWEEP,
 ]  # fmt: skip
 
 

@@ -242,10 +242,21 @@ def test_a_failed_teacher_write_names_the_file_and_the_fix(char_tokenizer, tmp_p
     def disk_full(tensors, path, metadata=None):
         raise SafetensorError('Error while serializing: IoError(Os { code: 28, message: "No space left" })')
 
+    # The first checkpoint: nothing to resume from (resume_from_checkpoint=True would find no complete checkpoint).
     monkeypatch.setattr(srpo_trl.checkpointing, "save_file", disk_full)
     with pytest.raises(OSError, match=r"Cannot write the SRPO teacher state .*checkpoint-1/srpo_teacher\.safetensors"
-                       r".*No space left.*free disk space.*resume_from_checkpoint=True"):  # fmt: skip
+                       r".*No space left.*free disk space.*start the run again: no earlier checkpoint"):  # fmt: skip
         make_trainer(char_tokenizer, tmp_path, max_steps=1, save_strategy="steps", save_steps=1).train()
+    # A later one: resume_from_checkpoint=True takes the complete one before it.
+    monkeypatch.undo()
+    real_save = srpo_trl.checkpointing.save_file
+    monkeypatch.setattr(
+        srpo_trl.checkpointing,
+        "save_file",
+        lambda t, path, **kw: (disk_full if "checkpoint-2" in path else real_save)(t, path, **kw),
+    )
+    with pytest.raises(OSError, match=r"checkpoint-2/.*resume_from_checkpoint=True, which takes .*checkpoint-1\)"):
+        make_trainer(char_tokenizer, tmp_path / "later", max_steps=2, save_strategy="steps", save_steps=1).train()
 
 
 def test_lora_save_pretrained_writes_the_policy_adapter_only(char_tokenizer, tmp_path):
@@ -335,3 +346,33 @@ def test_the_threshold_warning_of_the_first_batches_is_not_repeated_after_a_resu
     assert len(threshold_warnings(make_trainer(char_tokenizer, tmp_path, max_steps=6, **settings))) == 1
     resumed = make_trainer(char_tokenizer, tmp_path, max_steps=12, **settings)  # 6 batches more
     assert not threshold_warnings(resumed, resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+
+
+def test_complete_means_loadable_and_a_resume_without_one_names_the_folder(char_tokenizer, tmp_path):
+    # Before: a cut trainer_state.json counted as complete, and with no complete checkpoint resume=True warned
+    # "resuming from nothing" and handed True to Trainer, which failed on the incomplete folder (FileNotFoundError).
+    make_trainer(char_tokenizer, tmp_path, max_steps=1, save_strategy="steps", save_steps=1).train()
+    cut = tmp_path / "checkpoint-2"
+    cut.mkdir()
+    (cut / "trainer_state.json").write_text('{"global_step": 2, "log_hist')
+    assert not srpo_trl.checkpointing.is_complete(str(cut))
+    trainer = make_trainer(char_tokenizer, tmp_path, max_steps=2, save_strategy="no")
+    with pytest.warns(UserWarning, match=r"checkpoint-2 lacks trainer_state\.json, or holds a cut one.*checkpoint-1"):
+        trainer.train(resume_from_checkpoint=True)
+    with pytest.raises(ValueError, match=r"checkpoint-2' is incomplete: .*Resume from .*checkpoint-1, the newest"):
+        make_trainer(char_tokenizer, tmp_path, max_steps=2).train(resume_from_checkpoint=str(cut))
+    shutil.rmtree(tmp_path / "checkpoint-1")
+    with pytest.raises(ValueError, match=r"holds no complete checkpoint; .*checkpoint-2 lacks trainer_state\.json"):
+        make_trainer(char_tokenizer, tmp_path, max_steps=2).train(resume_from_checkpoint=True)
+
+
+def test_a_teacher_rebuilt_from_the_initial_model_names_a_dtype_change(char_tokenizer, tmp_path):
+    # Before: the refusal listed other causes (another model passed, another number of processes, another seed).
+    saving = dict(max_steps=1, teacher_model_kind="base", save_strategy="steps", save_steps=1)
+    bf16 = build_tiny_model(char_tokenizer, seed=0, dtype=torch.bfloat16)
+    make_trainer(char_tokenizer, tmp_path, model=bf16, **saving).train()
+    resumed = make_trainer(char_tokenizer, tmp_path, **dict(saving, max_steps=2))
+    with pytest.raises(
+        ValueError, match=r"saved by a run whose model was torch\.bfloat16, and this run's is torch\.float32"
+    ):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))

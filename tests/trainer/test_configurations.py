@@ -194,8 +194,8 @@ def test_entropy_quantile_is_chosen_among_grpo_tokens(char_tokenizer, tmp_path, 
     )  # fmt: skip
     trainer.train()
     (mask,), (inputs,) = masks, scored
-    grpo_tokens = inputs["completion_mask"].bool() & inputs["srpo_grpo_mask"].unsqueeze(1)
-    assert inputs["srpo_sdpo_mask"].any()
+    grpo_tokens = inputs["completion_mask"].bool() & inputs["srpo_grpo_rows"].unsqueeze(1)
+    assert inputs["srpo_distilled_rows"].any()
     assert torch.equal(mask.bool(), grpo_tokens)
 
 
@@ -230,7 +230,7 @@ def test_unscorable_rollouts_are_never_distilled(char_tokenizer, tmp_path, monke
     ((rewards_per_func, routes),) = routed
     unscorable = torch.isnan(rewards_per_func).all(dim=1)
     assert unscorable.any() and routes.teacher_available[unscorable].any()
-    assert not routes.sdpo[unscorable].any() and not routes.needs_teacher[unscorable].any()
+    assert not routes.distilled[unscorable].any() and not routes.needs_teacher[unscorable].any()
     assert routes.grpo[unscorable].all()  # GRPO's branch, where GRPOTrainer gives them a zero advantage
     assert math.isfinite(logged(trainer, "loss")[0])
 

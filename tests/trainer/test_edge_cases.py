@@ -60,7 +60,7 @@ def percent_reward(completions, **kwargs):
 
 def test_a_reward_scale_the_threshold_does_not_fit_warns_once(char_tokenizer, tmp_path):
     trainer = make_trainer(char_tokenizer, tmp_path, reward=percent_reward, max_steps=6)
-    with pytest.warns(UserWarning, match=r"success_reward_threshold=1\.0 looks low.*\[0\.0, 100\.0\].*\d+%") as said:
+    with pytest.warns(UserWarning, match=r"success_reward_threshold=1\.0 looks low.*\[0\.0, \d+\.0\].*\d+%") as said:
         trainer.train()
     assert len([w for w in said if "looks low" in str(w.message)]) == 1
 
@@ -214,3 +214,27 @@ def test_a_reward_of_the_wrong_shape_names_the_function_and_what_it_returned(
 
 def test_rewards_as_arrays_and_numpy_numbers_train(char_tokenizer, tmp_path):
     built(char_tokenizer, tmp_path, reward=array_reward).train()
+
+
+def json_lines_with_names(tmp_path, bad_row=None):
+    """A JSON Lines file whose messages carry an extra key (`name`, which the chat format allows): `datasets` stores
+    such messages as JSON text, decoded when a row is read."""
+    import json
+
+    from datasets import load_dataset
+
+    rows = [{"prompt": [{"role": "user", "content": f"Spell {w}"}]} for w in "abcdefghijklmnop"]
+    rows[0]["prompt"][0]["name"] = "ann"  # some messages with the key, others without
+    if bad_row is not None:
+        rows[5] = {"prompt": bad_row}
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return load_dataset("json", data_files=str(tmp_path / "train.jsonl"))["train"]
+
+
+def test_messages_with_extra_keys_from_json_lines_train(char_tokenizer, tmp_path):
+    # Before: the prompt check read the JSON text as messages: AttributeError deep inside, where GRPOTrainer trains.
+    dataset = json_lines_with_names(tmp_path)
+    built(char_tokenizer, tmp_path, dataset=dataset).train()
+    system_only = [{"role": "system", "content": "Spell a", "name": "ann"}]
+    with pytest.raises(ValueError, match=r"train_dataset row 5: .*no user turn \(roles found: \['system'\]\)"):
+        built(char_tokenizer, tmp_path, dataset=json_lines_with_names(tmp_path, system_only))

@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 
 from srpo_trl import evaluation
-from srpo_trl.evaluation import BestWithinBudgetsCallback, avg_at_k
+from srpo_trl.evaluation import BestWithinBudgetsCallback, avg_at_k, callbacks, scoring
 from srpo_trl.testbed.model import build_tiny_model
 
 
@@ -57,10 +57,8 @@ def test_generate_runs_on_bounded_batches_of_sequences(char_tokenizer, monkeypat
     # 8 problems x 16 samples x 8k tokens of Qwen3-8B is ~150 GB of KV cache: `model.generate` gets at most
     # `sequences_per_generate` sequences at a time.
     calls = []
-    hf_generate = evaluation._hf_generate
-    monkeypatch.setattr(
-        evaluation, "_hf_generate", lambda m, ids, *a: calls.append(len(ids)) or hf_generate(m, ids, *a)
-    )
+    hf_generate = scoring._hf_generate
+    monkeypatch.setattr(scoring, "_hf_generate", lambda m, ids, *a: calls.append(len(ids)) or hf_generate(m, ids, *a))
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in "abcde"]})
     model = build_tiny_model(char_tokenizer)
     reward = lambda completions, **kwargs: [1.0] * len(completions)  # noqa: E731
@@ -75,9 +73,9 @@ def test_generate_runs_on_bounded_batches_of_sequences(char_tokenizer, monkeypat
 
 def test_best_within_budgets_only_counts_training_time(monkeypatch):
     clock = {"now": 0.0}
-    monkeypatch.setattr(evaluation.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock["now"])
     logged = []
-    monkeypatch.setattr(evaluation.Trainer, "log", lambda trainer, logs: logged.append(logs))
+    monkeypatch.setattr(callbacks.Trainer, "log", lambda trainer, logs: logged.append(logs))
     args = SimpleNamespace(
         chat_template_kwargs=None, disable_tqdm=True, per_device_eval_batch_size=8, max_completion_length=8
     )
@@ -287,3 +285,15 @@ def test_avg_at_k_refuses_what_evaluates_nothing(char_tokenizer):
         avg_at_k(model, char_tokenizer, Dataset.from_dict({"prompt": ["a"]}), [reward], k=0)
     with pytest.raises(ValueError, match="the test set has no rows"):
         avg_at_k(model, char_tokenizer, Dataset.from_dict({"prompt": []}), [reward], k=1)
+
+
+def test_avg_at_k_alone_awaits_async_rewards_and_names_what_needs_a_trainer(char_tokenizer):
+    model = build_tiny_model(char_tokenizer)
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "a"}]]})
+
+    async def one(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    assert avg_at_k(model, char_tokenizer, dataset, [one], k=2, max_new_tokens=2) == 1.0
+    with pytest.raises(ValueError, match=r"scores a reward model \(Qwen3ForSequenceClassification\) only through"):
+        avg_at_k(model, char_tokenizer, dataset, [tiny_reward_model(char_tokenizer)], k=1, max_new_tokens=2)

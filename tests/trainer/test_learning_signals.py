@@ -22,7 +22,9 @@ def test_teacher_rejects_sampled_frac_counts_distilled_tokens_the_teacher_gives_
         zeros = torch.zeros(2, 4)
         no_truncation = torch.zeros(2, dtype=torch.bool)
         scores = TeacherScores(None, logps, zeros, 0.0, None)
-        return routing_metrics(routes, mask, scores, mask.float(), no_truncation, slice(0, 2), identity)
+        return routing_metrics(
+            routes, mask, scores, weights=mask.float(), truncated=no_truncation, local=slice(0, 2), all_reduce=identity
+        )
 
     assert metrics(routes)["srpo/teacher_rejects_sampled_frac"] == pytest.approx(2 / 4)
     nothing = Routes(*([torch.zeros(2, dtype=torch.bool)] * 5), torch.full((2,), -1))

@@ -15,7 +15,7 @@ from helpers.references import (
 from helpers.tiny_trainer import graded_reward, logged, make_trainer, parameters
 from trl import GRPOTrainer
 
-from srpo_trl.losses import LOSS_TYPES
+from srpo_trl.compat import LOSS_TYPES
 
 # What each loss type needs besides its name, as a TRL user would set it.
 LOSS_TYPE_SETTINGS = {"luspo": dict(importance_sampling_level="sequence"), "cispo": dict(epsilon_high=5.0)}

@@ -4,7 +4,7 @@ from it), and the teacher-reliability signal `srpo/teacher_solution_prob`."""
 import pytest
 import torch
 from datasets import Dataset
-from helpers.tiny_trainer import PROMPTS, first_letter_reward, logged, make_trainer
+from helpers.tiny_trainer import PROMPTS, first_letter_reward, logged, make_args, make_trainer
 
 import srpo_trl.prompts
 from srpo_trl import SRPOConfig, SRPOTrainer
@@ -42,7 +42,7 @@ def test_route_distils_all_failed_groups_with_a_privileged_context():
     rewards = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0])
     privileged = torch.tensor([True, True, False, False, True, True])
     routes = route_rollouts(rewards, 2, 1.0, "srpo", privileged=privileged)
-    assert routes.sdpo.tolist() == [True, True, False, False, True, False]
+    assert routes.distilled.tolist() == [True, True, False, False, True, False]
     assert routes.privileged.tolist() == [True, True, False, False, False, False], "row 4 has a sibling"
     assert routes.sibling.tolist() == [-1, -1, -1, -1, 5, -1]
     assert routes.fallback.tolist() == [False, False, True, True, False, False]
@@ -78,7 +78,7 @@ def recording_fit(monkeypatch, tokenizer) -> list[str]:
 
 
 def contexts_trainer(char_tokenizer, tmp_path, reward, **overrides):
-    args = make_trainer(char_tokenizer, tmp_path, max_steps=1, **overrides).args
+    args = make_args(tmp_path, max_steps=1, **overrides)
     return SRPOTrainer(
         model=build_tiny_model(char_tokenizer, seed=0),
         reward_funcs=reward,
@@ -148,7 +148,8 @@ def test_a_context_only_row_without_room_falls_back_instead_of_staying_routed():
     privileged = torch.tensor([True, True, True, True])
     not_shown = torch.tensor([False, True, False, False])
     routes = route_rollouts(rewards, 2, 1.0, "srpo", not_shown=not_shown, privileged=privileged)
-    assert routes.sdpo.tolist() == [True, False, True, True] and routes.needs_teacher.tolist() == routes.sdpo.tolist()
+    assert routes.distilled.tolist() == [True, False, True, True]
+    assert routes.needs_teacher.tolist() == routes.distilled.tolist()
     assert routes.fallback.tolist() == [False, True, False, False]
 
 
@@ -163,10 +164,26 @@ def test_contexts_too_long_for_the_model_fall_back_and_are_named(char_tokenizer,
     model = build_tiny_model(char_tokenizer, seed=0)
     model.config.max_position_embeddings = 120
     rows = [dict(row, privileged_context="reference " * 20) for row in PROMPTS.to_list()]
-    args = make_trainer(char_tokenizer, tmp_path, max_steps=1, distill_without_sibling=True).args
+    args = make_args(tmp_path, max_steps=1, distill_without_sibling=True)
     trainer = SRPOTrainer(model, never_correct, args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=char_tokenizer)  # fmt: skip
     with pytest.warns(UserWarning, match=r"system turns, privileged context and closing.*shorter privileged context"):
         trainer.train()
     assert logged(trainer, "srpo/route/sdpo_frac") == [0.0] and logged(trainer, "srpo/route/fallback_frac") == [1.0]
     assert logged(trainer, "srpo/teacher_prompt_dropped_frac") == [1.0] and logged(trainer, "srpo/loss/sdpo") == [0.0]
+
+
+def test_distill_without_sibling_without_contexts_is_refused(char_tokenizer, tmp_path):
+    # Before: the option did nothing, and nothing said so; blank contexts counted as contexts.
+    args = make_args(tmp_path, max_steps=1, distill_without_sibling=True)
+
+    def build(dataset):
+        return SRPOTrainer(build_tiny_model(char_tokenizer, seed=0), never_correct, args=args, train_dataset=dataset,
+                           processing_class=char_tokenizer)  # fmt: skip
+
+    with pytest.raises(ValueError, match=r"distill_without_sibling=True .* train_dataset has none \(its columns"):
+        build(PROMPTS)
+    blank = Dataset.from_list([dict(row, privileged_context=" \n") for row in PROMPTS.to_list()])
+    with pytest.raises(ValueError, match=r"every 'privileged_context' of train_dataset is empty or blank"):
+        build(blank)
+    assert privileged_contexts([{"privileged_context": "  \t"}, {"privileged_context": " ref "}]) == [None, " ref "]

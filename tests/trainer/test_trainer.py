@@ -410,7 +410,7 @@ def test_several_optimizer_steps_per_generation_keep_the_scoring_teachers_head(c
     assert len(logged(trainer, "srpo/route/sdpo_frac")) == 1 and logged(trainer, "srpo/route/sdpo_frac")[0] > 0
     assert all(math.isfinite(v) for v in logged(trainer, "loss"))
     assert logged(trainer, "srpo/loss/sdpo")[1] > 0  # the second step distils, from the cached batch
-    head, _ = trainer._teacher_cache["train"].head
+    head, _ = trainer.teacher_states["train"].head
     assert torch.equal(head, initial_head)
     assert not torch.equal(trainer.teacher.model.lm_head.weight, initial_head)
 
@@ -422,7 +422,7 @@ def test_bf16_model_distils_like_fp32(char_tokenizer, tmp_path, monkeypatch):
     model = sharp_tiny_model(char_tokenizer).to(torch.bfloat16)
     trainer = make_trainer(char_tokenizer, tmp_path / "bf16", model=model, max_steps=1, distillation_topk=5)
     trainer.train()
-    assert trainer._teacher_cache["train"].hidden.dtype == torch.bfloat16
+    assert trainer.teacher_states["train"].hidden.dtype == torch.bfloat16
     assert all(math.isfinite(v) for v in logged(trainer, "loss"))
     assert logged(trainer, "reward")[0] == logged(fp32, "reward")[0]  # the same rollouts
     assert logged(trainer, "srpo/loss/sdpo")[0] == pytest.approx(logged(fp32, "srpo/loss/sdpo")[0], rel=0.05)
@@ -479,7 +479,7 @@ def test_evaluation_routes_and_distils_like_training(char_tokenizer, tmp_path):
     # plain per-batch means, so the two are not compared here.)
     assert metrics["eval_srpo/loss/sdpo"] > 0 and math.isfinite(metrics["eval_srpo/loss/grpo"])
     assert math.isfinite(metrics["eval_srpo/teacher_entropy/mean"])
-    assert trainer._teacher_cache["eval"] is None  # released after each eval batch's loss
+    assert trainer.teacher_states["eval"] is None  # released after each eval batch's loss
 
 
 def test_each_completion_token_goes_through_one_lm_head_pass(char_tokenizer, tmp_path, monkeypatch):
@@ -520,9 +520,9 @@ def test_each_completion_token_goes_through_one_lm_head_pass(char_tokenizer, tmp
     trainer.train()
     inputs, counts = scored
     tokens = inputs["completion_mask"].bool()
-    assert inputs["srpo_sdpo_mask"].any() and inputs["srpo_grpo_mask"].any()
-    assert counts["grpo"] == tokens[inputs["srpo_grpo_mask"]].sum().item()
-    assert counts["sdpo"] == tokens[inputs["srpo_sdpo_mask"]].sum().item()
+    assert inputs["srpo_distilled_rows"].any() and inputs["srpo_grpo_rows"].any()
+    assert counts["grpo"] == tokens[inputs["srpo_grpo_rows"]].sum().item()
+    assert counts["sdpo"] == tokens[inputs["srpo_distilled_rows"]].sum().item()
 
 
 def test_steps_without_routed_rows_leave_the_teachers_statistics_out(char_tokenizer, tmp_path):

@@ -190,3 +190,32 @@ def test_from_grpo_config_keeps_an_srpo_configs_fields_and_names_the_defaults_it
         TypeError, match=r"from_grpo_config converts a GRPOConfig; got dict.*SRPOConfig\(\*\*settings\)"
     ):
         SRPOConfig.from_grpo_config({"learning_rate": 1e-6})
+
+
+@pytest.mark.parametrize(
+    "settings, unread",
+    [
+        (
+            dict(routing="grpo", teacher_feedback=True),
+            r"teacher_feedback=True has no effect: routing='grpo' builds no",
+        ),
+        (dict(routing="grpo", distillation_topk=8), r"distillation_topk=8 has no effect"),
+        (dict(teacher_model_kind="base", teacher_update_rate=0.1), r"teacher_update_rate=0.1 .*'base' has no update"),
+        (dict(teacher_model_kind="live", teacher_update_rate=0.1), r"teacher_update_rate=0.1 .*'live' has no update"),
+        (dict(routing="advantage_mix", distillation_alpha=0.2), r"distillation_alpha=0.2 .*distils nothing"),
+        (dict(advantage_mix_lambda=0.5), r"advantage_mix_lambda=0.5 has no effect: only routing='advantage_mix'"),
+        (dict(dynamic_weighting=False, weighting_temperature=2.0), r"weighting_temperature=2.0 has no effect"),
+    ],
+)
+def test_settings_the_routing_or_teacher_never_reads_are_named(settings, unread):
+    # Before: an option that does nothing under the chosen routing or teacher said nothing.
+    with pytest.warns(UserWarning, match=r"SRPOConfig: .*" + unread):
+        config(**settings)
+
+
+def test_settings_that_are_read_give_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config(routing="advantage_mix", advantage_mix_lambda=0.5, teacher_update_rate=0.1)
+        config(routing="sdpo", distillation_topk=8, teacher_model_kind="trust_region", teacher_update_rate=0.1)
+        config(routing="grpo", dynamic_weighting=True)  # its default

@@ -2,13 +2,13 @@ import math
 
 import torch
 
-from srpo_trl.diagnostics import threshold_misfit
+from srpo_trl.diagnostics import credit_misfit, threshold_misfit
 from srpo_trl.routing import reaches_threshold
 
 
-def misfit(rewards, threshold=1.0):
+def misfit(rewards, threshold=1.0, complete=True):
     rewards = torch.tensor(rewards, dtype=torch.float32)
-    return threshold_misfit(rewards, reaches_threshold(rewards, threshold), threshold, 5)
+    return threshold_misfit(rewards, reaches_threshold(rewards, threshold), threshold, 5, complete=complete)
 
 
 def test_binary_rewards_and_fitting_thresholds_are_fine():
@@ -47,3 +47,34 @@ def test_every_rollout_correct_is_no_misfit_where_correct_rollouts_are_distilled
     correct = reaches_threshold(rewards, 1.0)
     assert "nothing is distilled" in threshold_misfit(rewards, correct, 1.0, 5, distilled=torch.zeros(8, dtype=bool))
     assert threshold_misfit(rewards, correct, 1.0, 5, distilled=torch.ones(8, dtype=bool)) is None  # routing="sdpo"
+
+
+def test_correct_on_a_format_reward_alone_is_named():
+    # Before: 3-28 % of rollouts "correct" on format or partial credit alone, and no warning (most were not correct).
+    correctness = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+    formatted = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+    per_function = torch.stack([correctness, formatted], dim=1)
+    rewards = per_function.sum(1)
+    correct = reaches_threshold(rewards, 1.0)
+    message = credit_misfit(per_function, torch.ones(2), rewards, correct, ["correctness", "format"], 1.0)
+    assert "1 of the 3 rollouts counted as correct" in message and "'correctness' (0.0" in message
+    assert "[0.0, 2.0]" in message and "weighted sum of the reward functions (here up to 2.0)" in message
+    weighted = torch.tensor([1.0, 0.2])  # the README's weights, threshold 1.0: only right answers count
+    rewards = (per_function * weighted).sum(1)
+    correct = reaches_threshold(rewards, 1.0)
+    assert credit_misfit(per_function, weighted, rewards, correct, ["correctness", "format"], 1.0) is None
+    penalty = torch.tensor([1.0, -0.5])  # a function of negative weight is a penalty: its lowest is no credit
+    assert credit_misfit(per_function, penalty, rewards, correct, ["correctness", "length"], 1.0) is None
+
+
+def test_graded_credit_below_the_best_warns_however_few_reach_the_threshold():
+    # A 0-10 graded reward under the default threshold: 2 of 8 "correct", at 1 and 2 of 10.
+    message = misfit([0.0, 0.0, 1.0, 0.0, 2.0, 0.0, 0.0, 10.0], complete=False)
+    assert "success_reward_threshold=1.0 looks low" in message and "38%" in message
+
+
+def test_nothing_correct_names_a_model_that_solves_nothing_yet():
+    # Before: the message blamed the threshold alone, though a weak model that solves nothing yet is the usual cause.
+    message = misfit([0.0, 0.2, 0.7, 0.0])
+    assert "the model solves none of these prompts yet" in message and "SRPO trains as GRPO until a rollout" in message
+    assert misfit([0.0, 0.2], complete=False) is None, "only once the watch is complete"

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from script_loader import load_script
+from helpers.script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 install_torch = load_script(ROOT / "tools" / "install_torch.py", "install_torch")

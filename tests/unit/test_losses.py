@@ -6,17 +6,21 @@ import pytest
 import torch
 from helpers.references import reference_aggregate
 
+from srpo_trl.compat import LOSS_TYPES, reduce_token_loss
 from srpo_trl.losses import (
-    LOSS_TYPES,
+    LossInputs,
     add_tail_bucket,
-    aggregate_token_loss,
     clipped_importance_ratio,
+    distillation_term,
+    distillation_token_losses,
     generalized_jsd,
     mixed_token_advantages,
-    sdpo_token_losses,
+    srpo_loss,
     teacher_entropy_weights,
     topk_distillation_divergence,
 )
+from srpo_trl.teacher_scoring import TeacherStates
+from srpo_trl.vocab import Logits, teacher_statistics
 
 
 def kl(a, b):
@@ -158,23 +162,90 @@ def test_mixed_token_advantages():
     assert torch.allclose(mixed, torch.tensor([[0.75 * 0.5 + 0.25 * 1.0, 0.75 * 0.5], [-0.375, -0.375]]))
 
 
-def test_sdpo_token_losses():
+def test_distillation_term():
     divergence = torch.tensor([1.0, 2.0, 3.0])
-    losses = sdpo_token_losses(divergence, torch.tensor([1.0, 0.5, 0.0]), torch.tensor([1.0, 2.0, 1.0]))
+    losses = distillation_term(divergence, torch.tensor([1.0, 0.5, 0.0]), torch.tensor([1.0, 2.0, 1.0]))
     assert losses.tolist() == [1.0, 2.0, 0.0]
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_aggregate_token_loss_matches_each_loss_types_definition(loss_type):
+def test_reduce_token_loss_matches_each_loss_types_definition(loss_type):
     generator = torch.Generator().manual_seed(3)
     per_token = torch.randn(4, 6, generator=generator, dtype=torch.float64)
     mask = torch.rand(4, 6, generator=generator) > 0.3
     mask[2] = False  # an empty row: counted as a sequence, no tokens
-    ours = aggregate_token_loss(per_token, mask, loss_type, 2, 9, torch.tensor(17.0, dtype=torch.float64))
+    count = torch.tensor(17.0, dtype=torch.float64)
+    ours = reduce_token_loss(
+        per_token, mask, loss_type, accumulation_steps=2, max_completion_length=9, global_token_count=count
+    )
     expected = reference_aggregate(per_token.tolist(), mask.tolist(), loss_type, 2, 9, 17.0)
     assert ours.item() == pytest.approx(expected, rel=1e-12)
 
 
-def test_aggregate_token_loss_names_an_unknown_loss_type():
+def test_reduce_token_loss_names_an_unknown_loss_type():
     with pytest.raises(ValueError, match="Unknown loss_type 'ppo'"):
-        aggregate_token_loss(torch.zeros(1, 1), torch.ones(1, 1), "ppo", 1, 1, 1.0)
+        reduce_token_loss(
+            torch.zeros(1, 1),
+            torch.ones(1, 1),
+            "ppo",
+            accumulation_steps=1,
+            max_completion_length=1,
+            global_token_count=1,
+        )
+
+
+def micro_batch(with_teacher: bool, identical: bool = False) -> LossInputs:
+    """A float64 micro-batch of 3 rows x 4 tokens: row 0 GRPO's, row 1 distilled, row 2 GRPO's with a masked token."""
+    generator = torch.Generator().manual_seed(5)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[2, 3] = False
+    grpo = mask & torch.tensor([True, False, True]).unsqueeze(1)
+    distilled = mask & torch.tensor([False, True, False]).unsqueeze(1)
+    inputs = LossInputs(torch.tensor(0.75, dtype=torch.float64), mask, grpo, distilled, torch.tensor(9.0))
+    if not with_teacher:
+        return inputs
+    n, hidden, vocab = int(distilled.sum()), 5, 11
+    head = torch.nn.Linear(hidden, vocab, dtype=torch.float64)
+    student = torch.randn(n, hidden, generator=generator, dtype=torch.float64, requires_grad=True)
+    teacher_hidden = (
+        student.detach() if identical else torch.randn(n, hidden, generator=generator, dtype=torch.float64)
+    )
+    logits = Logits(torch.float64)
+    tokens = torch.randint(vocab, (n,), generator=generator)
+    log_normalizer, _, _ = teacher_statistics(teacher_hidden, head.weight, head.bias, logits, tokens)
+    inputs.teacher = TeacherStates(teacher_hidden, log_normalizer, (head.weight.detach(), head.bias.detach()), logits)
+    inputs.teacher_state_index = torch.arange(n)
+    inputs.student_hidden, inputs.student_head, inputs.student_logits = student, head, logits
+    inputs.tokens, inputs.token_weights = tokens, torch.rand(n, generator=generator, dtype=torch.float64)
+    return inputs
+
+
+KNOBS = dict(accumulation_steps=2, max_completion_length=6, topk=4, alpha=0.5, is_clip=2.0)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_srpo_loss_without_a_teacher_is_grpos_rescaled_to_the_shared_tokens(loss_type):
+    inputs = micro_batch(with_teacher=False)
+    loss, terms = srpo_loss(inputs, loss_type=loss_type, **KNOBS)
+    share = 7 / 11 if loss_type == "bnpo" else 1.0  # TRL's bnpo divided by the 7 GRPO tokens; SRPO shares 11
+    assert loss.item() == pytest.approx(0.75 * share, rel=1e-7)  # the token counts' ratio is a float32
+    assert terms["grpo"].item() == pytest.approx(0.75 * share, rel=1e-7) and terms["distillation"].item() == 0.0
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_srpo_loss_adds_the_distillation_term_reduced_like_grpos(loss_type):
+    inputs = micro_batch(with_teacher=True)
+    loss, terms = srpo_loss(inputs, loss_type=loss_type, **KNOBS)
+    token_losses = distillation_token_losses(inputs, topk=4, alpha=0.5, is_clip=2.0)
+    per_token = torch.zeros(3, 4, dtype=torch.float64).masked_scatter(inputs.distilled_tokens, token_losses.detach())
+    expected = reference_aggregate(per_token.tolist(), inputs.loss_mask.tolist(), loss_type, 2, 6, 9.0)
+    assert terms["distillation"].item() == pytest.approx(expected, rel=1e-12) and expected > 0
+    assert loss.item() == pytest.approx(terms["grpo"].item() + expected, rel=1e-12)
+    loss.backward()
+    assert inputs.student_hidden.grad.abs().sum() > 0  # differentiable through the student's hidden states
+
+
+def test_srpo_loss_of_a_teacher_equal_to_the_student_is_grpos():
+    inputs = micro_batch(with_teacher=True, identical=True)
+    _, terms = srpo_loss(inputs, loss_type="dapo", **KNOBS)
+    assert terms["distillation"].item() == pytest.approx(0.0, abs=1e-12)

@@ -4,7 +4,7 @@ import math
 from pathlib import Path
 
 import pytest
-from script_loader import load_script
+from helpers.script_loader import load_script
 
 REPORT = Path(__file__).resolve().parents[2] / "benchmarks" / "real_model" / "report.py"
 

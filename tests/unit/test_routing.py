@@ -45,7 +45,7 @@ def test_routes_match_brute_force_on_every_pattern(routing, group_size):
         expected = brute_force_routes(rewards, group_size, 1.0, routing)
         assert routes.correct.tolist() == expected["correct"]
         assert routes.teacher_available.tolist() == expected["available"]
-        assert routes.sdpo.tolist() == expected["sdpo"]
+        assert routes.distilled.tolist() == expected["sdpo"]
         assert routes.grpo.tolist() == expected["grpo"]
         assert routes.needs_teacher.tolist() == expected["teacher"]
         assert routes.sibling.tolist() == expected["sibling"]
@@ -54,7 +54,7 @@ def test_routes_match_brute_force_on_every_pattern(routing, group_size):
 def test_degenerate_groups():
     rewards = torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0])
     routes = route_rollouts(rewards, 4, 1.0)
-    assert routes.sdpo.tolist() == [False] * 4 + [False] * 4 + [True, False, True, True]
+    assert routes.distilled.tolist() == [False] * 4 + [False] * 4 + [True, False, True, True]
     assert routes.fallback.tolist() == [False] * 4 + [True] * 4 + [False] * 4
     assert routes.sibling.tolist() == [-1] * 8 + [9, -1, 9, 9]
     # the only correct rollout has no teacher: it never teaches itself
@@ -72,7 +72,7 @@ def test_a_group_of_one_has_no_sibling():
     assert first_correct_sibling(correct, 1).tolist() == [-1, -1, -1]
     for routing in ROUTING_MODES:
         routes = route_rollouts(torch.tensor([1.0, 0.0, 1.0]), 1, 1.0, routing)
-        assert not routes.teacher_available.any() and not routes.needs_teacher.any() and not routes.sdpo.any()
+        assert not routes.teacher_available.any() and not routes.needs_teacher.any() and not routes.distilled.any()
 
 
 def test_rewards_that_reach_the_threshold_up_to_rounding_count_as_correct():
@@ -127,4 +127,4 @@ def test_weighted_rewards_skip_unscored_functions_and_leave_unscorable_rollouts_
     scores = torch.tensor([[1.0, 0.5], [nan, 0.5], [nan, nan], [0.0, 0.0]])
     rewards = weighted_rewards(scores, torch.tensor([2.0, 1.0]))
     assert rewards[:2].tolist() == [2.5, 0.5] and math.isnan(rewards[2]) and rewards[3] == 0.0
-    assert not route_rollouts(torch.tensor([nan, 1.0]), 2, 1.0, "srpo").sdpo.any()  # unscorable: never distilled
+    assert not route_rollouts(torch.tensor([nan, 1.0]), 2, 1.0, "srpo").distilled.any()  # unscorable: never distilled

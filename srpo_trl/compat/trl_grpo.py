@@ -1,55 +1,23 @@
-"""The private or version-dependent names of TRL and transformers that srpo_trl relies on, in one place.
+"""GRPOTrainer's internals (TRL 1.16.0) that SRPO reads, writes or calls, in one place: review on each TRL bump.
 
-TRL is pinned to 1.16.x and transformers ranges over 5.10.4 to 5.x: review this list on each bump.
-
-Functions here wrap what changes between versions or reaches into a module's private names. What `SRPOTrainer`
-overrides or reads of `GRPOTrainer` itself cannot move here; it is listed so that a bump checks it:
-- overridden: `_calculate_rewards(inputs, prompts, completions, completion_ids_list)` (returns the gathered
-  `(N, reward_funcs)` rewards), `_generate_and_score_completions(inputs)` (returns the batch dict: `prompt_ids`,
-  `completion_ids`, `completion_mask`, `advantages`, `num_items_in_batch`, `old_per_token_logps`,
-  `importance_sampling_ratio`, `tool_mask`), `_compute_loss(model, inputs)`, Trainer's `_save_optimizer_and_scheduler`
-  and `_load_optimizer_and_scheduler` (checkpointing.py);
-- called: `_tokenize_prompts`, `_get_per_token_logps_and_entropies`, `_generate_single_turn` (evaluation.py),
-  `GRPOTrainer._calculate_rewards` itself (`grpo_rewards`, for avg@k);
-- read: `_metrics`, `_logs` (the completions table), `_pending_extra_logs` (`log_extra`), `_dist` (`is_zero3`,
-  `is_fsdp`), `_tokenizer`, `_entropy_bonus_enabled`, `_batch_environments`, `environment_factories`,
-  `aux_loss_enabled`, `vllm_generation` (vllm_cpu.py);
-- TRL utilities outside `trl.__all__`: `trl.trainer.utils` (`pad`, `maybe_gather_lm_head_ctx`, `use_adapter`,
-  `_use_triton` below), `trl.kernels.chunked_logprob._addmm_fp32` (vocab.py), `trl.models.prepare_deepspeed`,
-  `trl.models.utils.disable_gradient_checkpointing`, `trl.generation.vllm_generation.VLLMGeneration`;
-- spans: the trainer times its named spans with `trl.extras.profiling.profiling_context`; the step-cost benchmark
-  (`benchmarks/step_cost/harness.py`) reads them by wrapping `ProfilingContext.__enter__`/`__exit__`, and takes a
-  span's name from `ProfilingContext.name` (`"<trainer class>.<span>"`).
+What `SRPOTrainer` overrides of GRPOTrainer cannot move here; `EXTENSION_POINTS` (in `compat/__init__.py`) lists it.
+Everything else goes through a function below: the metric buffers (`_metrics`), the completions table (`_logs`),
+the reward functions' `log_extra` buffer (`_pending_extra_logs`), the distributed layout (`_dist`), the tokenizer
+(`_tokenizer`), the entropy bonus switch (`_entropy_bonus_enabled`), prompt tokenization (`_tokenize_prompts`,
+`_batch_environments`), the policy's log-probs (`_get_per_token_logps_and_entropies`), one generation call
+(`_generate_single_turn`), GRPOTrainer's own reward call for avg@k (`_calculate_rewards`, `_pending_metrics`), the fused LM head's CPU switch (`trl.trainer.utils._use_triton`) and its fp32 gradient
+accumulation (`trl.kernels.chunked_logprob._addmm_fp32`).
 """
 
-import inspect
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
 from trl import GRPOTrainer
+from trl.kernels.chunked_logprob import _addmm_fp32
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer import utils as trl_utils
-
-
-def cache_argument(model_class: type) -> str:
-    """The name of a causal LM forward's key/value cache argument: transformers 5.18 renamed `past_key_values` to
-    `cache` (the old name warns, and goes in 5.40)."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-def output_cache(output):
-    """The key/value cache a forward returned, under its name of either version."""
-    return output.cache if getattr(output, "cache", None) is not None else output.past_key_values
-
-
-def adopt_activation_checkpointing_name(config) -> None:
-    """Move TRL's `gradient_checkpointing` default (True, in TRL's config) to transformers' new name
-    `activation_checkpointing` where it exists (newer transformers), before `TrainingArguments.__post_init__`
-    resolves the alias: it warns on every config otherwise, whether or not the user wrote the old name."""
-    if getattr(config, "activation_checkpointing", False) is None and config.gradient_checkpointing is not None:
-        config.activation_checkpointing = config.gradient_checkpointing
 
 
 def quiet_trl_checkpointing_calls() -> None:
@@ -130,6 +98,90 @@ def policy_token_logps(trainer, batch: dict, rows_per_pass: int) -> torch.Tensor
             batch_size=rows_per_pass,
         )
     return logps
+
+
+def loss_mask(batch: dict) -> torch.Tensor:
+    """The completion tokens GRPOTrainer's loss counts (its `tool_mask` excludes tool outputs), bool `(rows, length)`."""
+    mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
+    return mask.bool()
+
+
+def accumulate_fp32(accumulator: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """`accumulator += left @ right` with an fp32 `accumulator` and lower-precision factors, as TRL's chunked
+    log-prob kernel accumulates its LM-head gradient (`_addmm_fp32`)."""
+    _addmm_fp32(accumulator, left, right)
+
+
+def log_metrics(trainer, mode: str, metrics: dict[str, float]) -> None:
+    """Add values to GRPOTrainer's per-step metric buffers (`_metrics[mode]`), averaged and logged at the next log."""
+    for key, value in metrics.items():
+        trainer._metrics[mode][key].append(value)
+
+
+def metric_counts(trainer, mode: str) -> dict[str, int]:
+    """How many values each of GRPOTrainer's metric buffers holds now (for `drop_grpo_token_statistics`)."""
+    return {key: len(values) for key, values in trainer._metrics[mode].items()}
+
+
+def drop_grpo_token_statistics(trainer, mode: str, counts_before: dict[str, int]) -> None:
+    """Remove the values GRPOTrainer's statistics over its loss mask (`is_grpo_token_statistic`) logged since
+    `counts_before`: with no GRPO token on any process they are 0 or NaN, not statistics."""
+    metrics = trainer._metrics[mode]
+    for key in [key for key in metrics if is_grpo_token_statistic(key)]:
+        del metrics[key][counts_before.get(key, 0) :]
+        if not metrics[key]:
+            del metrics[key]
+
+
+def add_completion_columns(trainer, columns: dict[str, list]) -> None:
+    """Extend the completions table (`log_completions`) with extra columns for this batch's rows."""
+    for name, values in columns.items():
+        trainer._logs["extra"][name].extend(values)
+
+
+def replace_logged_advantages(trainer, rows: int, replace) -> None:
+    """Replace the completions table's `advantage` values of this batch's last `rows` rows (GRPOTrainer's, in batch
+    order) by `replace(those values)`."""
+    advantages = trainer._logs["advantages"]
+    batch = [advantages.pop() for _ in range(rows)][::-1]
+    advantages.extend(replace(batch))
+
+
+def logged_extra(trainer, column: str) -> list:
+    """What the reward functions just called wrote to `column` through `log_extra` (GRPOTrainer flushes it after)."""
+    return list(trainer._pending_extra_logs.get(column, []))
+
+
+def distributed_layout(trainer):
+    """GRPOTrainer's distributed layout: `is_zero3`, `is_fsdp`."""
+    return trainer._dist
+
+
+def entropy_bonus_enabled(trainer) -> bool:
+    return trainer._entropy_bonus_enabled
+
+
+def pad_token_id(trainer) -> int:
+    """The pad token of GRPOTrainer's tokenizer (the processor's, for multimodal models)."""
+    return trainer._tokenizer.pad_token_id
+
+
+def generate_single_turn(trainer, prompt_ids: list[list[int]]) -> list[list[int]]:
+    """One completion per prompt through GRPOTrainer's own generation (vLLM weight sync, sleep/wake)."""
+    completion_ids, _ = trainer._generate_single_turn(prompt_ids, None, {}, num_generations=1)
+    return completion_ids
+
+
+def trl_weights_for_vllm(generation):
+    """The `(name, tensor)` pairs TRL's `VLLMGeneration` syncs to a colocated engine (gathered under ZeRO-3, the
+    policy adapter merged under PEFT, names as vLLM's checkpoint loader expects them)."""
+    return generation._iter_named_params()
+
+
+def adopt_class(instance, subclass: type) -> None:
+    """Give `instance` (made by TRL) `subclass` of its class: the same object and state, overridden methods."""
+    if not isinstance(instance, subclass):
+        instance.__class__ = subclass
 
 
 def grpo_rewards(trainer, inputs: list[dict], prompts: list, completions: list, completion_ids: list) -> torch.Tensor:

