@@ -223,13 +223,13 @@ def paired_table(grouped: dict, lr) -> str:
 
 
 def cost_table(grouped: dict, lr) -> str:
-    """Per RL step, CPU seconds by part: the mean over runs without a gradient probe (a probe's work sits inside the
-    scoring span), else over all."""
+    """Per RL step, CPU seconds by part: the mean over finished runs without a gradient probe (a probe's work sits
+    inside the scoring span); an arm with none is left out."""
     parts = None
     rows = []
-    per_arm = {}
+    per_arm = {}  # arm: mean CPU seconds per step of each part
     for method, records in grouped.items():
-        plain = [r for r in records if not r.get("probes") and r.get("done")] or [r for r in records if r.get("done")]
+        plain = [r for r in records if not r.get("probes") and r.get("done")]
         if not plain:
             continue
         breakdowns = [span_breakdown(r) for r in plain]
@@ -382,7 +382,7 @@ def write_report(out: Path, settings, command: str, rate_seed: int = 100) -> Pat
     lr = _learning_report()
     runs = out / "runs"
     records = load_runs(runs)
-    compared = [r for r in records if r["seed"] != rate_seed]
+    compared = [r for r in records if r["seed"] != rate_seed and r.get("done")]
     grouped = by_method(compared)
     steps = sorted({p["step"] for r in compared for p in r["curve"]}) or [0]
     unfinished = [f"{r['method']} seed {r['seed']}" for r in records if not r.get("done")]
@@ -394,7 +394,7 @@ def write_report(out: Path, settings, command: str, rate_seed: int = 100) -> Pat
         + ", ".join(f"{k}={v}" for k, v in vars(settings).items())
         + ".",
         "",
-        "Unfinished runs (partial curves, counted where they have evaluations): " + (", ".join(unfinished) or "none"),
+        "Runs not finished when this was written (left out of every table): " + (", ".join(unfinished) or "none"),
         "",
         "### Abilities (before training; 16 problems, 4 samples each at T=1)",
         "",
