@@ -156,7 +156,9 @@ def test_no_teacher_pass_when_nothing_is_routed(char_tokenizer, tmp_path):
     counter = count_rows(trainer.teacher.model.model)
     trainer.train()
     assert counter["calls"] == 0
-    assert logged(trainer, "srpo/time/teacher_s") == [pytest.approx(0.0, abs=1e-3)] * 2
+    # Planning an empty batch costs microseconds; the bound leaves room for a busy machine preempting the process
+    # (0.013 s measured under load), far below one teacher pass.
+    assert logged(trainer, "srpo/time/teacher_s") == [pytest.approx(0.0, abs=0.05)] * 2
 
 
 def sgd_step_delta(char_tokenizer, tmp_path, **overrides):
