@@ -57,7 +57,7 @@ def load_runs(runs: Path) -> list[dict]:
 
 
 def final_accuracy(record: dict, key: str = "accuracy") -> float:
-    """The mean of the evaluations after step 0 (as the issue's "mean of the evaluations at steps 20 and 30")."""
+    """The mean of the evaluations after step 0 (a run's "final" accuracy: one late evaluation alone is noisier)."""
     values = [point[key] for point in record["curve"][1:] if key in point]
     return sum(values) / len(values) if values else math.nan
 
