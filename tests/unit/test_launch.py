@@ -8,15 +8,25 @@ import pytest
 
 from srpo_trl.diagnostics import one_process_of_several
 
-ENV_SCRIPT = "import json, os\nprint('ENV=' + json.dumps(dict(os.environ)))\n"
+# Each process writes its own file: two processes' long lines on one shared stdout pipe interleave.
+ENV_SCRIPT = (
+    "import json, os, sys\n"
+    "with open(os.path.join(sys.argv[1], f'env-{os.getpid()}.json'), 'w') as f:\n"
+    "    json.dump(dict(os.environ), f)\n"
+)
 
 
 def launched_environments(tmp_path, launcher: list[str]) -> list[dict]:
-    script = tmp_path / "env.py"
+    script, out = tmp_path / "env.py", tmp_path / "environments"
     script.write_text(ENV_SCRIPT)
-    result = subprocess.run([*launcher, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out.mkdir(exist_ok=True)
+    for old in out.iterdir():
+        old.unlink()
+    result = subprocess.run(
+        [*launcher, str(script), str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    return [json.loads(line[4:]) for line in result.stdout.splitlines() if line.startswith("ENV=")]
+    return [json.loads(path.read_text()) for path in sorted(out.iterdir())]
 
 
 def test_accelerate_cpu_with_two_processes_starts_one_and_is_detected(tmp_path):
