@@ -59,10 +59,11 @@ bench:
 bench-learning:
 	$(PYTHON) benchmarks/learning/run.py --jobs 2
 
-# The learning benchmark on the real model (make real-model first): abilities, rate, 5 arms x 3 seeds; about 100
-# minutes on a busy 2-core machine. Writes benchmarks/real_model/RESULTS.md and its figures.
+# The learning benchmark on the real model (make real-model first), on two task families: abilities, rate, 6 arms x 3
+# seeds each. Writes benchmarks/real_model/RESULTS.md's blocks and figures (timing: RESULTS.md).
 bench-real: real-model
-	$(PYTHON) benchmarks/real_model/run.py --jobs 2
+	$(PYTHON) benchmarks/real_model/run.py --jobs 2 --family capital
+	$(PYTHON) benchmarks/real_model/run.py --jobs 2 --family addition
 
 # What the first GPU session carries (.gpu/: the wheels that machine lacks, the data; <= 60 MiB); then run
 # benchmarks/gpu_session.sh there (its header says how).

@@ -87,6 +87,13 @@ class SRPOConfig(GRPOConfig):
             answer and only samples it noisily, a failed rollout's distillation term pulls far less than the
             negative advantage it replaces; `1.0` keeps that advantage whole. "Does it learn?" in the README says
             when it helps.
+        min_teacher_solution_prob (`float`, *optional*, defaults to `0.0`):
+            Beyond the paper (`routing="srpo"` only): a reliability gate. A routed rollout is distilled only where
+            the teacher uses the solution it is shown: at the token where the rollout first leaves that solution,
+            the teacher must give the solution's token at least this probability; below it, the rollout goes back
+            to GRPO's branch with its whole advantage (`srpo/route/gated_frac`). A rollout with no such token (it
+            never leaves the solution, or no solution was shown whole: feedback or a privileged context alone)
+            keeps its route. `0.0` is SRPO as published (no gate).
         advantage_mix_lambda (`float`, *optional*, defaults to `0.9`):
             `λ` of `routing="advantage_mix"`, the weight of GRPO's sequence advantage against the teacher's
             token-level log-ratio, after the combined-advantage baseline of the SDPO paper
@@ -138,6 +145,13 @@ class SRPOConfig(GRPOConfig):
         default=0.0,
         metadata={"help": "Beyond the paper: fraction of its GRPO advantage a routed rollout keeps (0: the paper's)."},
     )
+    min_teacher_solution_prob: float = field(
+        default=0.0,
+        metadata={
+            "help": "Beyond the paper: distil a routed rollout only where the teacher gives the shown solution's "
+            "token at least this probability where the rollout leaves it (0: no gate, the paper's)."
+        },
+    )
     advantage_mix_lambda: float = field(
         default=0.9, metadata={"help": "λ of routing='advantage_mix' (weight of GRPO's advantage)."}
     )
@@ -180,6 +194,13 @@ class SRPOConfig(GRPOConfig):
             0.0 <= self.routed_grpo_weight <= 1.0
             and (self.routed_grpo_weight == 0.0 or ROUTING_MODES[self.routing].keeps_routed_advantage),
             "in [0, 1], and 0 unless routing='srpo'",
+        )
+        mode = ROUTING_MODES[self.routing]
+        self._check(
+            "min_teacher_solution_prob",
+            0.0 <= self.min_teacher_solution_prob <= 1.0
+            and (self.min_teacher_solution_prob == 0.0 or (mode.distils_failed and mode.grpo_for_the_rest)),
+            "in [0, 1], and 0 unless routing='srpo' (a gated rollout goes back to GRPO's branch)",
         )
         self._check(
             "distill_without_sibling",

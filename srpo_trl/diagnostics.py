@@ -162,6 +162,8 @@ def routing_metrics(
         metrics["srpo/teacher_solution_prob"] = solution_sum / departed
     if routes.privileged is not None:
         metrics["srpo/route/privileged_frac"] = routes.privileged.float().mean().item()
+    if routes.gated is not None:
+        metrics["srpo/route/gated_frac"] = routes.gated.float().mean().item()
     if teacher_count:
         metrics["srpo/teacher_entropy/mean"] = entropy_sum / teacher_count
     teacher_rows = routes.needs_teacher.sum().item()

@@ -9,6 +9,7 @@ name; a new routing rule is one more `RoutingMode` (and, if it needs a new kind 
 `route_rollouts`).
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -91,6 +92,8 @@ class Routes:
         sibling: global index of the rollout whose completion is the demonstration, `-1` where there is none.
         privileged: failed rollouts of an all-failed group distilled from their privileged context alone, without
             a demonstration (`distill_without_sibling`, beyond the paper); None when routing was given no contexts.
+        gated: routed rollouts the reliability gate sent back to GRPO's branch after the teacher scored them
+            (`gate_unreliable_teachers`, beyond the paper); None without a gate.
     """
 
     correct: torch.Tensor
@@ -100,6 +103,7 @@ class Routes:
     needs_teacher: torch.Tensor
     sibling: torch.Tensor
     privileged: torch.Tensor | None = None
+    gated: torch.Tensor | None = None
 
     @property
     def fallback(self) -> torch.Tensor:
@@ -174,6 +178,17 @@ def route_rollouts(
     return Routes(correct, teacher_available, distilled, grpo, needs_teacher, sibling, from_context)
 
 
+def gate_unreliable_teachers(routes: Routes, departure_probs: torch.Tensor, min_prob: float) -> Routes:
+    """The reliability gate (`min_teacher_solution_prob`, beyond the paper): a distilled rollout whose teacher gives
+    the shown solution's token less than `min_prob` where the rollout first leaves that solution goes back to GRPO's
+    branch. Such a teacher did not read the answer it was shown, so its targets there are its own guesses, and the
+    rollout's GRPO advantage is the better signal. `departure_probs`: `(N,)`, NaN for a rollout with no departure
+    token (it never leaves the solution, or none was shown whole): those keep their route. Only for a mode whose
+    other rollouts get GRPO (`SRPOConfig` refuses the gate elsewhere)."""
+    gated = routes.distilled & (departure_probs < min_prob)  # NaN compares False: kept
+    return dataclasses.replace(routes, distilled=routes.distilled & ~gated, grpo=routes.grpo | gated, gated=gated)
+
+
 def grpo_advantage_weights(routes: Routes, routed_grpo_weight: float) -> torch.Tensor:
     """The share of its GRPO advantage each rollout trains with: 1 on GRPO's branch, `routed_grpo_weight` for a
     distilled one (0, the paper's: it carries the distillation term alone), 0 for one in no branch."""
@@ -181,19 +196,25 @@ def grpo_advantage_weights(routes: Routes, routed_grpo_weight: float) -> torch.T
 
 
 def route_labels(routes: Routes, num_generations: int) -> tuple[list[str], list[int | None]]:
-    """Per rollout, its branch (`"correct"`/`"fallback"`/`"failed"` on GRPO, `"sdpo"` when distilled: the
-    documented label, or `"unused"` when in no branch) and the position within its group of the sibling the teacher
+    """Per rollout, its branch (`"correct"`/`"fallback"`/`"failed"` on GRPO, `"gated"` when the reliability gate sent
+    it back to GRPO, `"sdpo"` when distilled: the documented label, or `"unused"` when in no branch) and the position within its group of the sibling the teacher
     was shown (None without one): the columns `log_completions` adds to the completions table."""
     labels = []
-    for distilled, grpo, correct, fallback in zip(
-        routes.distilled.tolist(), routes.grpo.tolist(), routes.correct.tolist(), routes.fallback.tolist(), strict=True
+    gated = routes.gated if routes.gated is not None else torch.zeros_like(routes.distilled)
+    for distilled, grpo, correct, fallback, was_gated in zip(
+        routes.distilled.tolist(),
+        routes.grpo.tolist(),
+        routes.correct.tolist(),
+        routes.fallback.tolist(),
+        gated.tolist(),
+        strict=True,
     ):
         if distilled:
             labels.append("sdpo")
         elif not grpo:
             labels.append("unused")
         else:
-            labels.append("correct" if correct else "fallback" if fallback else "failed")
+            labels.append("gated" if was_gated else "correct" if correct else "fallback" if fallback else "failed")
     siblings = [None if s < 0 else s % num_generations for s in routes.sibling.tolist()]
     return labels, siblings
 

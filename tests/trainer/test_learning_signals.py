@@ -1,5 +1,7 @@
-"""What the learning benchmark's diagnosis added to the trainer: the teacher-disagreement metric, and the
-`routed_grpo_weight` variant (beyond the paper) that lets routed rollouts keep their GRPO advantage."""
+"""What the learning benchmarks' diagnosis added to the trainer: the teacher-disagreement metric, the
+`routed_grpo_weight` variant (beyond the paper) that lets routed rollouts keep their GRPO advantage, and the
+reliability gate (`min_teacher_solution_prob`, beyond the paper) that distils only where the teacher follows the
+solution it is shown."""
 
 import pytest
 import torch
@@ -70,4 +72,36 @@ def test_routed_grpo_weight_adds_grpo_s_term_on_routed_rollouts(char_tokenizer, 
 @pytest.mark.parametrize("overrides", [{"routed_grpo_weight": 1.5}, {"routed_grpo_weight": 0.5, "routing": "sdpo"}])
 def test_routed_grpo_weight_is_checked(tmp_path, overrides):
     with pytest.raises(ValueError, match="routed_grpo_weight"):
+        SRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **overrides)
+
+
+def test_reliability_gate_trains_gated_rollouts_with_grpo(char_tokenizer, tmp_path):
+    """One step on the same rollouts: a gate no teacher passes (1.0) trains every routed rollout with GRPO, so the
+    step's loss is GRPO's own; a gate every teacher passes leaves SRPO's loss as it was."""
+    runs = {}
+    for name, overrides in {
+        "grpo": {"routing": "grpo"},
+        "srpo": {},
+        "gate_all": {"min_teacher_solution_prob": 1.0},
+        "gate_none": {"min_teacher_solution_prob": 1e-12},
+    }.items():
+        trainer = make_trainer(char_tokenizer, tmp_path / name, reward=first_letter_reward, max_steps=1, **overrides)
+        trainer.train()
+        runs[name] = trainer
+    routed = logged(runs["srpo"], "srpo/route/sdpo_frac")[0]
+    assert routed > 0 and "srpo/route/gated_frac" not in runs["srpo"].state.log_history[0]
+    assert logged(runs["gate_all"], "srpo/route/gated_frac") == [pytest.approx(routed)]
+    assert logged(runs["gate_all"], "srpo/route/sdpo_frac") == [0.0]
+    assert logged(runs["gate_all"], "srpo/loss/grpo") == pytest.approx(logged(runs["grpo"], "loss"))
+    assert logged(runs["gate_all"], "srpo/loss/sdpo") == [0.0]
+    assert logged(runs["gate_none"], "srpo/route/gated_frac") == [0.0]
+    for key in ("srpo/loss/grpo", "srpo/loss/sdpo", "srpo/teacher_solution_prob"):
+        assert logged(runs["gate_none"], key) == pytest.approx(logged(runs["srpo"], key))
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"min_teacher_solution_prob": 1.5}, {"min_teacher_solution_prob": 0.5, "routing": "sdpo"}]
+)
+def test_reliability_gate_is_checked(tmp_path, overrides):
+    with pytest.raises(ValueError, match="min_teacher_solution_prob"):
         SRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **overrides)

@@ -54,3 +54,16 @@ def test_weight_agreement_correlates_weights_with_the_teachers_use_of_the_soluti
     assert agreement["wrong_token_share"] == 0.5 and agreement["wrong_weight_share"] == pytest.approx(1 / 6)
     assert report.weight_agreement([{"departures": []}]) == {"tokens": 0}
     assert report._ranks([2.0, 1.0, 2.0]) == [2.5, 1.0, 2.5]
+
+
+def test_each_block_is_replaced_alone_and_a_new_one_is_added_at_the_end(report):
+    def block(name, body):
+        begin, end = report.marks(name)
+        return f"{begin}\n{body}\n{end}"
+
+    text = f"# Results\n\n{block('capital', 'old capital')}\n\nReading.\n"
+    text = report.with_block(text, "addition", block("addition", "addition 1"))
+    assert text.endswith(f"Reading.\n\n{block('addition', 'addition 1')}\n")
+    text = report.with_block(text, "capital", block("capital", "new capital"))
+    assert "old capital" not in text and "new capital" in text and "addition 1" in text
+    assert text.index("new capital") < text.index("Reading.") < text.index("addition 1")

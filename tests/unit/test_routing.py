@@ -7,6 +7,8 @@ import torch
 from srpo_trl.routing import (
     ROUTING_MODES,
     first_correct_sibling,
+    gate_unreliable_teachers,
+    grpo_advantage_weights,
     route_labels,
     route_rollouts,
     siblings_to_share,
@@ -107,6 +109,21 @@ def test_route_labels_for_the_completions_table():
         labels
         == ["correct", "failed", "failed", "failed", "failed", "failed", "correct", "correct"] + ["fallback"] * 4
     )
+
+
+def test_reliability_gate_sends_rollouts_whose_teacher_ignores_the_solution_back_to_grpo():
+    routes = route_rollouts(torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0]), 4, 1.0)  # rows 1-3 distilled, 4-7 fall back
+    # The teacher's probability of the solution's token where each rollout leaves it; NaN: no such token.
+    probs = torch.tensor([math.nan, 0.9, 0.2, math.nan, 0.1, 0.1, 0.1, 0.1])
+    gated = gate_unreliable_teachers(routes, probs, 0.5)
+    assert gated.gated.tolist() == [False, False, True, False, False, False, False, False]
+    assert gated.distilled.tolist() == [False, True, False, True, False, False, False, False]
+    assert gated.grpo.tolist() == [True, False, True, False, True, True, True, True]
+    assert gated.needs_teacher.tolist() == routes.needs_teacher.tolist()  # the teacher did score it
+    assert grpo_advantage_weights(gated, 0.0).tolist() == [1, 0, 1, 0, 1, 1, 1, 1]  # its whole advantage
+    assert route_labels(gated, 4)[0][:4] == ["correct", "sdpo", "gated", "sdpo"]
+    assert not gate_unreliable_teachers(routes, probs, 0.0).gated.any()  # 0: no gate
+    assert gate_unreliable_teachers(routes, probs, 1.0).distilled.tolist() == [False, False, False, True] + [False] * 4
 
 
 def test_only_siblings_needed_on_another_process_are_shared():

@@ -3,9 +3,10 @@ batch's tokens (the passes themselves run models: tests/trainer/test_teacher_sco
 
 import math
 
+import pytest
 import torch
 
-from srpo_trl.teacher_scoring import per_token_scores, plan_teacher_passes
+from srpo_trl.teacher_scoring import TeacherScores, per_token_scores, plan_teacher_passes
 
 
 def test_plan_shares_each_distinct_prompt_and_counts_its_passes():
@@ -41,3 +42,14 @@ def test_no_pass_gives_zero_scores():
     state_index = torch.full((2, 3), -1, dtype=torch.int32)
     token_logps, entropy, solution_logps = per_token_scores(state_index, None, torch.full((2, 3), -1))
     assert not token_logps.any() and not entropy.any() and solution_logps.isnan().all()
+
+
+def test_departure_probability_is_per_row_and_nan_without_a_departure_token():
+    nan = math.nan
+    solution_logps = torch.tensor([[nan, math.log(0.25), nan], [nan, nan, nan], [math.log(0.5), nan, nan]])
+    mask = torch.tensor([[True, True, True], [True, True, False], [False, True, True]])  # row 2's token is masked
+    scores = TeacherScores(None, torch.zeros(3, 3), torch.zeros(3, 3), 0.0, None, solution_logps)
+    probs = scores.departure_solution_probs(mask)
+    assert probs[0].item() == pytest.approx(0.25) and math.isnan(probs[1]) and math.isnan(probs[2])
+    without_solutions = TeacherScores(None, torch.zeros(3, 3), torch.zeros(3, 3), 0.0, None)
+    assert without_solutions.departure_solution_probs(mask).isnan().all()
