@@ -281,6 +281,11 @@ def teacher_table(grouped: dict, steps: int, lr) -> str:
     return lr.table(["arm", *[label for _, label in keys], "teacher greedy with answer shown (%), per eval"], rows)
 
 
+def _two(value: float) -> str:
+    """Two decimals; "–" for none (a gated arm distils no wrong target)."""
+    return "–" if math.isnan(value) else f"{value:.2f}"
+
+
 def gradient_table(grouped: dict, lr) -> str:
     keys = ("total", "grpo", "distillation", "grpo_on_routed", "cosine_distillation_grpo_on_routed", "positive",
             "negative")  # fmt: skip
@@ -305,7 +310,7 @@ def weights_table(grouped: dict, lr) -> str:
         if "pearson" not in w:
             continue
         rows.append([LABELS[method], str(w["tokens"]), f"{w['pearson']:.2f}", f"{w['spearman']:.2f}",
-                     f"{w['mean_weight_following']:.2f}", f"{w['mean_weight_wrong']:.2f}",
+                     _two(w["mean_weight_following"]), _two(w["mean_weight_wrong"]),
                      f"{100 * w['wrong_token_share']:.0f}", f"{100 * w['wrong_weight_share']:.0f}"])  # fmt: skip
     header = ["arm", "departure tokens", "corr(weight, p_solution) Pearson", "Spearman",
               "mean weight, teacher follows (p ≥ ½)", "mean weight, wrong target (p < ½)", "wrong targets, % of tokens",

@@ -3,6 +3,7 @@
 reliability gate (`min_teacher_solution_prob`, beyond the paper) that distils only where the teacher follows the
 solution it is shown."""
 
+import pandas as pd
 import pytest
 import torch
 from helpers.tiny_trainer import first_letter_reward, logged, make_trainer
@@ -82,7 +83,7 @@ def test_reliability_gate_trains_gated_rollouts_with_grpo(char_tokenizer, tmp_pa
     for name, overrides in {
         "grpo": {"routing": "grpo"},
         "srpo": {},
-        "gate_all": {"min_teacher_solution_prob": 1.0},
+        "gate_all": {"min_teacher_solution_prob": 1.0, "log_completions": True},
         "gate_none": {"min_teacher_solution_prob": 1e-12},
     }.items():
         trainer = make_trainer(char_tokenizer, tmp_path / name, reward=first_letter_reward, max_steps=1, **overrides)
@@ -94,6 +95,9 @@ def test_reliability_gate_trains_gated_rollouts_with_grpo(char_tokenizer, tmp_pa
     assert logged(runs["gate_all"], "srpo/route/sdpo_frac") == [0.0]
     assert logged(runs["gate_all"], "srpo/loss/grpo") == pytest.approx(logged(runs["grpo"], "loss"))
     assert logged(runs["gate_all"], "srpo/loss/sdpo") == [0.0]
+    table = pd.read_parquet(tmp_path / "gate_all" / "completions" / "completions_00001.parquet")
+    gated = table["route"] == "gated"  # labelled, and trained with GRPO's advantage
+    assert gated.mean() == pytest.approx(routed) and table["advantage"][gated].notna().all()
     assert logged(runs["gate_none"], "srpo/route/gated_frac") == [0.0]
     for key in ("srpo/loss/grpo", "srpo/loss/sdpo", "srpo/teacher_solution_prob"):
         assert logged(runs["gate_none"], key) == pytest.approx(logged(runs["srpo"], key))
