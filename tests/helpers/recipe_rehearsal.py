@@ -13,10 +13,10 @@ groups mix correct and failed rollouts and SRPO routes, as Qwen3 would.
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from helpers.launch import accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU_ZERO3 = ROOT / "accelerate_configs" / "cpu_zero3.yaml"
@@ -74,7 +74,7 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 def rehearse(recipe: str, model_dir: str, data_dir: str, output_dir: Path, *extra: str, env: dict | None = None):
     """Launch the example with the recipe and the CPU overrides (plus `extra`); return the final checkpoint's log
     history. Fails with the run's output when the launch fails."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", f"--config_file={CPU_ZERO3}"]
+    command = accelerate_launch(CPU_ZERO3)
     command += [str(ROOT / "examples" / "train_chemistry.py"), "--config", str(ROOT / "recipes" / "qwen3_8b" / recipe)]
     command += [*cpu_overrides(model_dir, data_dir, str(output_dir)), *extra]
     environment = {

@@ -1,5 +1,7 @@
 import math
 import random
+import threading
+import time
 
 import pytest
 import torch
@@ -157,6 +159,29 @@ def test_cache_round_trip(tmp_path, monkeypatch):
         messages, **render
     )
     assert loaded_tokenizer.get_vocab() == build_char_tokenizer().get_vocab()
+
+
+def test_concurrent_callers_pre_train_a_config_once(tmp_path, monkeypatch):
+    # Two ranks of a launch, or two test workers, asking for the same uncached checkpoint at once: one pre-trains,
+    # the other waits for the cache entry and loads it.
+    calls, real_pretrain = [], pretrain_module.pretrain
+
+    def slow_pretrain(config):
+        calls.append(config)
+        time.sleep(0.5)  # both callers are past the cache check by now, unless the second waited at the lock
+        return real_pretrain(config)
+
+    monkeypatch.setattr(pretrain_module, "pretrain", slow_pretrain)
+    loaded = []
+    callers = [
+        threading.Thread(target=lambda: loaded.append(pretrained_testbed_model(TINY_CONFIG, tmp_path)))
+        for _ in range(2)
+    ]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(calls) == 1 and len(loaded) == 2
 
 
 def test_cache_dir_from_environment_and_config_hash(tmp_path, monkeypatch):
