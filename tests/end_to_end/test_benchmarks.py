@@ -31,11 +31,11 @@ def test_step_cost_benchmark_runs_at_toy_size(tmp_path):
     for record in srpo:
         assert record["sdpo_frac"] == pytest.approx(record["f"])  # the reward controls routing as intended
         assert record["step_s"] > 0
-    spans = ("teacher_prompts", "teacher_prefix", "teacher_continuation", "teacher_statistics", "distillation")
     # Nothing routed, no teacher pass (a span, not a duration: on a busy machine entering the teacher takes time too).
-    assert all(r["timers"].get(name, 0.0) == 0 for r in srpo if r["f"] == 0.0 for name in spans[1:4])
+    assert all(r["timers"].get(name, 0.0) == 0 for r in srpo if r["f"] == 0.0 for name in harness.TEACHER_FORWARD)
     routed = [r for r in srpo if r["f"] > 0]
     assert routed
+    spans = ("teacher_prompts", *harness.TEACHER_FORWARD, "distillation")
     for name in (*spans, "student_topk"):
         assert all(r["timers"].get(name, 0.0) > 0 for r in routed), f"SRPOTrainer no longer opens the span {name}"
     grpo_based = [r for r in timing if r["arm"] in ("grpo", "srpo")]

@@ -1,5 +1,5 @@
 """`accelerate launch` of several processes from a test: each launch gets a port of its own, because accelerate's
-default (29500) is taken when another test worker (`make test` runs two) is launching at the same time."""
+default (29500) is taken whenever another launch runs at the same time (parallel pytest workers, another job)."""
 
 import socket
 import sys
