@@ -18,7 +18,7 @@ pytest.importorskip(
 )
 
 import torch  # noqa: E402
-from engine_probe import SYNCED_GAP, assert_synced_after_each_step, record_syncs  # noqa: E402
+from engine_probe import SYNCED_GAP, assert_synced_after_each_step, engine_policy_gap, record_syncs  # noqa: E402
 from helpers.tiny_trainer import (  # noqa: E402
     RecordingReward,
     count_rows,
@@ -102,11 +102,28 @@ def test_grpo_trainer_with_the_cpu_weight_sync(char_tokenizer, tmp_path, model_d
     assert max(logged(trainer, "sampling/sampling_logp_difference/max")) < SYNCED_GAP
 
 
-def test_trl_colocate_sync_fails_on_the_cpu_engine(char_tokenizer, tmp_path, model_dir):
-    # Why `srpo_trl.vllm_cpu` exists. If this starts passing, TRL or vLLM fixed it and the override can go.
+def packed_linear_weights(trainer) -> list[str]:
+    """The engine's linear weights vLLM's CPU backend moved into its GEMM kernels (oneDNN, sgl, zentorch), which
+    leaves an empty `Parameter` without `weight_loader` in their place. Which kernel a layer gets depends on the CPU:
+    one without a working oneDNN build keeps the checkpoint-format weights (`torch.nn.functional.linear`)."""
+    engine_model = trainer.vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner.model
+    return [name for name, param in engine_model.named_parameters() if param.numel() == 0]
+
+
+def test_trl_colocate_sync_on_the_cpu_engine_fails_where_its_weights_are_packed(char_tokenizer, tmp_path, model_dir):
+    # Why `srpo_trl.vllm_cpu` exists. If this fails on a CPU that packs, TRL or vLLM fixed it and the override can go.
     trainer = make_trainer(char_tokenizer, tmp_path, model=model_dir, trainer_class=GRPOTrainer, **VLLM_COLOCATE)
-    with pytest.raises(AttributeError, match="'Parameter' object has no attribute 'weight_loader'"):
+    if packed_linear_weights(trainer):
+        with pytest.raises(AttributeError, match="'Parameter' object has no attribute 'weight_loader'"):
+            trainer.vllm_generation.sync_weights()
+    else:  # the CPU's kernels read the weights as loaded, and TRL's sync reaches them
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for param in trainer.model.parameters():
+                param.add_(0.05 * torch.randn_like(param))
+        stale = engine_policy_gap(trainer)
         trainer.vllm_generation.sync_weights()
+        assert engine_policy_gap(trainer) < SYNCED_GAP < stale
 
 
 def test_sleep_mode_on_the_cpu_engine_is_refused_before_it_starts(char_tokenizer, tmp_path, model_dir):

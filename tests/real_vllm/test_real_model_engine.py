@@ -26,6 +26,8 @@ from srpo_trl.testbed.real_model import real_model_dir  # noqa: E402
 from srpo_trl.vllm_cpu import CPUColocateVLLMGeneration  # noqa: E402
 
 GREEDY_TOKENS = 12
+# the engine-policy log-prob gap after a sync (the engine computes in bf16): 0.08-0.14 nats measured
+SYNCED_GAP = 0.2
 
 
 def test_real_model_generates_syncs_routes_and_evaluates_in_the_cpu_engine(tmp_path):
@@ -61,15 +63,16 @@ def test_real_model_generates_syncs_routes_and_evaluates_in_the_cpu_engine(tmp_p
     assert logged(trainer, "eval_avg@2") == [1 / 8]
 
     # syncs before each step's generation and before the evaluation; each after the policy moved, which a stale
-    # engine shows (before: 4.6-7 nats measured), and after which the engine is the policy up to its bf16 compute
-    # (vLLM's CPU default for a float32 model: 0.08-0.12 nats measured, the same before the first step; 0.3-0.6 when
+    # engine shows (before: 1.6-7 nats measured), and after which the engine is the policy up to its bf16 compute
+    # (vLLM's CPU default for a float32 model: 0.08-0.14 nats measured, the same before the first step; 0.3-0.6 when
     # the tied LM head was left stale)
     print("engine-policy log-prob gaps (before, after) each sync:", gaps)
     assert len(gaps) == 3
-    assert all(after < 0.2 for _, after in gaps), gaps
-    assert all(before > 10 * after for before, after in gaps[1:]), gaps
+    assert all(after < SYNCED_GAP for _, after in gaps), gaps
+    assert all(before > 4 * SYNCED_GAP for before, _ in gaps[1:]), gaps
 
-    # after the last sync, the engine's greedy completions are the policy's
+    # after the last sync, the engine's greedy completions are the policy's: at each place, the engine's token is the
+    # policy's argmax up to the engine's bf16 compute (a near-tie may fall either way: it did on CI's CPU, 12 tokens in)
     rendered = [
         tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in PROMPTS["prompt"]
     ]
@@ -79,12 +82,12 @@ def test_real_model_generates_syncs_routes_and_evaluates_in_the_cpu_engine(tmp_p
         SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0),
         use_tqdm=False,
     )
-    engine = [list(output.outputs[0].token_ids) for output in outputs]
     policy = trainer.model.eval()
-    with torch.no_grad():
-        ours = [
-            policy.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=GREEDY_TOKENS)[0, len(ids) :].tolist()
-            for ids in prompts
-        ]
-    ours = [ids[: ids.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in ids else ids for ids in ours]
-    assert engine == ours, [tokenizer.decode(ids) for ids in engine + ours]
+    shortfalls = []
+    for ids, output in zip(prompts, outputs, strict=True):
+        tokens = list(output.outputs[0].token_ids)
+        with torch.no_grad():
+            logprobs = policy(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1].float().log_softmax(-1)
+        chosen = logprobs[torch.arange(len(tokens)), tokens]
+        shortfalls.append((logprobs.max(-1).values - chosen).max().item())
+    assert max(shortfalls) < 2 * SYNCED_GAP, shortfalls
