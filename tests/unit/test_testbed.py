@@ -163,7 +163,10 @@ def test_cache_round_trip(tmp_path, monkeypatch):
 
 def test_concurrent_callers_pre_train_a_config_once(tmp_path, monkeypatch):
     # Two ranks of a launch, or two test workers, asking for the same uncached checkpoint at once: one pre-trains,
-    # the other waits for the cache entry and loads it.
+    # the other waits for the cache entry. Callers are threads here, so the loading after the lock is stood in:
+    # transformers' `from_pretrained` swaps class attributes while it loads (`no_tie_weights`, `no_init_weights`),
+    # and two threads loading at once can leave them swapped for the whole process (seen: no model tied its
+    # embeddings any more in the test worker that ran this).
     calls, real_pretrain = [], pretrain_module.pretrain
 
     def slow_pretrain(config):
@@ -171,7 +174,15 @@ def test_concurrent_callers_pre_train_a_config_once(tmp_path, monkeypatch):
         time.sleep(0.5)  # both callers are past the cache check by now, unless the second waited at the lock
         return real_pretrain(config)
 
+    class Loaded:
+        @staticmethod
+        def from_pretrained(path):
+            assert (path / "config.json").is_file(), "loaded before the cache entry was complete"
+            return torch.nn.Module()
+
     monkeypatch.setattr(pretrain_module, "pretrain", slow_pretrain)
+    monkeypatch.setattr(pretrain_module, "Qwen3ForCausalLM", Loaded)
+    monkeypatch.setattr(pretrain_module, "PreTrainedTokenizerFast", Loaded)
     loaded = []
     callers = [
         threading.Thread(target=lambda: loaded.append(pretrained_testbed_model(TINY_CONFIG, tmp_path)))
