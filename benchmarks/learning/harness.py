@@ -116,6 +116,41 @@ class CpuClock:
         return time.process_time() - self._origin - self._paused
 
 
+def arm_config(benchmark: str, method: str, lr: float, seed: int, settings, spg: int = 1, **fields):
+    """The `SRPOConfig` of one run of a benchmark (this one, or the real model's): `method`'s routing and settings at
+    `lr` and `seed`, with what every arm shares (CPU, fp32, sampling at temperature 1, a constant rate after warm-up,
+    gradient clipping, a log row per step, nothing saved or reported) and the benchmark's own `fields`. `spg`
+    optimizer steps per generation batch: the batch, warm-up and step counts are in generation batches."""
+    from srpo_trl import SRPOConfig
+
+    spec = METHODS[method]
+    return SRPOConfig(
+        output_dir=str(Path(tempfile.gettempdir()) / f"srpo-{benchmark}-{method}-{seed}-{os.getpid()}"),
+        routing=spec.routing,
+        dynamic_weighting=spec.dynamic_weighting,
+        learning_rate=lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=settings.warmup_steps * spg,
+        max_grad_norm=1.0,
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=settings.prompts * settings.num_generations // spg,
+        steps_per_generation=spg,
+        num_generations=settings.num_generations,
+        max_completion_length=settings.max_completion_length,
+        temperature=1.0,
+        distillation_topk=settings.distillation_topk,
+        max_steps=settings.steps * spg,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=seed,
+        **dict(spec.config),
+        **fields,
+    )
+
+
 def run_one(method: str, lr: float, seed: int, settings: Settings, path: Path) -> dict:
     """Train one arm with one seed on `settings.task`; save and return the record."""
     import torch
@@ -124,7 +159,7 @@ def run_one(method: str, lr: float, seed: int, settings: Settings, path: Path) -
     from transformers import PrinterCallback, TrainerCallback
     from transformers.utils import logging as transformers_logging
 
-    from srpo_trl import SRPOConfig, SRPOTrainer
+    from srpo_trl import SRPOTrainer
     from srpo_trl.evaluation import avg_at_k
     from srpo_trl.testbed import make_testbed_dataset, measure_testbed_abilities, reward
 
@@ -137,33 +172,10 @@ def run_one(method: str, lr: float, seed: int, settings: Settings, path: Path) -
     test = make_testbed_dataset(num_train=0, num_test=settings.num_test, seed=0, task=settings.task)["test"]
     train = make_testbed_dataset(num_train=settings.num_train, num_test=0, seed=seed, task=settings.task)["train"]
     spg = spec.steps_per_generation
-    config = SRPOConfig(
-        output_dir=str(Path(tempfile.gettempdir()) / f"srpo-learning-{method}-{seed}-{os.getpid()}"),
-        routing=spec.routing,
-        dynamic_weighting=spec.dynamic_weighting,
-        learning_rate=lr,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=settings.warmup_steps * spg,
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        per_device_train_batch_size=settings.prompts * settings.num_generations // spg,
-        steps_per_generation=spg,
-        num_generations=settings.num_generations,
-        max_completion_length=settings.max_completion_length,
-        temperature=1.0,
-        distillation_topk=settings.distillation_topk,
-        max_steps=settings.steps * spg,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        chat_template_kwargs={"enable_thinking": False},
-        seed=seed,
-        **dict(spec.config),
-    )
+    config = arm_config(
+        "learning", method, lr, seed, settings, spg,
+        weight_decay=0.01, gradient_checkpointing=False, chat_template_kwargs={"enable_thinking": False},
+    )  # fmt: skip
     trainer = SRPOTrainer(
         model=model, reward_funcs=reward, args=config, train_dataset=train, processing_class=tokenizer
     )

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -101,39 +100,16 @@ def run_one(method: str, lr: float, seed: int, settings: Settings, path: Path) -
 
     import srpo_trl.trainer as trainer_module
     from benchmarks.step_cost.harness import Timers, recorded_spans
-    from srpo_trl import SRPOConfig, SRPOTrainer
+    from srpo_trl import SRPOTrainer
     from srpo_trl.compat import compact_fused_head_on_cpu
     from srpo_trl.testbed.real_model import real_model_and_tokenizer
 
     transformers_logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
     started = time.monotonic()
-    spec = METHODS[method]
     model, tokenizer = real_model_and_tokenizer()
     train, test = datasets(settings, seed)
-    config = SRPOConfig(
-        output_dir=str(Path(tempfile.gettempdir()) / f"srpo-real-{method}-{seed}-{os.getpid()}"),
-        routing=spec.routing,
-        dynamic_weighting=spec.dynamic_weighting,
-        learning_rate=lr,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=settings.warmup_steps,
-        max_grad_norm=1.0,
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=settings.prompts * settings.num_generations,
-        num_generations=settings.num_generations,
-        max_completion_length=settings.max_completion_length,
-        temperature=1.0,
-        distillation_topk=settings.distillation_topk,
-        max_steps=settings.steps,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        seed=seed,
-        **dict(spec.config),
-    )
+    config = learning.arm_config("real", method, lr, seed, settings)
     trainer = SRPOTrainer(model=model, reward_funcs=tasks.reward, args=config, train_dataset=train,
                           processing_class=tokenizer)  # fmt: skip
     trainer.remove_callback(PrinterCallback)

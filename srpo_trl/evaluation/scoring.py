@@ -2,6 +2,7 @@
 
 import asyncio
 import inspect
+import itertools
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -83,7 +84,8 @@ def avg_at_k(
 
     Problems are split across processes and the sums gathered, so every process returns the same value. Problems are
     scored `batch_size` at a time; every process makes the same number of batches (possibly empty), so a `generate`
-    that is a collective (vLLM in server mode) stays in step. Pass `generate(prompt_ids: list[list[int]]) ->
+    that is a collective (vLLM in server mode) stays in step; the default one (`model.generate`, a collective under
+    ZeRO-3 and FSDP) also generates as many sequences in each as the fullest process. Pass `generate(prompt_ids: list[list[int]]) ->
     list[list[int]]` to sample with another engine (e.g. vLLM); the default samples with `model.generate`, at most
     `sequences_per_generate` sequences at a time (all of a batch's when None). A progress bar (one tick per batch of
     problems) shows on the main process unless `show_progress=False`. `reward_weights` defaults to one per reward
@@ -119,14 +121,23 @@ def avg_at_k(
         eos_token_id=tokenizer.eos_token_id,
     )
     if generate is None:
+        fullest = len(range(0, len(every_row), state.num_processes))  # process 0's share: the most rows
+        filler = _render(tokenizer, every_row[0]["prompt"], chat_template_kwargs or {})
+        batch_index = itertools.count()
 
         def generate(prompt_ids):
-            step = sequences_per_generate or max(len(prompt_ids), 1)
+            # Under ZeRO-3 or FSDP `model.generate` is a collective at every token (transformers syncs the processes):
+            # each process makes as many calls, of as many sequences, as the fullest share of this batch, a shorter
+            # share (or an empty one) padded with copies of a test prompt whose completions are dropped.
+            wanted = len(prompt_ids)
+            in_step = min(batch_size, max(fullest - next(batch_index) * batch_size, 0)) * k
+            padded = prompt_ids + [filler] * (in_step - wanted)
+            step = sequences_per_generate or max(len(padded), 1)
             return [
                 completion
-                for start in range(0, len(prompt_ids), step)
-                for completion in _hf_generate(model, prompt_ids[start : start + step], config, tokenizer.pad_token_id)
-            ]
+                for start in range(0, len(padded), step)
+                for completion in _hf_generate(model, padded[start : start + step], config, tokenizer.pad_token_id)
+            ][:wanted]
 
     total = torch.zeros(4, dtype=torch.float64)  # correct samples, sum of scorable rewards, scorable samples, samples
     batches = range(0, math.ceil(len(every_row) / state.num_processes / batch_size) * batch_size, batch_size)

@@ -122,7 +122,8 @@ def plain_copy(quantized):
     """The GGUF-loaded model as an ordinary one of the same architecture, which saves and trains like any other:
     rebuilt from its config without `quantization_config` (transformers 5.10's GGUF loader sets none; later ones do)
     and given its weights. A tied head is the embedding, copied from it: the loader can leave the head's own entry
-    unmaterialised (on the meta device), seen in a process where earlier work had left transformers not tying."""
+    unmaterialised (on the meta device), as it did in a process where two threads had loaded models at once and left
+    transformers' load-time stand-in for `tie_weights` in place."""
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -19,6 +19,8 @@ torch.set_num_threads(1)
 
 # Groups of 4 in the global batch: all correct, all failed, one correct, three correct (shifted by 4 every step)
 PATTERN = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1, 0, 1]
+# avg@k's test rows (`--avg_at_k`): over 2 processes, rows 0, 2, 4 (labels 1, 0, 1) and rows 1, 3 (0, 0)
+AVG_AT_K_LABELS = [1, 0, 0, 0, 1]
 
 
 def main():
@@ -52,6 +54,11 @@ def main():
     )
     parser.add_argument(
         "--cast_lm_head_to_fp32", action="store_true", help="TRL's fp32 LM head (a patched `lm_head.forward`)"
+    )
+    parser.add_argument(
+        "--avg_at_k",
+        action="store_true",
+        help="evaluate avg@2 after the last step on AVG_AT_K_LABELS' 5 test rows (the reward: each row's label)",
     )
     args = parser.parse_args()
 
@@ -130,11 +137,25 @@ def main():
         state.wait_for_everyone()
         model = path
 
-    def global_index_reward(completions, **kwargs):
+    def global_index_reward(completions, label=None, **kwargs):
+        if label is not None:  # avg@k's test rows: the row's own label, whatever was sampled
+            return [float(value) for value in label]
         start = state.process_index * len(completions) + 4 * trainer.state.global_step
         return [float(PATTERN[(start + i) % len(PATTERN)]) for i in range(len(completions))]
 
     prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Spell {c}"}] for c in "abcdefghijklmnop"]})
+    callbacks = []
+    if args.avg_at_k:
+        from srpo_trl.evaluation import BestWithinBudgetsCallback
+
+        test_rows = {
+            "prompt": [[{"role": "user", "content": f"Spell {c}"}] for c in "vwxyz"],
+            "label": AVG_AT_K_LABELS,
+        }
+        test = Dataset.from_dict(test_rows)
+        callbacks.append(
+            BestWithinBudgetsCallback(test, eval_steps=args.max_steps, k=2, batch_size=2, max_new_tokens=4)
+        )
     trainer = SRPOTrainer(
         model=model,
         reward_funcs=global_index_reward,
@@ -142,6 +163,7 @@ def main():
         train_dataset=prompts,
         processing_class=tokenizer,
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0) if args.lora else None,
+        callbacks=callbacks,
     )
     if args.backend.startswith("zero"):
         assert trainer.accelerator.state.deepspeed_plugin.zero_stage == int(args.backend[-1])

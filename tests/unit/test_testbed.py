@@ -2,6 +2,7 @@ import math
 import random
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,6 +194,14 @@ def test_concurrent_callers_pre_train_a_config_once(tmp_path, monkeypatch):
     for caller in callers:
         caller.join()
     assert len(calls) == 1 and len(loaded) == 2
+
+
+def test_make_test_pre_trains_every_task_family_first():
+    # `make testbed-models` (a prerequisite of `make test`) names the families for make's -j2; a family missing there
+    # would be pre-trained inside the first test that asks, one after the other.
+    makefile = (Path(__file__).parents[2] / "Makefile").read_text()
+    (line,) = [line for line in makefile.splitlines() if line.startswith("TESTBED_FAMILIES =")]
+    assert sorted(line.split("=", 1)[1].split()) == sorted(TASK_FAMILIES)
 
 
 def test_cache_dir_from_environment_and_config_hash(tmp_path, monkeypatch):
