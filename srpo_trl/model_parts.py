@@ -27,6 +27,17 @@ def backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     return lm.get_decoder(), lm.get_output_embeddings()
 
 
+def reshard_fsdp2(model: torch.nn.Module) -> None:
+    """Give FSDP2's units back their shards. FSDP2 keeps some units' weights whole after a forward (the root's: a
+    backward would need them at once); after forwards with no backward (the teacher's passes, an evaluation's
+    generation) the weights would stay whole, and the teacher's EMA, which works on shards, would meet whole ones."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
 def context_length(model) -> int | None:
     """How many positions `model` scores (`max_position_embeddings`, GPT-2's `n_positions`), None when its
     configuration names no limit."""

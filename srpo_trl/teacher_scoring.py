@@ -18,7 +18,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.fsdp import FSDPModule
 from trl.trainer.utils import maybe_gather_lm_head_ctx, pad
 
 from .compat import (
@@ -31,7 +30,7 @@ from .compat import (
     output_cache,
     reset_dynamic_rope,
 )
-from .model_parts import backbone_and_head, captured_hidden_states, causal_lm
+from .model_parts import backbone_and_head, captured_hidden_states, causal_lm, reshard_fsdp2
 from .teacher import SelfTeacher
 from .vocab import Logits, teacher_statistics
 
@@ -263,7 +262,8 @@ class TeacherScorer:
                 _, head = backbone_and_head(model)
                 with self.span("teacher_statistics"):
                     statistics = teacher_token_statistics(hidden, head, logits, tokens)
-            self.reshard(model)
+            if self.fsdp:
+                reshard_fsdp2(model)
         seconds = time.perf_counter() - started
         if keep and total:
             states = TeacherStates(hidden, statistics[0], self.head_for_loss(snapshot_head), logits)
@@ -302,13 +302,6 @@ class TeacherScorer:
         if not hidden:
             return None, None, state_index
         return torch.cat(hidden), torch.cat(tokens), state_index
-
-    def reshard(self, model) -> None:
-        """FSDP2 keeps some units' weights whole after a forward (the root's: a backward would need them at once);
-        the teacher has no backward, and its EMA works on shards."""
-        for unit in model.modules() if self.fsdp else ():
-            if isinstance(unit, FSDPModule):
-                unit.reshard()
 
     def head_for_loss(self, snapshot: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The teacher's LM head (weight, bias) for the loss: the live parameters, or a copy when the EMA will move

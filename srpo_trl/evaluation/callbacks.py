@@ -15,6 +15,7 @@ from trl.models import unwrap_model_for_generation
 
 from ..checks import dataset_problem
 from ..compat import generate_single_turn, grpo_rewards
+from ..model_parts import reshard_fsdp2
 from .scoring import _DEFAULT_BATCH_SIZE, AvgAtK, avg_at_k, sampling_problem
 
 
@@ -138,7 +139,10 @@ class BestWithinBudgetsCallback(TrainerCallback):
                 score=score, **kwargs,
             )  # fmt: skip
         with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
-            return avg_at_k(model, trainer.processing_class, rows, trainer.reward_funcs, score=score, **kwargs)
+            value = avg_at_k(model, trainer.processing_class, rows, trainer.reward_funcs, score=score, **kwargs)
+        if trainer.is_fsdp_enabled:
+            reshard_fsdp2(trainer.model_wrapped)
+        return value
 
     def _vllm_sampler(self) -> Callable[[list[list[int]]], list[list[int]]]:
         """Sampling with the run's engine, through GRPOTrainer's own path (weight sync when the policy has moved,

@@ -148,12 +148,13 @@ def test_groups_over_two_processes_move_only_the_demonstrations_they_need(single
     assert ours["exchanged"] and all(count == 1 for count in ours["exchanged"]), ours["exchanged"]
 
 
-def test_avg_at_k_over_two_processes_scores_each_test_row_once(tmp_path):
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+def test_avg_at_k_over_two_processes_scores_each_test_row_once(tmp_path, backend):
     # 5 test rows, 2 at a time: one process scores rows 0, 2, 4 (its last batch padded with a copy), the other rows
     # 1, 3 (its last batch empty, padded with a test row) in GRPOTrainer's reward call, which gathers every process's
     # scores. The reward is the row's label, so avg@2 is the labels' mean exactly when each process keeps its own
     # scores and counts none of the padding.
-    launch(tmp_path, "zero3", "--avg_at_k", "--max_steps=1")
+    launch(tmp_path, backend, "--avg_at_k", "--max_steps=1")
     log = json.loads((tmp_path / "log_history.json").read_text())
     (evaluation,) = [row for row in log if "eval_avg@2" in row]
     assert evaluation["eval_avg@2"] == evaluation["eval_mean_reward@2"] == pytest.approx(0.4)
