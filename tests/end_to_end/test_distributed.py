@@ -1,6 +1,7 @@
 """Multi-process SRPO on CPU: 2 processes with DDP, DeepSpeed ZeRO-2 and ZeRO-3 end with the single-process weights
 (policy and teacher), LoRA included, bf16 steps under ZeRO-3 and FSDP2 compute the single-process objective, and
-ZeRO-3 and FSDP2 runs resume exactly from their sharded checkpoints.
+ZeRO-3 and FSDP2 runs resume exactly from their sharded checkpoints, and avg@k over both processes scores each test
+row once. `make test-distributed` runs this file (not `make test`: about 30 launches of 2 processes); CI runs both.
 
 Each case launches `tests/distributed/train_tiny.py` (with `torchrun --standalone`, or `accelerate launch` and a config
 of `accelerate_configs/`; gloo, `DS_ACCELERATOR=cpu`); the script asserts that the launcher really started the
