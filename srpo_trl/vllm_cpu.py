@@ -2,12 +2,12 @@
 
 TRL 1.16 pushes the policy's weights into a colocated engine one tensor at a time through the model's own
 `load_weights`. vLLM's CPU backend repacks linear weights for its kernels after loading (oneDNN's, on this
-project's AVX-512 machines; which kernels, and whether they repack, depends on the CPU), so the packed parameters have no `weight_loader` any more and the first sync
-fails, before step 1, for `GRPOTrainer` and `SRPOTrainer` alike:
+project's AVX-512 machines; which kernels, and whether they repack, depends on the CPU), so the packed parameters
+have no `weight_loader` any more and the first sync fails, before step 1, for `GRPOTrainer` and `SRPOTrainer` alike:
 `AttributeError: 'Parameter' object has no attribute 'weight_loader'`. (Where the CPU's kernels read the weights as
-loaded, TRL's sync works; the reload below works on both.) vLLM's own reload path (`reload_weights` of the
-worker, checkpoint-format weights) re-runs the loading and the repacking layer by layer; after it the engine's
-log-probs equal those of an engine started from the new weights (tested in `tests/real_vllm/`).
+loaded, TRL's sync works; the reload below works on both.) vLLM's own reload path (`reload_weights` of the worker,
+checkpoint-format weights) re-runs the loading and the repacking layer by layer; after it the engine's log-probs
+equal those of an engine started from the new weights (tested in `tests/real_vllm/`).
 
 `SRPOTrainer` applies both functions below by itself when vLLM colocate runs on a CPU engine; `use_cpu_weight_sync`
 works on any `GRPOTrainer` too. Nothing changes on other platforms (CUDA and the others use TRL's sync as is).

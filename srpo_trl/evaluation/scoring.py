@@ -85,11 +85,11 @@ def avg_at_k(
     Problems are split across processes and the sums gathered, so every process returns the same value. Problems are
     scored `batch_size` at a time; every process makes the same number of batches (possibly empty), so a `generate`
     that is a collective (vLLM in server mode) stays in step; the default one (`model.generate`, a collective under
-    ZeRO-3 and FSDP) also generates as many sequences in each as the fullest process. Pass `generate(prompt_ids: list[list[int]]) ->
-    list[list[int]]` to sample with another engine (e.g. vLLM); the default samples with `model.generate`, at most
-    `sequences_per_generate` sequences at a time (all of a batch's when None). A progress bar (one tick per batch of
-    problems) shows on the main process unless `show_progress=False`. `reward_weights` defaults to one per reward
-    function. `dataset` may be streamed (any iterable of rows). `score(inputs, prompts, completions, completion_ids)`
+    ZeRO-3 and FSDP) also generates as many sequences in each as the fullest process. Pass
+    `generate(prompt_ids: list[list[int]]) -> list[list[int]]` to sample with another engine (e.g. vLLM); the default
+    samples with `model.generate`, at most `sequences_per_generate` sequences at a time (all of a batch's when None).
+    A progress bar (one tick per batch of problems) shows on the main process unless `show_progress=False`.
+    `reward_weights` defaults to one per reward function. `dataset` may be streamed (any iterable of rows). `score(inputs, prompts, completions, completion_ids)`
     gives the `(samples, reward functions)` scores instead of calling `reward_funcs` (plain functions) directly: the
     callback scores through the trainer, as GRPOTrainer scores training's rollouts (`compat.grpo_rewards`); it is
     called on every process for every batch, empty or not.

@@ -121,17 +121,18 @@ def convert_wheel(wheel: str | Path, output_dir: str | Path) -> Path:
 def plain_copy(quantized):
     """The GGUF-loaded model as an ordinary one of the same architecture, which saves and trains like any other:
     rebuilt from its config without `quantization_config` (transformers 5.10's GGUF loader sets none; later ones do)
-    and given its weights. A tied head is the embedding, copied from it: the loader can leave the head's own entry
-    unmaterialised (on the meta device), as it did in a process where two threads had loaded models at once and left
-    transformers' load-time stand-in for `tie_weights` in place."""
+    and given its weights. A tied head is the embedding: only the embedding is copied, because the loader can leave
+    the head's own entry unmaterialised (on the meta device)."""
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = type(quantized)(config)
-    weights = quantized.state_dict()
-    if config.tie_word_embeddings:
-        weights["lm_head.weight"] = quantized.get_input_embeddings().weight
-    model.load_state_dict(weights, strict=True)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    weights = {name: tensor for name, tensor in quantized.state_dict().items() if name not in tied}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if set(missing) != tied or unexpected:
+        raise RuntimeError(f"the GGUF model's weights do not fit {type(model).__name__}: {missing=}, {unexpected=}")
+    model.tie_weights()
     model.generation_config = quantized.generation_config
     return model
 

@@ -143,6 +143,7 @@ def test_the_plain_copy_takes_a_tied_head_from_the_embedding_even_when_the_loade
     assert not hasattr(model.config, "quantization_config")
     assert not any(tensor.is_meta for tensor in model.state_dict().values())
     torch.testing.assert_close(model.lm_head.weight, loaded.get_input_embeddings().weight, rtol=0, atol=0)
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # tied: trained and saved as one matrix
     for name, tensor in model.state_dict().items():
         if name != "lm_head.weight":
             torch.testing.assert_close(tensor, loaded.state_dict()[name], rtol=0, atol=0)
